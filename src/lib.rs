@@ -1,0 +1,6 @@
+//! ferry: a KVM virtual machine monitor whose headline feature is live migration.
+pub mod cli;
+pub mod guest;
+pub mod machine;
+pub mod qmp;
+pub mod runtime;

@@ -1,0 +1,89 @@
+//! Devices emulated in ferry (the irqchip and PIT live in KVM), and the port-I/O and MMIO
+//! dispatch that vCPU threads call on every exit.
+
+pub mod i8042;
+pub mod serial;
+
+use std::sync::Mutex;
+
+pub use i8042::{ResetTrigger, I8042};
+pub use serial::{Serial, SerialOutput, SerialState};
+
+const SERIAL_PORT_BASE: u16 = 0x3f8;
+const SERIAL_PORT_END: u16 = 0x3ff;
+const I8042_DATA_PORT: u16 = 0x60;
+const I8042_COMMAND_PORT: u16 = 0x64;
+
+/// The devices a vCPU can reach through port I/O and MMIO.
+pub struct Devices {
+    pub serial: Mutex<Serial>,
+    pub i8042: Mutex<I8042>,
+}
+
+impl Devices {
+    /// Handles an `in` from the guest.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            SERIAL_PORT_BASE..=SERIAL_PORT_END if data.len() == 1 => {
+                data[0] = lock(&self.serial).read((port - SERIAL_PORT_BASE) as u8);
+            }
+            I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
+                data[0] = lock(&self.i8042).read((port - I8042_DATA_PORT) as u8);
+            }
+            _ => {
+                tracing::trace!(
+                    port = format_args!("{port:#x}"),
+                    size = data.len(),
+                    "unhandled port read"
+                );
+                data.fill(0xff);
+            }
+        }
+    }
+
+    /// Handles an `out` from the guest.
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        match port {
+            SERIAL_PORT_BASE..=SERIAL_PORT_END if data.len() == 1 => {
+                lock(&self.serial).write((port - SERIAL_PORT_BASE) as u8, data[0]);
+            }
+            I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
+                lock(&self.i8042).write((port - I8042_DATA_PORT) as u8, data[0]);
+            }
+            _ => {
+                tracing::trace!(
+                    port = format_args!("{port:#x}"),
+                    ?data,
+                    "unhandled port write"
+                );
+            }
+        }
+    }
+
+    /// Handles an MMIO read: nothing is mapped outside RAM yet, so the bus floats high.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        tracing::trace!(
+            addr = format_args!("{addr:#x}"),
+            size = data.len(),
+            "unhandled MMIO read"
+        );
+        data.fill(0xff);
+    }
+
+    /// Handles an MMIO write, which nothing claims yet.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        tracing::trace!(
+            addr = format_args!("{addr:#x}"),
+            ?data,
+            "unhandled MMIO write"
+        );
+    }
+}
+
+/// Locks a device; a vCPU thread that panicked while holding it leaves the device usable, since
+/// every device operation leaves the registers consistent between statements.
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

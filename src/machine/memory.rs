@@ -1,0 +1,165 @@
+//! Guest RAM: the q35 layout, the mapping through vm-memory, and the bitmap of ferry's own
+//! writes into it.
+//!
+//! q35 puts RAM below the 32-bit PCI/MMIO hole and the rest above 4 GiB. As in QEMU, the hole
+//! starts at 2.75 GiB when all RAM fits below that, and at 2 GiB otherwise (so large guests keep
+//! a 2 GiB window for 32-bit BARs).
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+/// Guest memory whose every write made by ferry sets a bit in a per-page bitmap.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// One mapped region of [`GuestMemory`].
+pub type GuestRegion = GuestRegionMmap<AtomicBitmap>;
+
+/// The guest page size that dirty tracking and migration work in.
+pub const PAGE_SIZE: u64 = 4096;
+/// The first guest-physical address above the 32-bit hole.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+/// Where the 32-bit hole starts for guests of at least this much RAM.
+const LARGE_GUEST_LOW_LIMIT: u64 = 0x8000_0000;
+/// Where the 32-bit hole starts for smaller guests.
+const SMALL_GUEST_LOW_LIMIT: u64 = 0xB000_0000;
+
+/// A contiguous run of guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RamRange {
+    pub start: u64,
+    pub size: u64,
+}
+
+impl RamRange {
+    pub fn end(&self) -> u64 {
+        self.start + self.size
+    }
+}
+
+/// Where `mem_bytes` of RAM go on a q35 machine: one range below 4 GiB, and one above it when
+/// RAM does not fit below the hole.
+pub fn ram_layout(mem_bytes: u64) -> Vec<RamRange> {
+    let low_limit = if mem_bytes >= SMALL_GUEST_LOW_LIMIT {
+        LARGE_GUEST_LOW_LIMIT
+    } else {
+        SMALL_GUEST_LOW_LIMIT
+    };
+    let low = mem_bytes.min(low_limit);
+    let mut ranges = vec![RamRange {
+        start: 0,
+        size: low,
+    }];
+    if mem_bytes > low {
+        ranges.push(RamRange {
+            start: HIGH_RAM_START,
+            size: mem_bytes - low,
+        });
+    }
+    ranges
+}
+
+/// The end of RAM below the 32-bit hole.
+pub fn low_ram_end(layout: &[RamRange]) -> u64 {
+    layout.first().map_or(0, RamRange::end)
+}
+
+/// Why guest memory could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot map {size} MiB of guest RAM on this host: {source}")]
+    Map {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("RAM range at {start:#x} of {size:#x} bytes does not fit this host's address space")]
+    TooLarge { start: u64, size: u64 },
+}
+
+/// Maps anonymous memory for every range of `layout`.
+pub fn create_guest_memory(layout: &[RamRange]) -> Result<GuestMemory, MemoryError> {
+    let mut ranges = Vec::with_capacity(layout.len());
+    for range in layout {
+        let size = usize::try_from(range.size).map_err(|_| MemoryError::TooLarge {
+            start: range.start,
+            size: range.size,
+        })?;
+        ranges.push((GuestAddress(range.start), size));
+    }
+    let total: u64 = layout.iter().map(|r| r.size).sum();
+    GuestMemory::from_ranges(&ranges).map_err(|source| MemoryError::Map {
+        size: total >> 20,
+        source,
+    })
+}
+
+/// Takes and clears the record of ferry's own writes into one region, as one bit per page
+/// (bit `i` of word `i / 64` is the page at `region start + i * PAGE_SIZE`).
+pub fn take_vmm_dirty_bitmap(region: &GuestRegion) -> Vec<u64> {
+    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+    mapping.bitmap().get_and_reset()
+}
+
+/// Marks every page of guest memory as written by ferry, e.g. after loading a snapshot.
+pub fn mark_all_dirty(memory: &GuestMemory) {
+    for region in memory.iter() {
+        let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+        mapping.bitmap().set_addr_range(0, region.len() as usize);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn small_guest_is_all_low() {
+        assert_eq!(
+            ram_layout(512 << 20),
+            vec![RamRange {
+                start: 0,
+                size: 512 << 20
+            }]
+        );
+        assert_eq!(ram_layout(0xB000_0000 - 4096).len(), 1);
+    }
+
+    #[test]
+    fn large_guest_splits_around_the_hole() {
+        let layout = ram_layout(4 << 30);
+        assert_eq!(
+            layout,
+            vec![
+                RamRange {
+                    start: 0,
+                    size: 2 << 30
+                },
+                RamRange {
+                    start: 4 << 30,
+                    size: 2 << 30
+                },
+            ]
+        );
+        assert_eq!(low_ram_end(&layout), 2 << 30);
+        let at_threshold = ram_layout(0xB000_0000);
+        assert_eq!(at_threshold[0].size, 0x8000_0000);
+        assert_eq!(at_threshold[1].size, 0x3000_0000);
+    }
+
+    #[test]
+    fn vmm_writes_are_recorded_once() {
+        let memory = create_guest_memory(&ram_layout(16 << 20)).unwrap();
+        memory.write_obj(0xdead_u32, GuestAddress(0x5000)).unwrap();
+        memory
+            .write_slice(&[1u8; 8192], GuestAddress(0x10800))
+            .unwrap();
+        let region = memory.iter().next().unwrap();
+        let bits = take_vmm_dirty_bitmap(region);
+        let dirty: Vec<usize> = (0..bits.len() * 64)
+            .filter(|i| bits[i / 64] & (1 << (i % 64)) != 0)
+            .collect();
+        assert_eq!(dirty, vec![5, 0x10, 0x11, 0x12]);
+        assert!(take_vmm_dirty_bitmap(region).iter().all(|w| *w == 0));
+    }
+}

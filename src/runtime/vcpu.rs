@@ -1,0 +1,310 @@
+//! vCPU threads: one named `std::thread` per vCPU running a blocking `KVM_RUN` loop, steered by
+//! events from the VM owner.
+//!
+//! The owner sends an event, then kicks the thread with a signal whose handler sets
+//! `immediate_exit` in the vCPU's `kvm_run`: whether the thread is inside `KVM_RUN` (which then
+//! returns `EINTR`) or handling an exit (the next `KVM_RUN` returns at once), it looks at its
+//! events before the guest runs again. Pausing completes any port I/O or MMIO the guest is in the
+//! middle of, so a paused vCPU's state is exact and can be saved.
+
+use std::cell::Cell;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::GuestEvent;
+use crate::machine::devices::Devices;
+use std::sync::Arc;
+
+/// How long a vCPU may take to acknowledge an event before the owner calls it stuck.
+pub const ACK_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Work run on a vCPU thread while the vCPU is paused (e.g. saving or restoring its state).
+pub type VcpuTask = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
+/// What the owner asks of a vCPU thread. Each carries the channel its acknowledgement goes on.
+pub enum VcpuEvent {
+    Pause(oneshot::Sender<()>),
+    Resume(oneshot::Sender<()>),
+    /// Runs the task on the paused vCPU; refused (dropped) while the vCPU runs.
+    Run(VcpuTask),
+    Finish,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot start the thread of vCPU {index}: {source}")]
+    Spawn {
+        index: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vCPU {index} did not answer within {} ms", ACK_DEADLINE.as_millis())]
+    Timeout { index: u32 },
+    #[error("vCPU {index} has stopped")]
+    Gone { index: u32 },
+}
+
+thread_local! {
+    /// The `kvm_run` of the vCPU this thread runs, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's vCPU's `kvm_run` mapping, set before the thread's
+        // first `KVM_RUN` and cleared before the vCPU is dropped; a volatile byte store is
+        // async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)
+}
+
+/// The owner's end of one vCPU thread.
+pub struct VcpuHandle {
+    pub index: u32,
+    events: Sender<VcpuEvent>,
+    thread: Option<JoinHandle<()>>,
+    pub thread_id: i32,
+}
+
+impl VcpuHandle {
+    /// Starts the thread `vcpu N`; the vCPU starts paused and runs on the first resume.
+    pub fn spawn(
+        index: u32,
+        vcpu: VcpuFd,
+        devices: Arc<Devices>,
+        guest_events: UnboundedSender<GuestEvent>,
+    ) -> Result<Self, VcpuError> {
+        let (events, receiver) = mpsc::channel();
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu {index}"))
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let _ = tid_tx.send(unsafe { libc::gettid() });
+                VcpuThread {
+                    index,
+                    vcpu,
+                    devices,
+                    guest_events,
+                    events: receiver,
+                }
+                .run()
+            })
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        let thread_id = tid_rx.recv_timeout(ACK_DEADLINE).unwrap_or(0);
+        Ok(Self {
+            index,
+            events,
+            thread: Some(thread),
+            thread_id,
+        })
+    }
+
+    /// Sends an event and kicks the thread out of `KVM_RUN` so that it sees it.
+    pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+        self.events
+            .send(event)
+            .map_err(|_| VcpuError::Gone { index: self.index })?;
+        if let Some(thread) = &self.thread {
+            // A failed kick means the thread is exiting; the channel then reports it.
+            let _ = thread.kill(kick_signal());
+        }
+        Ok(())
+    }
+
+    /// Asks the thread to end and waits for it, at most [`ACK_DEADLINE`].
+    pub fn finish(&mut self) {
+        let _ = self.send(VcpuEvent::Finish);
+        if let Some(thread) = self.thread.take() {
+            let deadline = std::time::Instant::now() + ACK_DEADLINE;
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                let _ = thread.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::error!(vcpu = self.index, "vCPU thread did not finish; leaving it");
+            }
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+enum RunState {
+    Running,
+    Paused,
+    Finished,
+}
+
+struct VcpuThread {
+    index: u32,
+    vcpu: VcpuFd,
+    devices: Arc<Devices>,
+    guest_events: UnboundedSender<GuestEvent>,
+    events: Receiver<VcpuEvent>,
+}
+
+impl VcpuThread {
+    fn run(mut self) {
+        KVM_RUN.with(|run| run.set(self.vcpu.get_kvm_run() as *mut kvm_run));
+        let mut state = RunState::Paused;
+        loop {
+            state = match state {
+                RunState::Paused => match self.events.recv() {
+                    Ok(event) => self.handle_event(event, RunState::Paused),
+                    Err(_) => RunState::Finished,
+                },
+                RunState::Running => {
+                    let next = self.run_guest();
+                    match next {
+                        RunState::Running => self.poll_events(),
+                        other => other,
+                    }
+                }
+                RunState::Finished => break,
+            };
+        }
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+        tracing::debug!(vcpu = self.index, "vCPU thread finished");
+    }
+
+    /// Handles whatever events arrived while the guest ran.
+    fn poll_events(&mut self) -> RunState {
+        let mut state = RunState::Running;
+        loop {
+            match self.events.try_recv() {
+                Ok(event) => state = self.handle_event(event, state),
+                Err(TryRecvError::Empty) => return state,
+                Err(TryRecvError::Disconnected) => return RunState::Finished,
+            }
+            if !matches!(state, RunState::Running) {
+                return state;
+            }
+        }
+    }
+
+    fn handle_event(&mut self, event: VcpuEvent, state: RunState) -> RunState {
+        match event {
+            VcpuEvent::Pause(ack) => {
+                if matches!(state, RunState::Running) {
+                    self.complete_pending_io();
+                }
+                let _ = ack.send(());
+                RunState::Paused
+            }
+            VcpuEvent::Resume(ack) => {
+                let _ = ack.send(());
+                RunState::Running
+            }
+            VcpuEvent::Run(task) => {
+                if matches!(state, RunState::Paused) {
+                    task(&mut self.vcpu);
+                } else {
+                    tracing::error!(vcpu = self.index, "state access refused while running");
+                }
+                state
+            }
+            VcpuEvent::Finish => RunState::Finished,
+        }
+    }
+
+    /// Lets KVM finish an instruction whose port I/O or MMIO userspace just served, without
+    /// running the guest further: `KVM_RUN` with `immediate_exit` set does exactly that.
+    fn complete_pending_io(&mut self) {
+        self.vcpu.set_kvm_immediate_exit(1);
+        match self.vcpu.run() {
+            Err(error) if error.errno() == libc::EINTR => {}
+            Ok(exit) => {
+                tracing::warn!(vcpu = self.index, exit = ?exit_name(&exit), "unexpected exit while completing I/O")
+            }
+            Err(error) => tracing::warn!(vcpu = self.index, %error, "completing I/O failed"),
+        }
+        self.vcpu.set_kvm_immediate_exit(0);
+    }
+
+    fn run_guest(&mut self) -> RunState {
+        let devices = &self.devices;
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => devices.pio_read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio_write(addr, data),
+            Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::Shutdown) => {
+                tracing::info!(vcpu = self.index, "guest triple fault");
+                let _ = self.guest_events.send(GuestEvent::TripleFault);
+                return RunState::Paused;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                let event = match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => GuestEvent::Reset,
+                    _ => GuestEvent::Poweroff,
+                };
+                let _ = self.guest_events.send(event);
+                return RunState::Paused;
+            }
+            Ok(exit) => {
+                let reason = format!(
+                    "vCPU {} stopped on an unexpected exit: {:?}",
+                    self.index,
+                    exit_name(&exit)
+                );
+                return self.fail(reason);
+            }
+            Err(error) if error.errno() == libc::EINTR => self.vcpu.set_kvm_immediate_exit(0),
+            Err(error) if error.errno() == libc::EAGAIN => {}
+            Err(error) => {
+                let reason = format!("KVM_RUN failed on vCPU {}: {error}", self.index);
+                return self.fail(reason);
+            }
+        }
+        RunState::Running
+    }
+
+    fn fail(&mut self, reason: String) -> RunState {
+        if let Ok(regs) = self.vcpu.get_regs() {
+            tracing::error!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", regs.rip),
+                "{reason}"
+            );
+        }
+        let _ = self.guest_events.send(GuestEvent::Crashed(reason));
+        RunState::Paused
+    }
+}
+
+/// A printable summary of an exit (the exit borrows the vCPU, so it can't be kept).
+fn exit_name(exit: &VcpuExit<'_>) -> String {
+    match exit {
+        VcpuExit::InternalError => "internal error (an instruction KVM cannot emulate)".into(),
+        VcpuExit::FailEntry(reason, cpu) => format!("failed entry (reason {reason:#x}, cpu {cpu})"),
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,122 @@
+//! The set of vCPU threads as the VM owner drives it: pause, resume, run work on every vCPU,
+//! each acknowledged within a deadline.
+
+use std::sync::Arc;
+
+use kvm_ioctls::VcpuFd;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
+
+use super::vcpu::{VcpuError, VcpuEvent, VcpuHandle, ACK_DEADLINE};
+use super::GuestEvent;
+use crate::machine::devices::Devices;
+
+/// Every vCPU thread of the VM.
+pub struct Vcpus {
+    handles: Vec<VcpuHandle>,
+    running: bool,
+}
+
+impl Vcpus {
+    /// Starts one thread per vCPU, all paused.
+    pub fn spawn(
+        vcpus: Vec<VcpuFd>,
+        devices: Arc<Devices>,
+        guest_events: UnboundedSender<GuestEvent>,
+    ) -> Result<Self, VcpuError> {
+        let handles = vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(index, vcpu)| {
+                VcpuHandle::spawn(index as u32, vcpu, devices.clone(), guest_events.clone())
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            handles,
+            running: false,
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether the vCPUs run guest code (the last pause or resume that succeeded).
+    pub fn running(&self) -> bool {
+        self.running
+    }
+
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.handles.iter().map(|h| h.thread_id).collect()
+    }
+
+    /// Stops every vCPU outside `KVM_RUN` with pending I/O completed.
+    pub async fn pause(&mut self) -> Result<(), VcpuError> {
+        self.broadcast(VcpuEvent::Pause).await?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Lets every vCPU run the guest again.
+    pub async fn resume(&mut self) -> Result<(), VcpuError> {
+        self.broadcast(VcpuEvent::Resume).await?;
+        self.running = true;
+        Ok(())
+    }
+
+    async fn broadcast(
+        &self,
+        event: fn(oneshot::Sender<()>) -> VcpuEvent,
+    ) -> Result<(), VcpuError> {
+        let mut acks = Vec::with_capacity(self.handles.len());
+        for handle in &self.handles {
+            let (ack, acked) = oneshot::channel();
+            handle.send(event(ack))?;
+            acks.push((handle.index, acked));
+        }
+        for (index, acked) in acks {
+            match tokio::time::timeout(ACK_DEADLINE, acked).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(VcpuError::Gone { index }),
+                Err(_) => return Err(VcpuError::Timeout { index }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `work` on every (paused) vCPU's thread and collects the results in vCPU order.
+    pub async fn on_each<T, F>(&self, work: F) -> Result<Vec<T>, VcpuError>
+    where
+        T: Send + 'static,
+        F: Fn(u32, &mut VcpuFd) -> T + Send + Sync + 'static,
+    {
+        let work = Arc::new(work);
+        let mut results = Vec::with_capacity(self.handles.len());
+        for handle in &self.handles {
+            let (reply, answer) = oneshot::channel();
+            let work = work.clone();
+            let index = handle.index;
+            handle.send(VcpuEvent::Run(Box::new(move |vcpu| {
+                let _ = reply.send(work(index, vcpu));
+            })))?;
+            results.push((index, answer));
+        }
+        let mut values = Vec::with_capacity(results.len());
+        for (index, answer) in results {
+            match tokio::time::timeout(ACK_DEADLINE, answer).await {
+                Ok(Ok(value)) => values.push(value),
+                Ok(Err(_)) => return Err(VcpuError::Gone { index }),
+                Err(_) => return Err(VcpuError::Timeout { index }),
+            }
+        }
+        Ok(values)
+    }
+
+    /// Ends every vCPU thread and waits for each (bounded).
+    pub fn finish(&mut self) {
+        for handle in &mut self.handles {
+            handle.finish();
+        }
+        self.running = false;
+    }
+}
