@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::machine::MachineType;
+use crate::migrate::uri::Incoming;
 
 /// Default guest RAM, as QEMU's default for x86 (128 MiB is too small for a useful Linux).
 pub const DEFAULT_MEM_MIB: u64 = 512;
@@ -38,7 +39,7 @@ pub struct Config {
     pub start_paused: bool,
     pub qmp: Option<PathBuf>,
     /// `-incoming URI`: wait for a migration stream instead of booting.
-    pub incoming: Option<String>,
+    pub incoming: Option<Incoming>,
 }
 
 impl Default for Config {
@@ -130,14 +131,10 @@ where
                 )
             }
             "-incoming" => {
-                let uri = value()?;
-                if uri.is_empty() {
-                    return Err(usage(
-                        &option,
-                        "empty URI (tcp:IP:PORT, unix:PATH or defer)",
-                    ));
-                }
-                config.incoming = Some(uri);
+                config.incoming = Some(
+                    Incoming::parse(&value()?)
+                        .map_err(|error| usage(&option, error.to_string()))?,
+                )
             }
             other if other.starts_with('-') => {
                 return Err(usage(
@@ -392,6 +389,10 @@ mod tests {
             ),
             (&["-initrd", "/i"], "-initrd: needs -kernel"),
             (&["stray"], "unexpected argument 'stray'"),
+            (
+                &["-incoming", "tcp:1.2.3.4"],
+                "-incoming: invalid migration URI 'tcp:1.2.3.4': missing :PORT",
+            ),
         ];
         for (args, expected) in cases {
             let error = run(args).unwrap_err().to_string();

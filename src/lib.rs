@@ -2,5 +2,6 @@
 pub mod cli;
 pub mod guest;
 pub mod machine;
+pub mod migrate;
 pub mod qmp;
 pub mod runtime;

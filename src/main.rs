@@ -34,10 +34,25 @@ fn main() -> ExitCode {
     match run(config) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("ferry: {error:#}");
+            eprintln!("ferry: {}", one_line(&error));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes on one line, each cause once even where a message already quotes it.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn init_tracing() {

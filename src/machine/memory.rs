@@ -73,10 +73,36 @@ pub enum MemoryError {
     },
     #[error("RAM range at {start:#x} of {size:#x} bytes does not fit this host's address space")]
     TooLarge { start: u64, size: u64 },
+    #[error("-m: {requested} MiB of guest RAM is more than this host's {available} MiB of memory and swap")]
+    MoreThanHost { requested: u64, available: u64 },
 }
 
-/// Maps anonymous memory for every range of `layout`.
+/// Memory and swap of the host in bytes, from /proc/meminfo (`None` if unreadable).
+fn host_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|kib| kib << 10)
+    };
+    Some(field("MemTotal:")? + field("SwapTotal:").unwrap_or(0))
+}
+
+/// Maps anonymous memory for every range of `layout`. Guest RAM is mapped lazily, but more of it
+/// than the host has could never be backed, so that is refused up front.
 pub fn create_guest_memory(layout: &[RamRange]) -> Result<GuestMemory, MemoryError> {
+    let requested: u64 = layout.iter().map(|r| r.size).sum();
+    if let Some(available) = host_memory_bytes() {
+        if requested > available {
+            return Err(MemoryError::MoreThanHost {
+                requested: requested >> 20,
+                available: available >> 20,
+            });
+        }
+    }
     let mut ranges = Vec::with_capacity(layout.len());
     for range in layout {
         let size = usize::try_from(range.size).map_err(|_| MemoryError::TooLarge {

@@ -6,11 +6,13 @@ pub mod cpu;
 pub mod devices;
 pub mod memory;
 pub mod mptable;
+pub mod state;
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use kvm_bindings::CpuId;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
     KVM_PIT_SPEAKER_DUMMY,
@@ -25,6 +27,7 @@ use self::cpu::HostQuirks;
 use self::devices::{Devices, ResetTrigger, Serial, SerialOutput, I8042};
 use self::memory::{GuestMemory, RamRange};
 use crate::cli::{Config, SerialTarget};
+use crate::migrate::state::{DeviceDescription, VmDescription};
 use crate::runtime::GuestEvent;
 
 /// Where KVM keeps its real-mode TSS and identity map: three pages just below the BIOS ROM.
@@ -111,6 +114,8 @@ pub struct Machine {
     pub vcpu_count: u32,
     pub machine_type: MachineType,
     pub quirks: HostQuirks,
+    /// The CPUID the guest sees on vCPU 0, for the migration configuration check.
+    pub cpuid: CpuId,
 }
 
 impl Machine {
@@ -163,6 +168,7 @@ impl Machine {
             cpu::configure_vcpu(&vcpu, index, &cpuid)?;
             vcpus.push(vcpu);
         }
+        let cpuid = cpu::vcpu_cpuid(&supported, 0, config.vcpus, quirks);
         let machine = Self {
             kvm,
             vm,
@@ -173,6 +179,7 @@ impl Machine {
             vcpu_count: config.vcpus,
             machine_type: config.machine,
             quirks,
+            cpuid,
         };
         if boot {
             machine.load_kernel(config)?;
@@ -227,6 +234,35 @@ impl Machine {
             slots += 1;
         }
         Ok(slots)
+    }
+
+    /// What a migration destination compares with its own configuration.
+    pub fn description(&self) -> VmDescription {
+        let attributes = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        VmDescription {
+            machine: self.machine_type.name().to_owned(),
+            mem_bytes: self.layout.iter().map(|r| r.size).sum(),
+            ram: self.layout.clone(),
+            vcpus: self.vcpu_count,
+            cpu_features: state::feature_words(self.cpuid.as_slice()),
+            devices: vec![
+                DeviceDescription {
+                    kind: "serial-8250".into(),
+                    id: "serial0".into(),
+                    attributes: attributes(&[("port", "0x3f8"), ("irq", "4")]),
+                },
+                DeviceDescription {
+                    kind: "i8042".into(),
+                    id: "i8042".into(),
+                    attributes: attributes(&[("ports", "0x60,0x64")]),
+                },
+            ],
+        }
     }
 
     /// Turns KVM's dirty logging of guest writes on or off for every RAM slot.

@@ -14,6 +14,8 @@ use super::vcpu::install_kick_handler;
 use super::vmm::{Ending, Vmm};
 use crate::cli::{Config, SerialTarget};
 use crate::machine::Machine;
+use crate::migrate::transport::Listener;
+use crate::migrate::uri::Incoming;
 
 /// How long QMP sessions get to flush their last replies and events at shutdown.
 const QMP_DRAIN_DEADLINE: Duration = Duration::from_secs(1);
@@ -58,8 +60,17 @@ pub async fn launch(config: Config) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
-    let vmm = Vmm::new(machine, config, handle, guest_tx, shutdown.clone())?;
-    let ending = vmm.run(requests, guest_rx).await;
+    let incoming = match &config.incoming {
+        None => None,
+        Some(Incoming::Defer) => Some(None),
+        Some(Incoming::Listen(uri)) => {
+            Some(Some(Listener::bind(uri).await.with_context(|| {
+                format!("-incoming: cannot listen on {uri}")
+            })?))
+        }
+    };
+    let vmm = Vmm::new(machine, &config, handle, guest_tx, shutdown.clone())?;
+    let ending = vmm.run(requests, guest_rx, incoming).await;
     shutdown.cancel();
     if let Some((server, _guard)) = qmp {
         if tokio::time::timeout(QMP_DRAIN_DEADLINE, server)

@@ -23,3 +23,9 @@ pub enum GuestEvent {
     /// A vCPU stopped on something it cannot go on from.
     Crashed(String),
 }
+
+/// The VM as one value that can move between the owner and a migration task.
+pub struct Vm {
+    pub machine: crate::machine::Machine,
+    pub vcpus: vcpus::Vcpus,
+}

@@ -1,20 +1,33 @@
-//! The VM owner: one tokio task that holds the machine and the vCPU threads, answers control
-//! requests, and reacts to guest events and host signals.
+//! The VM owner: one tokio task that holds the VM, answers control requests, and reacts to
+//! guest events, host signals and the end of migrations.
+//!
+//! A migration borrows the VM by move: the owner hands the [`Vm`] to a migration task and gets
+//! it back when the task ends, whatever the outcome. Meanwhile the owner keeps answering QMP
+//! from what it holds itself (status, memory handle, thread ids, migration progress).
 
-use std::path::PathBuf;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::control::{Envelope, Event, Request, RequestError, VmHandle};
 use super::vcpus::Vcpus;
-use super::GuestEvent;
+use super::{GuestEvent, Vm};
 use crate::cli::Config;
 use crate::machine::memory::GuestMemory;
 use crate::machine::Machine;
+use crate::migrate::transport::Listener;
+use crate::migrate::uri::MigrationUri;
+use crate::migrate::{destination, source, Shared};
+
+/// How long the owner waits for a migration task to hand the VM back at shutdown.
+const MIGRATION_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// QEMU's run states, as `query-status` reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,8 +40,6 @@ pub enum RunStatus {
     Shutdown,
     /// Waiting for or receiving an incoming migration.
     InMigrate,
-    /// Paused at the switchover of an outgoing migration.
-    FinishMigrate,
     /// An outgoing migration completed: the guest runs on the destination now.
     PostMigrate,
     /// A vCPU hit something it cannot go on from.
@@ -43,7 +54,6 @@ impl RunStatus {
             Self::Paused => "paused",
             Self::Shutdown => "shutdown",
             Self::InMigrate => "inmigrate",
-            Self::FinishMigrate => "finish-migrate",
             Self::PostMigrate => "postmigrate",
             Self::InternalError => "internal-error",
         }
@@ -67,20 +77,37 @@ pub enum VmmError {
     Signals(#[source] std::io::Error),
 }
 
+/// What a migration task hands back with the VM.
+enum MigrationResult {
+    Outgoing(source::Outcome),
+    Incoming(destination::Outcome),
+}
+
+/// A migration task that holds the VM.
+struct RunningMigration {
+    task: JoinHandle<(Vm, MigrationResult)>,
+    cancel: CancellationToken,
+}
+
 /// The owner of the VM.
 pub struct Vmm {
-    pub machine: Machine,
-    pub vcpus: Vcpus,
-    pub status: RunStatus,
-    pub handle: VmHandle,
-    pub config: Config,
+    /// `None` while a migration task holds the VM.
+    vm: Option<Vm>,
+    memory: GuestMemory,
+    thread_ids: Vec<i32>,
+    status: RunStatus,
+    handle: VmHandle,
     shutdown: CancellationToken,
+    migration: Arc<Shared>,
+    running_migration: Option<RunningMigration>,
+    /// Whether an incoming guest runs once it arrives (`-S` and `stop`/`cont` decide).
+    autostart: bool,
 }
 
 impl Vmm {
     pub fn new(
         mut machine: Machine,
-        config: Config,
+        config: &Config,
         handle: VmHandle,
         guest_events: mpsc::UnboundedSender<GuestEvent>,
         shutdown: CancellationToken,
@@ -88,26 +115,39 @@ impl Vmm {
         let vcpu_fds = std::mem::take(&mut machine.vcpus);
         let vcpus = Vcpus::spawn(vcpu_fds, machine.devices.clone(), guest_events)?;
         Ok(Self {
-            machine,
-            vcpus,
+            memory: machine.memory.clone(),
+            thread_ids: vcpus.thread_ids(),
+            vm: Some(Vm { machine, vcpus }),
             status: RunStatus::Prelaunch,
+            migration: Arc::new(Shared::new(handle.clone())),
             handle,
-            config,
+            autostart: !config.start_paused,
             shutdown,
+            running_migration: None,
         })
     }
 
-    /// Runs the VM until it ends.
+    /// Runs the VM until it ends. `incoming` is the listener of `-incoming`, if any.
     pub async fn run(
         mut self,
         mut requests: mpsc::Receiver<Envelope>,
         mut guest_events: mpsc::UnboundedReceiver<GuestEvent>,
+        incoming: Option<Option<Listener>>,
     ) -> Result<Ending, VmmError> {
         let mut interrupt = signal(SignalKind::interrupt()).map_err(VmmError::Signals)?;
         let mut terminate = signal(SignalKind::terminate()).map_err(VmmError::Signals)?;
-        if !self.config.start_paused {
-            self.vcpus.resume().await?;
-            self.status = RunStatus::Running;
+        match incoming {
+            Some(listener) => {
+                self.status = RunStatus::InMigrate;
+                if let Some(listener) = listener {
+                    self.start_incoming(listener);
+                }
+            }
+            None if self.autostart => {
+                self.vm_mut().vcpus.resume().await?;
+                self.status = RunStatus::Running;
+            }
+            None => {}
         }
         let ending = loop {
             tokio::select! {
@@ -121,13 +161,34 @@ impl Vmm {
                         break ending;
                     }
                 }
+                finished = wait_migration(&mut self.running_migration) => {
+                    self.running_migration = None;
+                    if let Some(ending) = self.migration_ended(finished).await {
+                        break ending;
+                    }
+                }
                 _ = interrupt.recv() => break self.host_shutdown("host-signal"),
                 _ = terminate.recv() => break self.host_shutdown("host-signal"),
             }
         };
-        self.vcpus.finish();
+        if let Some(running) = self.running_migration.take() {
+            running.cancel.cancel();
+            match tokio::time::timeout(MIGRATION_STOP_DEADLINE, running.task).await {
+                Ok(Ok((vm, _))) => self.vm = Some(vm),
+                _ => tracing::error!("the migration task did not stop in time"),
+            }
+        }
+        if let Some(vm) = self.vm.as_mut() {
+            vm.vcpus.finish();
+        }
         self.shutdown.cancel();
         Ok(ending)
+    }
+
+    fn vm_mut(&mut self) -> &mut Vm {
+        self.vm
+            .as_mut()
+            .expect("the owner holds the VM when no migration runs")
     }
 
     fn host_shutdown(&mut self, reason: &str) -> Ending {
@@ -145,7 +206,6 @@ impl Vmm {
             GuestEvent::Reset | GuestEvent::TripleFault => "guest-reset",
             GuestEvent::Poweroff => "guest-shutdown",
             GuestEvent::Crashed(reason) => {
-                tracing::error!("{reason}");
                 self.status = RunStatus::InternalError;
                 return Some(Ending::Failed(reason));
             }
@@ -173,42 +233,63 @@ impl Vmm {
             }
             Request::SystemReset => {
                 // Like a guest reset, a reset ends the VM (QEMU's -no-reboot behaviour).
-                self.handle.emit(Event::new("RESET", Some(json!({"guest": false, "reason": "host-qmp-system-reset"}))));
+                let data = json!({"guest": false, "reason": "host-qmp-system-reset"});
+                self.handle.emit(Event::new("RESET", Some(data)));
                 ending = Some(self.host_shutdown("host-qmp-system-reset"));
                 Ok(json!({}))
             }
             Request::SystemPowerdown => Err(RequestError(
-                "system_powerdown needs an ACPI power button, which this machine does not have; use 'quit'"
+                "system_powerdown needs an ACPI power button, which this machine does not have; \
+                 use 'quit'"
                     .into(),
             )),
             Request::QueryCpusFast => Ok(self.query_cpus_fast()),
             Request::Pmemsave { addr, size, path } => {
-                let memory = self.machine.memory.clone();
+                let memory = self.memory.clone();
                 // Dumping gigabytes must not hold up other requests: answer from a task.
                 tokio::task::spawn_blocking(move || {
                     let _ = reply.send(pmemsave(&memory, addr, size, &path));
                 });
                 return None;
             }
-            other => Err(RequestError(format!("{other:?} is not available yet"))),
+            Request::Migrate { uri } => self.start_outgoing(&uri),
+            Request::MigrateIncoming { uri } => self.migrate_incoming(&uri).await,
+            Request::MigrateCancel => {
+                if let Some(running) = &self.running_migration {
+                    running.cancel.cancel();
+                }
+                Ok(json!({}))
+            }
+            Request::QueryMigrate => Ok(self.migration.progress().to_json()),
+            Request::MigrateSetParameters(update) => self
+                .migration
+                .params()
+                .update(update.downtime_limit_ms, update.max_bandwidth)
+                .map(|()| json!({}))
+                .map_err(RequestError),
+            Request::QueryMigrateParameters => Ok(self.migration.params().to_json()),
         };
         let _ = reply.send(answer);
         ending
     }
 
     fn query_status(&self) -> Value {
+        let status = if self.migration.in_switchover() {
+            "finish-migrate"
+        } else {
+            self.status.name()
+        };
         json!({
-            "status": self.status.name(),
-            "running": self.status == RunStatus::Running,
+            "status": status,
+            "running": self.status == RunStatus::Running && !self.migration.in_switchover(),
             "singlestep": false,
         })
     }
 
     fn query_cpus_fast(&self) -> Value {
         let cpus: Vec<Value> = self
-            .vcpus
-            .thread_ids()
-            .into_iter()
+            .thread_ids
+            .iter()
             .enumerate()
             .map(|(index, thread_id)| {
                 json!({
@@ -223,10 +304,22 @@ impl Vmm {
         Value::Array(cpus)
     }
 
+    fn busy_migrating(&self) -> Result<(), RequestError> {
+        if self.running_migration.is_some() && self.status != RunStatus::InMigrate {
+            return Err(RequestError(
+                "a migration is in progress; wait for it to end or stop it with migrate_cancel"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     async fn stop(&mut self) -> Result<Value, RequestError> {
+        self.busy_migrating()?;
         match self.status {
             RunStatus::Running => {
-                self.vcpus
+                self.vm_mut()
+                    .vcpus
                     .pause()
                     .await
                     .map_err(|e| RequestError(e.to_string()))?;
@@ -234,26 +327,170 @@ impl Vmm {
                 self.handle.emit(Event::new("STOP", None));
             }
             RunStatus::Prelaunch => self.status = RunStatus::Paused,
+            RunStatus::InMigrate => self.autostart = false,
             _ => {}
         }
         Ok(json!({}))
     }
 
     async fn cont(&mut self) -> Result<Value, RequestError> {
+        self.busy_migrating()?;
         match self.status {
             RunStatus::Paused | RunStatus::Prelaunch => {
-                self.vcpus.resume().await.map_err(|e| RequestError(e.to_string()))?;
+                self.vm_mut()
+                    .vcpus
+                    .resume()
+                    .await
+                    .map_err(|e| RequestError(e.to_string()))?;
                 self.status = RunStatus::Running;
                 self.handle.emit(Event::new("RESUME", None));
                 Ok(json!({}))
             }
             RunStatus::Running => Ok(json!({})),
+            // As in QEMU: the guest will run as soon as it has arrived.
+            RunStatus::InMigrate => {
+                self.autostart = true;
+                Ok(json!({}))
+            }
             RunStatus::PostMigrate => Err(RequestError(
-                "the guest was migrated and runs on the destination; resuming it here would run two copies"
+                "the guest was migrated and runs on the destination; running it here too would \
+                 run two copies"
                     .into(),
             )),
-            other => Err(RequestError(format!("cannot continue a VM in state '{}'", other.name()))),
+            other => Err(RequestError(format!(
+                "cannot continue a VM in state '{}'",
+                other.name()
+            ))),
         }
+    }
+
+    fn start_outgoing(&mut self, uri: &str) -> Result<Value, RequestError> {
+        let uri = MigrationUri::parse(uri).map_err(|e| RequestError(e.to_string()))?;
+        if self.running_migration.is_some() {
+            return Err(RequestError(
+                "a migration is already in progress (query-migrate shows it, migrate_cancel stops it)"
+                    .into(),
+            ));
+        }
+        match self.status {
+            RunStatus::Running | RunStatus::Paused | RunStatus::Prelaunch => {}
+            RunStatus::InMigrate => {
+                return Err(RequestError(
+                    "this VM is waiting for an incoming migration; it has no guest to send yet"
+                        .into(),
+                ))
+            }
+            RunStatus::PostMigrate => {
+                return Err(RequestError(
+                    "the guest was already migrated away from here".into(),
+                ))
+            }
+            other => {
+                return Err(RequestError(format!(
+                    "cannot migrate a VM in state '{}'",
+                    other.name()
+                )))
+            }
+        }
+        let mut vm = self
+            .vm
+            .take()
+            .expect("no migration runs, so the owner holds the VM");
+        self.migration
+            .begin(self.memory.iter().map(|r| r.len()).sum());
+        let shared = self.migration.clone();
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        let task = tokio::spawn(async move {
+            let outcome = source::migrate(&mut vm, uri, &shared, token).await;
+            (vm, MigrationResult::Outgoing(outcome))
+        });
+        self.running_migration = Some(RunningMigration { task, cancel });
+        Ok(json!({}))
+    }
+
+    async fn migrate_incoming(&mut self, uri: &str) -> Result<Value, RequestError> {
+        if self.status != RunStatus::InMigrate || self.running_migration.is_some() {
+            return Err(RequestError(
+                "migrate-incoming needs a VM started with '-incoming defer' that is not receiving yet"
+                    .into(),
+            ));
+        }
+        let uri = MigrationUri::parse(uri).map_err(|e| RequestError(e.to_string()))?;
+        let listener = Listener::bind(&uri)
+            .await
+            .map_err(|e| RequestError(format!("cannot listen on {uri}: {e}")))?;
+        self.start_incoming(listener);
+        Ok(json!({}))
+    }
+
+    fn start_incoming(&mut self, listener: Listener) {
+        let mut vm = self
+            .vm
+            .take()
+            .expect("no migration runs, so the owner holds the VM");
+        self.migration
+            .begin(self.memory.iter().map(|r| r.len()).sum());
+        let shared = self.migration.clone();
+        let cancel = self.shutdown.child_token();
+        let token = cancel.clone();
+        let task = tokio::spawn(async move {
+            let outcome = destination::receive(&mut vm, listener, &shared, token).await;
+            (vm, MigrationResult::Incoming(outcome))
+        });
+        self.running_migration = Some(RunningMigration { task, cancel });
+    }
+
+    /// Takes the VM back from a finished migration task and settles the VM's state.
+    async fn migration_ended(
+        &mut self,
+        finished: Result<(Vm, MigrationResult), tokio::task::JoinError>,
+    ) -> Option<Ending> {
+        let (vm, result) = match finished {
+            Ok(finished) => finished,
+            Err(error) => {
+                return Some(Ending::Failed(format!("the migration task died: {error}")));
+            }
+        };
+        let running = vm.vcpus.running();
+        self.vm = Some(vm);
+        match result {
+            MigrationResult::Outgoing(source::Outcome::Completed) => {
+                self.status = RunStatus::PostMigrate;
+                None
+            }
+            MigrationResult::Outgoing(_) => {
+                if running {
+                    self.status = RunStatus::Running;
+                }
+                None
+            }
+            MigrationResult::Incoming(destination::Outcome::Completed { run }) => {
+                if run && self.autostart {
+                    if let Err(error) = self.vm_mut().vcpus.resume().await {
+                        return Some(Ending::Failed(error.to_string()));
+                    }
+                    self.status = RunStatus::Running;
+                    self.handle.emit(Event::new("RESUME", None));
+                } else {
+                    self.status = RunStatus::Paused;
+                }
+                None
+            }
+            MigrationResult::Incoming(destination::Outcome::Failed(reason)) => Some(
+                Ending::Failed(format!("incoming migration failed: {reason}")),
+            ),
+        }
+    }
+}
+
+/// Waits for the migration task, or forever when there is none.
+async fn wait_migration(
+    running: &mut Option<RunningMigration>,
+) -> Result<(Vm, MigrationResult), tokio::task::JoinError> {
+    match running {
+        Some(running) => (&mut running.task).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -262,13 +499,11 @@ pub fn pmemsave(
     memory: &GuestMemory,
     addr: u64,
     size: u64,
-    path: &PathBuf,
+    path: &Path,
 ) -> Result<Value, RequestError> {
     let end = addr
         .checked_add(size)
         .ok_or_else(|| RequestError(format!("pmemsave: {addr:#x} + {size:#x} overflows")))?;
-    let mut file = std::fs::File::create(path)
-        .map_err(|e| RequestError(format!("pmemsave: cannot create '{}': {e}", path.display())))?;
     let mut at = addr;
     while at < end {
         let region = memory.find_region(GuestAddress(at)).ok_or_else(|| {
@@ -276,22 +511,16 @@ pub fn pmemsave(
                 "pmemsave: {at:#x} is not guest RAM (the range {addr:#x}..{end:#x} must lie within RAM)"
             ))
         })?;
-        let region_end = vm_memory::GuestMemoryRegion::start_addr(region).0
-            + vm_memory::GuestMemoryRegion::len(region);
-        let chunk = (end.min(region_end) - at) as usize;
+        at = region.start_addr().0 + region.len();
+    }
+    let mut file = std::fs::File::create(path)
+        .map_err(|e| RequestError(format!("pmemsave: cannot create '{}': {e}", path.display())))?;
+    let mut at = addr;
+    while at < end {
+        let region = memory.find_region(GuestAddress(at)).expect("checked above");
+        let chunk = (end.min(region.start_addr().0 + region.len()) - at) as usize;
         memory
-            .write_volatile_to(GuestAddress(at), &mut file, chunk)
-            .and_then(|written| {
-                if written == chunk {
-                    Ok(())
-                } else {
-                    memory.write_all_volatile_to(
-                        GuestAddress(at + written as u64),
-                        &mut file,
-                        chunk - written,
-                    )
-                }
-            })
+            .write_all_volatile_to(GuestAddress(at), &mut file, chunk)
             .map_err(|e| {
                 RequestError(format!(
                     "pmemsave: writing '{}' failed: {e}",

@@ -1,0 +1,322 @@
+//! Booting: the built-in guest on one and two vCPUs, guest-initiated endings, signals, every
+//! command-line error, and Debian's stock kernel.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{kvm_available, kvm_lock, scratch, Ferry};
+use ferry::guest::GuestLine;
+
+/// Ticks, sweeps and TSC checks of a guest that ran for a while.
+fn assert_guest_healthy(vm: &Ferry, vcpus: u32) {
+    let lines = vm.guest_lines();
+    for cpu in 0..vcpus {
+        let ticks: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| match l {
+                GuestLine::Tick { n, cpu: c } if *c == cpu => Some(*n),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            ticks.len() >= 3,
+            "cpu {cpu} ticked {} times\n{}",
+            ticks.len(),
+            vm.context()
+        );
+        assert!(
+            ticks.windows(2).all(|w| w[1] == w[0] + 1),
+            "cpu {cpu} ticks skip: {ticks:?}"
+        );
+        let sweeps: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| match l {
+                GuestLine::Sweep { n, cpu: c } if *c == cpu => Some(*n),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            sweeps.len() >= 2,
+            "cpu {cpu} swept {} times\n{}",
+            sweeps.len(),
+            vm.context()
+        );
+        assert!(
+            sweeps.windows(2).all(|w| w[1] > w[0]),
+            "cpu {cpu} sweeps go backwards: {sweeps:?}"
+        );
+    }
+    let problems: Vec<&GuestLine> = lines
+        .iter()
+        .filter(|l| matches!(l, GuestLine::TscBackwards { .. } | GuestLine::Fatal(_)))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "guest reported {problems:?}\n{}",
+        vm.context()
+    );
+}
+
+fn boots_builtin_guest(vcpus: u32) {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let smp = vcpus.to_string();
+    let vm = Ferry::start(
+        "guest",
+        &["-smp", &smp, "-m", "256", "-append", "ferry.tick_ms=100"],
+        None,
+    );
+    vm.wait_ready();
+    let banner = vm.guest_lines().into_iter().find_map(|l| match l {
+        GuestLine::Banner { cpus, ram, .. } => Some((cpus, ram)),
+        _ => None,
+    });
+    let (cpus, ram) = banner.unwrap_or_else(|| panic!("no banner\n{}", vm.context()));
+    assert_eq!(cpus, vcpus, "{}", vm.context());
+    // The guest counts usable RAM from the memory map: all of -m but the BIOS holes.
+    assert!(
+        ram > (255 << 20) && ram <= 256 << 20,
+        "guest saw {ram} bytes of RAM"
+    );
+    for cpu in 0..vcpus {
+        let what = format!("tick 4 of cpu {cpu}");
+        vm.wait_line(&what, Duration::from_secs(30), |l| {
+            l == format!("tick 4 cpu={cpu}")
+        });
+        let what = format!("sweep 2 of cpu {cpu}");
+        vm.wait_line(&what, Duration::from_secs(30), |l| {
+            l == format!("sweep 2 cpu={cpu}")
+        });
+    }
+    assert_guest_healthy(&vm, vcpus);
+}
+
+#[test]
+fn builtin_guest_runs_on_one_vcpu() {
+    boots_builtin_guest(1);
+}
+
+#[test]
+fn builtin_guest_runs_on_two_vcpus() {
+    boots_builtin_guest(2);
+}
+
+#[test]
+fn guest_reset_and_triple_fault_end_the_vm_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    for (action, line) in [("reset", "resetting"), ("triplefault", "triple-faulting")] {
+        let append = format!("ferry.run={action}");
+        let mut vm = Ferry::start(action, &["-append", &append], None);
+        let status = vm.wait_exit(Duration::from_secs(60));
+        assert!(
+            status.success(),
+            "{action}: exit {status}\n{}",
+            vm.context()
+        );
+        assert!(
+            vm.lines().iter().any(|l| l == line),
+            "{action}: no '{line}'\n{}",
+            vm.context()
+        );
+    }
+}
+
+#[test]
+fn signals_end_the_vm_with_status_zero() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut vm = Ferry::start(
+            "signal",
+            &["-append", "ferry.run=tick ferry.tick_ms=50"],
+            None,
+        );
+        vm.wait_line("a tick", Duration::from_secs(30), |l| {
+            l.starts_with("tick ")
+        });
+        vm.signal(signal);
+        let status = vm.wait_exit(Duration::from_secs(10));
+        assert!(
+            status.success(),
+            "signal {signal}: exit {status}\n{}",
+            vm.context()
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_the_right_status() {
+    let dir = scratch();
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
+    let garbage = garbage.to_str().unwrap();
+    let kvm = kvm_available();
+    // (arguments, exit status, what stderr must say)
+    let mut cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["-bogus"], 2, "-bogus: unknown option"),
+        (vec!["-m"], 2, "-m: missing value"),
+        (vec!["-m", "lots"], 2, "-m: bad size 'lots'"),
+        (vec!["-m", "1M"], 2, "-m: 1M is too small"),
+        (
+            vec!["-smp", "0"],
+            2,
+            "-smp: the vCPU count must be at least 1",
+        ),
+        (vec!["-smp", "x"], 2, "-smp: bad vCPU count 'x'"),
+        (
+            vec!["-machine", "pc"],
+            2,
+            "-machine: unsupported machine type 'pc' (supported: q35)",
+        ),
+        (
+            vec!["-serial", "pty"],
+            2,
+            "-serial: unsupported serial backend 'pty'",
+        ),
+        (
+            vec!["-incoming", "tcp:nowhere"],
+            2,
+            "-incoming: invalid migration URI",
+        ),
+        (vec!["-qmp", "tcp:1:2"], 2, "-qmp"),
+    ];
+    if kvm {
+        cases.extend([
+            (
+                vec!["-smp", "100000"],
+                2,
+                "-smp: 100000 vCPUs requested, but at most",
+            ),
+            (
+                vec!["-kernel", "/nonexistent/vmlinux"],
+                1,
+                "-kernel: cannot open /nonexistent/vmlinux",
+            ),
+            (
+                vec!["-kernel", garbage],
+                1,
+                "is neither an ELF vmlinux nor a bzImage",
+            ),
+            (
+                vec!["-m", "100000G"],
+                1,
+                "-m: 102400000 MiB of guest RAM is more than this host's",
+            ),
+            (
+                vec!["-m", "1000000G"],
+                1,
+                "-m: 1024000000 MiB of guest RAM is more than this host's",
+            ),
+        ]);
+    }
+    let _lock = kvm_lock();
+    for (args, code, message) in cases {
+        let output = Command::new(common::ferry_bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(message),
+            "{args:?}: stderr {stderr:?} lacks {message:?}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        let lines = stderr.lines().filter(|l| l.starts_with("ferry:")).count();
+        assert_eq!(lines, 1, "{args:?}: expected one error line: {stderr}");
+    }
+}
+
+#[test]
+fn help_and_version() {
+    let help = Command::new(common::ferry_bin())
+        .arg("-help")
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for option in [
+        "-machine",
+        "-m SIZE",
+        "-smp",
+        "-kernel",
+        "-qmp",
+        "-incoming",
+        "-serial",
+    ] {
+        assert!(text.contains(option), "-help does not mention {option}");
+    }
+    let version = Command::new(common::ferry_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("ferry {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// Debian's stock kernel, booted through its PVH entry, prints its banner, exactly the
+/// command line ferry passed, and an e820 map that matches -m.
+#[test]
+fn debian_kernel_prints_banner_cmdline_and_e820() {
+    if !kvm_available() {
+        return;
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/integration/support/debian-vmlinux.sh"
+    );
+    let cache = common::cache_dir().join("debian-kernel");
+    let fetched = Command::new("bash")
+        .arg(script)
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(
+        fetched.status.success(),
+        "fetching Debian's kernel failed: {}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
+    let vmlinux = String::from_utf8(fetched.stdout).unwrap().trim().to_owned();
+    let cmdline = "console=ttyS0 earlyprintk=ttyS0 panic=-1 reboot=k noxsave";
+    let _lock = kvm_lock();
+    let vm = Ferry::start(
+        "linux",
+        &["-m", "512", "-kernel", &vmlinux, "-append", cmdline],
+        None,
+    );
+    let timeout = Duration::from_secs(120);
+    vm.wait_line("the kernel banner", timeout, |l| {
+        l.contains("Linux version")
+    });
+    let expected = format!("Command line: {cmdline}");
+    vm.wait_line("the command line", timeout, |l| l.ends_with(&expected));
+    vm.wait_line("the end of the e820 map", timeout, |l| {
+        l.contains("printk: bootconsole")
+    });
+    let e820: Vec<String> = vm
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("BIOS-e820:"))
+        .collect();
+    let usable: Vec<&String> = e820.iter().filter(|l| l.ends_with("usable")).collect();
+    assert_eq!(usable.len(), 2, "{e820:#?}");
+    assert!(
+        usable[0].contains("[mem 0x0000000000000000-0x000000000009fbff]"),
+        "{e820:#?}"
+    );
+    assert!(
+        usable[1].contains("[mem 0x0000000000100000-0x000000001fffffff]"),
+        "{e820:#?}"
+    );
+}

@@ -1,0 +1,606 @@
+//! Live migration between real ferry processes over TCP and UNIX sockets: memory identity,
+//! continuity, dirty rounds, cancellation at every stage, failures, and many hops.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{free_port, kvm_available, kvm_lock, scratch, Ferry};
+use ferry::guest::pattern::check_dump;
+use ferry::guest::{slices_by_cpu, GuestLine};
+use serde_json::{json, Value};
+
+const MEM_MIB: u64 = 64;
+const GUEST_APPEND: &str = "ferry.tick_ms=50";
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Tcp,
+    Unix,
+}
+
+/// One test's world: a scratch directory, and fresh URIs and socket paths in it.
+struct World {
+    dir: tempfile::TempDir,
+    transport: Transport,
+    counter: u32,
+}
+
+impl World {
+    fn new(transport: Transport) -> Self {
+        Self {
+            dir: scratch(),
+            transport,
+            counter: 0,
+        }
+    }
+
+    fn path(&mut self, stem: &str) -> PathBuf {
+        self.counter += 1;
+        self.dir.path().join(format!("{stem}{}", self.counter))
+    }
+
+    fn uri(&mut self) -> String {
+        match self.transport {
+            Transport::Tcp => format!("tcp:127.0.0.1:{}", free_port()),
+            Transport::Unix => format!("unix:{}", self.path("mig.sock").display()),
+        }
+    }
+
+    /// A source running the built-in guest (sweeping, ticking) with QMP.
+    fn source(&mut self, smp: u32) -> Ferry {
+        let qmp = self.path("src.qmp");
+        let smp = smp.to_string();
+        let mem = MEM_MIB.to_string();
+        let vm = Ferry::start(
+            "source",
+            &["-smp", &smp, "-m", &mem, "-append", GUEST_APPEND],
+            Some(&qmp),
+        );
+        vm.wait_ready();
+        vm
+    }
+
+    /// A destination waiting at `uri`; `paused` adds `-S`.
+    fn destination(&mut self, smp: u32, uri: &str, paused: bool) -> Ferry {
+        let qmp = self.path("dst.qmp");
+        let smp = smp.to_string();
+        let mem = MEM_MIB.to_string();
+        let mut args = vec!["-smp", &smp, "-m", &mem, "-incoming", uri];
+        if paused {
+            args.push("-S");
+        }
+        let vm = Ferry::start("destination", &args, Some(&qmp));
+        let mut qmp = vm.qmp();
+        assert_eq!(qmp.status(), "inmigrate");
+        vm
+    }
+}
+
+/// Migrates and waits for `completed` on the source.
+fn migrate(source: &Ferry, uri: &str) -> Value {
+    let mut qmp = source.qmp();
+    assert_eq!(qmp.ok("migrate", Some(json!({"uri": uri}))), json!({}));
+    let info = qmp.wait_migration(&["completed", "failed", "canceled"], MIGRATION_TIMEOUT);
+    assert_eq!(info["status"], "completed", "{info}\n{}", source.context());
+    info
+}
+
+/// Dumps all guest RAM through QMP pmemsave.
+fn dump(vm: &Ferry, path: &Path) -> Vec<u8> {
+    vm.qmp().ok(
+        "pmemsave",
+        Some(json!({"val": 0, "size": MEM_MIB << 20, "filename": path})),
+    );
+    std::fs::read(path).unwrap()
+}
+
+/// Checks the sweep pattern of every vCPU's slices in `memory`.
+fn assert_pattern(memory: &[u8], lines: &[GuestLine]) {
+    let slices = slices_by_cpu(lines);
+    assert!(!slices.is_empty(), "the guest printed no slices");
+    for (cpu, slices) in slices {
+        if let Err(error) = check_dump(memory, &slices) {
+            panic!("cpu {cpu}: sweep pattern broken: {error}");
+        }
+    }
+}
+
+fn last_sweep(lines: &[GuestLine], cpu: u32) -> u64 {
+    lines
+        .iter()
+        .filter_map(|l| match l {
+            GuestLine::Sweep { n, cpu: c } if *c == cpu => Some(*n),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn ticks(lines: &[GuestLine], cpu: u32) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| match l {
+            GuestLine::Tick { n, cpu: c } if *c == cpu => Some(*n),
+            _ => None,
+        })
+        .collect()
+}
+
+fn assert_no_tsc_errors(vm: &Ferry) {
+    let bad: Vec<GuestLine> = vm
+        .guest_lines()
+        .into_iter()
+        .filter(|l| matches!(l, GuestLine::TscBackwards { .. } | GuestLine::Fatal(_)))
+        .collect();
+    assert!(bad.is_empty(), "{}: {bad:?}", vm.name);
+}
+
+/// The source migrates a sweeping two-vCPU guest to a paused destination: both sides' RAM is
+/// byte-identical, the pattern is intact, and the sweeps go on after `cont`.
+fn memory_identity(transport: Transport) {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(transport);
+    let source = world.source(2);
+    source.wait_line("sweeps on cpu 1", Duration::from_secs(30), |l| {
+        l == "sweep 3 cpu=1"
+    });
+    let uri = world.uri();
+    let destination = world.destination(2, &uri, true);
+    let info = migrate(&source, &uri);
+    assert!(info["ram"]["transferred"].as_u64().unwrap() > 0, "{info}");
+    assert!(info.get("downtime").is_some(), "{info}");
+    assert_eq!(source.qmp().status(), "postmigrate");
+    assert_eq!(destination.qmp().status(), "paused");
+    let src_memory = dump(&source, &world.path("src.mem"));
+    let dst_memory = dump(&destination, &world.path("dst.mem"));
+    let source_lines = source.guest_lines();
+    assert_pattern(&src_memory, &source_lines);
+    if let Some(page) = (0..src_memory.len())
+        .step_by(4096)
+        .find(|p| src_memory[*p..p + 4096] != dst_memory[*p..p + 4096])
+    {
+        panic!("RAM differs at page {page:#x} after the migration");
+    }
+    let resumed_from: Vec<u64> = (0..2).map(|cpu| last_sweep(&source_lines, cpu)).collect();
+    destination.qmp().ok("cont", None);
+    for cpu in 0..2u32 {
+        let next = resumed_from[cpu as usize] + 2;
+        let what = format!("sweep {next} of cpu {cpu} on the destination");
+        destination.wait_line(&what, Duration::from_secs(30), |l| {
+            matches!(GuestLine::parse(l), GuestLine::Sweep { n, cpu: c } if c == cpu && n >= next)
+        });
+    }
+    assert_no_tsc_errors(&destination);
+}
+
+#[test]
+fn memory_is_identical_after_migration_over_tcp() {
+    memory_identity(Transport::Tcp);
+}
+
+#[test]
+fn memory_is_identical_after_migration_over_unix() {
+    memory_identity(Transport::Unix);
+}
+
+/// A running destination takes over: its first tick follows the source's last on every vCPU,
+/// and the TSC never goes backwards.
+#[test]
+fn ticks_continue_across_the_migration() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Tcp);
+    let source = world.source(2);
+    source.wait_line("tick 5", Duration::from_secs(30), |l| l == "tick 5 cpu=1");
+    let uri = world.uri();
+    let destination = world.destination(2, &uri, false);
+    migrate(&source, &uri);
+    assert_eq!(destination.qmp().status(), "running");
+    for cpu in 0..2 {
+        let before = ticks(&source.guest_lines(), cpu);
+        let last = *before.last().expect("the source ticked");
+        let what = format!("a tick of cpu {cpu} on the destination");
+        destination.wait_line(
+            &what,
+            Duration::from_secs(30),
+            |l| matches!(GuestLine::parse(l), GuestLine::Tick { cpu: c, .. } if c == cpu),
+        );
+        let after = ticks(&destination.guest_lines(), cpu);
+        assert_eq!(
+            after[0],
+            last + 1,
+            "cpu {cpu}: source ended at tick {last}, destination began at {}",
+            after[0]
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_no_tsc_errors(&destination);
+}
+
+/// A tiny downtime limit keeps the guest in pre-copy; raising it lets the migration converge.
+#[test]
+fn dirty_rounds_happen_and_converge() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Unix);
+    let source = world.source(2);
+    let uri = world.uri();
+    let destination = world.destination(2, &uri, true);
+    let mut qmp = source.qmp();
+    qmp.ok("migrate-set-parameters", Some(json!({"downtime-limit": 0})));
+    assert_eq!(
+        qmp.ok("query-migrate-parameters", None)["downtime-limit"],
+        0
+    );
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let info = qmp.ok("query-migrate", None);
+        assert_eq!(info["status"], "active", "{info}");
+        if info["ram"]["dirty-sync-count"].as_u64().unwrap() >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fewer than 4 rounds: {info}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({"downtime-limit": 10000})),
+    );
+    let info = qmp.wait_migration(&["completed", "failed"], MIGRATION_TIMEOUT);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(
+        info["ram"]["dirty-sync-count"].as_u64().unwrap() >= 4,
+        "{info}"
+    );
+    let memory = dump(&destination, &world.path("dst.mem"));
+    assert_pattern(&memory, &source.guest_lines());
+}
+
+/// After a cancel or failure the source runs on: its guest keeps ticking.
+fn assert_source_runs(source: &Ferry) {
+    let mut qmp = source.qmp();
+    assert_eq!(qmp.status(), "running", "{}", source.context());
+    let seen = source.lines().len();
+    source.wait_line_from(
+        seen,
+        "a tick after the migration ended",
+        Duration::from_secs(10),
+        |l| l.starts_with("tick "),
+    );
+}
+
+/// A destination that accepts the configuration and then reads everything but never answers
+/// again, so the source stays in its switchover for as long as the test likes; or, with
+/// `read` false, never reads at all, so the source blocks in a socket write.
+fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut head = [0u8; 16];
+        stream.read_exact(&mut head).unwrap();
+        let mut frame = [0u8; 8];
+        stream.read_exact(&mut frame).unwrap();
+        let mut config = vec![0u8; u32::from_le_bytes(frame[4..].try_into().unwrap()) as usize];
+        stream.read_exact(&mut config).unwrap();
+        // ACCEPT: tag 2, no payload.
+        stream.write_all(&[2, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        if read {
+            let mut sink = vec![0u8; 1 << 20];
+            while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+        } else {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    });
+    (port, thread)
+}
+
+/// `migrate_cancel` takes effect within a bound at every stage, the source resumes, and a new
+/// migration to a fresh destination then succeeds.
+#[test]
+fn cancel_at_every_stage_then_migrate_again() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Tcp);
+    let source = world.source(2);
+    let mut qmp = source.qmp();
+    assert_eq!(
+        qmp.ok("migrate_cancel", None),
+        json!({}),
+        "cancel with nothing running"
+    );
+
+    let cancel_when = |qmp: &mut common::Qmp, stage: &str, ready: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = qmp.ok("query-migrate", None);
+            if ready(&info) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{stage}: never reached: {info}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let asked = Instant::now();
+        qmp.ok("migrate_cancel", None);
+        let info = qmp.wait_migration(&["canceled"], Duration::from_secs(5));
+        let took = asked.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "{stage}: cancel took {took:?}"
+        );
+        assert!(
+            qmp.status() == "running",
+            "{stage}: source not running after cancel: {info}"
+        );
+    };
+
+    // In setup: a destination that never answers the configuration.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    qmp.ok(
+        "migrate",
+        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+    );
+    cancel_when(&mut qmp, "setup", &|info| info["status"] == "setup");
+    drop(listener);
+    assert_source_runs(&source);
+
+    // Mid-round: a real destination and a bandwidth cap that makes round 0 take seconds.
+    let uri = world.uri();
+    let mut slow = world.destination(2, &uri, true);
+    qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 4 << 20})),
+    );
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    cancel_when(&mut qmp, "mid-round", &|info| {
+        info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20
+    });
+    let status = slow.wait_exit(Duration::from_secs(10));
+    assert!(
+        !status.success(),
+        "the destination of a cancelled migration must fail"
+    );
+    assert!(
+        slow.lines().is_empty(),
+        "the destination ran the guest: {:?}",
+        slow.lines()
+    );
+    qmp.ok("migrate-set-parameters", Some(json!({"max-bandwidth": 0})));
+    assert_source_runs(&source);
+
+    // Mid-write: a destination that stops reading, so the source blocks in a socket write.
+    let (port, _reader) = silent_destination(false);
+    qmp.ok(
+        "migrate",
+        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+    );
+    cancel_when(&mut qmp, "mid-write", &|info| {
+        info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 0
+    });
+    assert_source_runs(&source);
+
+    // At the switchover: a destination that takes everything and never says RESTORED.
+    let (port, _reader) = silent_destination(true);
+    qmp.ok(
+        "migrate",
+        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qmp.status() != "finish-migrate" {
+        assert!(Instant::now() < deadline, "never reached the switchover");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cancel_when(&mut qmp, "switchover", &|_| true);
+    assert_source_runs(&source);
+
+    // And then a real migration succeeds.
+    let uri = world.uri();
+    let destination = world.destination(2, &uri, true);
+    migrate(&source, &uri);
+    let memory = dump(&destination, &world.path("dst.mem"));
+    assert_pattern(&memory, &source.guest_lines());
+}
+
+/// Failures leave the source running with a reason, and no destination runs a partial guest.
+#[test]
+fn failures_leave_the_source_running_with_a_reason() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Unix);
+    let source = world.source(2);
+    let mut qmp = source.qmp();
+
+    // Nobody listening.
+    qmp.ok(
+        "migrate",
+        Some(json!({"uri": format!("tcp:127.0.0.1:{}", free_port())})),
+    );
+    let info = qmp.wait_migration(&["failed"], Duration::from_secs(10));
+    assert!(
+        info["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect"),
+        "{info}"
+    );
+    assert_source_runs(&source);
+
+    // Malformed URIs and a second migrate while one runs.
+    assert!(qmp
+        .error("migrate", Some(json!({"uri": "tcp:nowhere"})))
+        .contains("missing :PORT"));
+    assert!(qmp
+        .error("migrate", Some(json!({"uri": "ftp://x"})))
+        .contains("unknown transport"));
+
+    // Configuration mismatches, named on both sides.
+    for (flag, value, expected) in [("-m", "128", "-m 64"), ("-smp", "1", "-smp 2")] {
+        let uri = world.uri();
+        let qmp_path = world.path("dst.qmp");
+        let (mem, smp) = if flag == "-m" {
+            (value, "2")
+        } else {
+            ("64", value)
+        };
+        let mut destination = Ferry::start(
+            "mismatch",
+            &["-m", mem, "-smp", smp, "-incoming", &uri],
+            Some(&qmp_path),
+        );
+        qmp.ok("migrate", Some(json!({"uri": uri})));
+        let info = qmp.wait_migration(&["failed"], Duration::from_secs(30));
+        let reason = info["error-desc"].as_str().unwrap();
+        assert!(
+            reason.contains("refused") && reason.contains(expected),
+            "{flag}: {reason}"
+        );
+        let status = destination.wait_exit(Duration::from_secs(10));
+        assert!(!status.success());
+        assert!(
+            destination.stderr().contains(expected),
+            "{flag}: {}",
+            destination.stderr()
+        );
+        assert!(
+            destination.lines().is_empty(),
+            "the destination ran the guest"
+        );
+        assert_source_runs(&source);
+    }
+
+    // The destination dies mid-stream.
+    let uri = world.uri();
+    let mut destination = world.destination(2, &uri, false);
+    qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 4 << 20})),
+    );
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    qmp.wait_migration(&["active"], Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    destination.signal(libc::SIGKILL);
+    destination.wait_exit(Duration::from_secs(5));
+    let info = qmp.wait_migration(&["failed"], Duration::from_secs(30));
+    assert!(info["error-desc"].as_str().is_some(), "{info}");
+    qmp.ok("migrate-set-parameters", Some(json!({"max-bandwidth": 0})));
+    assert_source_runs(&source);
+}
+
+/// Garbage and truncated streams sent to a destination: it fails with a clear message and never
+/// runs the guest.
+#[test]
+fn destination_refuses_garbage_and_truncated_streams() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let dir = scratch();
+    let mut header = b"FERRYMIG".to_vec();
+    header.extend_from_slice(&1u32.to_le_bytes());
+    header.extend_from_slice(&[0; 4]);
+    let mut huge_frame = header.clone();
+    huge_frame.extend_from_slice(&3u32.to_le_bytes());
+    huge_frame.extend_from_slice(&u32::MAX.to_le_bytes());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "http",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "not a ferry migration stream",
+        ),
+        (
+            "version",
+            [&b"FERRYMIG"[..], &[9, 0, 0, 0, 0, 0, 0, 0]].concat(),
+            "version 9",
+        ),
+        ("truncated", header[..10].to_vec(), "closed the connection"),
+        ("oversized frame", huge_frame, "over the"),
+    ];
+    for (name, bytes, expected) in cases {
+        let port = free_port();
+        let uri = format!("tcp:127.0.0.1:{port}");
+        let qmp = dir.path().join(format!("{}.qmp", name.replace(' ', "-")));
+        let mut destination = Ferry::start(name, &["-m", "64", "-incoming", &uri], Some(&qmp));
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(&bytes).unwrap();
+        drop(stream);
+        let status = destination.wait_exit(Duration::from_secs(10));
+        assert!(!status.success(), "{name}: the destination exited 0");
+        assert!(
+            destination.stderr().contains(expected),
+            "{name}: {}",
+            destination.stderr()
+        );
+        assert!(
+            !destination.stderr().contains("panicked"),
+            "{name}: {}",
+            destination.stderr()
+        );
+        assert!(
+            destination.lines().is_empty(),
+            "{name}: the destination ran the guest"
+        );
+    }
+}
+
+/// Twenty hops, each to a fresh destination, the pattern checked at every one.
+#[test]
+fn twenty_migrations_back_and_forth() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Unix);
+    let first = world.source(2);
+    let mut current = first;
+    let mut all_lines: Vec<GuestLine> = current.guest_lines();
+    for hop in 0..20 {
+        let transport = if hop % 2 == 0 {
+            Transport::Unix
+        } else {
+            Transport::Tcp
+        };
+        world.transport = transport;
+        let uri = world.uri();
+        let next = world.destination(2, &uri, true);
+        migrate(&current, &uri);
+        all_lines.extend(
+            current
+                .guest_lines()
+                .into_iter()
+                .filter(|l| !matches!(l, GuestLine::Slice { .. })),
+        );
+        let memory = dump(&next, &world.path("hop.mem"));
+        assert_pattern(&memory, &all_lines);
+        next.qmp().ok("cont", None);
+        current = next;
+    }
+    let seen = current.lines().len();
+    current.wait_line_from(
+        seen,
+        "a sweep after 20 hops",
+        Duration::from_secs(30),
+        |l| l.starts_with("sweep "),
+    );
+    assert_no_tsc_errors(&current);
+}

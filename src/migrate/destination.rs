@@ -1,0 +1,222 @@
+//! The destination side: accept one source, check its configuration, take its pages and state,
+//! and run the guest only when the source commits.
+
+use std::time::Instant;
+
+use tokio::io::{AsyncWrite, ReadHalf};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, Instrument};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::progress::MigrationStatus;
+use super::transport::{BoxedStream, Listener};
+use super::wire::{self, Message, PageEntry, WireError};
+use super::{vmstate, Shared};
+use crate::machine::memory::{GuestMemory, PAGE_SIZE};
+use crate::runtime::Vm;
+
+/// How an incoming migration ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest is ours; `run` says whether the source ran it.
+    Completed {
+        run: bool,
+    },
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReceiveError {
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("the source's configuration does not match this VM: {0}")]
+    Mismatch(String),
+    #[error("the source reported: {0}")]
+    SourceFailed(String),
+    #[error("the source cancelled the migration")]
+    Cancelled,
+    #[error("the source closed the connection before the migration completed")]
+    SourceGone,
+    #[error("malformed stream: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+/// Receives the VM from the first source that connects to `listener`.
+pub async fn receive(
+    vm: &mut Vm,
+    listener: Listener,
+    shared: &Shared,
+    cancel: CancellationToken,
+) -> Outcome {
+    let result = tokio::select! {
+        result = accept_and_receive(vm, listener, shared) => result,
+        () = cancel.cancelled() => Err(ReceiveError::Local("the incoming migration was cancelled".into())),
+    };
+    match result {
+        Ok(run) => {
+            shared.finish(MigrationStatus::Completed, None);
+            info!(run, "incoming migration completed");
+            Outcome::Completed { run }
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            tracing::error!(
+                reason,
+                "incoming migration failed; the guest was not started"
+            );
+            shared.finish(MigrationStatus::Failed, Some(reason.clone()));
+            Outcome::Failed(reason)
+        }
+    }
+}
+
+async fn accept_and_receive(
+    vm: &mut Vm,
+    listener: Listener,
+    shared: &Shared,
+) -> Result<bool, ReceiveError> {
+    let (stream, peer) = listener
+        .accept()
+        .await
+        .map_err(|e| ReceiveError::Local(format!("accept failed: {e}")))?;
+    drop(listener);
+    let span = info_span!("migration", direction = "incoming", peer = %peer);
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let result = receive_stream(vm, &mut reader, &mut writer, shared)
+        .instrument(span)
+        .await;
+    if let Err(error) = &result {
+        // Tell the source why, so that its error-desc names the real cause.
+        let notice = Message::Error(error.to_string());
+        let send = wire::write_message(&mut writer, &notice);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
+    }
+    result
+}
+
+async fn receive_stream<W: AsyncWrite + Unpin>(
+    vm: &mut Vm,
+    reader: &mut ReadHalf<BoxedStream>,
+    writer: &mut W,
+    shared: &Shared,
+) -> Result<bool, ReceiveError> {
+    let started = Instant::now();
+    let memory = vm.machine.memory.clone();
+    wire::read_header(reader).await?;
+    let source = match next(reader).await? {
+        Message::Config(source) => source,
+        other => {
+            return Err(ReceiveError::Protocol(format!(
+                "{other:?} before the configuration"
+            )))
+        }
+    };
+    if let Err(mismatch) = vm.machine.description().check_source(&source) {
+        return Err(ReceiveError::Mismatch(mismatch));
+    }
+    wire::write_message(writer, &Message::Accept).await?;
+    shared.progress().setup_time = Some(started.elapsed());
+    shared.set_status(MigrationStatus::Active);
+
+    let mut restored = false;
+    loop {
+        match next(reader).await? {
+            Message::Pages { entries, data } if !restored => {
+                let bytes = write_pages(&memory, &entries, &data)?;
+                let zero = entries.iter().filter(|e| e.zero).count() as u64;
+                let mut progress = shared.progress();
+                progress.transferred += bytes;
+                progress.duplicate += zero;
+                progress.normal += entries.len() as u64 - zero;
+            }
+            Message::Round(report) if !restored => {
+                {
+                    let mut progress = shared.progress();
+                    progress.remaining_pages = report.remaining_pages;
+                    progress.dirty_sync_count = u64::from(report.round) + 2;
+                }
+                shared.emit_pass(u64::from(report.round) + 1);
+            }
+            Message::State(sections) if !restored => {
+                vmstate::restore(vm, sections)
+                    .instrument(info_span!("device_state"))
+                    .await
+                    .map_err(|e| ReceiveError::Local(e.to_string()))?;
+                wire::write_message(writer, &Message::Restored).await?;
+                restored = true;
+            }
+            Message::Commit(commit) if restored => return Ok(commit.run),
+            Message::Error(reason) => return Err(ReceiveError::SourceFailed(reason)),
+            Message::Cancel => return Err(ReceiveError::Cancelled),
+            other => {
+                let phase = if restored {
+                    "after the state"
+                } else {
+                    "during pre-copy"
+                };
+                return Err(ReceiveError::Protocol(format!(
+                    "unexpected {} {phase}",
+                    describe(&other)
+                )));
+            }
+        }
+    }
+}
+
+async fn next(reader: &mut ReadHalf<BoxedStream>) -> Result<Message, ReceiveError> {
+    match wire::read_message(reader).await {
+        Err(WireError::Closed) => Err(ReceiveError::SourceGone),
+        other => Ok(other?),
+    }
+}
+
+fn describe(message: &Message) -> String {
+    match message {
+        Message::Pages { entries, .. } => format!("PAGES ({} pages)", entries.len()),
+        Message::State(sections) => format!("STATE ({} sections)", sections.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Writes received pages into guest RAM; every address must be a RAM page.
+fn write_pages(
+    memory: &GuestMemory,
+    entries: &[PageEntry],
+    data: &[u8],
+) -> Result<u64, ReceiveError> {
+    let page_size = PAGE_SIZE as usize;
+    let mut chunks = data.chunks_exact(page_size);
+    let mut bytes = 8 + entries.len() as u64 * 8;
+    for entry in entries {
+        let address = GuestAddress(entry.gpa);
+        if memory.get_slice(address, page_size).is_err() {
+            return Err(ReceiveError::Protocol(format!(
+                "page {:#x} is outside this VM's RAM",
+                entry.gpa
+            )));
+        }
+        if entry.zero {
+            // Reading an untouched page does not allocate it; writing would.
+            let mut current = [0u8; PAGE_SIZE as usize];
+            memory
+                .read_slice(&mut current, address)
+                .map_err(|e| ReceiveError::Local(e.to_string()))?;
+            if current.iter().any(|b| *b != 0) {
+                memory
+                    .write_slice(&[0u8; PAGE_SIZE as usize], address)
+                    .map_err(|e| ReceiveError::Local(e.to_string()))?;
+            }
+        } else {
+            let page = chunks
+                .next()
+                .ok_or_else(|| ReceiveError::Protocol("page data missing".into()))?;
+            memory
+                .write_slice(page, address)
+                .map_err(|e| ReceiveError::Local(e.to_string()))?;
+            bytes += PAGE_SIZE;
+        }
+    }
+    Ok(bytes)
+}

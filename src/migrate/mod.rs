@@ -1,0 +1,106 @@
+//! Live migration: a running VM moves from a source ferry to a destination ferry over TCP or a
+//! UNIX socket, with dirty-page pre-copy, while the guest keeps running.
+//!
+//! ```text
+//! source                                               destination (-incoming, vCPUs paused)
+//!   | -- header "FERRYMIG" v1, CONFIG (VM description) -->|  checks it against its own
+//!   | <------------------------ ACCEPT | ERROR(reason) ---|
+//!   | -- PAGES (all RAM, zero pages as markers) --------->|  round 0
+//!   | -- ROUND, PAGES (dirty since last sync) ... ------->|  rounds 1..n, guest running
+//!   |    (pause vCPUs: downtime starts)                    |
+//!   | -- PAGES (last dirty pages), STATE (sections) ----->|  restores every part
+//!   | <---------------------------------- RESTORED -------|
+//!   |    (completed: the source gives the guest up)        |
+//!   | -- COMMIT {run} ----------------------------------->|  runs the guest
+//! ```
+//!
+//! Until the source has RESTORED in hand, any failure or `migrate_cancel` resumes the source and
+//! the destination never runs the guest; the destination runs it only on COMMIT, so there are
+//! never two running copies.
+
+pub mod destination;
+pub mod dirty;
+pub mod params;
+pub mod progress;
+pub mod source;
+pub mod state;
+pub mod transport;
+pub mod uri;
+pub mod vmstate;
+pub mod wire;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use serde_json::json;
+
+use self::params::MigrationParameters;
+use self::progress::{MigrationStatus, Progress};
+use crate::runtime::control::{Event, VmHandle};
+
+/// What the migration task and the VM owner share: the progress `query-migrate` reads, the
+/// parameters `migrate-set-parameters` writes, and the event channel.
+pub struct Shared {
+    progress: Mutex<Progress>,
+    params: Mutex<MigrationParameters>,
+    /// Set while the source's vCPUs are paused for the switchover (`finish-migrate`).
+    pub switchover: AtomicBool,
+    events: VmHandle,
+}
+
+impl Shared {
+    pub fn new(events: VmHandle) -> Self {
+        Self {
+            progress: Mutex::new(Progress::new()),
+            params: Mutex::new(MigrationParameters::default()),
+            switchover: AtomicBool::new(false),
+            events,
+        }
+    }
+
+    pub fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn params(&self) -> MutexGuard<'_, MigrationParameters> {
+        self.params.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn in_switchover(&self) -> bool {
+        self.switchover.load(Ordering::Acquire)
+    }
+
+    /// Starts a new record for a migration of `ram_total` bytes (status `setup`).
+    pub fn begin(&self, ram_total: u64) {
+        *self.progress() = Progress::start(ram_total);
+        self.emit_status(MigrationStatus::Setup);
+    }
+
+    pub fn set_status(&self, status: MigrationStatus) {
+        self.progress().status = status;
+        self.emit_status(status);
+    }
+
+    /// Ends the migration in `status`; `error` becomes `error-desc`.
+    pub fn finish(&self, status: MigrationStatus, error: Option<String>) {
+        self.progress().finish(status, error);
+        self.switchover.store(false, Ordering::Release);
+        self.emit_status(status);
+    }
+
+    fn emit_status(&self, status: MigrationStatus) {
+        self.events.emit(Event::new(
+            "MIGRATION",
+            Some(json!({"status": status.name()})),
+        ));
+    }
+
+    pub fn emit_pass(&self, pass: u64) {
+        self.events
+            .emit(Event::new("MIGRATION_PASS", Some(json!({"pass": pass}))));
+    }
+
+    pub fn emit(&self, event: Event) {
+        self.events.emit(event);
+    }
+}

@@ -1,0 +1,209 @@
+//! The state machine of a migration and its counters, as `query-migrate` reports them.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::machine::memory::PAGE_SIZE;
+
+/// QEMU's migration states (the subset ferry goes through).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationStatus {
+    None,
+    Setup,
+    Active,
+    Completed,
+    Failed,
+    /// Spelled `canceled` on the wire, as StratoVirt (the seed of ferry's QMP) spells it.
+    Cancelled,
+}
+
+impl MigrationStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Active => "active",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "canceled",
+        }
+    }
+
+    /// Whether a migration in this state has ended (or never started).
+    pub fn is_finished(self) -> bool {
+        !matches!(self, Self::Setup | Self::Active)
+    }
+}
+
+/// Everything `query-migrate` shows about the current or last migration.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub status: MigrationStatus,
+    pub started: Option<Instant>,
+    pub setup_time: Option<Duration>,
+    pub total_time: Option<Duration>,
+    pub downtime: Option<Duration>,
+    pub expected_downtime: Option<Duration>,
+    pub error: Option<String>,
+    /// Bytes of guest RAM in all.
+    pub ram_total: u64,
+    /// Bytes put on the wire so far (page data, page headers and state).
+    pub transferred: u64,
+    /// Pages known dirty and not sent yet.
+    pub remaining_pages: u64,
+    /// Zero pages sent as markers.
+    pub duplicate: u64,
+    /// Pages sent with their data.
+    pub normal: u64,
+    /// Dirty-log syncs done.
+    pub dirty_sync_count: u64,
+    /// Pages the guest dirtied per second in the last round.
+    pub dirty_pages_rate: u64,
+    /// Bandwidth of the last round, in bytes per second.
+    pub bandwidth: f64,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Self {
+            status: MigrationStatus::None,
+            started: None,
+            setup_time: None,
+            total_time: None,
+            downtime: None,
+            expected_downtime: None,
+            error: None,
+            ram_total: 0,
+            transferred: 0,
+            remaining_pages: 0,
+            duplicate: 0,
+            normal: 0,
+            dirty_sync_count: 0,
+            dirty_pages_rate: 0,
+            bandwidth: 0.0,
+        }
+    }
+
+    /// A fresh record for a migration starting now.
+    pub fn start(ram_total: u64) -> Self {
+        Self {
+            status: MigrationStatus::Setup,
+            started: Some(Instant::now()),
+            ram_total,
+            remaining_pages: ram_total / PAGE_SIZE,
+            ..Self::new()
+        }
+    }
+
+    /// The `query-migrate` answer, with QEMU's field names.
+    pub fn to_json(&self) -> Value {
+        let mut info = Map::new();
+        info.insert("status".into(), json!(self.status.name()));
+        if self.status == MigrationStatus::None {
+            return Value::Object(info);
+        }
+        let ms = |d: Duration| json!(d.as_millis() as u64);
+        let total = self
+            .total_time
+            .or_else(|| self.started.map(|s| s.elapsed()));
+        if let Some(total) = total {
+            info.insert("total-time".into(), ms(total));
+        }
+        if let Some(setup) = self.setup_time {
+            info.insert("setup-time".into(), ms(setup));
+        }
+        if let Some(downtime) = self.downtime {
+            info.insert("downtime".into(), ms(downtime));
+        } else if let Some(expected) = self.expected_downtime {
+            info.insert(
+                "expected-downtime".into(),
+                ms(expected.min(Duration::from_secs(1 << 30))),
+            );
+        }
+        if let Some(error) = &self.error {
+            info.insert("error-desc".into(), json!(error));
+        }
+        info.insert(
+            "ram".into(),
+            json!({
+                "transferred": self.transferred,
+                "remaining": self.remaining_pages * PAGE_SIZE,
+                "total": self.ram_total,
+                "duplicate": self.duplicate,
+                "normal": self.normal,
+                "normal-bytes": self.normal * PAGE_SIZE,
+                "mbps": self.bandwidth * 8.0 / 1e6,
+                "dirty-sync-count": self.dirty_sync_count,
+                "dirty-pages-rate": self.dirty_pages_rate,
+                "page-size": PAGE_SIZE,
+            }),
+        );
+        Value::Object(info)
+    }
+
+    /// Ends the migration in `status`, freezing the total time.
+    pub fn finish(&mut self, status: MigrationStatus, error: Option<String>) {
+        self.status = status;
+        self.error = error;
+        self.total_time = self.started.map(|s| s.elapsed());
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_migrated_shows_only_the_status() {
+        assert_eq!(Progress::new().to_json(), json!({"status": "none"}));
+    }
+
+    #[test]
+    fn active_shows_qemu_ram_fields() {
+        let mut progress = Progress::start(64 << 20);
+        progress.status = MigrationStatus::Active;
+        progress.normal = 3;
+        progress.duplicate = 5;
+        progress.expected_downtime = Some(Duration::from_millis(12));
+        let info = progress.to_json();
+        assert_eq!(info["status"], "active");
+        assert_eq!(info["expected-downtime"], 12);
+        let ram = &info["ram"];
+        for field in [
+            "transferred",
+            "remaining",
+            "total",
+            "duplicate",
+            "normal",
+            "normal-bytes",
+            "mbps",
+            "dirty-sync-count",
+            "dirty-pages-rate",
+            "page-size",
+        ] {
+            assert!(ram.get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(ram["normal-bytes"], 3 * 4096);
+        assert_eq!(ram["total"], 64 << 20);
+    }
+
+    #[test]
+    fn failure_carries_its_reason() {
+        let mut progress = Progress::start(1 << 20);
+        progress.finish(
+            MigrationStatus::Failed,
+            Some("destination refused: -m differs".into()),
+        );
+        let info = progress.to_json();
+        assert_eq!(info["status"], "failed");
+        assert_eq!(info["error-desc"], "destination refused: -m differs");
+        assert!(info.get("total-time").is_some());
+    }
+}

@@ -1,0 +1,402 @@
+//! The migration stream: a versioned header, then length-prefixed frames.
+//!
+//! ```text
+//! header : "FERRYMIG" | version u32 | reserved u32                       (16 bytes, LE)
+//! frame  : tag u32 | length u32 | payload[length]
+//! PAGES  : count u32 | reserved u32 | entries: (gpa | ZERO flag) u64 × count
+//!          | 4096 bytes for every entry without the ZERO flag, in entry order
+//! ```
+//!
+//! Control frames carry JSON (small, readable in a capture); device state is postcard inside
+//! versioned sections. Everything read is checked before use: lengths against limits, page
+//! addresses against the guest's RAM by the receiver.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::state::{Section, VmDescription};
+use crate::machine::memory::PAGE_SIZE;
+
+pub const MAGIC: &[u8; 8] = b"FERRYMIG";
+/// The stream version this ferry writes and reads.
+pub const VERSION: u32 = 1;
+/// Pages in one PAGES frame at most.
+pub const MAX_PAGES_PER_FRAME: u32 = 1024;
+/// The largest frame any message may be: a full PAGES frame and its entries.
+pub const MAX_FRAME: u32 = 8 + MAX_PAGES_PER_FRAME * (8 + PAGE_SIZE as u32);
+/// Set in a page entry when the page is all zeros and no data follows.
+pub const ZERO_PAGE_FLAG: u64 = 1;
+
+const TAG_CONFIG: u32 = 1;
+const TAG_ACCEPT: u32 = 2;
+const TAG_PAGES: u32 = 3;
+const TAG_ROUND: u32 = 4;
+const TAG_STATE: u32 = 5;
+const TAG_RESTORED: u32 = 6;
+const TAG_COMMIT: u32 = 7;
+const TAG_ERROR: u32 = 8;
+const TAG_CANCEL: u32 = 9;
+
+/// One page of a PAGES frame, with its data unless it is a zero page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageEntry {
+    pub gpa: u64,
+    pub zero: bool,
+}
+
+/// Progress the source reports at the end of each round, so the destination's `query-migrate`
+/// can show it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundReport {
+    pub round: u32,
+    pub remaining_pages: u64,
+}
+
+/// Whether the destination runs the guest once the migration commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    pub run: bool,
+}
+
+/// A message of the stream.
+#[derive(Debug, PartialEq)]
+pub enum Message {
+    /// Source → destination: the VM, checked before any RAM.
+    Config(Box<VmDescription>),
+    /// Destination → source: the configuration matches.
+    Accept,
+    /// Source → destination: guest pages. `data` holds the non-zero pages back to back.
+    Pages {
+        entries: Vec<PageEntry>,
+        data: Vec<u8>,
+    },
+    /// Source → destination: a pre-copy round ended.
+    Round(RoundReport),
+    /// Source → destination: the state of every part, after the last pages.
+    State(Vec<Section>),
+    /// Destination → source: everything is restored; waiting for the commit.
+    Restored,
+    /// Source → destination: the source gave the guest up; run it.
+    Commit(Commit),
+    /// Either way: the sender gives up, and says why.
+    Error(String),
+    /// Source → destination: the operator cancelled the migration.
+    Cancel,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a ferry migration stream (bad magic {0:02x?})")]
+    BadMagic([u8; 8]),
+    #[error("the stream is version {0}; this ferry speaks version {VERSION}")]
+    Version(u32),
+    #[error("malformed stream: {0}")]
+    Malformed(String),
+    #[error("the peer closed the connection")]
+    Closed,
+}
+
+fn malformed(reason: impl Into<String>) -> WireError {
+    WireError::Malformed(reason.into())
+}
+
+pub async fn write_header<W: AsyncWrite + Unpin>(out: &mut W) -> Result<(), WireError> {
+    let mut header = [0u8; 16];
+    header[..8].copy_from_slice(MAGIC);
+    header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    out.write_all(&header).await?;
+    Ok(())
+}
+
+pub async fn read_header<R: AsyncRead + Unpin>(input: &mut R) -> Result<(), WireError> {
+    let mut header = [0u8; 16];
+    read_exact(input, &mut header).await?;
+    let magic: [u8; 8] = header[..8].try_into().expect("8 bytes");
+    if &magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    Ok(())
+}
+
+async fn read_exact<R: AsyncRead + Unpin>(
+    input: &mut R,
+    buffer: &mut [u8],
+) -> Result<(), WireError> {
+    match input.read_exact(buffer).await {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Err(WireError::Closed),
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("migration control messages always serialize")
+}
+
+fn from_json<T: DeserializeOwned>(what: &str, payload: &[u8]) -> Result<T, WireError> {
+    serde_json::from_slice(payload).map_err(|e| malformed(format!("bad {what} message: {e}")))
+}
+
+/// Encodes the PAGES frame for `entries` into `frame` (cleared first), copying the data of the
+/// non-zero pages from `data`.
+pub fn encode_pages(frame: &mut Vec<u8>, entries: &[PageEntry], data: &[u8]) {
+    frame.clear();
+    let length = 8 + entries.len() * 8 + data.len();
+    frame.extend_from_slice(&TAG_PAGES.to_le_bytes());
+    frame.extend_from_slice(&(length as u32).to_le_bytes());
+    frame.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    for entry in entries {
+        let word = entry.gpa | if entry.zero { ZERO_PAGE_FLAG } else { 0 };
+        frame.extend_from_slice(&word.to_le_bytes());
+    }
+    frame.extend_from_slice(data);
+}
+
+/// Writes one message (PAGES frames go through [`encode_pages`] instead, to reuse a buffer).
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    message: &Message,
+) -> Result<(), WireError> {
+    let (tag, payload) = match message {
+        Message::Config(config) => (TAG_CONFIG, json(config)),
+        Message::Accept => (TAG_ACCEPT, Vec::new()),
+        Message::Pages { entries, data } => {
+            let mut frame = Vec::new();
+            encode_pages(&mut frame, entries, data);
+            out.write_all(&frame).await?;
+            return Ok(());
+        }
+        Message::Round(report) => (TAG_ROUND, json(report)),
+        Message::State(sections) => (
+            TAG_STATE,
+            postcard::to_stdvec(sections).map_err(|e| malformed(format!("state: {e}")))?,
+        ),
+        Message::Restored => (TAG_RESTORED, Vec::new()),
+        Message::Commit(commit) => (TAG_COMMIT, json(commit)),
+        Message::Error(reason) => (TAG_ERROR, json(reason)),
+        Message::Cancel => (TAG_CANCEL, Vec::new()),
+    };
+    let length = u32::try_from(payload.len())
+        .ok()
+        .filter(|l| *l <= MAX_FRAME)
+        .ok_or_else(|| malformed(format!("message of {} bytes is too large", payload.len())))?;
+    let mut frame = Vec::with_capacity(8 + payload.len());
+    frame.extend_from_slice(&tag.to_le_bytes());
+    frame.extend_from_slice(&length.to_le_bytes());
+    frame.extend_from_slice(&payload);
+    out.write_all(&frame).await?;
+    out.flush().await?;
+    Ok(())
+}
+
+/// Reads one message, checking every length before allocating or using it.
+pub async fn read_message<R: AsyncRead + Unpin>(input: &mut R) -> Result<Message, WireError> {
+    let mut head = [0u8; 8];
+    read_exact(input, &mut head).await?;
+    let tag = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+    let length = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+    if length > MAX_FRAME {
+        return Err(malformed(format!(
+            "frame of {length} bytes is over the {MAX_FRAME}-byte limit"
+        )));
+    }
+    let mut payload = vec![0u8; length as usize];
+    read_exact(input, &mut payload).await?;
+    decode(tag, payload)
+}
+
+fn decode(tag: u32, payload: Vec<u8>) -> Result<Message, WireError> {
+    let empty = |message: Message| {
+        if payload.is_empty() {
+            Ok(message)
+        } else {
+            Err(malformed(format!(
+                "{message:?} carries {} unexpected bytes",
+                payload.len()
+            )))
+        }
+    };
+    match tag {
+        TAG_CONFIG => Ok(Message::Config(Box::new(from_json(
+            "configuration",
+            &payload,
+        )?))),
+        TAG_ACCEPT => empty(Message::Accept),
+        TAG_PAGES => decode_pages(payload),
+        TAG_ROUND => Ok(Message::Round(from_json("round", &payload)?)),
+        TAG_STATE => postcard::from_bytes(&payload)
+            .map(Message::State)
+            .map_err(|e| malformed(format!("bad device state: {e}"))),
+        TAG_RESTORED => empty(Message::Restored),
+        TAG_COMMIT => Ok(Message::Commit(from_json("commit", &payload)?)),
+        TAG_ERROR => Ok(Message::Error(from_json("error", &payload)?)),
+        TAG_CANCEL => empty(Message::Cancel),
+        other => Err(malformed(format!("unknown message type {other}"))),
+    }
+}
+
+fn decode_pages(payload: Vec<u8>) -> Result<Message, WireError> {
+    if payload.len() < 8 {
+        return Err(malformed("PAGES frame shorter than its header"));
+    }
+    let count = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
+    if count == 0 || count > MAX_PAGES_PER_FRAME {
+        return Err(malformed(format!(
+            "PAGES frame with {count} pages (1..={MAX_PAGES_PER_FRAME})"
+        )));
+    }
+    let entries_end = 8 + count as usize * 8;
+    if payload.len() < entries_end {
+        return Err(malformed("PAGES frame shorter than its page list"));
+    }
+    let mut entries = Vec::with_capacity(count as usize);
+    for word in payload[8..entries_end].chunks_exact(8) {
+        let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        if word & (PAGE_SIZE - 1) & !ZERO_PAGE_FLAG != 0 {
+            return Err(malformed(format!("page entry {word:#x} has unknown flags")));
+        }
+        entries.push(PageEntry {
+            gpa: word & !(PAGE_SIZE - 1),
+            zero: word & ZERO_PAGE_FLAG != 0,
+        });
+    }
+    let with_data = entries.iter().filter(|e| !e.zero).count();
+    let expected = entries_end + with_data * PAGE_SIZE as usize;
+    if payload.len() != expected {
+        return Err(malformed(format!(
+            "PAGES frame of {} bytes for {count} pages ({with_data} with data) should be {expected}",
+            payload.len()
+        )));
+    }
+    let mut data = payload;
+    data.drain(..entries_end);
+    Ok(Message::Pages { entries, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn round_trip(message: Message) -> Message {
+        let mut buffer = Vec::new();
+        write_message(&mut buffer, &message).await.unwrap();
+        read_message(&mut buffer.as_slice()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn messages_round_trip() {
+        let entries = vec![
+            PageEntry {
+                gpa: 0x1000,
+                zero: false,
+            },
+            PageEntry {
+                gpa: 0x5000,
+                zero: true,
+            },
+        ];
+        let data = vec![7u8; 4096];
+        let pages = Message::Pages {
+            entries: entries.clone(),
+            data: data.clone(),
+        };
+        assert_eq!(round_trip(pages).await, Message::Pages { entries, data });
+        assert_eq!(round_trip(Message::Accept).await, Message::Accept);
+        assert_eq!(
+            round_trip(Message::Error("no".into())).await,
+            Message::Error("no".into())
+        );
+        let commit = Message::Commit(Commit { run: true });
+        assert_eq!(
+            round_trip(commit).await,
+            Message::Commit(Commit { run: true })
+        );
+        let report = RoundReport {
+            round: 3,
+            remaining_pages: 9,
+        };
+        assert_eq!(
+            round_trip(Message::Round(report)).await,
+            Message::Round(report)
+        );
+    }
+
+    #[tokio::test]
+    async fn header_is_checked() {
+        let mut buffer = Vec::new();
+        write_header(&mut buffer).await.unwrap();
+        read_header(&mut buffer.as_slice()).await.unwrap();
+        buffer[8] = 9;
+        assert!(matches!(
+            read_header(&mut buffer.as_slice()).await,
+            Err(WireError::Version(9))
+        ));
+        let garbage = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+        assert!(matches!(
+            read_header(&mut garbage.as_slice()).await,
+            Err(WireError::BadMagic(_))
+        ));
+        assert!(matches!(
+            read_header(&mut &b"FERRY"[..]).await,
+            Err(WireError::Closed)
+        ));
+    }
+
+    fn frame(tag: u32, payload: &[u8]) -> Vec<u8> {
+        let mut frame = tag.to_le_bytes().to_vec();
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[tokio::test]
+    async fn hostile_frames_are_refused() {
+        let read = |bytes: Vec<u8>| async move { read_message(&mut bytes.as_slice()).await };
+        let mut huge = TAG_PAGES.to_le_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(read(huge).await, Err(WireError::Malformed(_))));
+        assert!(matches!(
+            read(frame(77, &[])).await,
+            Err(WireError::Malformed(_))
+        ));
+        // A page count that promises more data than the frame holds.
+        let mut pages = 2u32.to_le_bytes().to_vec();
+        pages.extend_from_slice(&[0; 4]);
+        pages.extend_from_slice(&0x1000u64.to_le_bytes());
+        pages.extend_from_slice(&0x2000u64.to_le_bytes());
+        pages.extend_from_slice(&[1; 4096]);
+        assert!(matches!(
+            read(frame(TAG_PAGES, &pages)).await,
+            Err(WireError::Malformed(_))
+        ));
+        // Unknown flag bits in an entry.
+        let mut flags = 1u32.to_le_bytes().to_vec();
+        flags.extend_from_slice(&[0; 4]);
+        flags.extend_from_slice(&0x1002u64.to_le_bytes());
+        flags.extend_from_slice(&[1; 4096]);
+        assert!(matches!(
+            read(frame(TAG_PAGES, &flags)).await,
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            read(frame(TAG_CONFIG, b"{not json")).await,
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            read(frame(TAG_STATE, &[0xff; 3])).await,
+            Err(WireError::Malformed(_))
+        ));
+        // Truncated: the header promises 100 bytes, 10 arrive.
+        let mut short = frame(TAG_ERROR, &[b'x'; 100]);
+        short.truncate(18);
+        assert!(matches!(read(short).await, Err(WireError::Closed)));
+    }
+}
