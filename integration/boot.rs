@@ -65,7 +65,7 @@ fn boots_builtin_guest(vcpus: u32) {
     }
     let _lock = kvm_lock();
     let smp = vcpus.to_string();
-    let vm = Ferry::start(
+    let vm = common::start(
         "guest",
         &["-smp", &smp, "-m", "256", "-append", "ferry.tick_ms=100"],
         None,
@@ -113,7 +113,7 @@ fn guest_reset_and_triple_fault_end_the_vm_cleanly() {
     let _lock = kvm_lock();
     for (action, line) in [("reset", "resetting"), ("triplefault", "triple-faulting")] {
         let append = format!("ferry.run={action}");
-        let mut vm = Ferry::start(action, &["-append", &append], None);
+        let mut vm = common::start(action, &["-append", &append], None);
         let status = vm.wait_exit(Duration::from_secs(60));
         assert!(
             status.success(),
@@ -135,7 +135,7 @@ fn signals_end_the_vm_with_status_zero() {
     }
     let _lock = kvm_lock();
     for signal in [libc::SIGTERM, libc::SIGINT] {
-        let mut vm = Ferry::start(
+        let mut vm = common::start(
             "signal",
             &["-append", "ferry.run=tick ferry.tick_ms=50"],
             None,
@@ -290,7 +290,7 @@ fn debian_kernel_prints_banner_cmdline_and_e820() {
     let vmlinux = String::from_utf8(fetched.stdout).unwrap().trim().to_owned();
     let cmdline = "console=ttyS0 earlyprintk=ttyS0 panic=-1 reboot=k noxsave";
     let _lock = kvm_lock();
-    let vm = Ferry::start(
+    let vm = common::start(
         "linux",
         &["-m", "512", "-kernel", &vmlinux, "-append", cmdline],
         None,

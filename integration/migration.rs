@@ -56,7 +56,7 @@ impl World {
         let qmp = self.path("src.qmp");
         let smp = smp.to_string();
         let mem = MEM_MIB.to_string();
-        let vm = Ferry::start(
+        let vm = common::start(
             "source",
             &["-smp", &smp, "-m", &mem, "-append", GUEST_APPEND],
             Some(&qmp),
@@ -74,7 +74,7 @@ impl World {
         if paused {
             args.push("-S");
         }
-        let vm = Ferry::start("destination", &args, Some(&qmp));
+        let vm = common::start("destination", &args, Some(&qmp));
         let mut qmp = vm.qmp();
         assert_eq!(qmp.status(), "inmigrate");
         vm
@@ -328,7 +328,7 @@ fn cancel_at_every_stage_then_migrate_again() {
         "cancel with nothing running"
     );
 
-    let cancel_when = |qmp: &mut common::Qmp, stage: &str, ready: &dyn Fn(&Value) -> bool| {
+    let cancel_when = |qmp: &mut ferry::harness::Qmp, stage: &str, ready: &dyn Fn(&Value) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let info = qmp.ok("query-migrate", None);
@@ -463,7 +463,7 @@ fn failures_leave_the_source_running_with_a_reason() {
         } else {
             ("64", value)
         };
-        let mut destination = Ferry::start(
+        let mut destination = common::start(
             "mismatch",
             &["-m", mem, "-smp", smp, "-incoming", &uri],
             Some(&qmp_path),
@@ -540,7 +540,7 @@ fn destination_refuses_garbage_and_truncated_streams() {
         let port = free_port();
         let uri = format!("tcp:127.0.0.1:{port}");
         let qmp = dir.path().join(format!("{}.qmp", name.replace(' ', "-")));
-        let mut destination = Ferry::start(name, &["-m", "64", "-incoming", &uri], Some(&qmp));
+        let mut destination = common::start(name, &["-m", "64", "-incoming", &uri], Some(&qmp));
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.write_all(&bytes).unwrap();
         drop(stream);

@@ -1,6 +1,7 @@
 //! ferry: a KVM virtual machine monitor whose headline feature is live migration.
 pub mod cli;
 pub mod guest;
+pub mod harness;
 pub mod machine;
 pub mod migrate;
 pub mod qmp;

@@ -1,0 +1,230 @@
+/*
+ * ferry-guest: the built-in test guest of the ferry VMM.
+ *
+ * Declarations shared by the C and assembler sources. The guest boots
+ * through PVH (entry.S), sets the machine up in ring 0 (setup.c, smp.c),
+ * then every CPU drops to ring 3 and runs the workloads (user.c). See
+ * README.md for the overall picture.
+ *
+ * Under this project's KVM (PVM), ring-0 and real-mode code is emulated
+ * instruction by instruction (~2 M instructions/s) while ring-3 code runs
+ * natively. So ring 0 does as little as possible and the hot loops live in
+ * ring 3. Ring-0 code must also avoid the instructions KVM's emulator lacks
+ * (int3, ud2, popcnt, xsave, cmpxchg16b, fwait, clac/stac, SSE); build.rs
+ * scans the linked image for them.
+ */
+#ifndef FERRY_GUEST_H
+#define FERRY_GUEST_H
+
+/* xAPIC IDs are 8 bits and 0xff is the broadcast ID. */
+#define MAX_CPUS 255
+/* A CPU's share of free RAM may straddle holes in the memory map. */
+#define MAX_SLICES 4
+/* Entries of the PVH memory map we keep. */
+#define MAX_MEMMAP 64
+#define CMDLINE_MAX 1024
+
+#define PAGE_SIZE 4096
+
+/* GDT layout (entry.S): six fixed descriptors, then one 16-byte TSS per CPU. */
+#define KERNEL_CS 0x08   /* ring 0, 64-bit */
+#define KERNEL_DS 0x10   /* ring 0 */
+#define USER_DS 0x1b     /* index 3, RPL 3 */
+#define USER_CS 0x23     /* index 4, RPL 3, 64-bit */
+#define KERNEL_CS32 0x28 /* ring 0, 32-bit: boot and AP trampoline */
+#define TSS_FIRST 0x30
+#define GDT_ENTRIES (6 + 2 * MAX_CPUS)
+
+/* Interrupt vectors. */
+#define VEC_TIMER 0x20
+#define VEC_WAKE 0x21 /* BSP -> APs: `go` is set */
+#define VEC_SYSCALL 0x80 /* `int $0x80` from ring 3, request in %rdi */
+#define VEC_SPURIOUS 0xff
+
+/* Requests ring 3 can make with `int $0x80`. */
+#define SYS_TRIPLE_FAULT 1
+
+/* Per-CPU stacks, allocated by the BSP just after the image. */
+#define KSTACK_SIZE 8192
+#define USTACK_SIZE 16384
+
+/* The AP trampoline is copied here: SIPI vector 0x10 starts APs at 1000:0000. */
+#define TRAMPOLINE_BASE 0x10000
+#define SIPI_VECTOR (TRAMPOLINE_BASE >> 12)
+
+#define LAPIC_BASE 0xfee00000
+
+/* Control registers and MSRs for entering long mode. */
+#define CR0_VALUE 0x80050033 /* PG | AM | WP | NE | ET | MP | PE, as Linux */
+#define CR4_PAE (1 << 5)
+#define MSR_EFER 0xc0000080
+#define EFER_LME (1 << 8)
+
+/* Bit 31 of ap_arrival: the BSP stopped counting arrivals. */
+#define AP_DOOR_CLOSED 0x80000000
+
+#ifndef __ASSEMBLER__
+
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long uint64_t;
+typedef unsigned long size_t;
+typedef _Bool bool;
+#define true 1
+#define false 0
+#define NULL ((void *)0)
+
+#define MiB (1UL << 20)
+#define GiB (1UL << 30)
+
+struct slice {
+	uint64_t start, end; /* [start, end), page aligned */
+};
+
+/* Ports 0..IOMAP_PORTS-1 are open to ring 3 through the TSS I/O bitmap. */
+#define IOMAP_PORTS 0x400
+
+/*
+ * The 64-bit TSS: RSP0 (interrupts from ring 3 switch to it) and an I/O
+ * permission bitmap. Ring 3 runs with IOPL=3, which alone lets it use
+ * in/out; but PVM drops IOPL on iretq, and then KVM's emulator falls back
+ * to this bitmap (a zero bit allows the port; ports past the end do not).
+ */
+struct tss64 {
+	uint32_t reserved0;
+	uint64_t rsp0, rsp1, rsp2;
+	uint64_t reserved1;
+	uint64_t ist[7];
+	uint64_t reserved2;
+	uint16_t reserved3;
+	uint16_t iomap_base;
+	uint8_t iomap[IOMAP_PORTS / 8];
+	uint8_t iomap_end; /* must be 0xff */
+} __attribute__((packed));
+
+/*
+ * One per CPU. `ticks` must stay first: the timer handler in isr.S finds
+ * this structure through a pointer stored at the top of the CPU's ring-0
+ * stack and increments the word it points at.
+ */
+struct cpu {
+	volatile uint64_t ticks; /* written by the ring-0 timer handler only */
+	uint32_t index;		 /* 0 = BSP, then APs in order of arrival */
+	uint32_t apic_id;
+	volatile uint32_t online; /* ring-0 setup of this CPU is done */
+	uint32_t nslices;
+	uint64_t kstack_top; /* ring-0 stack; RSP0 is 16 bytes below */
+	uint64_t ustack_top; /* ring-3 stack */
+	struct slice slices[MAX_SLICES];
+	uint64_t ticks_printed; /* ring-3 bookkeeping from here on */
+	uint64_t sweeps;
+	uint64_t pages_since_poll;
+	uint64_t last_tsc;
+	struct tss64 tss __attribute__((aligned(16)));
+} __attribute__((aligned(64)));
+
+/* Memory map entry of struct hvm_start_info (xen/arch-x86/hvm/start_info.h). */
+struct hvm_memmap_entry {
+	uint64_t addr;
+	uint64_t size;
+	uint32_t type; /* 1 = RAM */
+	uint32_t reserved;
+};
+#define E820_RAM 1
+
+/* Settings from the command line (cmdline.c). */
+#define RUN_TICK (1u << 0)
+#define RUN_SWEEP (1u << 1)
+#define RUN_TSC (1u << 2)
+#define RUN_RESET (1u << 3)
+#define RUN_TRIPLEFAULT (1u << 4)
+#define RUN_DEFAULT (RUN_TICK | RUN_SWEEP | RUN_TSC)
+
+struct config {
+	uint32_t run;	   /* RUN_* bits */
+	uint64_t tick_ms;  /* LAPIC timer period */
+	uint64_t sweep_mb; /* cap on each CPU's slices, 0 = none */
+};
+
+/* Everything ring 3 needs to know, filled in by ring 0 (setup.c, smp.c). */
+struct boot {
+	char cmdline[CMDLINE_MAX];
+	struct hvm_memmap_entry memmap[MAX_MEMMAP];
+	uint32_t memmap_entries;
+	uint32_t expected_cpus; /* from ACPI or the MP table, 0 if neither */
+	uint64_t rsdp_paddr;	/* from hvm_start_info, may be 0 */
+	uint64_t ram_bytes;	/* sum of the RAM entries */
+	uint64_t free_start;	/* first byte the guest itself does not use */
+	uint32_t ncpus;		/* CPUs that came online (set in ring 3) */
+	struct config cfg;	/* parsed in ring 3 */
+};
+
+extern struct boot boot;
+extern struct cpu cpus[MAX_CPUS];
+
+/* entry.S */
+extern volatile uint32_t go; /* set by the BSP after `ready` */
+extern uint64_t kernel_cr3;
+extern uint64_t ap_stack_top[MAX_CPUS];
+extern volatile uint32_t ap_arrival;
+extern uint32_t ap_max_index;
+extern uint64_t gdt[GDT_ENTRIES];
+extern char trampoline_start[], trampoline_end[];
+extern char image_end[];
+void enter_user(void (*entry)(struct cpu *), uint64_t rsp, struct cpu *arg)
+	__attribute__((noreturn));
+
+/* isr.S */
+extern char isr_stubs[]; /* 256 stubs, 16 bytes apart */
+void timer_isr(void);
+void spurious_isr(void);
+void wake_isr(void);
+
+/* setup.c */
+void cpu_setup(struct cpu *c);
+void lapic_delay_us(uint32_t us);
+void halt_forever(void) __attribute__((noreturn));
+
+/* smp.c */
+uint32_t find_cpus(void);
+void start_aps(void);
+
+/* cmdline.c */
+void parse_cmdline(const char *cmdline, struct config *cfg);
+
+/* print.c: usable from ring 0 and ring 3 (IOPL=3). One call prints one line. */
+void print(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void print_fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* lib.c */
+void *memcpy(void *dst, const void *src, size_t n);
+void *memset(void *dst, int c, size_t n);
+size_t strlen(const char *s);
+int strncmp(const char *a, const char *b, size_t n);
+
+/* user.c */
+void user_main(struct cpu *c) __attribute__((noreturn));
+
+static inline uint64_t align_up(uint64_t x, uint64_t a)
+{
+	return (x + a - 1) & ~(a - 1);
+}
+
+static inline uint64_t align_down(uint64_t x, uint64_t a)
+{
+	return x & ~(a - 1);
+}
+
+static inline uint64_t min_u64(uint64_t a, uint64_t b)
+{
+	return a < b ? a : b;
+}
+
+static inline uint64_t max_u64(uint64_t a, uint64_t b)
+{
+	return a > b ? a : b;
+}
+
+#endif /* __ASSEMBLER__ */
+#endif

@@ -1,0 +1,398 @@
+//! The built-in guest program, and how to read what it prints.
+//!
+//! [`BUILTIN_GUEST`] is a small freestanding x86-64 program, built from
+//! `guest/` (C and GNU assembler) by `build.rs`. ferry runs it when no kernel
+//! is given, and the tests use it to exercise vCPUs, the LAPIC timer, serial
+//! output, reset and migration. On this project's KVM (PVM), ring-0 code is
+//! emulated instruction by instruction and ring-3 code runs natively, so the
+//! guest sets up in ring 0 as briefly as it can and runs its loops in ring 3.
+//! `guest/README.md` describes its insides.
+//!
+//! # Boot
+//!
+//! An ELF64 image linked at 1 MiB with a PVH note (`XEN_ELFNOTE_PHYS32_ENTRY`):
+//! it is entered in 32-bit protected mode with `%ebx` pointing at
+//! `struct hvm_start_info` (command line, memory map). It finds the CPUs in
+//! ACPI's MADT, else in the Intel MP table, else by broadcasting INIT-SIPI-SIPI
+//! and counting who answers. The AP trampoline is copied to 0x10000.
+//!
+//! # Command line
+//!
+//! Words are separated by spaces; only `ferry.*` words are read, others are
+//! ignored. An unknown `ferry.*` word or a bad value prints a `warning:` line.
+//!
+//! | key | meaning | default |
+//! |---|---|---|
+//! | `ferry.run=LIST` | comma-separated: `tick`, `sweep`, `tsc`; actions `reset`, `triplefault` | `tick,sweep,tsc` |
+//! | `ferry.tick_ms=N` | LAPIC timer period in ms (N > 0) | 1000 |
+//! | `ferry.sweep_mb=N` | cap on each CPU's total slice size, MiB (0 = no cap) | no cap |
+//!
+//! # Serial protocol (COM1, one line per event, `\n`-terminated)
+//!
+//! Lines from different CPUs never interleave. In order:
+//!
+//! ```text
+//! ferry-guest: cpus=2 ram=536345600 cmdline="ferry.tick_ms=200"
+//! warning: unknown option ferry.bogus=1          (zero or more)
+//! cpu 0 online apic=0                            (one per CPU, by index)
+//! cpu 1 online apic=1
+//! slice cpu=0 start=0x400000 end=0x10200000      (with `sweep`: per CPU, in sweep order)
+//! slice cpu=1 start=0x10200000 end=0x1ffe0000
+//! ready
+//! ```
+//!
+//! then, from every CPU, for as long as it runs:
+//!
+//! - `tick N cpu=I`: the Nth LAPIC timer interrupt of CPU I (N from 1, none
+//!   skipped; lines may lag the interrupts).
+//! - `sweep N cpu=I`: CPU I finished its Nth pass over its slices.
+//! - `tsc backwards cpu=I prev=0x… now=0x…`: `rdtsc` went backwards on CPU I.
+//!
+//! and, from the BSP after `ready`: `resetting` (then the i8042 reset, port
+//! 0x64 ← 0xfe) or `triple-faulting` (then an empty IDT and a fault). A
+//! `fatal: …` line reports an unexpected exception; that CPU then halts.
+//!
+//! Each CPU's slices are ranges of guest-physical RAM (end exclusive, page
+//! aligned) whose pages' first bytes it increments in sweep order forever.
+//! The first pass stores 1 instead (RAM may hold firmware leftovers), so once
+//! CPU I has printed `sweep 1 cpu=I`, a copy of its slices taken with the
+//! vCPUs stopped must pass [`pattern::check_dump`]. Slices start at 4 MiB or
+//! above and never cover the guest's own code, stacks or page tables.
+
+pub mod pattern;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+
+/// The guest program as an ELF image, for ferry's PVH loader.
+pub const BUILTIN_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry-guest.elf"));
+
+/// One line of the guest's serial output, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestLine {
+    /// `ferry-guest: cpus=N ram=BYTES cmdline="…"`, always the first line.
+    Banner {
+        /// CPUs that came online.
+        cpus: u32,
+        /// Bytes of RAM in the memory map.
+        ram: u64,
+        /// The command line, verbatim.
+        cmdline: String,
+    },
+    /// `warning: …` (unknown option, bad value, fewer CPUs than listed, …).
+    Warning(String),
+    /// `cpu I online apic=A`.
+    CpuOnline {
+        /// CPU index (0 is the BSP).
+        cpu: u32,
+        /// Its LAPIC ID.
+        apic: u32,
+    },
+    /// `slice cpu=I start=0x… end=0x…`: part of the RAM CPU I sweeps.
+    Slice {
+        /// CPU index.
+        cpu: u32,
+        /// First byte (page aligned).
+        start: u64,
+        /// End, exclusive (page aligned).
+        end: u64,
+    },
+    /// `ready`: setup is over and the workloads start.
+    Ready,
+    /// `tick N cpu=I`.
+    Tick {
+        /// Count of timer interrupts on this CPU, from 1.
+        n: u64,
+        /// CPU index.
+        cpu: u32,
+    },
+    /// `sweep N cpu=I`.
+    Sweep {
+        /// Number of completed passes on this CPU, from 1.
+        n: u64,
+        /// CPU index.
+        cpu: u32,
+    },
+    /// `tsc backwards cpu=I prev=0x… now=0x…`.
+    TscBackwards {
+        /// CPU index.
+        cpu: u32,
+        /// The earlier reading.
+        prev: u64,
+        /// The later, smaller reading.
+        now: u64,
+    },
+    /// `resetting`: the guest is about to reset the machine through the i8042.
+    Resetting,
+    /// `triple-faulting`: the guest is about to triple fault.
+    TripleFaulting,
+    /// `fatal: …`: an unexpected exception; the CPU halts.
+    Fatal(String),
+    /// Anything else.
+    Other(String),
+}
+
+impl GuestLine {
+    /// Parses one line (a trailing `\r` or `\n` is ignored). Never fails:
+    /// a line that does not match the protocol is [`GuestLine::Other`].
+    pub fn parse(line: &str) -> GuestLine {
+        let line = line.trim_end_matches(['\r', '\n']);
+        Self::parse_known(line).unwrap_or_else(|| GuestLine::Other(line.to_string()))
+    }
+
+    fn parse_known(line: &str) -> Option<GuestLine> {
+        if let Some(rest) = line.strip_prefix("ferry-guest: ") {
+            let (fields, cmdline) = rest.split_once(" cmdline=\"")?;
+            let cmdline = cmdline.strip_suffix('"')?;
+            let [cpus, ram] = fields_of(fields, ["cpus", "ram"])?;
+            return Some(GuestLine::Banner {
+                cpus: cpus.parse().ok()?,
+                ram: ram.parse().ok()?,
+                cmdline: cmdline.to_string(),
+            });
+        }
+        if let Some(rest) = line.strip_prefix("warning: ") {
+            return Some(GuestLine::Warning(rest.to_string()));
+        }
+        if let Some(rest) = line.strip_prefix("fatal: ") {
+            return Some(GuestLine::Fatal(rest.to_string()));
+        }
+        if let Some(rest) = line.strip_prefix("cpu ") {
+            let (cpu, rest) = rest.split_once(" online ")?;
+            let [apic] = fields_of(rest, ["apic"])?;
+            return Some(GuestLine::CpuOnline {
+                cpu: cpu.parse().ok()?,
+                apic: apic.parse().ok()?,
+            });
+        }
+        if let Some(rest) = line.strip_prefix("slice ") {
+            let [cpu, start, end] = fields_of(rest, ["cpu", "start", "end"])?;
+            return Some(GuestLine::Slice {
+                cpu: cpu.parse().ok()?,
+                start: hex(start)?,
+                end: hex(end)?,
+            });
+        }
+        if let Some(rest) = line.strip_prefix("tsc backwards ") {
+            let [cpu, prev, now] = fields_of(rest, ["cpu", "prev", "now"])?;
+            return Some(GuestLine::TscBackwards {
+                cpu: cpu.parse().ok()?,
+                prev: hex(prev)?,
+                now: hex(now)?,
+            });
+        }
+        if let Some(rest) = line.strip_prefix("tick ") {
+            let (n, cpu) = count_and_cpu(rest)?;
+            return Some(GuestLine::Tick { n, cpu });
+        }
+        if let Some(rest) = line.strip_prefix("sweep ") {
+            let (n, cpu) = count_and_cpu(rest)?;
+            return Some(GuestLine::Sweep { n, cpu });
+        }
+        match line {
+            "ready" => Some(GuestLine::Ready),
+            "resetting" => Some(GuestLine::Resetting),
+            "triple-faulting" => Some(GuestLine::TripleFaulting),
+            _ => None,
+        }
+    }
+}
+
+/// The values of `key=value` words, which must be exactly `keys` in order.
+fn fields_of<'a, const N: usize>(s: &'a str, keys: [&str; N]) -> Option<[&'a str; N]> {
+    let mut words = s.split(' ');
+    let mut values = [""; N];
+    for (value, key) in values.iter_mut().zip(keys) {
+        let (k, v) = words.next()?.split_once('=')?;
+        if k != key {
+            return None;
+        }
+        *value = v;
+    }
+    words.next().is_none().then_some(values)
+}
+
+/// `N cpu=I`, the tail of `tick` and `sweep` lines.
+fn count_and_cpu(s: &str) -> Option<(u64, u32)> {
+    let (n, rest) = s.split_once(' ')?;
+    let [cpu] = fields_of(rest, ["cpu"])?;
+    Some((n.parse().ok()?, cpu.parse().ok()?))
+}
+
+fn hex(s: &str) -> Option<u64> {
+    u64::from_str_radix(s.strip_prefix("0x")?, 16).ok()
+}
+
+/// Prints the line exactly as the guest does (without the newline).
+impl fmt::Display for GuestLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestLine::Banner { cpus, ram, cmdline } => {
+                write!(
+                    f,
+                    "ferry-guest: cpus={cpus} ram={ram} cmdline=\"{cmdline}\""
+                )
+            }
+            GuestLine::Warning(s) => write!(f, "warning: {s}"),
+            GuestLine::CpuOnline { cpu, apic } => write!(f, "cpu {cpu} online apic={apic}"),
+            GuestLine::Slice { cpu, start, end } => {
+                write!(f, "slice cpu={cpu} start={start:#x} end={end:#x}")
+            }
+            GuestLine::Ready => f.write_str("ready"),
+            GuestLine::Tick { n, cpu } => write!(f, "tick {n} cpu={cpu}"),
+            GuestLine::Sweep { n, cpu } => write!(f, "sweep {n} cpu={cpu}"),
+            GuestLine::TscBackwards { cpu, prev, now } => {
+                write!(f, "tsc backwards cpu={cpu} prev={prev:#x} now={now:#x}")
+            }
+            GuestLine::Resetting => f.write_str("resetting"),
+            GuestLine::TripleFaulting => f.write_str("triple-faulting"),
+            GuestLine::Fatal(s) => write!(f, "fatal: {s}"),
+            GuestLine::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Each CPU's slices, in sweep order, from the `slice` lines among `lines`:
+/// what [`pattern::check_dump`] wants for each CPU.
+pub fn slices_by_cpu<'a, I>(lines: I) -> BTreeMap<u32, Vec<Range<u64>>>
+where
+    I: IntoIterator<Item = &'a GuestLine>,
+{
+    let mut slices: BTreeMap<u32, Vec<Range<u64>>> = BTreeMap::new();
+    for line in lines {
+        if let GuestLine::Slice { cpu, start, end } = *line {
+            slices.entry(cpu).or_default().push(start..end);
+        }
+    }
+    slices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_guest_is_an_elf64_with_a_pvh_note() {
+        assert_eq!(&BUILTIN_GUEST[..4], b"\x7fELF");
+        assert_eq!(BUILTIN_GUEST[4], 2, "ELFCLASS64");
+        // The note's name and type (XEN_ELFNOTE_PHYS32_ENTRY = 18) as laid out.
+        let note: &[u8] = &[4, 0, 0, 0, 8, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+        assert!(BUILTIN_GUEST.windows(note.len()).any(|w| w == note));
+    }
+
+    /// Lines copied from a QEMU run of the guest.
+    #[test]
+    fn parses_every_kind_of_line() {
+        let cases = [
+            (
+                "ferry-guest: cpus=2 ram=536345600 cmdline=\"console=ttyS0 ferry.tick_ms=200\"",
+                GuestLine::Banner {
+                    cpus: 2,
+                    ram: 536_345_600,
+                    cmdline: "console=ttyS0 ferry.tick_ms=200".into(),
+                },
+            ),
+            (
+                "ferry-guest: cpus=1 ram=4096 cmdline=\"\"",
+                GuestLine::Banner {
+                    cpus: 1,
+                    ram: 4096,
+                    cmdline: String::new(),
+                },
+            ),
+            (
+                "warning: unknown option ferry.bogus=1",
+                GuestLine::Warning("unknown option ferry.bogus=1".into()),
+            ),
+            (
+                "cpu 3 online apic=2",
+                GuestLine::CpuOnline { cpu: 3, apic: 2 },
+            ),
+            (
+                "slice cpu=0 start=0x100000000 end=0x100210000",
+                GuestLine::Slice {
+                    cpu: 0,
+                    start: 0x1_0000_0000,
+                    end: 0x1_0021_0000,
+                },
+            ),
+            ("ready", GuestLine::Ready),
+            ("tick 17 cpu=1", GuestLine::Tick { n: 17, cpu: 1 }),
+            ("sweep 2 cpu=0", GuestLine::Sweep { n: 2, cpu: 0 }),
+            (
+                "tsc backwards cpu=1 prev=0x1f00 now=0x1e00",
+                GuestLine::TscBackwards {
+                    cpu: 1,
+                    prev: 0x1f00,
+                    now: 0x1e00,
+                },
+            ),
+            ("resetting", GuestLine::Resetting),
+            ("triple-faulting", GuestLine::TripleFaulting),
+            (
+                "fatal: exception vector=14 error=0x2",
+                GuestLine::Fatal("exception vector=14 error=0x2".into()),
+            ),
+        ];
+        for (text, line) in cases {
+            assert_eq!(GuestLine::parse(text), line, "{text}");
+            assert_eq!(line.to_string(), text);
+            assert_eq!(GuestLine::parse(&format!("{text}\r\n")), line);
+        }
+    }
+
+    #[test]
+    fn cmdline_may_contain_quotes() {
+        assert_eq!(
+            GuestLine::parse("ferry-guest: cpus=1 ram=1 cmdline=\"a=\"b c\"\""),
+            GuestLine::Banner {
+                cpus: 1,
+                ram: 1,
+                cmdline: "a=\"b c\"".into()
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_lines_are_other() {
+        for text in [
+            "",
+            "tick",
+            "tick x cpu=0",
+            "tick 1 cpu=0 extra=1",
+            "tick 1 core=0",
+            "slice cpu=0 start=100 end=0x200",
+            "cpu 0 online",
+            "ferry-guest: cpus=2 ram=1",
+            "readyish",
+            "SeaBIOS (version 1.16.2)",
+        ] {
+            assert_eq!(
+                GuestLine::parse(text),
+                GuestLine::Other(text.into()),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn groups_slices_by_cpu_in_order() {
+        let lines: Vec<GuestLine> = [
+            "slice cpu=0 start=0x400000 end=0x7ffe0000",
+            "slice cpu=0 start=0x100000000 end=0x100210000",
+            "slice cpu=1 start=0x100210000 end=0x180000000",
+            "ready",
+        ]
+        .into_iter()
+        .map(GuestLine::parse)
+        .collect();
+        let slices = slices_by_cpu(&lines);
+        assert_eq!(
+            slices[&0],
+            vec![0x40_0000..0x7ffe_0000, 0x1_0000_0000..0x1_0021_0000]
+        );
+        assert_eq!(slices[&1], vec![0x1_0021_0000..0x1_8000_0000]);
+        assert_eq!(slices.len(), 2);
+    }
+}

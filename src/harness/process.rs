@@ -1,0 +1,210 @@
+//! A ferry process started by a program (tests, the demo, the benchmark), with its guest's
+//! serial output collected line by line and its log kept for error reports.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::qmp::Qmp;
+use crate::guest::GuestLine;
+
+/// One running ferry process with its serial output collected line by line.
+pub struct Ferry {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+    pub qmp_path: Option<PathBuf>,
+    pub name: String,
+}
+
+impl Ferry {
+    /// Starts ferry with `args`; with `qmp` set, adds `-qmp unix:PATH,server,nowait` and waits
+    /// until the socket accepts connections.
+    pub fn start(binary: &Path, name: &str, args: &[&str], qmp: Option<&Path>) -> Self {
+        let mut command = Command::new(binary);
+        command.args(args);
+        if let Some(path) = qmp {
+            command
+                .arg("-qmp")
+                .arg(format!("unix:{},server,nowait", path.display()));
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "ferry=info");
+        }
+        let mut child = command.spawn().expect("ferry starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line);
+            }
+        });
+        let err = child.stderr.take().expect("piped stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let mut text = sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let ferry = Self {
+            child,
+            lines,
+            stderr,
+            qmp_path: qmp.map(Path::to_owned),
+            name: name.into(),
+        };
+        if let Some(path) = qmp {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while UnixStream::connect(path).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{name}: QMP socket never appeared\n{}",
+                    ferry.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        ferry
+    }
+
+    /// The serial output so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The serial output so far, parsed as the built-in guest's protocol.
+    pub fn guest_lines(&self) -> Vec<GuestLine> {
+        self.lines().iter().map(|l| GuestLine::parse(l)).collect()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Why a test gave up: the tail of the serial output and ferry's log.
+    pub fn context(&self) -> String {
+        let lines = self.lines();
+        let tail = &lines[lines.len().saturating_sub(15)..];
+        format!(
+            "--- {} serial (last {} of {} lines) ---\n{}\n--- {} stderr ---\n{}",
+            self.name,
+            tail.len(),
+            lines.len(),
+            tail.join("\n"),
+            self.name,
+            self.stderr()
+        )
+    }
+
+    /// Waits until a serial line after the first `skip` lines satisfies `matches`; returns its
+    /// index and the line.
+    pub fn wait_line_from(
+        &self,
+        skip: usize,
+        what: &str,
+        timeout: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> (usize, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = self
+                .lines()
+                .iter()
+                .enumerate()
+                .skip(skip)
+                .find(|(_, l)| matches(l))
+            {
+                return (found.0, found.1.clone());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {what} within {timeout:?}\n{}",
+                self.name,
+                self.context()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_line(
+        &self,
+        what: &str,
+        timeout: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
+        self.wait_line_from(0, what, timeout, matches).1
+    }
+
+    /// Waits until the guest has printed `ready`.
+    pub fn wait_ready(&self) {
+        self.wait_line("guest 'ready'", Duration::from_secs(60), |l| l == "ready");
+    }
+
+    /// Opens a QMP session.
+    pub fn qmp(&self) -> Qmp {
+        let path = self.qmp_path.as_deref().expect("started with QMP");
+        match UnixStream::connect(path) {
+            Ok(_) => Qmp::connect(path),
+            Err(error) => panic!(
+                "{}: QMP at {} refuses: {error}\n{}",
+                self.name,
+                path.display(),
+                self.context()
+            ),
+        }
+    }
+
+    /// Waits for the process to end, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitpid") {
+                // Let the reader threads drain what the process wrote last.
+                std::thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: still running after {timeout:?}\n{}",
+                self.name,
+                self.context()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill with a pid we own and a valid signal number.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("waitpid").is_none()
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
