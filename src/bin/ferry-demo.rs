@@ -2,7 +2,10 @@
 //! another while the guest sweeps its memory and ticks, with the progress and the result.
 //!
 //! usage: ferry-demo [tcp|unix] [MEM_MIB]
-#![expect(clippy::print_stdout, reason = "the demo talks to the person who runs it")]
+#![expect(
+    clippy::print_stdout,
+    reason = "the demo talks to the person who runs it"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,7 +31,10 @@ fn ferry_binary() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe().context("cannot find this program's path")?;
     let ferry = me.with_file_name("ferry");
     if !ferry.exists() {
-        bail!("{} is missing; build it first with `cargo build --release`", ferry.display());
+        bail!(
+            "{} is missing; build it first with `cargo build --release`",
+            ferry.display()
+        );
     }
     Ok(ferry)
 }
@@ -43,13 +49,18 @@ fn last_tick(lines: &[GuestLine]) -> Option<u64> {
 fn run() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let transport = args.next().unwrap_or_else(|| "unix".into());
-    let mem: u64 = args.next().map_or(Ok(512), |m| m.parse()).context("MEM_MIB must be a number")?;
+    let mem: u64 = args
+        .next()
+        .map_or(Ok(512), |m| m.parse())
+        .context("MEM_MIB must be a number")?;
     let binary = ferry_binary()?;
     let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir()?;
     let uri = match transport.as_str() {
         "unix" => format!("unix:{}", dir.path().join("migration.sock").display()),
         "tcp" => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
             format!("tcp:127.0.0.1:{port}")
         }
         other => bail!("unknown transport '{other}' (tcp or unix)"),
@@ -58,17 +69,30 @@ fn run() -> anyhow::Result<()> {
     let guest = ["-smp", "2", "-m", &mem_arg];
     let qmp = |name: &str| dir.path().join(name);
 
-    println!("Starting the source: ferry {} -append ferry.tick_ms=200", guest.join(" "));
+    println!(
+        "Starting the source: ferry {} -append ferry.tick_ms=200",
+        guest.join(" ")
+    );
     let mut source_args = guest.to_vec();
     source_args.extend(["-append", "ferry.tick_ms=200"]);
     let source = Ferry::start(&binary, "source", &source_args, Some(&qmp("source.qmp")));
-    source.wait_line("the guest to start", Duration::from_secs(60), |l| l == "sweep 3 cpu=1");
+    source.wait_line("the guest to start", Duration::from_secs(60), |l| {
+        l == "sweep 3 cpu=1"
+    });
     println!("  the guest runs: both vCPUs sweep {mem} MiB of RAM and tick every 200 ms");
 
-    println!("Starting the destination: ferry {} -incoming {uri}", guest.join(" "));
+    println!(
+        "Starting the destination: ferry {} -incoming {uri}",
+        guest.join(" ")
+    );
     let mut destination_args = guest.to_vec();
     destination_args.extend(["-incoming", &uri]);
-    let destination = Ferry::start(&binary, "destination", &destination_args, Some(&qmp("dest.qmp")));
+    let destination = Ferry::start(
+        &binary,
+        "destination",
+        &destination_args,
+        Some(&qmp("dest.qmp")),
+    );
 
     println!("Migrating: {{\"execute\":\"migrate\",\"arguments\":{{\"uri\":\"{uri}\"}}}}");
     let mut control = source.qmp();
@@ -94,13 +118,20 @@ fn run() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     if info["status"] != "completed" {
-        bail!("the migration ended {}: {}", info["status"], info["error-desc"]);
+        bail!(
+            "the migration ended {}: {}",
+            info["status"],
+            info["error-desc"]
+        );
     }
     let before = last_tick(&source.guest_lines()).unwrap_or(0);
     let seen = destination.lines().len();
-    destination.wait_line_from(seen, "the guest on the destination", Duration::from_secs(30), |l| {
-        l.starts_with("tick ") && l.ends_with("cpu=0")
-    });
+    destination.wait_line_from(
+        seen,
+        "the guest on the destination",
+        Duration::from_secs(30),
+        |l| l.starts_with("tick ") && l.ends_with("cpu=0"),
+    );
     let after = destination
         .guest_lines()
         .iter()
@@ -120,7 +151,9 @@ fn run() -> anyhow::Result<()> {
         control.status(),
         destination.qmp().status()
     );
-    println!("  the guest's last tick on the source was {before}, its first on the destination {after}");
+    println!(
+        "  the guest's last tick on the source was {before}, its first on the destination {after}"
+    );
     for vm in [&source, &destination] {
         let _ = vm.qmp().execute("quit", None);
     }

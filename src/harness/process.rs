@@ -46,7 +46,9 @@ impl Ferry {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line);
+                sink.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(line);
             }
         });
         let err = child.stderr.take().expect("piped stderr");
@@ -54,7 +56,9 @@ impl Ferry {
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
-                let mut text = sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut text = sink
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 text.push_str(&line);
                 text.push('\n');
             }
@@ -207,4 +211,3 @@ impl Drop for Ferry {
         let _ = self.child.wait();
     }
 }
-

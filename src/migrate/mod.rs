@@ -20,6 +20,8 @@
 
 pub mod destination;
 pub mod dirty;
+pub mod link;
+pub mod pages;
 pub mod params;
 pub mod progress;
 pub mod source;

@@ -48,20 +48,21 @@ impl MigrationUri {
             let port = after
                 .strip_prefix(':')
                 .ok_or_else(|| error("missing :PORT after the IPv6 address"))?;
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(error("bad IPv6 address"));
+            }
             (host, port)
         } else {
-            address
-                .rsplit_once(':')
-                .ok_or_else(|| error("missing :PORT"))?
+            let (host, port) = address.rsplit_once(':').ok_or_else(|| error("missing :PORT"))?;
+            if host.is_empty() {
+                return Err(error("empty host"));
+            }
+            let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+            if !host.chars().all(valid) {
+                return Err(error("bad host (an IPv6 address goes in brackets: tcp:[::1]:PORT)"));
+            }
+            (host, port)
         };
-        if host.is_empty() {
-            return Err(error("empty host"));
-        }
-        if !host.starts_with(|c: char| c.is_ascii_alphanumeric())
-            || host.contains(char::is_whitespace)
-        {
-            return Err(error("bad host"));
-        }
         let port: u16 = port
             .parse()
             .map_err(|_| error("the port must be a number from 1 to 65535"))?;

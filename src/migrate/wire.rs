@@ -103,11 +103,16 @@ fn malformed(reason: impl Into<String>) -> WireError {
     WireError::Malformed(reason.into())
 }
 
-pub async fn write_header<W: AsyncWrite + Unpin>(out: &mut W) -> Result<(), WireError> {
+/// The 16 bytes every stream starts with.
+pub fn header() -> [u8; 16] {
     let mut header = [0u8; 16];
     header[..8].copy_from_slice(MAGIC);
     header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    out.write_all(&header).await?;
+    header
+}
+
+pub async fn write_header<W: AsyncWrite + Unpin>(out: &mut W) -> Result<(), WireError> {
+    out.write_all(&header()).await?;
     Ok(())
 }
 
@@ -160,19 +165,15 @@ pub fn encode_pages(frame: &mut Vec<u8>, entries: &[PageEntry], data: &[u8]) {
     frame.extend_from_slice(data);
 }
 
-/// Writes one message (PAGES frames go through [`encode_pages`] instead, to reuse a buffer).
-pub async fn write_message<W: AsyncWrite + Unpin>(
-    out: &mut W,
-    message: &Message,
-) -> Result<(), WireError> {
+/// The bytes of one message on the wire.
+pub fn encode_message(message: &Message) -> Result<Vec<u8>, WireError> {
     let (tag, payload) = match message {
         Message::Config(config) => (TAG_CONFIG, json(config)),
         Message::Accept => (TAG_ACCEPT, Vec::new()),
         Message::Pages { entries, data } => {
             let mut frame = Vec::new();
             encode_pages(&mut frame, entries, data);
-            out.write_all(&frame).await?;
-            return Ok(());
+            return Ok(frame);
         }
         Message::Round(report) => (TAG_ROUND, json(report)),
         Message::State(sections) => (
@@ -192,7 +193,15 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
     frame.extend_from_slice(&tag.to_le_bytes());
     frame.extend_from_slice(&length.to_le_bytes());
     frame.extend_from_slice(&payload);
-    out.write_all(&frame).await?;
+    Ok(frame)
+}
+
+/// Writes one message.
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    message: &Message,
+) -> Result<(), WireError> {
+    out.write_all(&encode_message(message)?).await?;
     out.flush().await?;
     Ok(())
 }

@@ -38,6 +38,17 @@ pub async fn launch(config: Config) -> anyhow::Result<ExitCode> {
         machine = config.machine.name(),
         "VM created"
     );
+    // Listen before QMP comes up, so that a client that sees the QMP socket can start the
+    // source's migration right away.
+    let incoming = match &config.incoming {
+        None => None,
+        Some(Incoming::Defer) => Some(None),
+        Some(Incoming::Listen(uri)) => {
+            Some(Some(Listener::bind(uri).await.with_context(|| {
+                format!("-incoming: cannot listen on {uri}")
+            })?))
+        }
+    };
     let shutdown = CancellationToken::new();
     let (handle, requests) = VmHandle::new(config.name.clone());
     let qmp = match &config.qmp {
@@ -59,15 +70,6 @@ pub async fn launch(config: Config) -> anyhow::Result<ExitCode> {
             RawTerminal::enter()
         }
         _ => None,
-    };
-    let incoming = match &config.incoming {
-        None => None,
-        Some(Incoming::Defer) => Some(None),
-        Some(Incoming::Listen(uri)) => {
-            Some(Some(Listener::bind(uri).await.with_context(|| {
-                format!("-incoming: cannot listen on {uri}")
-            })?))
-        }
     };
     let vmm = Vmm::new(machine, &config, handle, guest_tx, shutdown.clone())?;
     let ending = vmm.run(requests, guest_rx, incoming).await;

@@ -1,0 +1,99 @@
+//! The source's end of the connection: it knows whether a frame was cut short, so that a
+//! cancelled source can still tell the destination why it hangs up.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+
+use super::transport::BoxedStream;
+use super::wire::{self, Message, WireError};
+
+/// How long the source waits for the destination to answer the configuration or to restore.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a source that gives up tries to tell the destination before hanging up.
+const NOTICE_DEADLINE: Duration = Duration::from_millis(50);
+/// How long a source whose write failed waits for the destination's reason.
+const REASON_DEADLINE: Duration = Duration::from_secs(1);
+
+/// What the destination answered, when it is not what the source wanted.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    /// The destination sent ERROR with this reason.
+    #[error("{0}")]
+    Refused(String),
+    #[error("the destination did not answer within {} s", ANSWER_DEADLINE.as_secs())]
+    Timeout,
+}
+
+pub struct Link {
+    reader: ReadHalf<BoxedStream>,
+    writer: WriteHalf<BoxedStream>,
+    /// Set while a frame is being written; still set if that write was abandoned midway.
+    torn: bool,
+}
+
+impl Link {
+    pub fn new(stream: BoxedStream) -> Self {
+        let (reader, writer) = tokio::io::split(stream);
+        Self {
+            reader,
+            writer,
+            torn: false,
+        }
+    }
+
+    /// Writes bytes that form whole frames.
+    pub async fn write_frames(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        self.torn = true;
+        self.writer.write_all(bytes).await?;
+        self.torn = false;
+        Ok(())
+    }
+
+    pub async fn send(&mut self, message: &Message) -> Result<(), WireError> {
+        let frame = wire::encode_message(message)?;
+        self.write_frames(&frame).await
+    }
+
+    /// Waits for the destination's next message; its ERROR becomes [`AnswerError::Refused`].
+    pub async fn answer(&mut self) -> Result<Message, AnswerError> {
+        match tokio::time::timeout(ANSWER_DEADLINE, wire::read_message(&mut self.reader)).await {
+            Ok(Ok(Message::Error(reason))) => Err(AnswerError::Refused(reason)),
+            Ok(result) => Ok(result?),
+            Err(_) => Err(AnswerError::Timeout),
+        }
+    }
+
+    /// After a failed write: the reason the destination gave before it hung up, if any.
+    pub async fn destination_reason(&mut self) -> Option<String> {
+        let read = async {
+            loop {
+                match wire::read_message(&mut self.reader).await {
+                    Ok(Message::Error(reason)) => return Some(reason),
+                    Ok(_) => continue,
+                    Err(_) => return None,
+                }
+            }
+        };
+        tokio::time::timeout(REASON_DEADLINE, read)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Tells the destination the source gives up (CANCEL or ERROR), unless a cut-short frame
+    /// makes the stream unreadable anyway; then hangs up.
+    pub async fn hang_up(mut self, notice: &Message) {
+        if !self.torn {
+            let _ = tokio::time::timeout(NOTICE_DEADLINE, self.send(notice)).await;
+        }
+        let _ = tokio::time::timeout(NOTICE_DEADLINE, self.writer.shutdown()).await;
+    }
+
+    /// Closes the connection after the last message.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(NOTICE_DEADLINE, self.writer.shutdown()).await;
+    }
+}
