@@ -53,13 +53,17 @@ impl MigrationUri {
             }
             (host, port)
         } else {
-            let (host, port) = address.rsplit_once(':').ok_or_else(|| error("missing :PORT"))?;
+            let (host, port) = address
+                .rsplit_once(':')
+                .ok_or_else(|| error("missing :PORT"))?;
             if host.is_empty() {
                 return Err(error("empty host"));
             }
             let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
             if !host.chars().all(valid) {
-                return Err(error("bad host (an IPv6 address goes in brackets: tcp:[::1]:PORT)"));
+                return Err(error(
+                    "bad host (an IPv6 address goes in brackets: tcp:[::1]:PORT)",
+                ));
             }
             (host, port)
         };
