@@ -3,12 +3,13 @@
 # uncompressed ELF vmlinux out of its bzImage, so ferry can boot it without running the
 # decompressor (which takes tens of minutes under PVM's ring-0 emulation).
 #
-# usage: debian-vmlinux.sh CACHE_DIR   -> prints the path of the ELF vmlinux
+# usage: debian-vmlinux.sh CACHE_DIR   -> prints the path of the ELF vmlinux; the package's
+#                                          bzImage is kept beside it as CACHE_DIR/vmlinuz
 set -euo pipefail
 cache=${1:?usage: debian-vmlinux.sh CACHE_DIR}
 mkdir -p "$cache"
 cd "$cache"
-if [[ -s vmlinux ]]; then
+if [[ -s vmlinux && -s vmlinuz ]]; then
     echo "$cache/vmlinux"
     exit 0
 fi
@@ -20,6 +21,7 @@ fi
 rm -rf root
 dpkg-deb -x linux-image-[0-9]*.deb root
 bzimage=$(ls root/boot/vmlinuz-*)
+cp "$bzimage" vmlinuz
 # The payload is XZ for Debian's kernels; look for the stream magic and decompress from there.
 offset=$(grep -abo $'\xfd7zXZ\x00' "$bzimage" | head -n 1 | cut -d: -f1)
 [[ -n $offset ]] || { echo "debian-vmlinux: no XZ payload in $bzimage" >&2; exit 1; }

@@ -24,6 +24,18 @@ impl Ferry {
     /// Starts ferry with `args`; with `qmp` set, adds `-qmp unix:PATH,server,nowait` and waits
     /// until the socket accepts connections.
     pub fn start(binary: &Path, name: &str, args: &[&str], qmp: Option<&Path>) -> Self {
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "ferry=info".into());
+        Self::start_logging(binary, name, args, qmp, &filter)
+    }
+
+    /// Like [`Ferry::start`], with ferry's log filter (`RUST_LOG`) set to `filter`.
+    pub fn start_logging(
+        binary: &Path,
+        name: &str,
+        args: &[&str],
+        qmp: Option<&Path>,
+        filter: &str,
+    ) -> Self {
         let mut command = Command::new(binary);
         command.args(args);
         if let Some(path) = qmp {
@@ -35,9 +47,7 @@ impl Ferry {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "ferry=info");
-        }
+        command.env("RUST_LOG", filter);
         let mut child = command.spawn().expect("ferry starts");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));

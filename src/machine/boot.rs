@@ -414,6 +414,49 @@ mod tests {
         );
     }
 
+    /// The smallest image linux-loader accepts as a bzImage: one setup sector with a 2.15
+    /// header, then the protected-mode payload.
+    fn tiny_bzimage() -> Vec<u8> {
+        let mut image = vec![0u8; 1024 + 4096];
+        image[0x1f1] = 1; // setup_sects
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x211] = 1; // loadflags: LOADED_HIGH
+        image[0x214..0x218].copy_from_slice(&0x0010_0000u32.to_le_bytes()); // code32_start
+        image[0x260..0x264].copy_from_slice(&0x0080_0000u32.to_le_bytes()); // init_size
+        image[1024..].fill(0x90);
+        image
+    }
+
+    #[test]
+    fn bzimage_boots_through_the_64_bit_protocol_with_its_header() {
+        let layout = ram_layout(64 << 20);
+        let memory = create_guest_memory(&layout).unwrap();
+        let image: &'static [u8] = Box::leak(tiny_bzimage().into_boxed_slice());
+        let entry = load(
+            &memory,
+            &layout,
+            &KernelImage::Builtin(image),
+            None,
+            "quiet",
+        )
+        .unwrap();
+        assert_eq!(entry, Entry::Linux64 { entry: 0x100200 });
+        let params: boot_params = memory.read_obj(GuestAddress(ZERO_PAGE)).unwrap();
+        assert_eq!(
+            { params.hdr.init_size },
+            0x0080_0000,
+            "the image's header is passed on"
+        );
+        assert_eq!({ params.hdr.type_of_loader }, 0xff);
+        assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        let mut payload = [0u8; 16];
+        memory
+            .read_slice(&mut payload, GuestAddress(HIGH_MEMORY_START))
+            .unwrap();
+        assert_eq!(payload, [0x90; 16], "the protected-mode code is at 1 MiB");
+    }
+
     #[test]
     fn garbage_is_no_kernel() {
         let layout = ram_layout(16 << 20);

@@ -317,6 +317,54 @@ mod tests {
         assert_eq!(null.unusable, 1);
     }
 
+    fn entry(function: u32, index: u32) -> kvm_bindings::kvm_cpuid_entry2 {
+        kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cpuid_carries_the_smp_topology_and_apic_id() {
+        let supported = CpuId::from_entries(&[
+            kvm_bindings::kvm_cpuid_entry2 {
+                ecx: CPUID_CX16_BIT,
+                ebx: 0x0000_0800,
+                ..entry(1, 0)
+            },
+            entry(4, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0x8000_0008, 0),
+        ])
+        .unwrap();
+        let cpuid = vcpu_cpuid(&supported, 2, 4, HostQuirks { hide_cx16: true });
+        let find = |f, i| {
+            *cpuid
+                .as_slice()
+                .iter()
+                .find(|e| e.function == f && e.index == i)
+                .unwrap()
+        };
+        let leaf1 = find(1, 0);
+        assert_eq!(leaf1.ebx >> 24, 2, "initial APIC ID");
+        assert_eq!((leaf1.ebx >> 16) & 0xff, 4, "logical processors");
+        assert_eq!(leaf1.ebx & 0xffff, 0x0800, "other EBX fields kept");
+        assert_ne!(leaf1.ecx & CPUID_HYPERVISOR_BIT, 0);
+        assert_eq!(leaf1.ecx & CPUID_CX16_BIT, 0, "CX16 hidden on PVM");
+        assert_ne!(leaf1.edx & (1 << 28), 0, "HTT with more than one vCPU");
+        assert_eq!(find(4, 0).eax >> 26, 3, "cores per package - 1");
+        let smt = find(0xb, 0);
+        assert_eq!((smt.ebx, smt.ecx >> 8, smt.edx), (1, 1, 2));
+        let core = find(0xb, 1);
+        assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (2, 4, 2, 2));
+        assert_eq!(find(0x8000_0008, 0).ecx & 0xff, 3);
+        let kept = vcpu_cpuid(&supported, 0, 1, HostQuirks::default());
+        let leaf1 = *kept.as_slice().iter().find(|e| e.function == 1).unwrap();
+        assert_ne!(leaf1.ecx & CPUID_CX16_BIT, 0, "CX16 kept elsewhere");
+    }
+
     #[test]
     fn lvt_mode_keeps_other_bits() {
         let mut regs = [0 as std::os::raw::c_char; 0x400];

@@ -191,7 +191,18 @@ impl VcpuThread {
             };
         }
         KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
-        tracing::debug!(vcpu = self.index, "vCPU thread finished");
+        // Where the guest was when it stopped: the first question when a guest seems stuck.
+        match (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => tracing::debug!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", regs.rip),
+                rsp = format_args!("{:#x}", regs.rsp),
+                cr0 = format_args!("{:#x}", sregs.cr0),
+                cs = format_args!("{:#x}", sregs.cs.selector),
+                "vCPU thread finished"
+            ),
+            _ => tracing::debug!(vcpu = self.index, "vCPU thread finished"),
+        }
     }
 
     /// Handles whatever events arrived while the guest ran.
