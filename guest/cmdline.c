@@ -5,7 +5,7 @@
  * warning line and is otherwise ignored. Runs in ring 3 (BSP).
  *
  *   ferry.run=tick,sweep,tsc   workloads (default: all three); the actions
- *                              `reset` and `triplefault` may be added
+ *                              `reset`, `triplefault` and `echo` may be added
  *   ferry.tick_ms=N            LAPIC timer period in ms (default 1000)
  *   ferry.sweep_mb=N           cap on each CPU's slices in MiB (0/absent: none)
  */
@@ -52,7 +52,7 @@ static uint32_t parse_run(const char *s, size_t len)
 	} names[] = {
 		{ "tick", RUN_TICK },	{ "sweep", RUN_SWEEP },
 		{ "tsc", RUN_TSC },	{ "reset", RUN_RESET },
-		{ "triplefault", RUN_TRIPLEFAULT },
+		{ "triplefault", RUN_TRIPLEFAULT }, { "echo", RUN_ECHO },
 	};
 	char buf[WORD_MAX];
 	uint32_t run = 0, i;

@@ -139,6 +139,7 @@ struct hvm_memmap_entry {
 #define RUN_TSC (1u << 2)
 #define RUN_RESET (1u << 3)
 #define RUN_TRIPLEFAULT (1u << 4)
+#define RUN_ECHO (1u << 5)
 #define RUN_DEFAULT (RUN_TICK | RUN_SWEEP | RUN_TSC)
 
 struct config {

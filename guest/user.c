@@ -179,11 +179,42 @@ static void check_tsc(struct cpu *c)
 	c->last_tsc = now;
 }
 
+/*
+ * echo: the BSP reads the UART's receive buffer and prints each line it got
+ * back as "echo: ...", proving host input reaches the guest. Each check is a
+ * port read (a VM exit), so it runs only when asked for.
+ */
+#define COM1_RBR 0x3f8
+#define COM1_LSR_PORT 0x3fd
+#define LSR_DATA_READY 0x01
+
+static void poll_input(void)
+{
+	static char line[128];
+	static uint32_t len;
+
+	while (inb(COM1_LSR_PORT) & LSR_DATA_READY) {
+		char ch = (char)inb(COM1_RBR);
+
+		if (ch == '\r' || ch == '\n') {
+			if (len) {
+				line[len] = 0;
+				print("echo: %s", line);
+				len = 0;
+			}
+		} else if (len < sizeof(line) - 1) {
+			line[len++] = ch;
+		}
+	}
+}
+
 /* Between pages: report new ticks (every one of them) and check the TSC. */
 static void poll(struct cpu *c)
 {
 	uint32_t run = boot.cfg.run;
 
+	if (c->index == 0 && (run & RUN_ECHO))
+		poll_input();
 	if (run & RUN_TSC)
 		check_tsc(c);
 	if (!(run & RUN_TICK))

@@ -365,3 +365,48 @@ fn debian_kernel_prints_banner_cmdline_and_e820() {
         "{e820:#?}"
     );
 }
+
+/// Keyboard input reaches the guest: what ferry reads on stdin, the guest's UART receives
+/// (the `echo` workload prints every line it got).
+#[test]
+fn serial_input_reaches_the_guest() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut child = Command::new(common::ferry_bin())
+        .args(["-append", "ferry.run=echo"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |wanted: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line == wanted => return,
+                Ok(_) => continue,
+                Err(_) => panic!("the guest never printed {wanted:?}"),
+            }
+        }
+    };
+    wait_for("ready");
+    stdin.write_all(b"hello ferry\nsecond line\n").unwrap();
+    stdin.flush().unwrap();
+    wait_for("echo: hello ferry");
+    wait_for("echo: second line");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -23,7 +23,7 @@
 //!
 //! | key | meaning | default |
 //! |---|---|---|
-//! | `ferry.run=LIST` | comma-separated: `tick`, `sweep`, `tsc`; actions `reset`, `triplefault` | `tick,sweep,tsc` |
+//! | `ferry.run=LIST` | comma-separated: `tick`, `sweep`, `tsc`; actions `reset`, `triplefault`; `echo` (the BSP prints each line it receives on the UART as `echo: LINE`) | `tick,sweep,tsc` |
 //! | `ferry.tick_ms=N` | LAPIC timer period in ms (N > 0) | 1000 |
 //! | `ferry.sweep_mb=N` | cap on each CPU's total slice size, MiB (0 = no cap) | no cap |
 //!
