@@ -125,6 +125,47 @@ pub fn take_vmm_dirty_bitmap(region: &GuestRegion) -> Vec<u64> {
     mapping.bitmap().get_and_reset()
 }
 
+/// One byte per page of `len` bytes at `host`, bit 0 set where the host backs the page.
+///
+/// # Safety
+/// `host..host + len` must be a live mapping, page aligned.
+unsafe fn residency(host: *const u8, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut pages = vec![0u8; len.div_ceil(PAGE_SIZE as usize)];
+    // SAFETY: the caller vouches for the mapping; `pages` has one byte per page, as mincore(2)
+    // writes.
+    if unsafe { libc::mincore(host as *mut libc::c_void, len, pages.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(pages)
+}
+
+/// Which pages of a region the host has ever backed, one bit per page like the dirty bitmaps.
+/// A page that was never touched is known to be zero without reading it, which is what makes
+/// an idle guest's first migration pass cheap.
+pub fn resident_bitmap(region: &GuestRegion) -> std::io::Result<Vec<u64>> {
+    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+    // SAFETY: the range is exactly this region's mapping, which lives as long as `region`.
+    let pages = unsafe { residency(mapping.as_ptr(), region.len() as usize)? };
+    let mut words = vec![0u64; pages.len().div_ceil(64)];
+    for (page, state) in pages.iter().enumerate() {
+        if state & 1 != 0 {
+            words[page / 64] |= 1 << (page % 64);
+        }
+    }
+    Ok(words)
+}
+
+/// Whether each page of `[gpa, gpa + pages * 4 KiB)`, which must lie in one RAM region, is
+/// backed by the host; `None` if the range is not RAM.
+pub fn resident_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<bool>> {
+    let len = usize::try_from(pages.checked_mul(PAGE_SIZE)?).ok()?;
+    let slice = memory.get_slice(GuestAddress(gpa), len).ok()?;
+    // SAFETY: get_slice checked that the whole range lies in one mapped region of `memory`,
+    // which outlives this call; guest RAM regions are page aligned.
+    let states = unsafe { residency(slice.ptr_guard().as_ptr(), len).ok()? };
+    Some(states.iter().map(|s| s & 1 != 0).collect())
+}
+
 /// Marks every page of guest memory as written by ferry, e.g. after loading a snapshot.
 pub fn mark_all_dirty(memory: &GuestMemory) {
     for region in memory.iter() {
@@ -171,6 +212,20 @@ mod tests {
         let at_threshold = ram_layout(0xB000_0000);
         assert_eq!(at_threshold[0].size, 0x8000_0000);
         assert_eq!(at_threshold[1].size, 0x3000_0000);
+    }
+
+    #[test]
+    fn untouched_pages_are_not_resident() {
+        let memory = create_guest_memory(&ram_layout(16 << 20)).unwrap();
+        memory.write_obj(1u8, GuestAddress(0x3000)).unwrap();
+        memory.write_obj(1u8, GuestAddress(0x10_0000)).unwrap();
+        let region = memory.iter().next().unwrap();
+        let resident = resident_bitmap(region).unwrap();
+        assert_eq!(resident.len(), 64);
+        let pages: Vec<usize> = (0..4096)
+            .filter(|i| resident[i / 64] & (1 << (i % 64)) != 0)
+            .collect();
+        assert_eq!(pages, vec![3, 0x100]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::progress::MigrationStatus;
 use super::transport::{BoxedStream, Listener};
 use super::wire::{self, Message, PageEntry, WireError};
 use super::{vmstate, Shared};
-use crate::machine::memory::{GuestMemory, PAGE_SIZE};
+use crate::machine::memory::{resident_pages, GuestMemory, PAGE_SIZE};
 use crate::runtime::Vm;
 
 /// How an incoming migration ended.
@@ -131,6 +131,12 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 progress.duplicate += zero;
                 progress.normal += entries.len() as u64 - zero;
             }
+            Message::Zeros(runs) if !restored => {
+                let pages = write_zero_runs(&memory, &runs)?;
+                let mut progress = shared.progress();
+                progress.transferred += 8 + runs.len() as u64 * 16;
+                progress.duplicate += pages;
+            }
             Message::Round(report) if !restored => {
                 {
                     let mut progress = shared.progress();
@@ -175,9 +181,45 @@ async fn next(reader: &mut ReadHalf<BoxedStream>) -> Result<Message, ReceiveErro
 fn describe(message: &Message) -> String {
     match message {
         Message::Pages { entries, .. } => format!("PAGES ({} pages)", entries.len()),
+        Message::Zeros(runs) => format!("ZEROS ({} runs)", runs.len()),
         Message::State(sections) => format!("STATE ({} sections)", sections.len()),
         other => format!("{other:?}"),
     }
+}
+
+/// Makes every page of the runs zero; pages the host never backed already are, and stay
+/// unallocated. Returns the number of pages.
+fn write_zero_runs(memory: &GuestMemory, runs: &[(u64, u64)]) -> Result<u64, ReceiveError> {
+    let mut total = 0;
+    for &(gpa, pages) in runs {
+        let resident = resident_pages(memory, gpa, pages).ok_or_else(|| {
+            ReceiveError::Protocol(format!(
+                "zero run of {pages} pages at {gpa:#x} is outside this VM's RAM"
+            ))
+        })?;
+        for (index, backed) in resident.into_iter().enumerate() {
+            if backed {
+                zero_page(memory, GuestAddress(gpa + index as u64 * PAGE_SIZE))?;
+            }
+        }
+        total += pages;
+    }
+    Ok(total)
+}
+
+/// Zeroes one page unless it already is zero (reading an untouched page does not allocate it;
+/// writing would).
+fn zero_page(memory: &GuestMemory, address: GuestAddress) -> Result<(), ReceiveError> {
+    let mut current = [0u8; PAGE_SIZE as usize];
+    memory
+        .read_slice(&mut current, address)
+        .map_err(|e| ReceiveError::Local(e.to_string()))?;
+    if current.iter().any(|b| *b != 0) {
+        memory
+            .write_slice(&[0u8; PAGE_SIZE as usize], address)
+            .map_err(|e| ReceiveError::Local(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Writes received pages into guest RAM; every address must be a RAM page.
@@ -198,16 +240,7 @@ fn write_pages(
             )));
         }
         if entry.zero {
-            // Reading an untouched page does not allocate it; writing would.
-            let mut current = [0u8; PAGE_SIZE as usize];
-            memory
-                .read_slice(&mut current, address)
-                .map_err(|e| ReceiveError::Local(e.to_string()))?;
-            if current.iter().any(|b| *b != 0) {
-                memory
-                    .write_slice(&[0u8; PAGE_SIZE as usize], address)
-                    .map_err(|e| ReceiveError::Local(e.to_string()))?;
-            }
+            zero_page(memory, address)?;
         } else {
             let page = chunks
                 .next()

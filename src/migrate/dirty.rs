@@ -61,6 +61,30 @@ impl RegionBitmap {
             })
     }
 
+    /// Splits the set pages into those whose bit in `mask` is set and those whose bit is not.
+    pub fn split(&self, mask: &[u64]) -> (RegionBitmap, RegionBitmap) {
+        let mut inside = RegionBitmap::empty(self.start, self.pages);
+        let mut outside = RegionBitmap::empty(self.start, self.pages);
+        for (index, word) in self.words.iter().enumerate() {
+            let mask = mask.get(index).copied().unwrap_or(0);
+            inside.words[index] = word & mask;
+            outside.words[index] = word & !mask;
+        }
+        (inside, outside)
+    }
+
+    /// The set pages as runs of consecutive pages: (first address, page count), ascending.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for gpa in self.addresses() {
+            match runs.last_mut() {
+                Some((start, count)) if *start + *count * PAGE_SIZE == gpa => *count += 1,
+                _ => runs.push((gpa, 1)),
+            }
+        }
+        runs
+    }
+
     /// Sets the bit of the page at `gpa`, which must be in this region.
     pub fn set(&mut self, gpa: u64) {
         let page = (gpa - self.start) / PAGE_SIZE;
@@ -163,6 +187,22 @@ mod tests {
         bitmap.words = vec![1 << 63, 0, 1];
         let pages: Vec<u64> = bitmap.addresses().map(|a| a / 4096).collect();
         assert_eq!(pages, vec![63, 128]);
+    }
+
+    #[test]
+    fn split_and_runs() {
+        let mut bitmap = RegionBitmap::full(0x10_0000, 130);
+        bitmap.words[1] &= !(1 << 5);
+        let (inside, outside) = bitmap.split(&[0b1111, 0, u64::MAX]);
+        assert_eq!(
+            inside.runs(),
+            vec![(0x10_0000, 4), (0x10_0000 + 128 * 4096, 2)]
+        );
+        assert_eq!(
+            outside.runs(),
+            vec![(0x10_0000 + 4 * 4096, 65), (0x10_0000 + 70 * 4096, 58)]
+        );
+        assert_eq!(inside.count() + outside.count(), 129);
     }
 
     #[test]

@@ -3,13 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty::RegionBitmap;
 use super::link::Link;
-use super::wire::{self, PageEntry, WireError, MAX_PAGES_PER_FRAME};
+use super::wire::{self, Message, PageEntry, WireError, MAX_PAGES_PER_FRAME, MAX_ZERO_RUNS};
 use super::Shared;
-use crate::machine::memory::{GuestMemory, PAGE_SIZE};
+use crate::machine::memory::{resident_bitmap, GuestMemory, PAGE_SIZE};
 
 /// What one call of [`PageSender::send`] did.
 pub struct SendStats {
@@ -51,6 +51,49 @@ impl PageSender {
             data: Vec::with_capacity(capacity * PAGE_SIZE as usize),
             frame: Vec::with_capacity(capacity * (PAGE_SIZE as usize + 8) + 16),
         }
+    }
+
+    /// Sends every page set in `pages`. With `skip_untouched`, pages the host never backed go as
+    /// zero runs without being read (the first pass over an idle guest reads almost nothing).
+    pub async fn send_pass(
+        &mut self,
+        link: &mut Link,
+        pages: &[RegionBitmap],
+        skip_untouched: bool,
+        shared: &Shared,
+    ) -> Result<SendStats, PageError> {
+        if !skip_untouched {
+            return self.send(link, pages, shared).await;
+        }
+        let started = Instant::now();
+        let mut present = Vec::with_capacity(pages.len());
+        let mut runs = Vec::new();
+        for (region, bitmap) in self.memory.iter().zip(pages) {
+            let resident = resident_bitmap(region).map_err(|e| PageError::Read {
+                gpa: region.start_addr().0,
+                reason: format!("cannot tell which pages are in use: {e}"),
+            })?;
+            let (touched, untouched) = bitmap.split(&resident);
+            runs.extend(untouched.runs());
+            present.push(touched);
+        }
+        let mut zero_bytes = 0;
+        for chunk in runs.chunks(MAX_ZERO_RUNS as usize) {
+            let frame = wire::encode_message(&Message::Zeros(chunk.to_vec()))?;
+            link.write_frames(&frame).await?;
+            let pages: u64 = chunk.iter().map(|(_, count)| count).sum();
+            zero_bytes += frame.len() as u64;
+            let mut progress = shared.progress();
+            progress.transferred += frame.len() as u64;
+            progress.duplicate += pages;
+            progress.remaining_pages = progress.remaining_pages.saturating_sub(pages);
+        }
+        let zero_pages: u64 = runs.iter().map(|(_, count)| count).sum();
+        let mut stats = self.send(link, &present, shared).await?;
+        stats.pages += zero_pages;
+        stats.bytes += zero_bytes;
+        stats.elapsed = started.elapsed();
+        Ok(stats)
     }
 
     /// Sends every page set in `pages`, keeping `shared`'s counters current.

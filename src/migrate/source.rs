@@ -210,7 +210,7 @@ async fn stream_guest(
         let pages: u64 = pending.iter().map(RegionBitmap::count).sum();
         shared.emit_pass(u64::from(round) + 1);
         let stats = match sender
-            .send(link, &pending, shared)
+            .send_pass(link, &pending, round == 0, shared)
             .instrument(span.clone())
             .await
         {

@@ -5,6 +5,7 @@
 //! frame  : tag u32 | length u32 | payload[length]
 //! PAGES  : count u32 | reserved u32 | entries: (gpa | ZERO flag) u64 × count
 //!          | 4096 bytes for every entry without the ZERO flag, in entry order
+//! ZEROS  : count u32 | reserved u32 | runs: (gpa u64, pages u64) × count
 //! ```
 //!
 //! Control frames carry JSON (small, readable in a capture); device state is postcard inside
@@ -37,6 +38,9 @@ const TAG_RESTORED: u32 = 6;
 const TAG_COMMIT: u32 = 7;
 const TAG_ERROR: u32 = 8;
 const TAG_CANCEL: u32 = 9;
+const TAG_ZEROS: u32 = 10;
+/// Runs of zero pages in one ZEROS frame at most.
+pub const MAX_ZERO_RUNS: u32 = 1 << 16;
 
 /// One page of a PAGES frame, with its data unless it is a zero page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +75,8 @@ pub enum Message {
         entries: Vec<PageEntry>,
         data: Vec<u8>,
     },
+    /// Source → destination: runs of pages that are all zeros, as (first address, page count).
+    Zeros(Vec<(u64, u64)>),
     /// Source → destination: a pre-copy round ended.
     Round(RoundReport),
     /// Source → destination: the state of every part, after the last pages.
@@ -175,6 +181,16 @@ pub fn encode_message(message: &Message) -> Result<Vec<u8>, WireError> {
             encode_pages(&mut frame, entries, data);
             return Ok(frame);
         }
+        Message::Zeros(runs) => {
+            let mut payload = Vec::with_capacity(8 + runs.len() * 16);
+            payload.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&0u32.to_le_bytes());
+            for (gpa, pages) in runs {
+                payload.extend_from_slice(&gpa.to_le_bytes());
+                payload.extend_from_slice(&pages.to_le_bytes());
+            }
+            (TAG_ZEROS, payload)
+        }
         Message::Round(report) => (TAG_ROUND, json(report)),
         Message::State(sections) => (
             TAG_STATE,
@@ -240,6 +256,7 @@ fn decode(tag: u32, payload: Vec<u8>) -> Result<Message, WireError> {
         )?))),
         TAG_ACCEPT => empty(Message::Accept),
         TAG_PAGES => decode_pages(payload),
+        TAG_ZEROS => decode_zeros(&payload),
         TAG_ROUND => Ok(Message::Round(from_json("round", &payload)?)),
         TAG_STATE => postcard::from_bytes(&payload)
             .map(Message::State)
@@ -250,6 +267,40 @@ fn decode(tag: u32, payload: Vec<u8>) -> Result<Message, WireError> {
         TAG_CANCEL => empty(Message::Cancel),
         other => Err(malformed(format!("unknown message type {other}"))),
     }
+}
+
+fn decode_zeros(payload: &[u8]) -> Result<Message, WireError> {
+    if payload.len() < 8 {
+        return Err(malformed("ZEROS frame shorter than its header"));
+    }
+    let count = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
+    if count == 0 || count > MAX_ZERO_RUNS {
+        return Err(malformed(format!(
+            "ZEROS frame with {count} runs (1..={MAX_ZERO_RUNS})"
+        )));
+    }
+    if payload.len() != 8 + count as usize * 16 {
+        return Err(malformed(format!(
+            "ZEROS frame of {} bytes for {count} runs",
+            payload.len()
+        )));
+    }
+    let mut runs = Vec::with_capacity(count as usize);
+    for run in payload[8..].chunks_exact(16) {
+        let gpa = u64::from_le_bytes(run[..8].try_into().expect("8 bytes"));
+        let pages = u64::from_le_bytes(run[8..].try_into().expect("8 bytes"));
+        let fits = pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|len| gpa.checked_add(len))
+            .is_some();
+        if gpa % PAGE_SIZE != 0 || pages == 0 || !fits {
+            return Err(malformed(format!(
+                "bad zero run of {pages} pages at {gpa:#x}"
+            )));
+        }
+        runs.push((gpa, pages));
+    }
+    Ok(Message::Zeros(runs))
 }
 
 fn decode_pages(payload: Vec<u8>) -> Result<Message, WireError> {
@@ -319,6 +370,11 @@ mod tests {
         };
         assert_eq!(round_trip(pages).await, Message::Pages { entries, data });
         assert_eq!(round_trip(Message::Accept).await, Message::Accept);
+        let zeros = Message::Zeros(vec![(0x1000, 3), (1 << 32, 1 << 20)]);
+        assert_eq!(
+            round_trip(zeros).await,
+            Message::Zeros(vec![(0x1000, 3), (1 << 32, 1 << 20)])
+        );
         assert_eq!(
             round_trip(Message::Error("no".into())).await,
             Message::Error("no".into())
@@ -393,6 +449,14 @@ mod tests {
         flags.extend_from_slice(&[1; 4096]);
         assert!(matches!(
             read(frame(TAG_PAGES, &flags)).await,
+            Err(WireError::Malformed(_))
+        ));
+        let mut run = 1u32.to_le_bytes().to_vec();
+        run.extend_from_slice(&[0; 4]);
+        run.extend_from_slice(&u64::MAX.to_le_bytes());
+        run.extend_from_slice(&2u64.to_le_bytes());
+        assert!(matches!(
+            read(frame(TAG_ZEROS, &run)).await,
             Err(WireError::Malformed(_))
         ));
         assert!(matches!(
