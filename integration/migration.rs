@@ -630,3 +630,76 @@ fn twenty_migrations_back_and_forth() {
     );
     assert_no_tsc_errors(&current);
 }
+
+/// A guest that dirties memory faster than the link carries it (a bandwidth cap makes the link
+/// slow) converges only because ferry throttles its vCPUs; the pattern survives, and a
+/// cancelled migration leaves the source unthrottled.
+#[test]
+fn fast_dirtying_guest_converges_with_throttling() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Unix);
+    let qmp_path = world.path("src.qmp");
+    let args = [
+        "-smp",
+        "2",
+        "-m",
+        "64",
+        "-append",
+        "ferry.tick_ms=50 ferry.sweep_mb=8",
+    ];
+    let source = common::start("source", &args, Some(&qmp_path));
+    source.wait_line("sweeps", Duration::from_secs(30), |l| l == "sweep 20 cpu=1");
+    let mut qmp = source.qmp();
+    let slow = json!({"downtime-limit": 20, "max-bandwidth": 50_000_000});
+    qmp.ok("migrate-set-parameters", Some(slow));
+
+    // First throttle, then cancel: the guest must get its full speed back.
+    let uri = world.uri();
+    let mut cancelled = world.destination(2, &uri, true);
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    let throttled = |qmp: &mut ferry::harness::Qmp| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let info = qmp.ok("query-migrate", None);
+            let status = info["status"].as_str();
+            assert!(matches!(status, Some("setup" | "active")), "{info}");
+            if info["cpu-throttle-percentage"].as_u64().unwrap_or(0) >= 30 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never throttled: {info}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    throttled(&mut qmp);
+    qmp.ok("migrate_cancel", None);
+    qmp.wait_migration(&["canceled"], Duration::from_secs(5));
+    cancelled.wait_exit(Duration::from_secs(10));
+    let seen = source.lines().len();
+    std::thread::sleep(Duration::from_secs(1));
+    let ticks = source.lines()[seen..]
+        .iter()
+        .filter(|l| l.starts_with("tick "))
+        .count();
+    assert!(
+        ticks >= 20,
+        "the source still seems throttled: {ticks} ticks in 1 s on 2 vCPUs"
+    );
+
+    // Then let it converge.
+    let uri = world.uri();
+    let destination = world.destination(2, &uri, true);
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    throttled(&mut qmp);
+    let info = qmp.wait_migration(&["completed", "failed"], MIGRATION_TIMEOUT);
+    assert_eq!(info["status"], "completed", "{info}");
+    let rounds = info["ram"]["dirty-sync-count"].as_u64().unwrap();
+    assert!(
+        rounds < 30,
+        "reached the round cap instead of converging: {info}"
+    );
+    let memory = dump(&destination, &world.path("dst.mem"));
+    assert_pattern(&memory, &source.guest_lines());
+}

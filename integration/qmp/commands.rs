@@ -192,7 +192,8 @@ async fn vm_commands_reach_the_owner_and_its_answers_come_back() {
             },
             Request::MigrateSetParameters(MigrationParameterUpdate {
                 downtime_limit_ms: None,
-                max_bandwidth: Some(0)
+                max_bandwidth: Some(0),
+                ..Default::default()
             }),
             Request::QueryMigrateParameters,
             Request::QueryMigrate,

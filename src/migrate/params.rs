@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::runtime::control::MigrationParameterUpdate;
+
 /// QEMU's default `downtime-limit`.
 pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
 /// Dirty rounds after the first full pass before the switchover is forced.
@@ -18,6 +20,8 @@ pub struct MigrationParameters {
     pub downtime_limit_ms: u64,
     /// Bytes per second on the wire; 0 means unlimited.
     pub max_bandwidth: u64,
+    /// Auto-converge: how hard to hold the vCPUs back when the guest outruns the link.
+    pub throttle: ThrottleParameters,
 }
 
 impl Default for MigrationParameters {
@@ -25,7 +29,40 @@ impl Default for MigrationParameters {
         Self {
             downtime_limit_ms: DEFAULT_DOWNTIME_LIMIT_MS,
             max_bandwidth: 0,
+            throttle: ThrottleParameters::default(),
         }
+    }
+}
+
+/// QEMU's `cpu-throttle-initial`, `cpu-throttle-increment` and `max-cpu-throttle`, in percent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleParameters {
+    pub initial: u8,
+    pub increment: u8,
+    pub max: u8,
+}
+
+impl Default for ThrottleParameters {
+    /// QEMU's defaults.
+    fn default() -> Self {
+        Self {
+            initial: 20,
+            increment: 10,
+            max: 99,
+        }
+    }
+}
+
+/// The vCPU throttle for the next round, from the current one and the last round: a guest
+/// that dirtied more than half of what the round could send will not converge by itself, so it
+/// is held back harder (QEMU's auto-converge trigger); otherwise the throttle stays.
+pub fn next_throttle(current: u8, dirtied: u64, sent: u64, params: ThrottleParameters) -> u8 {
+    if dirtied.saturating_mul(2) <= sent {
+        current
+    } else if current == 0 {
+        params.initial.min(params.max)
+    } else {
+        current.saturating_add(params.increment).min(params.max)
     }
 }
 
@@ -35,15 +72,38 @@ impl MigrationParameters {
         json!({
             "downtime-limit": self.downtime_limit_ms,
             "max-bandwidth": self.max_bandwidth,
+            "cpu-throttle-initial": self.throttle.initial,
+            "cpu-throttle-increment": self.throttle.increment,
+            "max-cpu-throttle": self.throttle.max,
         })
     }
 
-    /// Applies `migrate-set-parameters`, refusing values QEMU refuses.
-    pub fn update(
-        &mut self,
-        downtime_limit_ms: Option<u64>,
-        max_bandwidth: Option<u64>,
-    ) -> Result<(), String> {
+    /// Applies `migrate-set-parameters`, refusing values QEMU refuses; nothing changes unless
+    /// every value is acceptable.
+    pub fn update(&mut self, update: &MigrationParameterUpdate) -> Result<(), String> {
+        let percent = |name: &str, value: Option<u64>, current: u8| match value {
+            None => Ok(current),
+            Some(p @ 1..=99) => Ok(p as u8),
+            Some(p) => Err(format!("{name} must be a percentage from 1 to 99, not {p}")),
+        };
+        let throttle = ThrottleParameters {
+            initial: percent(
+                "cpu-throttle-initial",
+                update.cpu_throttle_initial,
+                self.throttle.initial,
+            )?,
+            increment: percent(
+                "cpu-throttle-increment",
+                update.cpu_throttle_increment,
+                self.throttle.increment,
+            )?,
+            max: percent(
+                "max-cpu-throttle",
+                update.max_cpu_throttle,
+                self.throttle.max,
+            )?,
+        };
+        let (downtime_limit_ms, max_bandwidth) = (update.downtime_limit_ms, update.max_bandwidth);
         if let Some(limit) = downtime_limit_ms {
             if limit > MAX_DOWNTIME_LIMIT_MS {
                 return Err(format!(
@@ -55,6 +115,7 @@ impl MigrationParameters {
         if let Some(bandwidth) = max_bandwidth {
             self.max_bandwidth = bandwidth;
         }
+        self.throttle = throttle;
         Ok(())
     }
 }
@@ -138,25 +199,72 @@ mod tests {
         assert_eq!(expected_downtime(4096, f64::NAN), Duration::MAX);
     }
 
+    fn update(downtime: Option<u64>, bandwidth: Option<u64>) -> MigrationParameterUpdate {
+        MigrationParameterUpdate {
+            downtime_limit_ms: downtime,
+            max_bandwidth: bandwidth,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn parameters_are_checked() {
         let mut params = MigrationParameters::default();
         assert_eq!(params.downtime_limit_ms, 300);
-        params.update(Some(5), Some(1 << 20)).unwrap();
+        params.update(&update(Some(5), Some(1 << 20))).unwrap();
         assert_eq!(
-            params,
-            MigrationParameters {
-                downtime_limit_ms: 5,
-                max_bandwidth: 1 << 20
-            }
+            (params.downtime_limit_ms, params.max_bandwidth),
+            (5, 1 << 20)
         );
         assert!(params
-            .update(Some(MAX_DOWNTIME_LIMIT_MS + 1), None)
+            .update(&update(Some(MAX_DOWNTIME_LIMIT_MS + 1), None))
             .is_err());
         assert_eq!(params.downtime_limit_ms, 5);
+        let bad = MigrationParameterUpdate {
+            max_cpu_throttle: Some(100),
+            ..update(Some(7), None)
+        };
+        assert!(params
+            .update(&bad)
+            .unwrap_err()
+            .contains("max-cpu-throttle"));
+        assert_eq!(
+            params.downtime_limit_ms, 5,
+            "a refused update changes nothing"
+        );
+        let throttle = MigrationParameterUpdate {
+            cpu_throttle_initial: Some(30),
+            ..update(None, None)
+        };
+        params.update(&throttle).unwrap();
         assert_eq!(
             params.to_json(),
-            json!({"downtime-limit": 5, "max-bandwidth": 1048576})
+            json!({
+                "downtime-limit": 5,
+                "max-bandwidth": 1048576,
+                "cpu-throttle-initial": 30,
+                "cpu-throttle-increment": 10,
+                "max-cpu-throttle": 99,
+            })
         );
+    }
+
+    #[test]
+    fn throttle_rises_only_while_the_guest_outruns_the_link() {
+        let params = ThrottleParameters::default();
+        // Dirtied at most half of what was sent: converging, leave it be.
+        assert_eq!(next_throttle(0, 50, 100, params), 0);
+        assert_eq!(next_throttle(40, 50, 100, params), 40);
+        // Dirtied more: start at the initial value, then step up to the maximum.
+        assert_eq!(next_throttle(0, 51, 100, params), 20);
+        assert_eq!(next_throttle(20, 100, 100, params), 30);
+        assert_eq!(next_throttle(95, 100, 100, params), 99);
+        assert_eq!(next_throttle(99, 100, 100, params), 99);
+        let low_cap = ThrottleParameters {
+            initial: 50,
+            increment: 10,
+            max: 30,
+        };
+        assert_eq!(next_throttle(0, 100, 1, low_cap), 30);
     }
 }

@@ -62,6 +62,8 @@ pub struct Progress {
     pub dirty_pages_rate: u64,
     /// Bandwidth of the last round, in bytes per second.
     pub bandwidth: f64,
+    /// How much the vCPUs are held back to let pre-copy converge (auto-converge), in percent.
+    pub cpu_throttle_percentage: u8,
 }
 
 impl Progress {
@@ -82,6 +84,7 @@ impl Progress {
             dirty_sync_count: 0,
             dirty_pages_rate: 0,
             bandwidth: 0.0,
+            cpu_throttle_percentage: 0,
         }
     }
 
@@ -119,6 +122,12 @@ impl Progress {
             info.insert(
                 "expected-downtime".into(),
                 ms(expected.min(Duration::from_secs(1 << 30))),
+            );
+        }
+        if self.cpu_throttle_percentage > 0 {
+            info.insert(
+                "cpu-throttle-percentage".into(),
+                json!(self.cpu_throttle_percentage),
             );
         }
         if let Some(error) = &self.error {

@@ -10,7 +10,7 @@ use vm_memory::GuestMemoryBackend;
 use super::dirty::{DirtyTracker, RegionBitmap};
 use super::link::{AnswerError, Link};
 use super::pages::{PageError, PageSender};
-use super::params::{decide, expected_downtime, Decision};
+use super::params::{decide, expected_downtime, next_throttle, Decision};
 use super::progress::MigrationStatus;
 use super::transport::connect;
 use super::uri::MigrationUri;
@@ -18,6 +18,7 @@ use super::wire::{self, Commit, Message, RoundReport};
 use super::{vmstate, Shared};
 use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
 use crate::runtime::control::Event;
+use crate::runtime::throttle::run_throttle;
 use crate::runtime::Vm;
 
 /// How an outgoing migration ended.
@@ -87,6 +88,7 @@ pub async fn migrate(
     .instrument(span.clone())
     .await;
     let _enter = span.enter();
+    vm.vcpus.throttle().set(0);
     stop_dirty_logging(vm);
     let Err(error) = outcome else {
         return Outcome::Completed;
@@ -140,9 +142,11 @@ async fn precopy(
         () = cancel.cancelled() => return Err(None),
     };
     let mut link = Link::new(stream);
+    let throttle = run_throttle(vm.vcpus.throttle().clone(), vm.vcpus.kicker());
     let streamed = tokio::select! {
         result = stream_guest(vm, &mut link, shared, started) => result.map_err(Some),
         () = cancel.cancelled() => Err(None),
+        () = throttle => unreachable!("the throttle runs until dropped"),
     };
     match streamed {
         Ok(paused_at) => Ok(Restored { link, paused_at }),
@@ -228,6 +232,15 @@ async fn stream_guest(
         last_sync = Instant::now();
         let params = *shared.params();
         let limit = Duration::from_millis(params.downtime_limit_ms);
+        let throttle = vm.vcpus.throttle();
+        if round > 0 {
+            throttle.set(next_throttle(
+                throttle.percent(),
+                dirty * PAGE_SIZE,
+                stats.bytes,
+                params.throttle,
+            ));
+        }
         let expected = expected_downtime(dirty * PAGE_SIZE, bandwidth);
         {
             let mut progress = shared.progress();
@@ -236,6 +249,7 @@ async fn stream_guest(
             progress.bandwidth = bandwidth;
             progress.dirty_pages_rate = (dirty as f64 / since_sync.as_secs_f64().max(1e-6)) as u64;
             progress.expected_downtime = Some(expected);
+            progress.cpu_throttle_percentage = throttle.percent();
         }
         span.in_scope(|| {
             info!(
@@ -245,6 +259,7 @@ async fn stream_guest(
                 ms = stats.elapsed.as_millis() as u64,
                 mib_per_s = (bandwidth / (1 << 20) as f64) as u64,
                 dirty_after = dirty,
+                throttle_percent = throttle.percent(),
                 "pre-copy round"
             )
         });

@@ -287,7 +287,13 @@ fn uri(args: &mut Args) -> Result<String, CommandError> {
 fn migrate_set_parameters(arguments: Map<String, Value>) -> Result<Command, CommandError> {
     let mut args = Args::new(
         "migrate-set-parameters",
-        &["downtime-limit", "max-bandwidth"],
+        &[
+            "downtime-limit",
+            "max-bandwidth",
+            "cpu-throttle-initial",
+            "cpu-throttle-increment",
+            "max-cpu-throttle",
+        ],
         arguments,
     )?;
     let downtime_limit_ms = args.optional_u64("downtime-limit")?;
@@ -300,10 +306,26 @@ fn migrate_set_parameters(arguments: Map<String, Value>) -> Result<Command, Comm
         });
     }
     let max_bandwidth = args.optional_u64("max-bandwidth")?;
+    let mut percent = |name: &'static str| -> Result<Option<u64>, CommandError> {
+        let value = args.optional_u64(name)?;
+        match value {
+            Some(p) if !(1..=99).contains(&p) => Err(CommandError::InvalidArgumentValue {
+                name,
+                problem: format!("expects a percentage from 1 to 99 (got {p})"),
+            }),
+            _ => Ok(value),
+        }
+    };
+    let cpu_throttle_initial = percent("cpu-throttle-initial")?;
+    let cpu_throttle_increment = percent("cpu-throttle-increment")?;
+    let max_cpu_throttle = percent("max-cpu-throttle")?;
     Ok(Command::Vm(Request::MigrateSetParameters(
         MigrationParameterUpdate {
             downtime_limit_ms,
             max_bandwidth,
+            cpu_throttle_initial,
+            cpu_throttle_increment,
+            max_cpu_throttle,
         },
     )))
 }

@@ -46,6 +46,12 @@ pub struct MigrationParameterUpdate {
     pub downtime_limit_ms: Option<u64>,
     /// Bytes per second, 0 for unlimited.
     pub max_bandwidth: Option<u64>,
+    /// Percent of time vCPUs are held back when throttling starts.
+    pub cpu_throttle_initial: Option<u64>,
+    /// Percent added each round that the guest still dirties too fast.
+    pub cpu_throttle_increment: Option<u64>,
+    /// The most the vCPUs are ever held back, in percent.
+    pub max_cpu_throttle: Option<u64>,
 }
 
 /// Why the VM owner refused or failed a request; the text goes to the client as `desc`.

@@ -18,6 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::throttle::Throttle;
 use super::GuestEvent;
 use crate::machine::devices::Devices;
 use std::sync::Arc;
@@ -78,6 +79,23 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)
 }
 
+/// Kicks vCPU threads out of `KVM_RUN` without an event (the throttle's periodic kick).
+#[derive(Debug, Clone)]
+pub struct Kicker {
+    pub(super) threads: Vec<libc::pthread_t>,
+}
+
+impl Kicker {
+    pub fn kick_all(&self) {
+        for thread in &self.threads {
+            // SAFETY: the threads are vCPU threads that outlive every kicker (the kicker lives
+            // in a migration task that ends before the vCPUs are finished); a failed kill of an
+            // exiting thread is harmless.
+            unsafe { libc::pthread_kill(*thread, kick_signal()) };
+        }
+    }
+}
+
 /// The owner's end of one vCPU thread.
 pub struct VcpuHandle {
     pub index: u32,
@@ -93,6 +111,7 @@ impl VcpuHandle {
         vcpu: VcpuFd,
         devices: Arc<Devices>,
         guest_events: UnboundedSender<GuestEvent>,
+        throttle: Throttle,
     ) -> Result<Self, VcpuError> {
         let (events, receiver) = mpsc::channel();
         let (tid_tx, tid_rx) = mpsc::channel();
@@ -107,6 +126,7 @@ impl VcpuHandle {
                     devices,
                     guest_events,
                     events: receiver,
+                    throttle,
                 }
                 .run()
             })
@@ -130,6 +150,14 @@ impl VcpuHandle {
             let _ = thread.kill(kick_signal());
         }
         Ok(())
+    }
+
+    /// The thread, for a [`Kicker`].
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.thread
+            .as_ref()
+            .map(|t| t.as_pthread_t() as libc::pthread_t)
     }
 
     /// Asks the thread to end and waits for it, at most [`ACK_DEADLINE`].
@@ -168,6 +196,7 @@ struct VcpuThread {
     devices: Arc<Devices>,
     guest_events: UnboundedSender<GuestEvent>,
     events: Receiver<VcpuEvent>,
+    throttle: Throttle,
 }
 
 impl VcpuThread {
@@ -288,7 +317,12 @@ impl VcpuThread {
                 );
                 return self.fail(reason);
             }
-            Err(error) if error.errno() == libc::EINTR => self.vcpu.set_kvm_immediate_exit(0),
+            Err(error) if error.errno() == libc::EINTR => {
+                self.vcpu.set_kvm_immediate_exit(0);
+                if let Some(hold_back) = self.throttle.hold_back() {
+                    return self.hold_back(hold_back);
+                }
+            }
             Err(error) if error.errno() == libc::EAGAIN => {}
             Err(error) => {
                 let reason = format!("KVM_RUN failed on vCPU {}: {error}", self.index);
@@ -296,6 +330,16 @@ impl VcpuThread {
             }
         }
         RunState::Running
+    }
+
+    /// Stays out of the guest for `duration` (auto-converge), unless the owner asks for
+    /// something meanwhile.
+    fn hold_back(&mut self, duration: Duration) -> RunState {
+        match self.events.recv_timeout(duration) {
+            Ok(event) => self.handle_event(event, RunState::Running),
+            Err(mpsc::RecvTimeoutError::Timeout) => RunState::Running,
+            Err(mpsc::RecvTimeoutError::Disconnected) => RunState::Finished,
+        }
     }
 
     fn fail(&mut self, reason: String) -> RunState {

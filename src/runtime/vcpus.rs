@@ -7,7 +7,8 @@ use kvm_ioctls::VcpuFd;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
-use super::vcpu::{VcpuError, VcpuEvent, VcpuHandle, ACK_DEADLINE};
+use super::throttle::Throttle;
+use super::vcpu::{Kicker, VcpuError, VcpuEvent, VcpuHandle, ACK_DEADLINE};
 use super::GuestEvent;
 use crate::machine::devices::Devices;
 
@@ -15,6 +16,7 @@ use crate::machine::devices::Devices;
 pub struct Vcpus {
     handles: Vec<VcpuHandle>,
     running: bool,
+    throttle: Throttle,
 }
 
 impl Vcpus {
@@ -24,17 +26,41 @@ impl Vcpus {
         devices: Arc<Devices>,
         guest_events: UnboundedSender<GuestEvent>,
     ) -> Result<Self, VcpuError> {
+        let throttle = Throttle::default();
         let handles = vcpus
             .into_iter()
             .enumerate()
             .map(|(index, vcpu)| {
-                VcpuHandle::spawn(index as u32, vcpu, devices.clone(), guest_events.clone())
+                let events = guest_events.clone();
+                VcpuHandle::spawn(
+                    index as u32,
+                    vcpu,
+                    devices.clone(),
+                    events,
+                    throttle.clone(),
+                )
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
             handles,
             running: false,
+            throttle,
         })
+    }
+
+    /// The share of time the vCPUs are held back (auto-converge).
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
+    }
+
+    pub fn kicker(&self) -> Kicker {
+        Kicker {
+            threads: self
+                .handles
+                .iter()
+                .filter_map(VcpuHandle::pthread)
+                .collect(),
+        }
     }
 
     pub fn count(&self) -> usize {

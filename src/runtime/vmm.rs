@@ -264,7 +264,7 @@ impl Vmm {
             Request::MigrateSetParameters(update) => self
                 .migration
                 .params()
-                .update(update.downtime_limit_ms, update.max_bandwidth)
+                .update(&update)
                 .map(|()| json!({}))
                 .map_err(RequestError),
             Request::QueryMigrateParameters => Ok(self.migration.params().to_json()),

@@ -298,6 +298,7 @@ fn migrate_set_parameters_arguments() {
         Command::Vm(Request::MigrateSetParameters(MigrationParameterUpdate {
             downtime_limit_ms,
             max_bandwidth,
+            ..Default::default()
         }))
     };
     assert_eq!(
