@@ -125,18 +125,24 @@ pub fn take_vmm_dirty_bitmap(region: &GuestRegion) -> Vec<u64> {
     mapping.bitmap().get_and_reset()
 }
 
-/// One byte per page of `len` bytes at `host`, bit 0 set where the host backs the page.
-///
-/// # Safety
-/// `host..host + len` must be a live mapping, page aligned.
-unsafe fn residency(host: *const u8, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut pages = vec![0u8; len.div_ceil(PAGE_SIZE as usize)];
-    // SAFETY: the caller vouches for the mapping; `pages` has one byte per page, as mincore(2)
-    // writes.
-    if unsafe { libc::mincore(host as *mut libc::c_void, len, pages.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(pages)
+/// One flag per page of `len` bytes at `host`: whether the host backs the page, in RAM or in
+/// swap. /proc/self/pagemap tells both; mincore(2) would miss swapped-out pages, and those hold
+/// data.
+fn residency(host: *const u8, len: usize) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let pages = len.div_ceil(PAGE_SIZE as usize);
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let mut entries = vec![0u8; pages * 8];
+    pagemap.read_exact_at(&mut entries, (host as u64 / PAGE_SIZE) * 8)?;
+    Ok(entries
+        .chunks_exact(8)
+        .map(|entry| {
+            let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+            entry & (PRESENT | SWAPPED) != 0
+        })
+        .collect())
 }
 
 /// Which pages of a region the host has ever backed, one bit per page like the dirty bitmaps.
@@ -144,11 +150,10 @@ unsafe fn residency(host: *const u8, len: usize) -> std::io::Result<Vec<u8>> {
 /// an idle guest's first migration pass cheap.
 pub fn resident_bitmap(region: &GuestRegion) -> std::io::Result<Vec<u64>> {
     let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
-    // SAFETY: the range is exactly this region's mapping, which lives as long as `region`.
-    let pages = unsafe { residency(mapping.as_ptr(), region.len() as usize)? };
+    let pages = residency(mapping.as_ptr(), region.len() as usize)?;
     let mut words = vec![0u64; pages.len().div_ceil(64)];
-    for (page, state) in pages.iter().enumerate() {
-        if state & 1 != 0 {
+    for (page, backed) in pages.iter().enumerate() {
+        if *backed {
             words[page / 64] |= 1 << (page % 64);
         }
     }
@@ -159,11 +164,9 @@ pub fn resident_bitmap(region: &GuestRegion) -> std::io::Result<Vec<u64>> {
 /// backed by the host; `None` if the range is not RAM.
 pub fn resident_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<bool>> {
     let len = usize::try_from(pages.checked_mul(PAGE_SIZE)?).ok()?;
+    // get_slice checks that the whole range lies in one mapped region of `memory`.
     let slice = memory.get_slice(GuestAddress(gpa), len).ok()?;
-    // SAFETY: get_slice checked that the whole range lies in one mapped region of `memory`,
-    // which outlives this call; guest RAM regions are page aligned.
-    let states = unsafe { residency(slice.ptr_guard().as_ptr(), len).ok()? };
-    Some(states.iter().map(|s| s & 1 != 0).collect())
+    residency(slice.ptr_guard().as_ptr(), len).ok()
 }
 
 /// Marks every page of guest memory as written by ferry, e.g. after loading a snapshot.
