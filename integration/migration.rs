@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -302,31 +302,42 @@ fn assert_source_runs(source: &Ferry) {
     );
 }
 
-/// A destination that accepts the configuration and then reads everything but never answers
-/// again, so the source stays in its switchover for as long as the test likes; or, with
-/// `read` false, never reads at all, so the source blocks in a socket write.
+/// A destination that accepts the configuration and then takes every page (answering the
+/// source's SYNCs) but never says RESTORED, so the source stays in its switchover for as long as
+/// the test likes; or, with `read` false, never reads at all, so the source blocks in a socket
+/// write.
 fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
+    use ferry::migrate::wire::{read_header, read_message, write_message, Message};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let thread = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
+        let (stream, _) = listener.accept().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
-        let mut head = [0u8; 16];
-        stream.read_exact(&mut head).unwrap();
-        let mut frame = [0u8; 8];
-        stream.read_exact(&mut frame).unwrap();
-        let mut config = vec![0u8; u32::from_le_bytes(frame[4..].try_into().unwrap()) as usize];
-        stream.read_exact(&mut config).unwrap();
-        // ACCEPT: tag 2, no payload.
-        stream.write_all(&[2, 0, 0, 0, 0, 0, 0, 0]).unwrap();
-        if read {
-            let mut sink = vec![0u8; 1 << 20];
-            while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
-        } else {
-            std::thread::sleep(Duration::from_secs(60));
-        }
+        runtime.block_on(async move {
+            stream.set_nonblocking(true).unwrap();
+            let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
+            read_header(&mut stream).await.unwrap();
+            assert!(matches!(
+                read_message(&mut stream).await,
+                Ok(Message::Config(_))
+            ));
+            write_message(&mut stream, &Message::Accept).await.unwrap();
+            if !read {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                return;
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while let Ok(Ok(message)) =
+                tokio::time::timeout_at(deadline, read_message(&mut stream)).await
+            {
+                if message == Message::Sync {
+                    write_message(&mut stream, &Message::Synced).await.unwrap();
+                }
+            }
+        });
     });
     (port, thread)
 }
@@ -543,7 +554,7 @@ fn destination_refuses_garbage_and_truncated_streams() {
     let _lock = kvm_lock();
     let dir = scratch();
     let mut header = b"FERRYMIG".to_vec();
-    header.extend_from_slice(&1u32.to_le_bytes());
+    header.extend_from_slice(&ferry::migrate::wire::VERSION.to_le_bytes());
     header.extend_from_slice(&[0; 4]);
     let mut huge_frame = header.clone();
     huge_frame.extend_from_slice(&3u32.to_le_bytes());

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,19 @@ impl Ferry {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         command.env("RUST_LOG", filter);
+        // A test or demo killed outright must not leave VMs running: the kernel kills ferry
+        // when the thread that started it dies. (So start ferry from a thread that lives as
+        // long as the VM should.)
+        // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         let mut child = command.spawn().expect("ferry starts");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));

@@ -102,7 +102,9 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
     writer: &mut W,
     shared: &Shared,
 ) -> Result<bool, ReceiveError> {
+    // The migration starts when the source connects, not when this side began to wait.
     let started = Instant::now();
+    shared.progress().started = Some(started);
     let memory = vm.machine.memory.clone();
     wire::read_header(reader).await?;
     let source = match next(reader).await? {
@@ -130,6 +132,8 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 progress.transferred += bytes;
                 progress.duplicate += zero;
                 progress.normal += entries.len() as u64 - zero;
+                progress.bandwidth =
+                    progress.transferred as f64 / started.elapsed().as_secs_f64().max(1e-6);
             }
             Message::Zeros(runs) if !restored => {
                 let pages = write_zero_runs(&memory, &runs)?;
@@ -137,6 +141,7 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 progress.transferred += 8 + runs.len() as u64 * 16;
                 progress.duplicate += pages;
             }
+            Message::Sync if !restored => wire::write_message(writer, &Message::Synced).await?,
             Message::Round(report) if !restored => {
                 {
                     let mut progress = shared.progress();
@@ -153,7 +158,11 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 wire::write_message(writer, &Message::Restored).await?;
                 restored = true;
             }
-            Message::Commit(commit) if restored => return Ok(commit.run),
+            Message::Commit(commit) if restored => {
+                // The guest is ours now whether or not the source hears this.
+                let _ = wire::write_message(writer, &Message::Committed).await;
+                return Ok(commit.run);
+            }
             Message::Error(reason) => return Err(ReceiveError::SourceFailed(reason)),
             Message::Cancel => return Err(ReceiveError::Cancelled),
             other => {

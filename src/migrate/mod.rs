@@ -85,7 +85,13 @@ impl Shared {
 
     /// Ends the migration in `status`; `error` becomes `error-desc`.
     pub fn finish(&self, status: MigrationStatus, error: Option<String>) {
-        self.progress().finish(status, error);
+        {
+            let mut progress = self.progress();
+            progress.finish(status, error);
+            if status == MigrationStatus::Completed {
+                progress.remaining_pages = 0;
+            }
+        }
         self.switchover.store(false, Ordering::Release);
         self.emit_status(status);
     }

@@ -15,14 +15,6 @@ use crate::machine::memory::{resident_bitmap, GuestMemory, PAGE_SIZE};
 pub struct SendStats {
     pub pages: u64,
     pub bytes: u64,
-    pub elapsed: Duration,
-}
-
-impl SendStats {
-    /// Bytes per second on the wire.
-    pub fn bandwidth(&self) -> f64 {
-        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-6)
-    }
 }
 
 /// Why pages could not be sent.
@@ -37,6 +29,9 @@ pub enum PageError {
 /// Turns dirty bitmaps into PAGES frames, reusing its buffers from round to round.
 pub struct PageSender {
     memory: GuestMemory,
+    /// Whether `max-bandwidth` applies: not once the guest is paused, when every millisecond
+    /// is downtime (QEMU lifts its limit for the completion too).
+    paced: bool,
     entries: Vec<PageEntry>,
     data: Vec<u8>,
     frame: Vec<u8>,
@@ -47,10 +42,16 @@ impl PageSender {
         let capacity = MAX_PAGES_PER_FRAME as usize;
         Self {
             memory,
+            paced: true,
             entries: Vec::with_capacity(capacity),
             data: Vec::with_capacity(capacity * PAGE_SIZE as usize),
             frame: Vec::with_capacity(capacity * (PAGE_SIZE as usize + 8) + 16),
         }
+    }
+
+    /// Sends at full speed from now on, whatever `max-bandwidth` says.
+    pub fn stop_pacing(&mut self) {
+        self.paced = false;
     }
 
     /// Sends every page set in `pages`. With `skip_untouched`, pages the host never backed go as
@@ -65,7 +66,6 @@ impl PageSender {
         if !skip_untouched {
             return self.send(link, pages, shared).await;
         }
-        let started = Instant::now();
         let mut present = Vec::with_capacity(pages.len());
         let mut runs = Vec::new();
         for (region, bitmap) in self.memory.iter().zip(pages) {
@@ -92,7 +92,6 @@ impl PageSender {
         let mut stats = self.send(link, &present, shared).await?;
         stats.pages += zero_pages;
         stats.bytes += zero_bytes;
-        stats.elapsed = started.elapsed();
         Ok(stats)
     }
 
@@ -104,11 +103,7 @@ impl PageSender {
         shared: &Shared,
     ) -> Result<SendStats, PageError> {
         let started = Instant::now();
-        let mut stats = SendStats {
-            pages: 0,
-            bytes: 0,
-            elapsed: Duration::ZERO,
-        };
+        let mut stats = SendStats { pages: 0, bytes: 0 };
         let mut page = vec![0u8; PAGE_SIZE as usize];
         for gpa in pages.iter().flat_map(RegionBitmap::addresses) {
             self.memory
@@ -127,7 +122,6 @@ impl PageSender {
             }
         }
         self.flush(link, shared, &mut stats, started).await?;
-        stats.elapsed = started.elapsed();
         Ok(stats)
     }
 
@@ -143,7 +137,7 @@ impl PageSender {
         }
         wire::encode_pages(&mut self.frame, &self.entries, &self.data);
         let max_bandwidth = shared.params().max_bandwidth;
-        if max_bandwidth > 0 {
+        if self.paced && max_bandwidth > 0 {
             // Pace the round so that it never runs ahead of the allowed rate.
             let due = (stats.bytes + self.frame.len() as u64) as f64 / max_bandwidth as f64;
             tokio::time::sleep_until((started + Duration::from_secs_f64(due)).into()).await;

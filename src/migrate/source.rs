@@ -28,6 +28,9 @@ pub enum Outcome {
     Completed,
     Failed(String),
     Cancelled,
+    /// The destination did not confirm the commit: it may run the guest. The source stays
+    /// paused until the operator decides.
+    InDoubt(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,14 +93,26 @@ pub async fn migrate(
     let _enter = span.enter();
     vm.vcpus.throttle().set(0);
     stop_dirty_logging(vm);
-    let Err(error) = outcome else {
-        return Outcome::Completed;
+    let error = match outcome {
+        Ok(CommitOutcome::Confirmed) => return Outcome::Completed,
+        Ok(CommitOutcome::Unconfirmed(reason)) => {
+            // The destination may be running the guest: resuming here could make two copies.
+            tracing::error!(reason, "the commit is in doubt; the source stays paused");
+            shared.finish(MigrationStatus::Failed, Some(reason.clone()));
+            return Outcome::InDoubt(reason);
+        }
+        Err(error) => error,
     };
-    if was_running && !vm.vcpus.running() {
-        if let Err(resume) = vm.vcpus.resume().await {
-            tracing::error!(%resume, "cannot resume the source after the migration ended");
-        } else {
-            shared.emit(Event::new("RESUME", None));
+    if was_running {
+        // A pause that was asked for but never acknowledged still happens, so resume whatever
+        // `running` says; resuming a running vCPU does nothing.
+        let paused = !vm.vcpus.running();
+        match vm.vcpus.resume().await {
+            Ok(()) if paused => shared.emit(Event::new("RESUME", None)),
+            Ok(()) => {}
+            Err(resume) => {
+                tracing::error!(%resume, "cannot resume the source after the migration ended")
+            }
         }
     }
     let reason = error.map(|e| e.to_string());
@@ -213,6 +228,7 @@ async fn stream_guest(
         let pending = tracker.take();
         let pages: u64 = pending.iter().map(RegionBitmap::count).sum();
         shared.emit_pass(u64::from(round) + 1);
+        let round_started = Instant::now();
         let stats = match sender
             .send_pass(link, &pending, round == 0, shared)
             .instrument(span.clone())
@@ -224,8 +240,16 @@ async fn stream_guest(
                 return Err(error.into());
             }
         };
+        // Bytes in socket buffers are not at the destination yet: wait until it has them all,
+        // so that bandwidth and the downtime estimate count its side too.
+        link.send(&Message::Sync).await?;
+        match link.answer().await? {
+            Message::Synced => {}
+            other => return Err(SendError::Protocol(format!("{other:?} instead of SYNCED"))),
+        }
+        let round_time = round_started.elapsed();
         if stats.bytes >= 1 << 20 || bandwidth == 0.0 {
-            bandwidth = stats.bandwidth();
+            bandwidth = stats.bytes as f64 / round_time.as_secs_f64().max(1e-6);
         }
         let dirty = tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
         let since_sync = last_sync.elapsed();
@@ -256,7 +280,7 @@ async fn stream_guest(
                 round,
                 pages,
                 bytes = stats.bytes,
-                ms = stats.elapsed.as_millis() as u64,
+                ms = round_time.as_millis() as u64,
                 mib_per_s = (bandwidth / (1 << 20) as f64) as u64,
                 dirty_after = dirty,
                 throttle_percent = throttle.percent(),
@@ -290,6 +314,7 @@ async fn stream_guest(
         shared.emit(Event::new("STOP", None));
         tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
         let last = tracker.take();
+        sender.stop_pacing();
         let stats = sender.send(link, &last, shared).await?;
         let state = vmstate::save(vm)
             .instrument(info_span!("device_state"))
@@ -313,8 +338,23 @@ async fn stream_guest(
     .await
 }
 
+/// How the commit went, once the COMMIT was written.
+enum CommitOutcome {
+    /// The destination said it took the guest over.
+    Confirmed,
+    /// The destination did not confirm: it may or may not run the guest.
+    Unconfirmed(String),
+}
+
+/// How long the source waits for the destination to confirm the commit.
+const COMMIT_DEADLINE: Duration = Duration::from_secs(10);
+
 /// The point of no return: the destination has everything; tell it to take the guest over.
-async fn commit(restored: Restored, was_running: bool, shared: &Shared) -> Result<(), SendError> {
+async fn commit(
+    restored: Restored,
+    was_running: bool,
+    shared: &Shared,
+) -> Result<CommitOutcome, SendError> {
     let Restored {
         mut link,
         paused_at,
@@ -323,12 +363,24 @@ async fn commit(restored: Restored, was_running: bool, shared: &Shared) -> Resul
     // so the source may safely take it back.
     link.send(&Message::Commit(Commit { run: was_running }))
         .await?;
+    let confirmation = tokio::time::timeout(COMMIT_DEADLINE, link.answer()).await;
     link.close().await;
     let downtime = paused_at.elapsed();
-    {
-        let mut progress = shared.progress();
-        progress.downtime = Some(downtime);
-        progress.remaining_pages = 0;
+    shared.progress().downtime = Some(downtime);
+    match confirmation {
+        Ok(Ok(Message::Committed)) => {}
+        other => {
+            let why = match other {
+                Ok(Ok(message)) => format!("it answered {message:?}"),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("no answer within {} s", COMMIT_DEADLINE.as_secs()),
+            };
+            return Ok(CommitOutcome::Unconfirmed(format!(
+                "the destination did not confirm that it took the guest over ({why}); it may be \
+                 running it. The source stays paused: check the destination, and resume the \
+                 source with 'cont' only if the destination does not run the guest"
+            )));
+        }
     }
     shared.finish(MigrationStatus::Completed, None);
     let progress = shared.progress().clone();
@@ -339,5 +391,5 @@ async fn commit(restored: Restored, was_running: bool, shared: &Shared) -> Resul
         rounds = progress.dirty_sync_count,
         "migration completed"
     );
-    Ok(())
+    Ok(CommitOutcome::Confirmed)
 }

@@ -21,7 +21,7 @@ use crate::machine::memory::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"FERRYMIG";
 /// The stream version this ferry writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Pages in one PAGES frame at most.
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// The largest frame any message may be: a full PAGES frame and its entries.
@@ -39,6 +39,9 @@ const TAG_COMMIT: u32 = 7;
 const TAG_ERROR: u32 = 8;
 const TAG_CANCEL: u32 = 9;
 const TAG_ZEROS: u32 = 10;
+const TAG_SYNC: u32 = 11;
+const TAG_SYNCED: u32 = 12;
+const TAG_COMMITTED: u32 = 13;
 /// Runs of zero pages in one ZEROS frame at most.
 pub const MAX_ZERO_RUNS: u32 = 1 << 16;
 
@@ -77,6 +80,10 @@ pub enum Message {
     },
     /// Source → destination: runs of pages that are all zeros, as (first address, page count).
     Zeros(Vec<(u64, u64)>),
+    /// Source → destination: answer SYNCED once everything before this is in guest RAM.
+    Sync,
+    /// Destination → source: everything up to the SYNC is in.
+    Synced,
     /// Source → destination: a pre-copy round ended.
     Round(RoundReport),
     /// Source → destination: the state of every part, after the last pages.
@@ -85,6 +92,8 @@ pub enum Message {
     Restored,
     /// Source → destination: the source gave the guest up; run it.
     Commit(Commit),
+    /// Destination → source: the destination took the guest over.
+    Committed,
     /// Either way: the sender gives up, and says why.
     Error(String),
     /// Source → destination: the operator cancelled the migration.
@@ -191,6 +200,8 @@ pub fn encode_message(message: &Message) -> Result<Vec<u8>, WireError> {
             }
             (TAG_ZEROS, payload)
         }
+        Message::Sync => (TAG_SYNC, Vec::new()),
+        Message::Synced => (TAG_SYNCED, Vec::new()),
         Message::Round(report) => (TAG_ROUND, json(report)),
         Message::State(sections) => (
             TAG_STATE,
@@ -198,6 +209,7 @@ pub fn encode_message(message: &Message) -> Result<Vec<u8>, WireError> {
         ),
         Message::Restored => (TAG_RESTORED, Vec::new()),
         Message::Commit(commit) => (TAG_COMMIT, json(commit)),
+        Message::Committed => (TAG_COMMITTED, Vec::new()),
         Message::Error(reason) => (TAG_ERROR, json(reason)),
         Message::Cancel => (TAG_CANCEL, Vec::new()),
     };
@@ -257,12 +269,15 @@ fn decode(tag: u32, payload: Vec<u8>) -> Result<Message, WireError> {
         TAG_ACCEPT => empty(Message::Accept),
         TAG_PAGES => decode_pages(payload),
         TAG_ZEROS => decode_zeros(&payload),
+        TAG_SYNC => empty(Message::Sync),
+        TAG_SYNCED => empty(Message::Synced),
         TAG_ROUND => Ok(Message::Round(from_json("round", &payload)?)),
         TAG_STATE => postcard::from_bytes(&payload)
             .map(Message::State)
             .map_err(|e| malformed(format!("bad device state: {e}"))),
         TAG_RESTORED => empty(Message::Restored),
         TAG_COMMIT => Ok(Message::Commit(from_json("commit", &payload)?)),
+        TAG_COMMITTED => empty(Message::Committed),
         TAG_ERROR => Ok(Message::Error(from_json("error", &payload)?)),
         TAG_CANCEL => empty(Message::Cancel),
         other => Err(malformed(format!("unknown message type {other}"))),
@@ -370,6 +385,8 @@ mod tests {
         };
         assert_eq!(round_trip(pages).await, Message::Pages { entries, data });
         assert_eq!(round_trip(Message::Accept).await, Message::Accept);
+        assert_eq!(round_trip(Message::Sync).await, Message::Sync);
+        assert_eq!(round_trip(Message::Synced).await, Message::Synced);
         let zeros = Message::Zeros(vec![(0x1000, 3), (1 << 32, 1 << 20)]);
         assert_eq!(
             round_trip(zeros).await,

@@ -170,6 +170,7 @@ impl Session {
         connection: &mut Connection<S>,
         events: &mut Events,
     ) -> io::Result<Result<Value, CommandError>> {
+        let reaches_vm = matches!(command, Command::Vm(_));
         let outcome = command.apply(&self.vm);
         tokio::pin!(outcome);
         loop {
@@ -177,7 +178,14 @@ impl Session {
                 // The outcome first: a local command is ready at once, so its reply (say to
                 // `qmp_capabilities`) always comes before any event.
                 biased;
-                outcome = &mut outcome => return Ok(outcome),
+                outcome = &mut outcome => {
+                    // The VM owner emits a command's events (STOP for `stop`) before it
+                    // answers: send them first, as QEMU does.
+                    if reaches_vm {
+                        events.drain(connection).await?;
+                    }
+                    return Ok(outcome);
+                }
                 event = events.next() => connection.write_message(&event).await?,
             }
         }

@@ -78,9 +78,10 @@ impl Vcpus {
 
     /// Stops every vCPU outside `KVM_RUN` with pending I/O completed.
     pub async fn pause(&mut self) -> Result<(), VcpuError> {
-        self.broadcast(VcpuEvent::Pause).await?;
+        // A pause once sent takes effect even if its acknowledgement is late or lost, so the
+        // vCPUs count as paused from here on: whoever resumes must not skip them.
         self.running = false;
-        Ok(())
+        self.broadcast(VcpuEvent::Pause).await
     }
 
     /// Lets every vCPU run the guest again.

@@ -326,7 +326,8 @@ impl Vmm {
                 self.status = RunStatus::Paused;
                 self.handle.emit(Event::new("STOP", None));
             }
-            RunStatus::Prelaunch => self.status = RunStatus::Paused,
+            // As QEMU: a VM that never ran stays in prelaunch, and nothing changed to announce.
+            RunStatus::Prelaunch => {}
             RunStatus::InMigrate => self.autostart = false,
             _ => {}
         }
@@ -457,6 +458,12 @@ impl Vmm {
         match result {
             MigrationResult::Outgoing(source::Outcome::Completed) => {
                 self.status = RunStatus::PostMigrate;
+                None
+            }
+            // Paused, not postmigrate: the operator may resume it once sure the destination
+            // does not run the guest.
+            MigrationResult::Outgoing(source::Outcome::InDoubt(_)) => {
+                self.status = RunStatus::Paused;
                 None
             }
             MigrationResult::Outgoing(_) => {
