@@ -1,0 +1,196 @@
+//! How a VM begins (`-S`, `prelaunch`, `cont`) and ends (`quit`, `system_reset`, a guest
+//! reset), as QMP clients see it.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::client::{names, Client};
+use crate::common::{kvm_available, kvm_lock};
+use crate::support::{
+    assert_clean_exit, assert_no_panic, assert_quiet, assert_runs, connect, World, BOOT, QUIET,
+};
+
+/// Where `name` stands in the messages `client` received.
+fn position(client: &Client, name: &str) -> usize {
+    client
+        .transcript
+        .iter()
+        .position(|m| m["event"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {:?}", client.transcript))
+}
+
+#[test]
+fn prelaunch_runs_nothing_until_cont() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new();
+    let vm = world.start("prelaunch", &["-S"]);
+    let mut qmp = connect(&vm, "qmp");
+    assert_eq!(qmp.ok("qmp_capabilities", json!({})), json!({}));
+    // No -name: QEMU answers an empty object.
+    assert_eq!(qmp.ok("query-name", json!({})), json!({}));
+    assert_eq!(
+        qmp.ok("query-status", json!({})),
+        json!({"status": "prelaunch", "running": false, "singlestep": false})
+    );
+    std::thread::sleep(QUIET);
+    assert!(
+        vm.lines().is_empty(),
+        "the guest ran before cont: {:?}",
+        vm.lines()
+    );
+    // The vCPU threads exist already.
+    let cpus = qmp.ok("query-cpus-fast", json!({}));
+    assert_eq!(cpus.as_array().map(Vec::len), Some(2), "{cpus}");
+    assert_eq!(
+        qmp.ok("query-migrate", json!({})),
+        json!({"status": "none"})
+    );
+
+    assert_eq!(qmp.ok("cont", json!({})), json!({}));
+    qmp.event("RESUME", Duration::from_secs(5));
+    assert_eq!(
+        qmp.ok("query-status", json!({})),
+        json!({"status": "running", "running": true, "singlestep": false})
+    );
+    vm.wait_line("guest 'ready'", BOOT, |l| l == "ready");
+    assert!(
+        vm.lines()[0].starts_with("ferry-guest: cpus=2 "),
+        "{}",
+        vm.context()
+    );
+    assert_runs(&vm, "after cont from prelaunch");
+    assert_eq!(qmp.ok("stop", json!({})), json!({}));
+    qmp.event("STOP", Duration::from_secs(5));
+    assert_quiet(&vm, "stopped after prelaunch");
+    assert_no_panic(&vm);
+}
+
+#[test]
+fn quit_reaches_two_clients_and_ferry_exits_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new();
+    let mut vm = world.running("quit", &[]);
+    let mut quitter = connect(&vm, "quitter");
+    let mut watcher = connect(&vm, "watcher");
+    quitter.ok("qmp_capabilities", json!({}));
+    watcher.ok("qmp_capabilities", json!({}));
+
+    let reply = quitter.request(&json!({"execute": "quit", "id": "bye"}));
+    assert_eq!(reply, json!({"return": {}, "id": "bye"}));
+    let expected = json!({"guest": false, "reason": "host-qmp-quit"});
+    for client in [&mut quitter, &mut watcher] {
+        let shutdown = client.event("SHUTDOWN", Duration::from_secs(5));
+        assert_eq!(shutdown["data"], expected, "{shutdown}");
+        let rest = client.until_closed(Duration::from_secs(10));
+        assert!(rest.is_empty(), "after SHUTDOWN: {rest:?}");
+    }
+    assert_clean_exit(&mut vm, "quit");
+    // Nobody listens any more.
+    let path = vm.qmp_path.clone().unwrap();
+    assert!(std::os::unix::net::UnixStream::connect(path).is_err());
+}
+
+#[test]
+fn system_reset_announces_reset_and_shutdown_then_ferry_exits() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new();
+    let mut vm = world.running("reset", &[]);
+    let mut qmp = connect(&vm, "qmp");
+    let mut watcher = connect(&vm, "watcher");
+    watcher.ok("qmp_capabilities", json!({}));
+    assert_eq!(qmp.ok("system_reset", json!({})), json!({}));
+    let data = json!({"guest": false, "reason": "host-qmp-system-reset"});
+    for client in [&mut qmp, &mut watcher] {
+        let reset = client.event("RESET", Duration::from_secs(5));
+        assert_eq!(reset["data"], data, "{reset}");
+        let shutdown = client.event("SHUTDOWN", Duration::from_secs(5));
+        assert_eq!(shutdown["data"], data, "{shutdown}");
+        assert!(
+            position(client, "RESET") < position(client, "SHUTDOWN"),
+            "{:?}",
+            client.transcript
+        );
+        client.until_closed(Duration::from_secs(10));
+    }
+    assert_clean_exit(&mut vm, "system_reset");
+}
+
+/// A guest reset (the i8042 reset line, or a triple fault) ends the VM as QEMU's `-no-reboot`
+/// does: SHUTDOWN with `guest: true` and reason `guest-reset`, no RESET.
+#[test]
+fn a_guest_reset_is_announced_as_a_guest_shutdown() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new();
+    for (action, said) in [("reset", "resetting"), ("triplefault", "triple-faulting")] {
+        // -S, so that the clients are connected and subscribed before the guest can reset.
+        let append = format!("ferry.run={action}");
+        let mut vm = world.start_with(action, &append, &["-S"]);
+        let mut qmp = connect(&vm, "qmp");
+        let mut watcher = connect(&vm, "watcher");
+        watcher.ok("qmp_capabilities", json!({}));
+        assert_eq!(qmp.status(), "prelaunch");
+        assert_eq!(qmp.ok("cont", json!({})), json!({}));
+        let expected = json!({"guest": true, "reason": "guest-reset"});
+        for client in [&mut qmp, &mut watcher] {
+            client.event("RESUME", Duration::from_secs(5));
+            let shutdown = client.event("SHUTDOWN", BOOT);
+            assert_eq!(shutdown["data"], expected, "{action}: {shutdown}");
+            let rest = client.until_closed(Duration::from_secs(10));
+            let mut events = client.take_events();
+            events.extend(rest.into_iter().filter(|m| m.get("event").is_some()));
+            assert!(
+                events.is_empty(),
+                "{action}: other events: {:?}",
+                names(&events)
+            );
+            assert!(
+                position(client, "RESUME") < position(client, "SHUTDOWN"),
+                "{action}: {:?}",
+                client.transcript
+            );
+        }
+        assert_clean_exit(&mut vm, action);
+        assert!(
+            vm.lines().iter().any(|l| l == said),
+            "{action}: the guest did not say '{said}'\n{}",
+            vm.context()
+        );
+    }
+}
+
+/// SIGTERM and SIGINT end the VM like `quit`, announced with QEMU's reason `host-signal`.
+#[test]
+fn a_signal_is_announced_as_a_host_shutdown() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new();
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut vm = world.running("signal", &[]);
+        let mut qmp = connect(&vm, "qmp");
+        qmp.ok("qmp_capabilities", json!({}));
+        vm.signal(signal);
+        let shutdown = qmp.event("SHUTDOWN", Duration::from_secs(10));
+        assert_eq!(
+            shutdown["data"],
+            json!({"guest": false, "reason": "host-signal"}),
+            "signal {signal}: {shutdown}"
+        );
+        qmp.until_closed(Duration::from_secs(10));
+        assert_clean_exit(&mut vm, &format!("signal {signal}"));
+    }
+}
