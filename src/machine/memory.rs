@@ -125,24 +125,33 @@ pub fn take_vmm_dirty_bitmap(region: &GuestRegion) -> Vec<u64> {
     mapping.bitmap().get_and_reset()
 }
 
-/// One flag per page of `len` bytes at `host`: whether the host backs the page, in RAM or in
-/// swap. /proc/self/pagemap tells both; mincore(2) would miss swapped-out pages, and those hold
-/// data.
-fn residency(host: *const u8, len: usize) -> std::io::Result<Vec<bool>> {
+/// One bit per page of `len` bytes at `host` (bit `i` of word `i / 64`), set where the host
+/// backs the page, in RAM or in swap. /proc/self/pagemap tells both; mincore(2) would miss
+/// swapped-out pages, and those hold data. The map is read in chunks, so a large guest costs
+/// one bit per page, not the 8 bytes of a pagemap entry.
+fn residency(host: *const u8, len: usize) -> std::io::Result<Vec<u64>> {
     use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
+    const CHUNK_PAGES: usize = 1 << 15;
     let pages = len.div_ceil(PAGE_SIZE as usize);
     let pagemap = std::fs::File::open("/proc/self/pagemap")?;
-    let mut entries = vec![0u8; pages * 8];
-    pagemap.read_exact_at(&mut entries, (host as u64 / PAGE_SIZE) * 8)?;
-    Ok(entries
-        .chunks_exact(8)
-        .map(|entry| {
+    let first = host as u64 / PAGE_SIZE;
+    let mut bits = vec![0u64; pages.div_ceil(64)];
+    let mut entries = vec![0u8; CHUNK_PAGES.min(pages) * 8];
+    for start in (0..pages).step_by(CHUNK_PAGES) {
+        let count = CHUNK_PAGES.min(pages - start);
+        let chunk = &mut entries[..count * 8];
+        pagemap.read_exact_at(chunk, (first + start as u64) * 8)?;
+        for (offset, entry) in chunk.chunks_exact(8).enumerate() {
             let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
-            entry & (PRESENT | SWAPPED) != 0
-        })
-        .collect())
+            if entry & (PRESENT | SWAPPED) != 0 {
+                let page = start + offset;
+                bits[page / 64] |= 1 << (page % 64);
+            }
+        }
+    }
+    Ok(bits)
 }
 
 /// Which pages of a region the host has ever backed, one bit per page like the dirty bitmaps.
@@ -150,31 +159,16 @@ fn residency(host: *const u8, len: usize) -> std::io::Result<Vec<bool>> {
 /// an idle guest's first migration pass cheap.
 pub fn resident_bitmap(region: &GuestRegion) -> std::io::Result<Vec<u64>> {
     let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
-    let pages = residency(mapping.as_ptr(), region.len() as usize)?;
-    let mut words = vec![0u64; pages.len().div_ceil(64)];
-    for (page, backed) in pages.iter().enumerate() {
-        if *backed {
-            words[page / 64] |= 1 << (page % 64);
-        }
-    }
-    Ok(words)
+    residency(mapping.as_ptr(), region.len() as usize)
 }
 
-/// Whether each page of `[gpa, gpa + pages * 4 KiB)`, which must lie in one RAM region, is
-/// backed by the host; `None` if the range is not RAM.
-pub fn resident_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<bool>> {
+/// Which pages of `[gpa, gpa + pages * 4 KiB)`, which must lie in one RAM region, the host
+/// backs, as bits like [`resident_bitmap`]'s; `None` if the range is not RAM.
+pub fn resident_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<u64>> {
     let len = usize::try_from(pages.checked_mul(PAGE_SIZE)?).ok()?;
     // get_slice checks that the whole range lies in one mapped region of `memory`.
     let slice = memory.get_slice(GuestAddress(gpa), len).ok()?;
     residency(slice.ptr_guard().as_ptr(), len).ok()
-}
-
-/// Marks every page of guest memory as written by ferry, e.g. after loading a snapshot.
-pub fn mark_all_dirty(memory: &GuestMemory) {
-    for region in memory.iter() {
-        let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
-        mapping.bitmap().set_addr_range(0, region.len() as usize);
-    }
 }
 
 #[cfg(test)]

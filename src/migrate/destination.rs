@@ -122,6 +122,7 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
     shared.progress().setup_time = Some(started.elapsed());
     shared.set_status(MigrationStatus::Active);
 
+    let ram_pages: u64 = vm.machine.layout.iter().map(|r| r.size / PAGE_SIZE).sum();
     let mut restored = false;
     loop {
         match next(reader).await? {
@@ -142,6 +143,12 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 progress.duplicate += pages;
             }
             Message::Sync if !restored => wire::write_message(writer, &Message::Synced).await?,
+            Message::Round(report) if report.remaining_pages > ram_pages => {
+                return Err(ReceiveError::Protocol(format!(
+                    "round {} reports {} pages remaining, but RAM has {ram_pages}",
+                    report.round, report.remaining_pages
+                )));
+            }
             Message::Round(report) if !restored => {
                 {
                     let mut progress = shared.progress();
@@ -206,9 +213,9 @@ fn write_zero_runs(memory: &GuestMemory, runs: &[(u64, u64)]) -> Result<u64, Rec
                 "zero run of {pages} pages at {gpa:#x} is outside this VM's RAM"
             ))
         })?;
-        for (index, backed) in resident.into_iter().enumerate() {
-            if backed {
-                zero_page(memory, GuestAddress(gpa + index as u64 * PAGE_SIZE))?;
+        for index in 0..pages {
+            if resident[(index / 64) as usize] & (1 << (index % 64)) != 0 {
+                zero_page(memory, GuestAddress(gpa + index * PAGE_SIZE))?;
             }
         }
         total += pages;

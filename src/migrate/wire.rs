@@ -126,11 +126,6 @@ pub fn header() -> [u8; 16] {
     header
 }
 
-pub async fn write_header<W: AsyncWrite + Unpin>(out: &mut W) -> Result<(), WireError> {
-    out.write_all(&header()).await?;
-    Ok(())
-}
-
 pub async fn read_header<R: AsyncRead + Unpin>(input: &mut R) -> Result<(), WireError> {
     let mut header = [0u8; 16];
     read_exact(input, &mut header).await?;
@@ -414,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn header_is_checked() {
         let mut buffer = Vec::new();
-        write_header(&mut buffer).await.unwrap();
+        buffer.extend_from_slice(&header());
         read_header(&mut buffer.as_slice()).await.unwrap();
         buffer[8] = 9;
         assert!(matches!(

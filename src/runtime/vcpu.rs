@@ -277,13 +277,32 @@ impl VcpuThread {
     /// Lets KVM finish an instruction whose port I/O or MMIO userspace just served, without
     /// running the guest further: `KVM_RUN` with `immediate_exit` set does exactly that.
     fn complete_pending_io(&mut self) {
+        /// An access split in fragments (MMIO over 8 bytes or across pages) exits once per
+        /// fragment; more than this means something is wrong.
+        const MAX_FRAGMENTS: u32 = 16;
         self.vcpu.set_kvm_immediate_exit(1);
-        match self.vcpu.run() {
-            Err(error) if error.errno() == libc::EINTR => {}
-            Ok(exit) => {
-                tracing::warn!(vcpu = self.index, exit = ?exit_name(&exit), "unexpected exit while completing I/O")
+        for _ in 0..MAX_FRAGMENTS {
+            let devices = &self.devices;
+            match self.vcpu.run() {
+                Err(error) if error.errno() == libc::EINTR => break,
+                Ok(VcpuExit::IoIn(port, data)) => devices.pio_read(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
+                Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio_read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio_write(addr, data),
+                Ok(exit) => {
+                    let exit = exit_name(&exit);
+                    tracing::warn!(
+                        vcpu = self.index,
+                        exit,
+                        "unexpected exit while completing I/O"
+                    );
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(vcpu = self.index, %error, "completing I/O failed");
+                    break;
+                }
             }
-            Err(error) => tracing::warn!(vcpu = self.index, %error, "completing I/O failed"),
         }
         self.vcpu.set_kvm_immediate_exit(0);
     }
