@@ -305,9 +305,13 @@ pub fn feature_words(cpuid: &[kvm_cpuid_entry2]) -> Vec<FeatureWord> {
         (0x7, 0, 'b'),
         (0x7, 0, 'c'),
         (0x7, 0, 'd'),
+        (0x7, 1, 'a'),
+        (0xd, 0, 'a'), // XSAVE state components (XCR0)
         (0xd, 1, 'a'),
+        (0x4000_0001, 0, 'a'), // KVM paravirtual features
         (0x8000_0001, 0, 'c'),
         (0x8000_0001, 0, 'd'),
+        (0x8000_0007, 0, 'd'), // invariant TSC
         (0x8000_0008, 0, 'b'),
     ];
     FEATURE_REGISTERS
