@@ -52,6 +52,16 @@ impl Link {
         Ok(())
     }
 
+    /// Writes one frame given in parts (a head and its data), without joining them.
+    pub async fn write_frame_parts(&mut self, parts: &[&[u8]]) -> Result<(), WireError> {
+        self.torn = true;
+        for part in parts {
+            self.writer.write_all(part).await?;
+        }
+        self.torn = false;
+        Ok(())
+    }
+
     pub async fn send(&mut self, message: &Message) -> Result<(), WireError> {
         let frame = wire::encode_message(message)?;
         self.write_frames(&frame).await

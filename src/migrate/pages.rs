@@ -34,7 +34,8 @@ pub struct PageSender {
     paced: bool,
     entries: Vec<PageEntry>,
     data: Vec<u8>,
-    frame: Vec<u8>,
+    /// The PAGES frame's tag, length and page list; `data` follows it on the wire.
+    head: Vec<u8>,
 }
 
 impl PageSender {
@@ -45,7 +46,7 @@ impl PageSender {
             paced: true,
             entries: Vec::with_capacity(capacity),
             data: Vec::with_capacity(capacity * PAGE_SIZE as usize),
-            frame: Vec::with_capacity(capacity * (PAGE_SIZE as usize + 8) + 16),
+            head: Vec::with_capacity(capacity * 8 + 16),
         }
     }
 
@@ -104,17 +105,21 @@ impl PageSender {
     ) -> Result<SendStats, PageError> {
         let started = Instant::now();
         let mut stats = SendStats { pages: 0, bytes: 0 };
-        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let page_size = PAGE_SIZE as usize;
         for gpa in pages.iter().flat_map(RegionBitmap::addresses) {
+            // Read straight into the frame's data; a zero page is dropped again.
+            let at = self.data.len();
+            self.data.resize(at + page_size, 0);
+            let page = &mut self.data[at..];
             self.memory
-                .read_slice(&mut page, GuestAddress(gpa))
+                .read_slice(page, GuestAddress(gpa))
                 .map_err(|e| PageError::Read {
                     gpa,
                     reason: e.to_string(),
                 })?;
-            let zero = is_zero(&page);
-            if !zero {
-                self.data.extend_from_slice(&page);
+            let zero = is_zero(page);
+            if zero {
+                self.data.truncate(at);
             }
             self.entries.push(PageEntry { gpa, zero });
             if self.entries.len() == MAX_PAGES_PER_FRAME as usize {
@@ -135,21 +140,22 @@ impl PageSender {
         if self.entries.is_empty() {
             return Ok(());
         }
-        wire::encode_pages(&mut self.frame, &self.entries, &self.data);
+        wire::encode_pages_head(&mut self.head, &self.entries, self.data.len());
+        let frame_len = (self.head.len() + self.data.len()) as u64;
         let max_bandwidth = shared.params().max_bandwidth;
         if self.paced && max_bandwidth > 0 {
             // Pace the round so that it never runs ahead of the allowed rate.
-            let due = (stats.bytes + self.frame.len() as u64) as f64 / max_bandwidth as f64;
+            let due = (stats.bytes + frame_len) as f64 / max_bandwidth as f64;
             tokio::time::sleep_until((started + Duration::from_secs_f64(due)).into()).await;
         }
-        link.write_frames(&self.frame).await?;
+        link.write_frame_parts(&[&self.head, &self.data]).await?;
         let zero = self.entries.iter().filter(|e| e.zero).count() as u64;
         let count = self.entries.len() as u64;
         stats.pages += count;
-        stats.bytes += self.frame.len() as u64;
+        stats.bytes += frame_len;
         {
             let mut progress = shared.progress();
-            progress.transferred += self.frame.len() as u64;
+            progress.transferred += frame_len;
             progress.duplicate += zero;
             progress.normal += count - zero;
             progress.remaining_pages = progress.remaining_pages.saturating_sub(count);

@@ -162,17 +162,23 @@ fn from_json<T: DeserializeOwned>(what: &str, payload: &[u8]) -> Result<T, WireE
 /// Encodes the PAGES frame for `entries` into `frame` (cleared first), copying the data of the
 /// non-zero pages from `data`.
 pub fn encode_pages(frame: &mut Vec<u8>, entries: &[PageEntry], data: &[u8]) {
-    frame.clear();
-    let length = 8 + entries.len() * 8 + data.len();
-    frame.extend_from_slice(&TAG_PAGES.to_le_bytes());
-    frame.extend_from_slice(&(length as u32).to_le_bytes());
-    frame.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&0u32.to_le_bytes());
+    encode_pages_head(frame, entries, data.len());
+    frame.extend_from_slice(data);
+}
+
+/// Encodes everything of a PAGES frame but the page data (`data_len` bytes), which the caller
+/// writes right after it: the sender streams pages from its own buffer without a copy.
+pub fn encode_pages_head(head: &mut Vec<u8>, entries: &[PageEntry], data_len: usize) {
+    head.clear();
+    let length = 8 + entries.len() * 8 + data_len;
+    head.extend_from_slice(&TAG_PAGES.to_le_bytes());
+    head.extend_from_slice(&(length as u32).to_le_bytes());
+    head.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    head.extend_from_slice(&0u32.to_le_bytes());
     for entry in entries {
         let word = entry.gpa | if entry.zero { ZERO_PAGE_FLAG } else { 0 };
-        frame.extend_from_slice(&word.to_le_bytes());
+        head.extend_from_slice(&word.to_le_bytes());
     }
-    frame.extend_from_slice(data);
 }
 
 /// The bytes of one message on the wire.
