@@ -167,6 +167,9 @@ impl PageSender {
         }
         self.entries.clear();
         self.data.clear();
+        // Reading and checking a frame's pages is work without an await; when the socket
+        // takes every frame at once, this is where `migrate_cancel` gets its turn.
+        tokio::task::yield_now().await;
         Ok(())
     }
 }

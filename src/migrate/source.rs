@@ -93,6 +93,7 @@ pub async fn migrate(
     let _enter = span.enter();
     vm.vcpus.throttle().set(0);
     stop_dirty_logging(vm);
+    tracing::debug!("dirty logging off");
     let error = match outcome {
         Ok(CommitOutcome::Confirmed) => return Outcome::Completed,
         Ok(CommitOutcome::Unconfirmed(reason)) => {
@@ -166,6 +167,7 @@ async fn precopy(
     match streamed {
         Ok(paused_at) => Ok(Restored { link, paused_at }),
         Err(None) => {
+            tracing::debug!("cancelled; telling the destination");
             link.hang_up(&Message::Cancel).await;
             Err(None)
         }
