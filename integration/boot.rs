@@ -159,6 +159,13 @@ fn bad_input_gets_one_clear_line_and_the_right_status() {
     let garbage = dir.path().join("garbage");
     std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
     let garbage = garbage.to_str().unwrap();
+    // A kernel that loads, to reach the initrd checks.
+    let kernel = dir.path().join("guest.elf");
+    std::fs::write(&kernel, ferry::guest::BUILTIN_GUEST).unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let unreadable = dir.path().join("unreadable-initrd");
+    std::fs::create_dir(&unreadable).unwrap();
+    let unreadable = unreadable.to_str().unwrap();
     let kvm = kvm_available();
     // (arguments, exit status, what stderr must say)
     let mut cases: Vec<(Vec<&str>, i32, &str)> = vec![
@@ -205,6 +212,16 @@ fn bad_input_gets_one_clear_line_and_the_right_status() {
                 vec!["-kernel", garbage],
                 1,
                 "is neither an ELF vmlinux nor a bzImage",
+            ),
+            (
+                vec!["-kernel", kernel, "-initrd", "/nonexistent/initrd"],
+                1,
+                "-initrd: cannot read /nonexistent/initrd",
+            ),
+            (
+                vec!["-kernel", kernel, "-initrd", unreadable],
+                1,
+                "-initrd: cannot read",
             ),
             (
                 vec!["-m", "100000G"],

@@ -384,6 +384,12 @@ async fn commit(
             )));
         }
     }
+    info_span!("switchover").in_scope(|| {
+        info!(
+            downtime_ms = downtime.as_millis() as u64,
+            "the destination runs the guest"
+        )
+    });
     shared.finish(MigrationStatus::Completed, None);
     let progress = shared.progress().clone();
     info!(
