@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::progress::MigrationStatus;
 use super::transport::{BoxedStream, Listener};
-use super::wire::{self, Message, PageEntry, WireError};
+use super::wire::{self, FrameBuffer, Message, PageEntry, WireError};
 use super::{vmstate, Shared};
 use crate::machine::memory::{resident_pages, GuestMemory, PAGE_SIZE};
 use crate::runtime::Vm;
@@ -107,7 +107,7 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
     shared.progress().started = Some(started);
     let memory = vm.machine.memory.clone();
     wire::read_header(reader).await?;
-    let source = match next(reader).await? {
+    let source = match next(reader, &mut FrameBuffer::default()).await? {
         Message::Config(source) => source,
         other => {
             return Err(ReceiveError::Protocol(format!(
@@ -124,10 +124,12 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
 
     let ram_pages: u64 = vm.machine.layout.iter().map(|r| r.size / PAGE_SIZE).sum();
     let mut restored = false;
+    let mut frames = FrameBuffer::default();
     loop {
-        match next(reader).await? {
+        match next(reader, &mut frames).await? {
             Message::Pages { entries, data } if !restored => {
-                let bytes = write_pages(&memory, &entries, &data)?;
+                let bytes = write_pages(&memory, &entries, data.bytes())?;
+                frames.recycle(data);
                 let zero = entries.iter().filter(|e| e.zero).count() as u64;
                 let mut progress = shared.progress();
                 progress.transferred += bytes;
@@ -187,8 +189,11 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn next(reader: &mut ReadHalf<BoxedStream>) -> Result<Message, ReceiveError> {
-    match wire::read_message(reader).await {
+async fn next(
+    reader: &mut ReadHalf<BoxedStream>,
+    frames: &mut FrameBuffer,
+) -> Result<Message, ReceiveError> {
+    match wire::read_message_into(reader, frames).await {
         Err(WireError::Closed) => Err(ReceiveError::SourceGone),
         other => Ok(other?),
     }

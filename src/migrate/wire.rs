@@ -52,6 +52,47 @@ pub struct PageEntry {
     pub zero: bool,
 }
 
+/// The data of a PAGES frame: the frame's buffer and where the page data starts in it, so that
+/// receiving a frame neither moves the data nor allocates (see [`FrameBuffer`]).
+#[derive(Debug, Clone, Default)]
+pub struct PageData {
+    buffer: Vec<u8>,
+    start: usize,
+}
+
+impl PageData {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buffer[self.start..]
+    }
+}
+
+impl From<Vec<u8>> for PageData {
+    fn from(buffer: Vec<u8>) -> Self {
+        Self { buffer, start: 0 }
+    }
+}
+
+impl PartialEq for PageData {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+/// A reader's reusable frame buffer: a PAGES frame borrows it as its [`PageData`] and gives it
+/// back with [`FrameBuffer::recycle`], so megabyte frames are not allocated one by one.
+#[derive(Debug, Default)]
+pub struct FrameBuffer {
+    buffer: Vec<u8>,
+}
+
+impl FrameBuffer {
+    pub fn recycle(&mut self, data: PageData) {
+        if data.buffer.capacity() > self.buffer.capacity() {
+            self.buffer = data.buffer;
+        }
+    }
+}
+
 /// Progress the source reports at the end of each round, so the destination's `query-migrate`
 /// can show it too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +117,7 @@ pub enum Message {
     /// Source → destination: guest pages. `data` holds the non-zero pages back to back.
     Pages {
         entries: Vec<PageEntry>,
-        data: Vec<u8>,
+        data: PageData,
     },
     /// Source → destination: runs of pages that are all zeros, as (first address, page count).
     Zeros(Vec<(u64, u64)>),
@@ -188,7 +229,7 @@ pub fn encode_message(message: &Message) -> Result<Vec<u8>, WireError> {
         Message::Accept => (TAG_ACCEPT, Vec::new()),
         Message::Pages { entries, data } => {
             let mut frame = Vec::new();
-            encode_pages(&mut frame, entries, data);
+            encode_pages(&mut frame, entries, data.bytes());
             return Ok(frame);
         }
         Message::Zeros(runs) => {
@@ -237,6 +278,14 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
 
 /// Reads one message, checking every length before allocating or using it.
 pub async fn read_message<R: AsyncRead + Unpin>(input: &mut R) -> Result<Message, WireError> {
+    read_message_into(input, &mut FrameBuffer::default()).await
+}
+
+/// Like [`read_message`], reading into `frames`' buffer instead of a new one.
+pub async fn read_message_into<R: AsyncRead + Unpin>(
+    input: &mut R,
+    frames: &mut FrameBuffer,
+) -> Result<Message, WireError> {
     let mut head = [0u8; 8];
     read_exact(input, &mut head).await?;
     let tag = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
@@ -246,7 +295,8 @@ pub async fn read_message<R: AsyncRead + Unpin>(input: &mut R) -> Result<Message
             "frame of {length} bytes is over the {MAX_FRAME}-byte limit"
         )));
     }
-    let mut payload = vec![0u8; length as usize];
+    let mut payload = std::mem::take(&mut frames.buffer);
+    payload.resize(length as usize, 0);
     read_exact(input, &mut payload).await?;
     decode(tag, payload)
 }
@@ -352,8 +402,10 @@ fn decode_pages(payload: Vec<u8>) -> Result<Message, WireError> {
             payload.len()
         )));
     }
-    let mut data = payload;
-    data.drain(..entries_end);
+    let data = PageData {
+        buffer: payload,
+        start: entries_end,
+    };
     Ok(Message::Pages { entries, data })
 }
 
@@ -382,9 +434,15 @@ mod tests {
         let data = vec![7u8; 4096];
         let pages = Message::Pages {
             entries: entries.clone(),
-            data: data.clone(),
+            data: data.clone().into(),
         };
-        assert_eq!(round_trip(pages).await, Message::Pages { entries, data });
+        assert_eq!(
+            round_trip(pages).await,
+            Message::Pages {
+                entries,
+                data: data.into()
+            }
+        );
         assert_eq!(round_trip(Message::Accept).await, Message::Accept);
         assert_eq!(round_trip(Message::Sync).await, Message::Sync);
         assert_eq!(round_trip(Message::Synced).await, Message::Synced);
