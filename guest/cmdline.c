@@ -8,6 +8,12 @@
  *                              `reset`, `triplefault` and `echo` may be added
  *   ferry.tick_ms=N            LAPIC timer period in ms (default 1000)
  *   ferry.sweep_mb=N           cap on each CPU's slices in MiB (0/absent: none)
+ *   ferry.fill=PERCENT         fill this share (0..100) of free RAM once, before
+ *                              `ready`; the sweep leaves it alone (default 0)
+ *   ferry.dirty_mbps=N         pace the sweep to N MiB/s over all CPUs
+ *                              (0/absent: as fast as it goes)
+ *   ferry.blackout[=MS]        report every TSC gap longer than MS ms (bare: 1;
+ *                              0/absent: off)
  */
 #include "guest.h"
 
@@ -100,6 +106,23 @@ static void parse_word(const char *w, size_t len, struct config *cfg)
 			cfg->sweep_mb = v;
 		else
 			print("warning: bad value in %s", cstr(buf, w, len));
+	} else if (is(key, klen, "fill")) {
+		if (parse_u64(val, vlen, &v) && v <= 100)
+			cfg->fill_pct = v;
+		else
+			print("warning: bad value in %s", cstr(buf, w, len));
+	} else if (is(key, klen, "dirty_mbps")) {
+		if (parse_u64(val, vlen, &v))
+			cfg->dirty_mbps = v;
+		else
+			print("warning: bad value in %s", cstr(buf, w, len));
+	} else if (is(key, klen, "blackout")) {
+		if (6 + klen == len)
+			cfg->blackout_ms = 1; /* a bare ferry.blackout */
+		else if (parse_u64(val, vlen, &v) && v <= 3600000)
+			cfg->blackout_ms = v;
+		else
+			print("warning: bad value in %s", cstr(buf, w, len));
 	} else if (is(key, klen, "run")) {
 		cfg->run = parse_run(val, vlen);
 	} else {
@@ -112,6 +135,9 @@ void parse_cmdline(const char *s, struct config *cfg)
 	cfg->run = RUN_DEFAULT;
 	cfg->tick_ms = 1000;
 	cfg->sweep_mb = 0;
+	cfg->fill_pct = 0;
+	cfg->dirty_mbps = 0;
+	cfg->blackout_ms = 0;
 
 	while (*s) {
 		size_t len = 0;

@@ -69,6 +69,7 @@ typedef unsigned char uint8_t;
 typedef unsigned short uint16_t;
 typedef unsigned int uint32_t;
 typedef unsigned long uint64_t;
+typedef long int64_t;
 typedef unsigned long size_t;
 typedef _Bool bool;
 #define true 1
@@ -121,6 +122,10 @@ struct cpu {
 	uint64_t sweeps;
 	uint64_t pages_since_poll;
 	uint64_t last_tsc;
+	uint64_t pace_next;   /* dirty_mbps: TSC at which the next page may be written */
+	uint64_t pace_frac;   /* ... and its fraction, in 1/65536 cycles */
+	uint64_t gap_last;    /* blackout: the last TSC reading, 0 = not tracking yet */
+	uint64_t gap_pending; /* blackout: largest gap not yet reported, in cycles */
 	struct tss64 tss __attribute__((aligned(16)));
 } __attribute__((aligned(64)));
 
@@ -143,9 +148,12 @@ struct hvm_memmap_entry {
 #define RUN_DEFAULT (RUN_TICK | RUN_SWEEP | RUN_TSC)
 
 struct config {
-	uint32_t run;	   /* RUN_* bits */
-	uint64_t tick_ms;  /* LAPIC timer period */
-	uint64_t sweep_mb; /* cap on each CPU's slices, 0 = none */
+	uint32_t run;	     /* RUN_* bits */
+	uint64_t tick_ms;    /* LAPIC timer period */
+	uint64_t sweep_mb;   /* cap on each CPU's slices, 0 = none */
+	uint64_t fill_pct;   /* share of free RAM filled once at boot, 0..100 */
+	uint64_t dirty_mbps; /* sweep pace, MiB/s over all CPUs, 0 = unlimited */
+	uint64_t blackout_ms; /* report TSC gaps longer than this, 0 = off */
 };
 
 /* Everything ring 3 needs to know, filled in by ring 0 (setup.c, smp.c). */
@@ -159,6 +167,10 @@ struct boot {
 	uint64_t free_start;	/* first byte the guest itself does not use */
 	uint32_t ncpus;		/* CPUs that came online (set in ring 3) */
 	struct config cfg;	/* parsed in ring 3 */
+	uint64_t tsc_khz;	/* measured if dirty_mbps or blackout asks, else 0 */
+	uint64_t pace_fp;	/* dirty_mbps: TSC cycles per page, 16.16 fixed point */
+	uint64_t pace_slack;	/* dirty_mbps: lag (cycles) beyond which no catching up */
+	uint64_t gap_cycles;	/* blackout: threshold in TSC cycles, 0 = off */
 };
 
 extern struct boot boot;
@@ -206,6 +218,7 @@ int strncmp(const char *a, const char *b, size_t n);
 
 /* user.c */
 void user_main(struct cpu *c) __attribute__((noreturn));
+void gap_note(void); /* blackout: a TSC reading on this CPU (print.c calls it) */
 
 static inline uint64_t align_up(uint64_t x, uint64_t a)
 {

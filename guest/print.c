@@ -16,11 +16,18 @@
 
 static volatile uint32_t serial_lock;
 
+/*
+ * gap_note() (user.c) takes a TSC reading for ferry.blackout while we wait
+ * and for every byte, so a print is no blind spot; it returns at once when
+ * blackout is off.
+ */
 static void lock(void)
 {
 	while (__atomic_exchange_n(&serial_lock, 1, __ATOMIC_ACQUIRE))
-		while (serial_lock)
+		while (serial_lock) {
+			gap_note();
 			cpu_relax();
+		}
 }
 
 /* For fatal paths, which may interrupt the lock holder on its own CPU. */
@@ -46,6 +53,7 @@ static void put_bytes(const char *s, int n)
 	int i;
 
 	for (i = 0; i < n; i++) {
+		gap_note();
 		while (!(inb(COM1_LSR) & LSR_THRE))
 			cpu_relax();
 		outb(COM1, (uint8_t)s[i]);

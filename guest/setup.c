@@ -196,6 +196,10 @@ void cpu_setup(struct cpu *c)
 	c->apic_id = lapic_read(APIC_ID) >> 24;
 }
 
+/*
+ * Each CPU's ring-0 stack, then its ring-3 stack, CPU after CPU in index
+ * order: this_cpu() in user.c finds a CPU from %rsp that way.
+ */
 static void alloc_stacks(struct cpu *c)
 {
 	c->kstack_top = alloc_pages(KSTACK_SIZE) + KSTACK_SIZE;

@@ -13,6 +13,19 @@
  *          printed `sweep 1`, its pages hold the pattern the host checks.
  *   tsc    check that rdtsc never goes backwards on this CPU.
  *
+ * and, when the command line asks for them:
+ *
+ *   fill      (ferry.fill) before `ready`, the BSP fills the low end of free
+ *             RAM with a fixed non-zero pattern (fill_word()) that nothing
+ *             changes afterwards; the slices cover only the rest.
+ *   pace      (ferry.dirty_mbps) each CPU waits on the TSC before each page
+ *             so that all CPUs together write about N MiB/s.
+ *   blackout  (ferry.blackout) each CPU notes the longest stretch between
+ *             two of its TSC readings (taken at every poll and for every
+ *             byte it prints) and reports one over the threshold as `gap`.
+ *
+ * The last two need the TSC frequency, measured against the LAPIC timer.
+ *
  * The line formats are documented with their parser, in src/guest/mod.rs.
  */
 #include "guest.h"
@@ -22,6 +35,100 @@
 #define AP_QUIET_MS 500	   /* without either: stop after this much quiet */
 #define AP_MIN_WAIT_MS 1000 /* ... but not before this */
 #define POLL_PAGES 4	   /* sweep: poll ticks and the TSC this often */
+#define CAL_NS 25000000	   /* TSC calibration: this long against the LAPIC timer */
+#define CAL_TRIES 5	   /* ... each end the narrowest of this many samples */
+#define PACE_SLACK_MS 50   /* dirty_mbps: catch up on at most this much lag */
+
+/* ---- the TSC frequency -------------------------------------------------- */
+
+/*
+ * One (TSC, LAPIC current count) sample: the count read between two TSC
+ * reads, the TSC taken as their midpoint. Of a few tries the narrowest
+ * wins; a read is an MMIO exit and the vCPU may be preempted in it.
+ */
+static void tsc_lapic_sample(uint64_t *tsc, uint32_t *count)
+{
+	uint64_t best = ~0UL, a, b;
+	uint32_t i, n;
+
+	for (i = 0; i < CAL_TRIES; i++) {
+		a = rdtsc();
+		n = lapic_read(APIC_TIMER_CUR);
+		b = rdtsc();
+		if (b - a < best) {
+			best = b - a;
+			*tsc = a + (b - a) / 2;
+			*count = n;
+		}
+	}
+}
+
+/*
+ * The TSC against the LAPIC timer, whose bus runs at 1 GHz under KVM (as
+ * arm_timer() and lapic_delay_us() assume), over CAL_NS; in kHz, 0 if
+ * the timer did not move. The timer is stopped again, masked.
+ */
+static uint64_t tsc_khz_from_lapic(void)
+{
+	uint64_t t0 = 0, t1 = 0;
+	uint32_t c0 = 0, c1 = 0;
+
+	lapic_write(APIC_LVT_TIMER, APIC_LVT_MASKED | VEC_TIMER);
+	lapic_write(APIC_TIMER_DIV, 0xb); /* divide by 1 */
+	lapic_write(APIC_TIMER_INIT, 0xffffffff);
+	tsc_lapic_sample(&t0, &c0);
+	while (c0 - lapic_read(APIC_TIMER_CUR) < CAL_NS)
+		cpu_relax();
+	tsc_lapic_sample(&t1, &c1);
+	lapic_write(APIC_TIMER_INIT, 0);
+	if (c0 <= c1 || t1 <= t0)
+		return 0;
+	/* cycles per ns × 10^6 = kHz, rounded */
+	return ((t1 - t0) * 1000000 + (c0 - c1) / 2) / (c0 - c1);
+}
+
+/* The TSC frequency CPUID states, in kHz, or 0. */
+static uint64_t tsc_khz_from_cpuid(void)
+{
+	uint32_t r[4];
+
+	cpuid(0x40000000, 0, r); /* hypervisor leaves; 0x40000010: TSC kHz */
+	if (r[0] >= 0x40000010 && r[0] < 0x40000100) {
+		cpuid(0x40000010, 0, r);
+		if (r[0])
+			return r[0];
+	}
+	cpuid(0, 0, r);
+	if (r[0] >= 0x15) {
+		cpuid(0x15, 0, r); /* TSC = crystal (ecx Hz) × ebx / eax */
+		if (r[0] && r[1] && r[2])
+			return (uint64_t)r[2] * r[1] / r[0] / 1000;
+	}
+	if (r[0] >= 0x16) {
+		cpuid(0x16, 0, r); /* base frequency, MHz */
+		if (r[0])
+			return (uint64_t)r[0] * 1000;
+	}
+	return 0;
+}
+
+/* Measure the TSC once, for dirty_mbps and blackout; prints `tsc khz=N`. */
+static void measure_tsc(void)
+{
+	uint64_t khz = tsc_khz_from_lapic();
+
+	/* Believe 100 MHz .. 20 GHz only. */
+	if (khz < 100000 || khz > 20000000) {
+		print("warning: the LAPIC timer gave a TSC of %lu kHz; asking CPUID", khz);
+		khz = tsc_khz_from_cpuid();
+	}
+	if (khz < 100000 || khz > 20000000) {
+		print("warning: TSC frequency unknown; ferry.dirty_mbps and ferry.blackout are off");
+		return;
+	}
+	boot.tsc_khz = khz;
+	print("tsc khz=%lu", khz);
+}
 
 /* ---- BSP: bring-up report ---------------------------------------------- */
 
@@ -57,15 +164,13 @@ static void wait_for_aps(void)
 }
 
 /*
- * Split the RAM above boot.free_start into boot.ncpus equal runs of pages
- * in address order; CPU i gets run i, cut to sweep_mb. A run that crosses a
- * hole in the memory map becomes several slices.
+ * Free RAM: the RAM above boot.free_start, page aligned, as ranges in
+ * address order. Returns how many; *pages gets their total in pages.
  */
-static void compute_slices(void)
+static uint32_t free_ranges(struct slice *free, uint64_t *pages)
 {
-	struct slice free[MAX_MEMMAP], t;
+	struct slice t;
 	uint32_t nfree = 0, i, j;
-	uint64_t total = 0, per, take;
 
 	for (i = 0; i < boot.memmap_entries; i++) {
 		const struct hvm_memmap_entry *m = &boot.memmap[i];
@@ -79,17 +184,71 @@ static void compute_slices(void)
 		for (j = nfree++; j > 0 && free[j - 1].start > free[j].start; j--)
 			t = free[j], free[j] = free[j - 1], free[j - 1] = t;
 	}
+	*pages = 0;
 	for (i = 0; i < nfree; i++)
-		total += (free[i].end - free[i].start) / PAGE_SIZE;
+		*pages += (free[i].end - free[i].start) / PAGE_SIZE;
+	return nfree;
+}
 
-	per = total / boot.ncpus;
+/*
+ * The fill pattern: the 64-bit little-endian word at guest-physical address
+ * `a` (8-aligned). Every byte is odd, so never zero. The host's copy of
+ * this is ferry::guest::fill_word().
+ */
+static inline uint64_t fill_word(uint64_t a)
+{
+	uint64_t x = a * 0x9e3779b97f4a7c15UL;
+
+	return (x ^ (x >> 32)) | 0x0101010101010101UL;
+}
+
+/*
+ * ferry.fill: write the pattern over the first fill_pct % of free RAM's
+ * pages, in address order, and print one `fill` line per range written.
+ * Runs before `ready`, with the APs asleep. Returns the pages filled.
+ */
+static uint64_t fill_ram(const struct slice *free, uint32_t nfree, uint64_t total)
+{
+	uint64_t left = total * boot.cfg.fill_pct / 100, filled = 0;
+	uint32_t j;
+
+	for (j = 0; j < nfree && left; j++) {
+		uint64_t n = min_u64((free[j].end - free[j].start) / PAGE_SIZE, left);
+		uint64_t end = free[j].start + n * PAGE_SIZE, p, i;
+
+		for (p = free[j].start; p < end; p += PAGE_SIZE) {
+			volatile uint64_t *w = (volatile uint64_t *)p;
+
+			for (i = 0; i < PAGE_SIZE / 8; i++)
+				w[i] = fill_word(p + 8 * i);
+		}
+		print("fill pages=%lu start=0x%lx end=0x%lx", n, free[j].start, end);
+		left -= n;
+		filled += n;
+	}
+	return filled;
+}
+
+/*
+ * Split the free RAM after the first `skip` pages (the fill) into
+ * boot.ncpus equal runs of pages in address order; CPU i gets run i, cut
+ * to sweep_mb. A run that crosses a hole in the memory map becomes several
+ * slices.
+ */
+static void compute_slices(const struct slice *free, uint32_t nfree, uint64_t total,
+			   uint64_t skip_pages)
+{
+	uint64_t per, take;
+	uint32_t i, j;
+
+	per = (total - skip_pages) / boot.ncpus;
 	take = per;
 	if (boot.cfg.sweep_mb)
 		take = min_u64(per, boot.cfg.sweep_mb * (MiB / PAGE_SIZE));
 
 	for (i = 0; i < boot.ncpus; i++) {
 		struct cpu *c = &cpus[i];
-		uint64_t first = i * per, left = take, skip = first;
+		uint64_t left = take, skip = skip_pages + i * per;
 
 		for (j = 0; j < nfree && left && c->nslices < MAX_SLICES; j++) {
 			uint64_t pages = (free[j].end - free[j].start) / PAGE_SIZE, n;
@@ -108,9 +267,29 @@ static void compute_slices(void)
 	}
 }
 
+/*
+ * dirty_mbps: N MiB/s is N × 256 pages/s over the CPUs that sweep, so each
+ * waits tsc_hz × sweepers / (N × 256) cycles per page (kept in 16.16 fixed
+ * point: tsc_hz × sweepers × 256 / N).
+ */
+static void setup_pace(void)
+{
+	uint64_t sweepers = 0;
+	uint32_t i;
+
+	for (i = 0; i < boot.ncpus; i++)
+		sweepers += cpus[i].nslices ? 1 : 0;
+	if (!boot.tsc_khz || !boot.cfg.dirty_mbps || !sweepers)
+		return;
+	boot.pace_fp = boot.tsc_khz * 1000 * sweepers * 256 / boot.cfg.dirty_mbps;
+	boot.pace_slack = boot.tsc_khz * PACE_SLACK_MS;
+}
+
 static void bsp_report(void)
 {
-	uint32_t i, j;
+	struct slice free[MAX_MEMMAP];
+	uint64_t total, filled = 0;
+	uint32_t i, j, nfree;
 
 	wait_for_aps();
 	print("ferry-guest: cpus=%u ram=%lu cmdline=\"%s\"", boot.ncpus, boot.ram_bytes,
@@ -121,8 +300,15 @@ static void bsp_report(void)
 		      boot.ncpus);
 	for (i = 0; i < boot.ncpus; i++)
 		print("cpu %u online apic=%u", i, cpus[i].apic_id);
+	if (boot.cfg.dirty_mbps || boot.cfg.blackout_ms)
+		measure_tsc();
+	boot.gap_cycles = boot.tsc_khz * boot.cfg.blackout_ms;
+	nfree = free_ranges(free, &total);
+	if (boot.cfg.fill_pct)
+		filled = fill_ram(free, nfree, total);
 	if (boot.cfg.run & RUN_SWEEP) {
-		compute_slices();
+		compute_slices(free, nfree, total, filled);
+		setup_pace();
 		if (!cpus[0].nslices)
 			print("warning: no free RAM to sweep");
 		for (i = 0; i < boot.ncpus; i++)
@@ -208,10 +394,65 @@ static void poll_input(void)
 	}
 }
 
+/*
+ * blackout: the CPU whose stacks hold %rsp (bsp_main() and alloc_stacks()
+ * give each CPU its ring-0 stack and then its ring-3 stack, in index
+ * order), or NULL.
+ */
+static struct cpu *this_cpu(void)
+{
+	uint64_t sp = read_rsp(), base = cpus[0].kstack_top - KSTACK_SIZE, i;
+	struct cpu *c;
+
+	if (sp < base)
+		return NULL;
+	i = (sp - base) / (KSTACK_SIZE + USTACK_SIZE);
+	if (i >= boot.ncpus)
+		return NULL;
+	c = &cpus[i];
+	return sp >= c->kstack_top - KSTACK_SIZE && sp < c->ustack_top ? c : NULL;
+}
+
+/* blackout: a TSC reading; keep the longest gap over the threshold. */
+static void gap_check(struct cpu *c)
+{
+	uint64_t now = rdtsc(), d = now > c->gap_last ? now - c->gap_last : 0;
+
+	c->gap_last = now;
+	if (d > boot.gap_cycles && d > c->gap_pending)
+		c->gap_pending = d;
+}
+
+/*
+ * From print.c, for every byte written and every spin on the serial lock:
+ * a vCPU stopped in the middle of a line is seen too. Reported later, from
+ * poll(), as the lock may be held.
+ */
+void gap_note(void)
+{
+	struct cpu *c;
+
+	if (!boot.gap_cycles)
+		return;
+	c = this_cpu();
+	if (c && c->gap_last)
+		gap_check(c);
+}
+
 /* Between pages: report new ticks (every one of them) and check the TSC. */
 static void poll(struct cpu *c)
 {
 	uint32_t run = boot.cfg.run;
+
+	if (boot.gap_cycles) {
+		gap_check(c);
+		if (c->gap_pending) {
+			uint64_t us = c->gap_pending * 1000 / boot.tsc_khz;
+
+			c->gap_pending = 0;
+			print("gap cpu=%u us=%lu", c->index, us);
+		}
+	}
 
 	if (c->index == 0 && (run & RUN_ECHO))
 		poll_input();
@@ -225,6 +466,29 @@ static void poll(struct cpu *c)
 		if (run & RUN_TSC)
 			check_tsc(c);
 	}
+}
+
+/*
+ * dirty_mbps: wait until this CPU may write its next page, then book the
+ * page. Lag of up to PACE_SLACK_MS (the host preempted the vCPU) is caught
+ * up at full speed; beyond that (a long stop) the schedule restarts from now.
+ */
+static void pace(struct cpu *c)
+{
+	uint64_t now = rdtsc();
+
+	if ((int64_t)(now - c->pace_next) > (int64_t)boot.pace_slack) {
+		c->pace_next = now;
+		c->pace_frac = 0;
+	}
+	while ((int64_t)(c->pace_next - now) > 0) {
+		poll(c);
+		cpu_relax();
+		now = rdtsc();
+	}
+	c->pace_frac += boot.pace_fp & 0xffff;
+	c->pace_next += (boot.pace_fp >> 16) + (c->pace_frac >> 16);
+	c->pace_frac &= 0xffff;
 }
 
 /*
@@ -244,6 +508,8 @@ static void sweep_pass(struct cpu *c, bool first)
 		for (p = c->slices[s].start; p < c->slices[s].end; p += PAGE_SIZE) {
 			volatile uint8_t *b = (volatile uint8_t *)p;
 
+			if (boot.pace_fp)
+				pace(c);
 			*b = first ? 1 : *b + 1;
 			if (++c->pages_since_poll == POLL_PAGES) {
 				c->pages_since_poll = 0;
@@ -274,6 +540,9 @@ void user_main(struct cpu *c)
 	}
 
 	c->last_tsc = rdtsc();
+	c->pace_next = c->last_tsc;
+	if (boot.gap_cycles)
+		c->gap_last = c->last_tsc;
 	if (boot.cfg.run & RUN_TICK)
 		arm_timer();
 	if ((boot.cfg.run & RUN_SWEEP) && c->nslices)

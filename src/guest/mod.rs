@@ -26,6 +26,20 @@
 //! | `ferry.run=LIST` | comma-separated: `tick`, `sweep`, `tsc`; actions `reset`, `triplefault`; `echo` (the BSP prints each line it receives on the UART as `echo: LINE`) | `tick,sweep,tsc` |
 //! | `ferry.tick_ms=N` | LAPIC timer period in ms (N > 0) | 1000 |
 //! | `ferry.sweep_mb=N` | cap on each CPU's total slice size, MiB (0 = no cap) | no cap |
+//! | `ferry.fill=PERCENT` | before `ready`, the BSP fills this share (0..=100) of free RAM, from its low end, with [`fill_word`]'s pattern, which then never changes; the slices split only the rest | 0 |
+//! | `ferry.dirty_mbps=N` | the sweep writes about N MiB/s (N × 256 pages/s; MiB, not QMP's megabits) in total, split evenly over the CPUs that sweep; 0 = as fast as it can | 0 |
+//! | `ferry.blackout[=MS]` | every CPU reports each stretch longer than MS ms in which it did not run, as `gap` lines; bare = 1 ms, 0 = off | off |
+//!
+//! `ferry.dirty_mbps` and `ferry.blackout` need the TSC frequency: the BSP measures it once
+//! before `ready` (25 ms against the LAPIC timer, whose KVM bus runs at 1 GHz; CPUID leaves
+//! 0x40000010, 0x15, 0x16 as a fallback) and prints it as `tsc khz=N`. Without these keys
+//! nothing is measured and no new line appears: the output is as before.
+//!
+//! Pacing: each sweeping CPU waits on the TSC before each page so that its pages follow a
+//! fixed schedule. When it falls behind (preempted by the host, throttled, slowed by dirty
+//! logging, a short stop), it catches up at full speed on at most 50 ms of lag; beyond that
+//! the schedule restarts from the present, so a long stop is not followed by a long burst.
+//! The rate is therefore a ceiling that holds on average while the vCPUs get enough CPU time.
 //!
 //! # Serial protocol (COM1, one line per event, `\n`-terminated)
 //!
@@ -36,10 +50,18 @@
 //! warning: unknown option ferry.bogus=1          (zero or more)
 //! cpu 0 online apic=0                            (one per CPU, by index)
 //! cpu 1 online apic=1
-//! slice cpu=0 start=0x400000 end=0x10200000      (with `sweep`: per CPU, in sweep order)
-//! slice cpu=1 start=0x10200000 end=0x1ffe0000
+//! tsc khz=2599989                                (with dirty_mbps or blackout)
+//! fill pages=65024 start=0x400000 end=0x10200000 (with fill: per range, in address order)
+//! slice cpu=0 start=0x10200000 end=0x18100000    (with `sweep`: per CPU, in sweep order)
+//! slice cpu=1 start=0x18100000 end=0x20000000
 //! ready
 //! ```
+//!
+//! `fill pages=N start=0x… end=0x…`: the BSP has written the fill pattern to every page of
+//! that range of guest-physical RAM (end exclusive, page aligned, N = (end − start) / 4096).
+//! A fill that crosses a hole in the memory map prints one line per range. The filled pages
+//! come first in free RAM (from 4 MiB or just above the guest's own data) and never change
+//! afterwards; the slices follow them.
 //!
 //! then, from every CPU, for as long as it runs:
 //!
@@ -47,6 +69,21 @@
 //!   skipped; lines may lag the interrupts).
 //! - `sweep N cpu=I`: CPU I finished its Nth pass over its slices.
 //! - `tsc backwards cpu=I prev=0x… now=0x…`: `rdtsc` went backwards on CPU I.
+//! - `gap cpu=I us=N` (with `ferry.blackout`): CPU I went N µs between two of its TSC
+//!   readings, more than the threshold. A CPU reads the TSC at least every 4 pages of its
+//!   sweep, on every turn of its idle loop, and for every byte it prints or spins on the
+//!   serial lock, so a gap is time the vCPU did not run: a QMP `stop`, a migration's
+//!   switchover, the host preempting its thread (on a busy 2-core host, gaps of 1–20 ms
+//!   are common; a threshold of 5 ms or more keeps them down). The line comes after the
+//!   fact, from the CPU's next poll; if several gaps end before that, the largest is
+//!   reported. After a migration, the destination's first `gap` line of each CPU is that
+//!   CPU's own measurement of the blackout: from its last reading on the source to its
+//!   first on the destination. On this project's PVM host, ring-3 `rdtsc` reads the host's
+//!   TSC itself (no offset: a guest sees the host's uptime), which both ferry processes
+//!   share, so the figure is the true blackout: ferry's `downtime` plus a few ms (until the
+//!   vCPU runs again). Where KVM applies the migrated TSC (VT-x/SVM), the time between the
+//!   source's saving the vCPU state (after the final pages) and the destination's restoring
+//!   it would not show.
 //!
 //! and, from the BSP after `ready`: `resetting` (then the i8042 reset, port
 //! 0x64 ← 0xfe) or `triple-faulting` (then an empty IDT and a fault). A
@@ -60,6 +97,8 @@
 //! above and never cover the guest's own code, stacks or page tables.
 
 pub mod pattern;
+
+pub use pattern::{check_fill, fill_word};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -98,6 +137,21 @@ pub enum GuestLine {
         /// End, exclusive (page aligned).
         end: u64,
     },
+    /// `tsc khz=N`: the TSC frequency the guest measured (only with `ferry.dirty_mbps` or
+    /// `ferry.blackout`).
+    TscKhz {
+        /// TSC ticks per millisecond.
+        khz: u64,
+    },
+    /// `fill pages=N start=0x… end=0x…`: a range of RAM holding [`fill_word`]'s pattern.
+    Fill {
+        /// Pages in the range, `(end - start) / 4096`.
+        pages: u64,
+        /// First byte (page aligned).
+        start: u64,
+        /// End, exclusive (page aligned).
+        end: u64,
+    },
     /// `ready`: setup is over and the workloads start.
     Ready,
     /// `tick N cpu=I`.
@@ -122,6 +176,13 @@ pub enum GuestLine {
         prev: u64,
         /// The later, smaller reading.
         now: u64,
+    },
+    /// `gap cpu=I us=N`: CPU I did not run for N µs (`ferry.blackout`).
+    Gap {
+        /// CPU index.
+        cpu: u32,
+        /// Length of the gap in microseconds, by the guest's TSC.
+        us: u64,
     },
     /// `resetting`: the guest is about to reset the machine through the i8042.
     Resetting,
@@ -182,6 +243,27 @@ impl GuestLine {
                 now: hex(now)?,
             });
         }
+        if let Some(rest) = line.strip_prefix("tsc ") {
+            let [khz] = fields_of(rest, ["khz"])?;
+            return Some(GuestLine::TscKhz {
+                khz: khz.parse().ok()?,
+            });
+        }
+        if let Some(rest) = line.strip_prefix("fill ") {
+            let [pages, start, end] = fields_of(rest, ["pages", "start", "end"])?;
+            return Some(GuestLine::Fill {
+                pages: pages.parse().ok()?,
+                start: hex(start)?,
+                end: hex(end)?,
+            });
+        }
+        if let Some(rest) = line.strip_prefix("gap ") {
+            let [cpu, us] = fields_of(rest, ["cpu", "us"])?;
+            return Some(GuestLine::Gap {
+                cpu: cpu.parse().ok()?,
+                us: us.parse().ok()?,
+            });
+        }
         if let Some(rest) = line.strip_prefix("tick ") {
             let (n, cpu) = count_and_cpu(rest)?;
             return Some(GuestLine::Tick { n, cpu });
@@ -239,12 +321,17 @@ impl fmt::Display for GuestLine {
             GuestLine::Slice { cpu, start, end } => {
                 write!(f, "slice cpu={cpu} start={start:#x} end={end:#x}")
             }
+            GuestLine::TscKhz { khz } => write!(f, "tsc khz={khz}"),
+            GuestLine::Fill { pages, start, end } => {
+                write!(f, "fill pages={pages} start={start:#x} end={end:#x}")
+            }
             GuestLine::Ready => f.write_str("ready"),
             GuestLine::Tick { n, cpu } => write!(f, "tick {n} cpu={cpu}"),
             GuestLine::Sweep { n, cpu } => write!(f, "sweep {n} cpu={cpu}"),
             GuestLine::TscBackwards { cpu, prev, now } => {
                 write!(f, "tsc backwards cpu={cpu} prev={prev:#x} now={now:#x}")
             }
+            GuestLine::Gap { cpu, us } => write!(f, "gap cpu={cpu} us={us}"),
             GuestLine::Resetting => f.write_str("resetting"),
             GuestLine::TripleFaulting => f.write_str("triple-faulting"),
             GuestLine::Fatal(s) => write!(f, "fatal: {s}"),
@@ -266,6 +353,37 @@ where
         }
     }
     slices
+}
+
+/// The ranges the guest filled (`ferry.fill`), from the `fill` lines among `lines`, in
+/// address order: what [`check_fill`] wants.
+pub fn fill_ranges<'a, I>(lines: I) -> Vec<Range<u64>>
+where
+    I: IntoIterator<Item = &'a GuestLine>,
+{
+    lines
+        .into_iter()
+        .filter_map(|line| match *line {
+            GuestLine::Fill { start, end, .. } => Some(start..end),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Each CPU's gaps in microseconds (`gap` lines, `ferry.blackout`), in the order printed.
+/// Given the lines a migration's destination printed, the first gap of each CPU is its own
+/// measurement of the switchover.
+pub fn gaps_by_cpu<'a, I>(lines: I) -> BTreeMap<u32, Vec<u64>>
+where
+    I: IntoIterator<Item = &'a GuestLine>,
+{
+    let mut gaps: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for line in lines {
+        if let GuestLine::Gap { cpu, us } = *line {
+            gaps.entry(cpu).or_default().push(us);
+        }
+    }
+    gaps
 }
 
 #[cfg(test)]
@@ -317,8 +435,24 @@ mod tests {
                     end: 0x1_0021_0000,
                 },
             ),
+            ("tsc khz=2599989", GuestLine::TscKhz { khz: 2_599_989 }),
+            (
+                "fill pages=65024 start=0x400000 end=0x10200000",
+                GuestLine::Fill {
+                    pages: 65024,
+                    start: 0x40_0000,
+                    end: 0x1020_0000,
+                },
+            ),
             ("ready", GuestLine::Ready),
             ("tick 17 cpu=1", GuestLine::Tick { n: 17, cpu: 1 }),
+            (
+                "gap cpu=1 us=503271",
+                GuestLine::Gap {
+                    cpu: 1,
+                    us: 503_271,
+                },
+            ),
             ("sweep 2 cpu=0", GuestLine::Sweep { n: 2, cpu: 0 }),
             (
                 "tsc backwards cpu=1 prev=0x1f00 now=0x1e00",
@@ -367,6 +501,14 @@ mod tests {
             "ferry-guest: cpus=2 ram=1",
             "readyish",
             "SeaBIOS (version 1.16.2)",
+            "tsc khz=",
+            "tsc khz=12 extra=1",
+            "fill pages=1 start=0x1000",
+            "fill pages=x start=0x1000 end=0x2000",
+            "fill pages=1 start=4096 end=0x2000",
+            "gap cpu=0",
+            "gap cpu=0 us=-5",
+            "gap us=5 cpu=0",
         ] {
             assert_eq!(
                 GuestLine::parse(text),
@@ -394,5 +536,31 @@ mod tests {
         );
         assert_eq!(slices[&1], vec![0x1_0021_0000..0x1_8000_0000]);
         assert_eq!(slices.len(), 2);
+    }
+
+    #[test]
+    fn collects_fill_ranges_and_gaps() {
+        let lines: Vec<GuestLine> = [
+            "tsc khz=2599989",
+            "fill pages=523264 start=0x400000 end=0x80000000",
+            "fill pages=1024 start=0x100000000 end=0x100400000",
+            "slice cpu=0 start=0x100400000 end=0x140000000",
+            "ready",
+            "gap cpu=1 us=15019",
+            "tick 1 cpu=0",
+            "gap cpu=0 us=15464",
+            "gap cpu=1 us=3290",
+        ]
+        .into_iter()
+        .map(GuestLine::parse)
+        .collect();
+        assert_eq!(
+            fill_ranges(&lines),
+            vec![0x40_0000..0x8000_0000, 0x1_0000_0000..0x1_0040_0000]
+        );
+        let gaps = gaps_by_cpu(&lines);
+        assert_eq!(gaps[&0], vec![15464]);
+        assert_eq!(gaps[&1], vec![15019, 3290]);
+        assert_eq!(gaps.len(), 2);
     }
 }

@@ -13,6 +13,9 @@
 //! [`check_pages`] checks page bytes already collected; [`check_dump`] and
 //! [`check_dump_file`] pick them out of a dump of guest-physical RAM that starts
 //! at address 0 (as QEMU's `pmemsave 0 <size> <file>` writes).
+//!
+//! The RAM `ferry.fill` wrote once at boot holds [`fill_word`] at every 8-byte word;
+//! [`check_fill`] checks a range of it in such a dump.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -190,6 +193,66 @@ pub fn check_dump_file(path: &Path, slices: &[Range<u64>]) -> Result<(), DumpErr
     Ok(())
 }
 
+/// The 64-bit word (little-endian) that the guest's `ferry.fill` stores at the 8-aligned
+/// guest-physical address `addr`. Every byte of it is odd, hence never zero.
+pub fn fill_word(addr: u64) -> u64 {
+    let x = addr.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (x ^ (x >> 32)) | 0x0101_0101_0101_0101
+}
+
+/// Why a filled range does not hold the fill pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FillError {
+    /// The range reaches past the end of the dump.
+    #[error("fill range {start:#x}..{end:#x} lies beyond the end of the {dump_len}-byte dump")]
+    OutsideDump {
+        /// Start of the range.
+        start: u64,
+        /// End of the range (exclusive).
+        end: u64,
+        /// Length of the dump in bytes.
+        dump_len: u64,
+    },
+    /// A word differs from [`fill_word`].
+    #[error("word at {addr:#x} holds {found:#018x}, expected {expected:#018x}")]
+    Mismatch {
+        /// Its guest-physical address.
+        addr: u64,
+        /// What the dump holds.
+        found: u64,
+        /// What the fill wrote.
+        expected: u64,
+    },
+}
+
+/// Checks that `range` (8-aligned, from a `fill` line) of a dump of guest-physical RAM
+/// starting at address 0 holds the fill pattern; the first wrong word is the error.
+pub fn check_fill(dump: &[u8], range: Range<u64>) -> Result<(), FillError> {
+    let dump_len = dump.len() as u64;
+    if range.end > dump_len || range.start > range.end {
+        return Err(FillError::OutsideDump {
+            start: range.start,
+            end: range.end,
+            dump_len,
+        });
+    }
+    // Every address is below dump.len(), so it fits in usize.
+    let bytes = &dump[range.start as usize..range.end as usize];
+    for (i, word) in bytes.chunks_exact(8).enumerate() {
+        let addr = range.start + 8 * i as u64;
+        let found = u64::from_le_bytes(word.try_into().expect("chunks of 8"));
+        let expected = fill_word(addr);
+        if found != expected {
+            return Err(FillError::Mismatch {
+                addr,
+                found,
+                expected,
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -362,6 +425,47 @@ mod tests {
         assert!(matches!(
             check_dump_file(Path::new("/nonexistent/ferry-dump"), &slices),
             Err(DumpError::Io { .. })
+        ));
+    }
+
+    /// The guest's C, `x * 0x9e3779b97f4a7c15; (x ^ (x >> 32)) | 0x0101010101010101`,
+    /// worked by hand for two addresses, and the property the benchmark relies on.
+    #[test]
+    fn fill_word_is_the_guests_and_never_has_a_zero_byte() {
+        assert_eq!(fill_word(0), 0x0101_0101_0101_0101);
+        // 0x400000 × 0x9e3779b97f4a7c15 mod 2^64
+        let x: u64 = 0x6e5f_d29f_0540_0000;
+        assert_eq!(0x40_0000u64.wrapping_mul(0x9e37_79b9_7f4a_7c15), x);
+        assert_eq!(
+            fill_word(0x40_0000),
+            (x ^ (x >> 32)) | 0x0101_0101_0101_0101
+        );
+        assert_eq!(fill_word(0x40_0000), 0x6f5f_d39f_6b1f_d39f);
+        for addr in (0..1 << 20).step_by(8) {
+            assert!(fill_word(addr).to_le_bytes().iter().all(|&b| b != 0));
+        }
+    }
+
+    #[test]
+    fn check_fill_finds_a_changed_word() {
+        let range = 2 * P..4 * P;
+        let mut dump = vec![0u8; 5 * P as usize];
+        for addr in range.clone().step_by(8) {
+            dump[addr as usize..addr as usize + 8].copy_from_slice(&fill_word(addr).to_le_bytes());
+        }
+        assert_eq!(check_fill(&dump, range.clone()), Ok(()));
+        dump[(3 * P + 17) as usize] = 0;
+        assert_eq!(
+            check_fill(&dump, range.clone()),
+            Err(FillError::Mismatch {
+                addr: 3 * P + 16,
+                found: fill_word(3 * P + 16) & !0xff00,
+                expected: fill_word(3 * P + 16),
+            })
+        );
+        assert!(matches!(
+            check_fill(&dump, 4 * P..6 * P),
+            Err(FillError::OutsideDump { dump_len, .. }) if dump_len == 5 * P
         ));
     }
 }
