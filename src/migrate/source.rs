@@ -92,8 +92,7 @@ pub async fn migrate(
     .await;
     let _enter = span.enter();
     vm.vcpus.throttle().set(0);
-    stop_dirty_logging(vm);
-    tracing::debug!("dirty logging off");
+    stop_dirty_logging(vm).await;
     let error = match outcome {
         Ok(CommitOutcome::Confirmed) => return Outcome::Completed,
         Ok(CommitOutcome::Unconfirmed(reason)) => {
@@ -130,8 +129,32 @@ pub async fn migrate(
     reason.map_or(Outcome::Cancelled, Outcome::Failed)
 }
 
-fn stop_dirty_logging(vm: &Vm) {
-    if let Err(error) = vm.machine.set_dirty_logging(false) {
+/// Turns KVM's dirty logging on or off with the vCPUs out of the guest: changing a memory
+/// slot waits until no vCPU is inside KVM, which on this host took up to seconds with sweeping
+/// vCPUs, and is immediate with paused ones.
+async fn set_dirty_logging(vm: &mut Vm, enabled: bool) -> Result<(), String> {
+    let started = Instant::now();
+    let running = vm.vcpus.running();
+    if running {
+        vm.vcpus.pause().await.map_err(|e| e.to_string())?;
+    }
+    let result = vm
+        .machine
+        .set_dirty_logging(enabled)
+        .map_err(|e| e.to_string());
+    if running {
+        vm.vcpus.resume().await.map_err(|e| e.to_string())?;
+    }
+    tracing::debug!(
+        enabled,
+        us = started.elapsed().as_micros() as u64,
+        "dirty logging set"
+    );
+    result
+}
+
+async fn stop_dirty_logging(vm: &mut Vm) {
+    if let Err(error) = set_dirty_logging(vm, false).await {
         tracing::warn!(%error, "cannot turn KVM's dirty logging off");
     }
 }
@@ -210,7 +233,7 @@ async fn stream_guest(
     .await?;
 
     let memory = vm.machine.memory.clone();
-    vm.machine.set_dirty_logging(true).map_err(local)?;
+    set_dirty_logging(vm, true).await.map_err(local)?;
     // Round 0 sends everything, so what ferry wrote before now needs no record.
     for region in memory.iter() {
         take_vmm_dirty_bitmap(region);
