@@ -1,29 +1,67 @@
 //! Live-migration benchmark: the raw throughput of the two transports (TCP over 127.0.0.1 and
-//! a UNIX socket pair), then ferry migrating the built-in guest over each of them, idle and
-//! sweeping its RAM, at 1 GiB and 4 GiB.
+//! a UNIX socket pair), then ferry migrating the built-in guest over each of them at 1 GiB and
+//! 4 GiB with several workloads, and the latency of `migrate_cancel`.
 //!
 //! ```sh
 //! cargo bench --bench migration                 # every case, FERRY_BENCH_RUNS times (3)
-//! cargo bench --bench migration -- --quick      # the 1 GiB cases once (FERRY_BENCH_QUICK=1)
+//! cargo bench --bench migration -- --quick      # idle and sweep at 1 GiB, and the cancel, once
 //! cargo bench --bench migration -- sweep unix   # only the cases whose names contain a word
 //! ```
 //!
-//! For each case it prints the total time, setup time and downtime that `query-migrate`
-//! reports, the bytes sent, the effective bandwidth (guest RAM / total time and bytes sent /
-//! total time) next to the raw figure of the same transport, and the number of rounds
-//! (`dirty-sync-count`), as the median, minimum and maximum of the runs. The raw figures are
-//! the median of at least five runs. Next to every figure it prints how many cores' worth of
-//! CPU other processes took meanwhile: the host has two cores, and other work on it skews
-//! the results. The figures also go, one record per case, to
-//! `target/ferry-bench/migration.json` (or `$FERRY_BENCH_OUT`).
+//! The workloads (the guest's `-append`, see `src/guest/mod.rs`):
 //!
-//! Destinations start with `-S`, so only the source's guest competes with the migration for the
-//! host's cores; both VMs quit after every run. Every wait is bounded, and a run that goes wrong
-//! (a timeout, a harness panic) is recorded as such and its processes are killed.
+//! | name | guest | what it shows |
+//! |---|---|---|
+//! | `idle` | `ferry.run=tick` | pages the guest never touched go as zero runs |
+//! | `sweep` | the default: both vCPUs dirty every page as fast as they can | the worst case: convergence, auto-converge |
+//! | `fill50` | `ferry.run=tick ferry.fill=50`: half of RAM non-zero, then nothing changes | one round of real data |
+//! | `dirty100`, `dirty1000` | `ferry.dirty_mbps=N`: the sweep paced to N MiB/s | a guest that writes at a known rate (1 GiB only) |
+//!
+//! A guest that does not know a workload's option (it prints `warning: unknown option`) makes
+//! its case `unsupported`, which is reported and skipped, not failed. Every guest also gets
+//! `ferry.blackout=BLACKOUT_MS` and reports its longest stall (TSC gap) on each CPU.
+//!
+//! For each case it prints the total time, setup time and downtime that `query-migrate`
+//! reports, the blackout the guest measured (each vCPU's first `gap` report on the destination,
+//! the longest), the bytes sent, the effective bandwidth (guest RAM / total time and bytes sent
+//! / total time) next to the raw figure of the same transport, the number of rounds
+//! (`dirty-sync-count`) and whether the migration converged (completed with fewer than 30), the
+//! peak memory each ferry process used beyond its guest's RAM while migrating (from
+//! `/proc/PID/smaps`, see `migration/memory.rs`), as the median, minimum and maximum of the
+//! runs. The raw figures are the median of at least five runs. Next to every figure it prints
+//! how many cores' worth of CPU other processes took meanwhile: the host has two cores, and
+//! other work on it skews the results.
+//!
+//! `migrate_cancel` is timed in runs of its own, per transport (`migration/cancel.rs`): from
+//! the command to the source saying `canceled` and its guest ticking again.
+//!
+//! Output, in `target/ferry-bench/` (or the directory of `$FERRY_BENCH_OUT`):
+//! `migration.json` (or `$FERRY_BENCH_OUT`) with one record per case, every run's
+//! `query-migrate` polled every 20 ms and its memory samples; and `CASE.png` per case: the dirty
+//! bytes not yet sent, the bandwidth and ferry's memory overhead over time, one colour per run.
+//!
+//! Both VMs quit after every run. The destination runs the guest once migrated (no `-S`: until
+//! the commit its vCPUs do not run either way), so the guest can report its blackout. Every wait
+//! is bounded, and a run that goes wrong (a timeout, a harness panic) is recorded as such and
+//! its processes are killed. The exit status is 1 if a migration did not complete or a cancel
+//! left the source without its guest, 0 otherwise.
 #![expect(
     clippy::print_stdout,
     reason = "a benchmark reports its figures on stdout"
 )]
+
+#[path = "migration/cancel.rs"]
+mod cancel;
+#[path = "migration/font.rs"]
+mod font;
+#[path = "migration/guest.rs"]
+mod guest;
+#[path = "migration/memory.rs"]
+mod memory;
+#[path = "migration/plot.rs"]
+mod plot;
+#[path = "migration/timeline.rs"]
+mod timeline;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -37,6 +75,10 @@ use anyhow::{bail, Context};
 use ferry::harness::{Ferry, Qmp};
 use serde_json::{json, Value};
 
+use crate::cancel::{CancelResult, CancelRun};
+use crate::memory::{MemoryProbe, Side};
+use crate::timeline::Timeline;
+
 const DEFAULT_RUNS: usize = 3;
 /// Raw socket runs per transport at least (they take about a second each).
 const RAW_MIN_RUNS: usize = 5;
@@ -46,7 +88,16 @@ const RAW_BYTES: u64 = 2 << 30;
 /// pages).
 const RAW_IO_SIZE: usize = 4 << 20;
 const SMP: &str = "2";
-const IDLE_APPEND: &str = "ferry.run=tick";
+const CPUS: u32 = 2;
+/// The guest reports stalls (TSC gaps) longer than this, which includes the blackout of a
+/// migration.
+const BLACKOUT_MS: u64 = 5;
+/// How long after a completed migration the destination's guest may take to report its
+/// blackout.
+const BLACKOUT_DEADLINE: Duration = Duration::from_secs(2);
+/// ferry's cap on dirty rounds: a migration that completes with this many syncs or more was
+/// switched over by force, beyond its downtime limit.
+const CONVERGED_BELOW_ROUNDS: f64 = 30.0;
 const POLL: Duration = Duration::from_millis(20);
 /// How long a VM may take to quit before it is killed.
 const QUIT_DEADLINE: Duration = Duration::from_secs(20);
@@ -70,27 +121,65 @@ impl Transport {
     }
 }
 
+/// A free TCP port on 127.0.0.1, or a socket in `dir`.
+fn migration_uri(transport: Transport, dir: &Path) -> anyhow::Result<String> {
+    Ok(match transport {
+        Transport::Tcp => {
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            format!("tcp:127.0.0.1:{port}")
+        }
+        Transport::Unix => format!("unix:{}", dir.join("migration.sock").display()),
+    })
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Workload {
     /// `ferry.run=tick`: the guest leaves its RAM alone.
     Idle,
-    /// The default workloads: both vCPUs sweep all of RAM, QEMU's migration-test pattern.
+    /// The default workloads: both vCPUs sweep all of RAM as fast as they can, QEMU's
+    /// migration-test pattern.
     Sweep,
+    /// `ferry.run=tick ferry.fill=PERCENT`: that share of RAM filled with non-zero data at boot,
+    /// then left alone.
+    Fill(u32),
+    /// `ferry.dirty_mbps=N`: the sweep paced to N MiB/s over both vCPUs.
+    Dirty(u32),
 }
 
 impl Workload {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Self::Idle => "idle",
-            Self::Sweep => "sweep",
+            Self::Idle => "idle".into(),
+            Self::Sweep => "sweep".into(),
+            Self::Fill(percent) => format!("fill{percent}"),
+            Self::Dirty(mbps) => format!("dirty{mbps}"),
         }
     }
 
-    fn append(self) -> Option<&'static str> {
+    /// The guest's command line.
+    fn append(self) -> String {
+        let workload = match self {
+            Self::Idle => "ferry.run=tick ".into(),
+            Self::Sweep => String::new(),
+            Self::Fill(percent) => format!("ferry.run=tick ferry.fill={percent} "),
+            Self::Dirty(mbps) => format!("ferry.dirty_mbps={mbps} "),
+        };
+        format!("{workload}ferry.blackout={BLACKOUT_MS}")
+    }
+
+    /// The guest option the workload needs, which older guests do not know.
+    fn option(self) -> Option<&'static str> {
         match self {
-            Self::Idle => Some(IDLE_APPEND),
-            Self::Sweep => None,
+            Self::Idle | Self::Sweep => None,
+            Self::Fill(_) => Some("ferry.fill"),
+            Self::Dirty(_) => Some("ferry.dirty_mbps"),
         }
+    }
+
+    /// Whether the vCPUs sweep, so that the bench waits for their first pass (every page
+    /// written once: round 0 has no zero pages to skip).
+    fn sweeps(self) -> bool {
+        matches!(self, Self::Sweep | Self::Dirty(_))
     }
 }
 
@@ -113,7 +202,7 @@ impl Case {
 
     fn label(&self) -> String {
         format!(
-            "{:<4} {:<5} {} GiB",
+            "{:<4} {:<9} {} GiB",
             self.transport.name(),
             self.workload.name(),
             self.mem_mib >> 10
@@ -125,9 +214,14 @@ impl Case {
         Duration::from_secs(120 + 120 * (self.mem_mib >> 10))
     }
 
-    /// The sweeping guest's first pass, which touches every page of its slices.
+    /// The sweeping guest's first pass, which touches every page of its slices (at the paced
+    /// rate, if there is one).
     fn first_pass_timeout(&self) -> Duration {
-        Duration::from_secs(60 + 60 * (self.mem_mib >> 10))
+        let paced = match self.workload {
+            Workload::Dirty(mbps) => 2 * self.mem_mib / u64::from(mbps.max(1)),
+            _ => 0,
+        };
+        Duration::from_secs(60 + 60 * (self.mem_mib >> 10) + paced)
     }
 }
 
@@ -183,10 +277,37 @@ impl Options {
         })
     }
 
+    /// Where a case's plot goes: next to the JSON.
+    fn plot_path(&self, case: &Case) -> PathBuf {
+        self.out
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(format!("{}.png", case.name()))
+    }
+
+    fn wanted(&self, name: &str) -> bool {
+        self.filters.iter().all(|word| name.contains(word.as_str()))
+    }
+
     fn cases(&self) -> Vec<Case> {
-        let sizes: &[u64] = if self.quick { &[1024] } else { &[1024, 4096] };
+        let (all_sizes, one_size): (&[u64], &[u64]) = if self.quick {
+            (&[1024], &[1024])
+        } else {
+            (&[1024, 4096], &[1024])
+        };
+        let workloads: &[(Workload, &[u64])] = if self.quick {
+            &[(Workload::Idle, all_sizes), (Workload::Sweep, all_sizes)]
+        } else {
+            &[
+                (Workload::Idle, all_sizes),
+                (Workload::Sweep, all_sizes),
+                (Workload::Fill(50), all_sizes),
+                (Workload::Dirty(100), one_size),
+                (Workload::Dirty(1000), one_size),
+            ]
+        };
         let mut cases = Vec::new();
-        for workload in [Workload::Idle, Workload::Sweep] {
+        for &(workload, sizes) in workloads {
             for &mem_mib in sizes {
                 for transport in Transport::ALL {
                     cases.push(Case {
@@ -197,11 +318,17 @@ impl Options {
                 }
             }
         }
-        cases.retain(|case| {
-            let name = case.name();
-            self.filters.iter().all(|word| name.contains(word.as_str()))
-        });
+        cases.retain(|case| self.wanted(&case.name()));
         cases
+    }
+
+    /// The transports whose `migrate_cancel` is timed: the cancel runs are named
+    /// `tcp-cancel` and `unix-cancel` for the filters.
+    fn cancel_transports(&self) -> Vec<Transport> {
+        Transport::ALL
+            .into_iter()
+            .filter(|t| self.wanted(&format!("{}-cancel", t.name())))
+            .collect()
     }
 }
 
@@ -321,7 +448,8 @@ fn raw_throughput(transport: Transport) -> anyhow::Result<f64> {
 struct Run {
     run: usize,
     /// `completed`, `failed`, `canceled`, `timeout` (cancelled at the bench's deadline),
-    /// `destination-failed` or `error` (the bench could not run it).
+    /// `destination-failed`, `unsupported` (the guest lacks the workload's option) or `error`
+    /// (the bench could not run it).
     status: String,
     error: Option<String>,
     /// The source's last `query-migrate` answer.
@@ -335,19 +463,40 @@ struct Run {
     /// Cores' worth of CPU time that processes other than this benchmark and its two VMs used
     /// during the migration: other work on the host that the figures compete with.
     other_cores: Option<f64>,
+    /// The source's `query-migrate`, every [`POLL`].
+    timeline: Timeline,
+    /// Both processes' resident memory during the migration.
+    memory: Option<memory::Trace>,
+    /// The longest blackout a vCPU of the guest measured across the switchover, in µs
+    /// (`guest::blackout_us`); `None` if not measured.
+    blackout_us: Option<u64>,
+    /// The guest reported that every vCPU's blackout was under [`BLACKOUT_MS`].
+    blackout_below_threshold: bool,
+    /// The destination's `gap` reports, as far as the bench read them (until it knew the
+    /// blackout).
+    destination_gaps: Vec<guest::Gap>,
+    /// The source guest's `gap` reports during the migration: its vCPUs stalled (held back by
+    /// auto-converge, by the dirty log, or by the host).
+    source_gaps: Vec<guest::Gap>,
 }
 
 /// The figures of a run the tables show, by key.
-const FIGURES: [(&str, &str); 10] = [
+const FIGURES: [(&str, &str); 13] = [
     ("total_ms", "total time (ms)"),
     ("setup_ms", "setup time (ms)"),
     ("downtime_ms", "downtime (ms)"),
+    ("guest_blackout_ms", "blackout the guest saw (ms)"),
     ("transferred_mib", "RAM transferred (MiB)"),
     ("ram_gib_per_s", "RAM total / total time (GiB/s)"),
     ("transferred_gib_per_s", "transferred / total time (GiB/s)"),
     ("ram_pct_of_raw", "RAM total / time, % of raw"),
     ("transferred_pct_of_raw", "transferred / time, % of raw"),
     ("rounds", "rounds (dirty-sync-count)"),
+    ("source_overhead_mib", "source VMM overhead, peak (MiB)"),
+    (
+        "destination_overhead_mib",
+        "destination VMM overhead, peak (MiB)",
+    ),
     ("other_cpu_cores", "other processes' CPU (cores)"),
 ];
 
@@ -365,6 +514,18 @@ impl Run {
         self.status == "completed"
     }
 
+    fn unsupported(&self) -> bool {
+        self.status == "unsupported"
+    }
+
+    /// Completed within ferry's round cap, without a forced switchover.
+    fn converged(&self) -> bool {
+        self.completed()
+            && self
+                .field(&["ram", "dirty-sync-count"])
+                .is_some_and(|rounds| rounds < CONVERGED_BELOW_ROUNDS)
+    }
+
     /// A value of the last `query-migrate` answer, by its path.
     fn value(&self, path: &[&str]) -> Option<&Value> {
         path.iter()
@@ -379,10 +540,18 @@ impl Run {
         self.value(path)?.as_u64()
     }
 
+    fn overhead_mib(&self, side: Side) -> Option<f64> {
+        Some(self.memory.as_ref()?.peak_overhead(side)? as f64 / MIB)
+    }
+
     /// One of [`FIGURES`]; the shares are of `raw` (GiB/s of the same transport).
     fn figure(&self, key: &str, raw: Option<f64>) -> Option<f64> {
-        if key == "other_cpu_cores" {
-            return self.other_cores;
+        match key {
+            "other_cpu_cores" => return self.other_cores,
+            "guest_blackout_ms" => return Some(self.blackout_us? as f64 / 1000.0),
+            "source_overhead_mib" => return self.overhead_mib(Side::Source),
+            "destination_overhead_mib" => return self.overhead_mib(Side::Destination),
+            _ => {}
         }
         let seconds = self.field(&["total-time"])? / 1000.0;
         let per_second = |bytes: f64| (seconds > 0.0).then(|| bytes / GIB / seconds);
@@ -404,10 +573,12 @@ impl Run {
     }
 
     fn to_json(&self, raw: Option<f64>) -> Value {
+        let gaps = |gaps: &[guest::Gap]| gaps.iter().map(|g| g.to_json()).collect::<Vec<_>>();
         let mut record = json!({
             "run": self.run,
             "status": self.status,
             "completed": self.completed(),
+            "converged": self.converged(),
             "error": self.error,
             "destination_status": self.destination_status,
             "observed_ms": self.observed_ms,
@@ -418,7 +589,13 @@ impl Run {
             "normal_pages": self.count(&["ram", "normal"]),
             "duplicate_pages": self.count(&["ram", "duplicate"]),
             "dirty_sync_count": self.count(&["ram", "dirty-sync-count"]),
+            "guest_blackout_us": self.blackout_us,
+            "guest_blackout_below_threshold": self.blackout_below_threshold,
+            "destination_gaps": gaps(&self.destination_gaps),
+            "source_gaps_during_migration": gaps(&self.source_gaps),
             "query_migrate": self.info,
+            "timeline": self.timeline.to_json(),
+            "memory": self.memory.as_ref().map(memory::Trace::to_json),
         });
         for (key, _) in FIGURES {
             record[key] = json!(self.figure(key, raw));
@@ -436,16 +613,29 @@ impl Run {
                 .map_or("-".into(), |v| format!("{v:.decimals$}"))
         };
         format!(
-            "{:<9} total {} ms, setup {} ms, downtime {} ms, sent {} MiB ({} GiB/s, {}% of raw), \
-             {} rounds; other processes used {} cores",
+            "{:<9} total {} ms, setup {} ms, downtime {} ms (guest saw {} ms), sent {} MiB ({} \
+             GiB/s, {}% of raw), {} rounds{}; VMM overhead {} MiB source, {} MiB destination; \
+             other processes used {} cores",
             self.status,
             show("total_ms", 0),
             show("setup_ms", 0),
             show("downtime_ms", 0),
+            if self.blackout_below_threshold {
+                format!("<{BLACKOUT_MS}")
+            } else {
+                show("guest_blackout_ms", 1)
+            },
             show("transferred_mib", 1),
             show("transferred_gib_per_s", 3),
             show("transferred_pct_of_raw", 1),
             show("rounds", 0),
+            if self.converged() {
+                ""
+            } else {
+                " (not converged)"
+            },
+            show("source_overhead_mib", 1),
+            show("destination_overhead_mib", 1),
             show("other_cpu_cores", 2),
         )
     }
@@ -574,45 +764,47 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
         .tempdir()
         .context("a scratch directory")?;
     let mem = case.mem_mib.to_string();
+    let append = case.workload.append();
     let mut pair = Pair { vms: Vec::new() };
 
-    let mut source_args = vec!["-smp", SMP, "-m", &mem];
-    if let Some(append) = case.workload.append() {
-        source_args.extend(["-append", append]);
-    }
     let source_qmp = dir.path().join("source.qmp");
     pair.vms.push(Ferry::start(
         binary,
         "source",
-        &source_args,
+        &["-smp", SMP, "-m", &mem, "-append", &append],
         Some(&source_qmp),
     ));
-    let source = &pair.vms[0];
-    source.wait_ready();
-    if case.workload == Workload::Sweep {
+    let source_vm = &pair.vms[0];
+    source_vm.wait_ready();
+    if let Some(option) = case.workload.option() {
+        if let Some(warning) = guest::unknown_option(&source_vm.lines(), option) {
+            return Ok(Run {
+                run,
+                status: "unsupported".into(),
+                error: Some(format!("the guest says: {warning}")),
+                ..Run::default()
+            });
+        }
+    }
+    if case.workload.sweeps() {
         // Every page of RAM has been written once: round 0 has no zero pages to skip.
-        for cpu in 0..2 {
+        for cpu in 0..CPUS {
             let line = format!("sweep 1 cpu={cpu}");
-            source.wait_line(
+            source_vm.wait_line(
                 &format!("the first sweep of cpu {cpu}"),
                 case.first_pass_timeout(),
                 |l| l == line,
             );
         }
     }
+    let blackout_reported = guest::unknown_option(&source_vm.lines(), "ferry.blackout").is_none();
 
-    let uri = match case.transport {
-        Transport::Tcp => {
-            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            format!("tcp:127.0.0.1:{port}")
-        }
-        Transport::Unix => format!("unix:{}", dir.path().join("migration.sock").display()),
-    };
+    let uri = migration_uri(case.transport, dir.path())?;
     let destination_qmp = dir.path().join("destination.qmp");
     pair.vms.push(Ferry::start(
         binary,
         "destination",
-        &["-smp", SMP, "-m", &mem, "-incoming", &uri, "-S"],
+        &["-smp", SMP, "-m", &mem, "-incoming", &uri],
         Some(&destination_qmp),
     ));
     let mut destination = Qmp::connect(&destination_qmp);
@@ -628,13 +820,30 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
         pair.vms[0].pid() as u32,
         pair.vms[1].pid() as u32,
     ];
+    let ram_ranges: Vec<u64> = ferry::machine::memory::ram_layout(case.mem_mib << 20)
+        .iter()
+        .map(|r| r.size)
+        .collect();
+    let source_lines_before = pair.vms[0].lines().len();
     let probe = CpuProbe::start(pids);
-    source.ok("migrate", Some(json!({"uri": uri})));
     let asked = Instant::now();
+    let memory = MemoryProbe::start(asked, pair.vms[0].pid(), pair.vms[1].pid(), ram_ranges);
+    source.ok("migrate", Some(json!({"uri": uri})));
     let deadline = asked + case.migration_timeout();
     let mut timed_out = false;
+    let mut timeline = Timeline::default();
+    let mut source_gaps = Vec::new();
+    let mut source_lines_seen = source_lines_before;
     let info = loop {
         let info = source.ok("query-migrate", None);
+        let t_ms = asked.elapsed().as_secs_f64() * 1000.0;
+        timeline.push(t_ms, &info);
+        let lines = pair.vms[0].lines();
+        source_gaps.extend(guest::gaps(
+            &lines[source_lines_seen.min(lines.len())..],
+            t_ms,
+        ));
+        source_lines_seen = lines.len();
         if !matches!(info["status"].as_str(), Some("setup" | "active")) {
             break info;
         }
@@ -650,15 +859,16 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
     };
     let observed = asked.elapsed();
     let other_cores = probe.and_then(|p| p.other_cores());
+    let memory = memory.finish();
     let status = info["status"].as_str().unwrap_or("?").to_owned();
 
-    // The destination has the guest once the source completed (and, started with -S, stays
-    // paused); otherwise it gives up.
+    // The destination has the guest once the source completed, and runs it; otherwise it gives
+    // up.
     let (mut status, destination_status) = if status == "completed" {
         let answer = destination.wait_migration(&["completed", "failed"], Duration::from_secs(10));
         let migration = answer["status"].as_str().unwrap_or("?").to_owned();
         let vm = destination.status();
-        let status = if migration == "completed" && vm == "paused" {
+        let status = if migration == "completed" && vm == "running" {
             status
         } else {
             "destination-failed".to_owned()
@@ -667,6 +877,21 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
     } else {
         (status, None)
     };
+    // Each vCPU's first line on the destination tells its blackout.
+    let mut blackout = None;
+    let mut destination_gaps = Vec::new();
+    if status == "completed" && blackout_reported {
+        let waited = Instant::now();
+        let mut seen = 0;
+        while blackout.is_none() && waited.elapsed() < BLACKOUT_DEADLINE {
+            std::thread::sleep(POLL);
+            let lines = pair.vms[1].lines();
+            let t_ms = asked.elapsed().as_secs_f64() * 1000.0;
+            destination_gaps.extend(guest::gaps(&lines[seen.min(lines.len())..], t_ms));
+            seen = lines.len();
+            blackout = guest::blackout_us(&lines, CPUS);
+        }
+    }
     let error = if status == "destination-failed" {
         Some(format!(
             "the source completed, but the destination says {}",
@@ -691,6 +916,12 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
         observed_ms: Some(observed.as_millis() as u64),
         load_before,
         other_cores,
+        timeline,
+        memory: Some(memory),
+        blackout_us: blackout.flatten(),
+        blackout_below_threshold: blackout == Some(None),
+        destination_gaps,
+        source_gaps,
     })
 }
 
@@ -709,11 +940,54 @@ struct CaseResult {
     case: Case,
     runs: Vec<Run>,
     raw: Option<f64>,
+    /// The plot of the runs, if one was drawn.
+    plot: Option<PathBuf>,
 }
 
 impl CaseResult {
     fn completed(&self) -> usize {
         self.runs.iter().filter(|r| r.completed()).count()
+    }
+
+    fn converged(&self) -> usize {
+        self.runs.iter().filter(|r| r.converged()).count()
+    }
+
+    fn unsupported(&self) -> bool {
+        self.runs.iter().any(Run::unsupported)
+    }
+
+    /// Every run completed, or the guest cannot run the case.
+    fn ok(&self) -> bool {
+        self.unsupported() || self.completed() == self.runs.len()
+    }
+
+    fn done(&self) -> String {
+        if self.unsupported() {
+            "n/a".into()
+        } else {
+            format!("{}/{}", self.completed(), self.runs.len())
+        }
+    }
+
+    /// Completed runs whose guest saw a blackout under [`BLACKOUT_MS`] on every vCPU.
+    fn blackouts_below_threshold(&self) -> usize {
+        self.runs
+            .iter()
+            .filter(|r| r.completed() && r.blackout_below_threshold)
+            .count()
+    }
+
+    /// The guest's blackout for the summary: the median of the runs that measured one, marked
+    /// `*` if others saw less than the threshold, or `<THRESHOLD` if all did.
+    fn blackout_cell(&self) -> String {
+        let below = self.blackouts_below_threshold();
+        match self.stats("guest_blackout_ms") {
+            Some(s) if below > 0 => format!("{:.1}*", s.median),
+            Some(s) => format!("{:.1}", s.median),
+            None if below > 0 => format!("<{BLACKOUT_MS}"),
+            None => "-".into(),
+        }
     }
 
     /// A figure's statistics over the completed runs.
@@ -727,41 +1001,65 @@ impl CaseResult {
         Stats::of(&values)
     }
 
-    fn print(&self) {
+    fn print(&self, cancel: Option<&CancelResult>) {
         println!(
-            "{}  (-smp {SMP}{}): {}/{} completed",
+            "{}  (-smp {SMP}, -append \"{}\"): {} completed, {} converged",
             self.case.label(),
-            self.case
-                .workload
-                .append()
-                .map_or(String::new(), |a| format!(", -append {a}")),
-            self.completed(),
-            self.runs.len()
+            self.case.workload.append(),
+            self.done(),
+            self.converged(),
         );
-        println!("  {:<36} {:>10} {:>10} {:>10}", "", "median", "min", "max");
+        if self.unsupported() {
+            println!();
+            return;
+        }
+        println!("  {:<40} {:>10} {:>10} {:>10}", "", "median", "min", "max");
+        let row = |label: &str, decimals: usize, stats: Option<Stats>| match stats {
+            Some(s) => println!(
+                "  {label:<40} {:>10.decimals$} {:>10.decimals$} {:>10.decimals$}",
+                s.median, s.min, s.max
+            ),
+            None => println!("  {label:<40} {:>10} {:>10} {:>10}", "-", "-", "-"),
+        };
         for (key, label) in FIGURES {
             let label = if key.ends_with("_pct_of_raw") {
                 label.replace("raw", &format!("raw {}", self.case.transport.name()))
             } else {
                 label.to_owned()
             };
-            let decimals = decimals(key);
-            match self.stats(key) {
-                Some(s) => println!(
-                    "  {label:<36} {:>10.decimals$} {:>10.decimals$} {:>10.decimals$}",
-                    s.median, s.min, s.max
-                ),
-                None => println!("  {label:<36} {:>10} {:>10} {:>10}", "-", "-", "-"),
+            row(&label, decimals(key), self.stats(key));
+            if key == "guest_blackout_ms" && self.blackouts_below_threshold() > 0 {
+                println!(
+                    "    ({} run(s) under {BLACKOUT_MS} ms on every vCPU, not in these figures)",
+                    self.blackouts_below_threshold()
+                );
             }
+        }
+        if let Some(cancel) = cancel {
+            row(
+                &format!(
+                    "migrate_cancel latency, {} (ms)",
+                    self.case.transport.name()
+                ),
+                1,
+                cancel.latency(),
+            );
+        }
+        if let Some(plot) = &self.plot {
+            println!("  plot: {}", plot.display());
         }
         println!();
     }
 
-    fn to_json(&self, raw: &[RawFigures]) -> Value {
+    fn to_json(&self, raw: &[RawFigures], cancel: Option<&CancelResult>) -> Value {
         let mut summary = serde_json::Map::new();
         for (key, _) in FIGURES {
             summary.insert(key.into(), stats_json(self.stats(key)));
         }
+        summary.insert(
+            "migrate_cancel_latency_ms".into(),
+            stats_json(cancel.and_then(CancelResult::latency)),
+        );
         let raw_figures = raw
             .iter()
             .find(|r| r.transport == self.case.transport)
@@ -772,49 +1070,186 @@ impl CaseResult {
             "workload": self.case.workload.name(),
             "guest": {
                 "mem_mib": self.case.mem_mib,
-                "smp": SMP.parse::<u32>().unwrap_or(0),
+                "smp": CPUS,
                 "append": self.case.workload.append(),
             },
+            "unsupported": self.unsupported(),
             "runs": self.runs.len(),
             "completed_runs": self.completed(),
+            "converged_runs": self.converged(),
             "raw_gib_per_s": self.raw,
             "raw": raw_figures,
+            "plot": self.plot,
             "summary": Value::Object(summary),
             "results": self.runs.iter().map(|r| r.to_json(self.raw)).collect::<Vec<_>>(),
         })
+    }
+
+    /// Draws the runs' remaining dirty bytes, bandwidth and memory overhead over time.
+    fn draw(&self, path: &Path) -> anyhow::Result<()> {
+        let mut remaining = Vec::new();
+        let mut bandwidth = Vec::new();
+        let mut overhead = Vec::new();
+        let mut stalls = Vec::new();
+        for (index, run) in self.runs.iter().enumerate() {
+            if run.timeline.samples.is_empty() {
+                continue;
+            }
+            let color = plot::PALETTE[index % plot::PALETTE.len()];
+            let marks = run.timeline.round_starts();
+            let name = format!("run {}", run.run);
+            remaining.push(plot::Line {
+                label: format!(
+                    "{name}: {} rounds",
+                    run.count(&["ram", "dirty-sync-count"])
+                        .map_or("?".into(), |r| r.to_string())
+                ),
+                color,
+                width: 2,
+                points: run.timeline.remaining_mib(),
+                bars: false,
+                marks: marks.clone(),
+            });
+            bandwidth.push(plot::Line {
+                label: format!("{name} sent, 100 ms"),
+                color,
+                width: 2,
+                points: run.timeline.measured_mib_per_s(100.0),
+                bars: false,
+                marks: marks.clone(),
+            });
+            bandwidth.push(plot::Line {
+                label: format!("{name} ferry mbps"),
+                color: plot::light(color),
+                width: 1,
+                points: run.timeline.reported_mib_per_s(),
+                bars: false,
+                marks: Vec::new(),
+            });
+            let bars = |gaps: &[guest::Gap]| {
+                gaps.iter()
+                    .map(|g| (g.t_ms / 1000.0, g.us as f64 / 1000.0))
+                    .collect::<Vec<_>>()
+            };
+            stalls.push(plot::Line {
+                label: format!("{name} source"),
+                color,
+                width: 2,
+                points: bars(&run.source_gaps),
+                bars: true,
+                marks: Vec::new(),
+            });
+            stalls.push(plot::Line {
+                label: format!("{name} destination"),
+                color: plot::light(color),
+                width: 2,
+                points: bars(&run.destination_gaps),
+                bars: true,
+                marks: Vec::new(),
+            });
+            if let Some(memory) = &run.memory {
+                overhead.push(plot::Line {
+                    label: format!("{name} source"),
+                    color,
+                    width: 2,
+                    points: memory.overhead_mib(Side::Source),
+                    bars: false,
+                    marks: Vec::new(),
+                });
+                overhead.push(plot::Line {
+                    label: format!("{name} destination"),
+                    color: plot::light(color),
+                    width: 2,
+                    points: memory.overhead_mib(Side::Destination),
+                    bars: false,
+                    marks: Vec::new(),
+                });
+            }
+        }
+        if remaining.is_empty() {
+            bail!("no run has a timeline");
+        }
+        let panels = [
+            plot::Panel {
+                title: "remaining dirty (MiB)".into(),
+                lines: remaining,
+            },
+            plot::Panel {
+                title: "bandwidth (MiB/s)".into(),
+                lines: bandwidth,
+            },
+            plot::Panel {
+                title: "VMM overhead (MiB)".into(),
+                lines: overhead,
+            },
+            plot::Panel {
+                title: format!("guest stalls over {BLACKOUT_MS} ms (ms)"),
+                lines: stalls,
+            },
+        ];
+        let title = format!(
+            "{}: {} GiB, -append {}",
+            self.case.name(),
+            self.case.mem_mib >> 10,
+            self.case.workload.append()
+        );
+        plot::draw(
+            path,
+            &title,
+            "time since migrate (s), stalls when the bench read them. ticks under the plots: a \
+             pre-copy round begins",
+            &panels,
+        )
     }
 }
 
 fn decimals(key: &str) -> usize {
     match key {
-        "transferred_mib" | "ram_pct_of_raw" | "transferred_pct_of_raw" => 1,
+        "transferred_mib"
+        | "ram_pct_of_raw"
+        | "transferred_pct_of_raw"
+        | "guest_blackout_ms"
+        | "source_overhead_mib"
+        | "destination_overhead_mib" => 1,
         "ram_gib_per_s" | "transferred_gib_per_s" => 3,
         "other_cpu_cores" => 2,
         _ => 0,
     }
 }
 
-fn print_summary(results: &[CaseResult]) {
+fn print_summary(results: &[CaseResult], cancels: &[CancelResult]) {
     println!("== summary (medians of the completed runs)");
-    println!(
-        "{:<16} {:>5} {:>8} {:>6} {:>9} {:>9} {:>9} {:>6} {:>10} {:>6} {:>7} {:>7}",
-        "case",
-        "done",
-        "total",
-        "setup",
-        "downtime",
-        "sent",
-        "RAM/t",
-        "% raw",
-        "sent/t",
-        "% raw",
-        "rounds",
-        "others"
-    );
-    println!(
-        "{:<16} {:>5} {:>8} {:>6} {:>9} {:>9} {:>9} {:>6} {:>10} {:>6} {:>7} {:>7}",
-        "", "", "ms", "ms", "ms", "MiB", "GiB/s", "", "GiB/s", "", "", "cores"
-    );
+    let header = |cells: [&str; 17]| {
+        println!(
+            "{:<20} {:>5} {:>4} {:>7} {:>5} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6} {:>6} \
+             {:>6} {:>6} {:>6} {:>6}",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8],
+            cells[9],
+            cells[10],
+            cells[11],
+            cells[12],
+            cells[13],
+            cells[14],
+            cells[15],
+            cells[16]
+        );
+    };
+    header([
+        "case", "done", "conv", "total", "setup", "downtime", "blackout", "sent", "RAM/t", "% raw",
+        "sent/t", "% raw", "rounds", "src", "dst", "cancel", "others",
+    ]);
+    header([
+        "", "", "", "ms", "ms", "ms", "guest ms", "MiB", "GiB/s", "", "GiB/s", "", "", "MiB",
+        "MiB", "ms", "cores",
+    ]);
     for result in results {
         let cell = |key: &str| {
             let decimals = decimals(key);
@@ -822,22 +1257,42 @@ fn print_summary(results: &[CaseResult]) {
                 .stats(key)
                 .map_or("-".into(), |s| format!("{:.decimals$}", s.median))
         };
-        println!(
-            "{:<16} {:>5} {:>8} {:>6} {:>9} {:>9} {:>9} {:>6} {:>10} {:>6} {:>7} {:>7}",
-            result.case.label(),
-            format!("{}/{}", result.completed(), result.runs.len()),
-            cell("total_ms"),
-            cell("setup_ms"),
-            cell("downtime_ms"),
-            cell("transferred_mib"),
-            cell("ram_gib_per_s"),
-            cell("ram_pct_of_raw"),
-            cell("transferred_gib_per_s"),
-            cell("transferred_pct_of_raw"),
-            cell("rounds"),
-            cell("other_cpu_cores"),
-        );
+        let cancel = cancels
+            .iter()
+            .find(|c| c.transport == result.case.transport)
+            .and_then(CancelResult::latency)
+            .map_or("-".into(), |s| format!("{:.0}", s.median));
+        let converged = if result.unsupported() {
+            "-".into()
+        } else {
+            result.converged().to_string()
+        };
+        header([
+            &result.case.label(),
+            &result.done(),
+            &converged,
+            &cell("total_ms"),
+            &cell("setup_ms"),
+            &cell("downtime_ms"),
+            &result.blackout_cell(),
+            &cell("transferred_mib"),
+            &cell("ram_gib_per_s"),
+            &cell("ram_pct_of_raw"),
+            &cell("transferred_gib_per_s"),
+            &cell("transferred_pct_of_raw"),
+            &cell("rounds"),
+            &cell("source_overhead_mib"),
+            &cell("destination_overhead_mib"),
+            &cancel,
+            &cell("other_cpu_cores"),
+        ]);
     }
+    println!(
+        "(conv: runs that completed in fewer than {CONVERGED_BELOW_ROUNDS} rounds; blackout: as \
+         the guest measured it, * if some runs saw less than {BLACKOUT_MS} ms; src/dst: peak VMM \
+         overhead beyond guest RAM; cancel: migrate_cancel latency of the transport's cancel \
+         runs; n/a: the guest lacks the workload's option)"
+    );
     println!();
 }
 
@@ -845,8 +1300,10 @@ fn write_results(
     options: &Options,
     binary: &Path,
     raw: &[RawFigures],
+    cancels: &[CancelResult],
     results: &[CaseResult],
 ) -> anyhow::Result<()> {
+    let cancel_of = |transport: Transport| cancels.iter().find(|c| c.transport == transport);
     let record = json!({
         "benchmark": "ferry live migration",
         "ferry_version": env!("CARGO_PKG_VERSION"),
@@ -857,8 +1314,13 @@ fn write_results(
         },
         "quick": options.quick,
         "runs_per_case": options.runs,
+        "blackout_threshold_ms": BLACKOUT_MS,
         "raw": raw.iter().map(RawFigures::to_json).collect::<Vec<_>>(),
-        "cases": results.iter().map(|r| r.to_json(raw)).collect::<Vec<_>>(),
+        "cancel": cancels.iter().map(CancelResult::to_json).collect::<Vec<_>>(),
+        "cases": results
+            .iter()
+            .map(|r| r.to_json(raw, cancel_of(r.case.transport)))
+            .collect::<Vec<_>>(),
     });
     if let Some(dir) = options.out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -882,28 +1344,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the benchmark; `Ok(false)` if some migration did not complete.
-fn run() -> anyhow::Result<bool> {
-    let options = Options::parse()?;
-    if !Path::new("/dev/kvm").exists() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            bail!("/dev/kvm is missing, and CI=true requires the benchmark to run");
-        }
-        eprintln!("SKIPPED: /dev/kvm is missing; the migration benchmark did not run");
-        return Ok(true);
+/// Runs a closure that may panic (the harness panics when a wait times out).
+fn guarded<T>(f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(format!("{error:#}")),
+        Err(payload) => Err(panic_message(payload.as_ref())),
     }
-    let binary = PathBuf::from(env!("CARGO_BIN_EXE_ferry"));
-    let cases = options.cases();
-    println!(
-        "ferry migration benchmark: {} case(s), {} run(s) each{}; host: {} CPUs, load {}",
-        cases.len(),
-        options.runs,
-        if options.quick { " (quick)" } else { "" },
-        std::thread::available_parallelism().map_or(0, usize::from),
-        load_average().map_or("?".into(), |l| format!("{l:.2}")),
-    );
-    println!();
+}
 
+fn raw_section(options: &Options) -> anyhow::Result<Vec<RawFigures>> {
     println!(
         "== raw socket throughput: {} GiB from memory in {} MiB writes, reader on another thread",
         RAW_BYTES >> 30,
@@ -941,8 +1391,71 @@ fn run() -> anyhow::Result<bool> {
         });
     }
     println!();
+    Ok(raw)
+}
 
-    println!("== ferry live migration (destinations start with -S)");
+fn cancel_section(options: &Options, binary: &Path) -> Vec<CancelResult> {
+    let transports = options.cancel_transports();
+    if transports.is_empty() {
+        return Vec::new();
+    }
+    println!(
+        "== migrate_cancel: a sweeping 1 GiB guest (ferry.tick_ms=10), cancelled in round 0; \
+         times from the command"
+    );
+    let mut results = Vec::new();
+    for transport in transports {
+        let mut runs = Vec::new();
+        for run in 1..=options.runs {
+            let record = guarded(|| cancel::cancel_once(binary, transport, run))
+                .unwrap_or_else(|error| CancelRun::failed(run, error));
+            println!(
+                "{}-cancel  run {run}/{}: {}",
+                transport.name(),
+                options.runs,
+                record.one_line()
+            );
+            runs.push(record);
+        }
+        results.push(CancelResult { transport, runs });
+    }
+    println!();
+    cancel::print_header();
+    for result in &results {
+        result.print_row();
+    }
+    println!();
+    results
+}
+
+/// Runs the benchmark; `Ok(false)` if some migration did not complete or a cancel went wrong.
+fn run() -> anyhow::Result<bool> {
+    let options = Options::parse()?;
+    if !Path::new("/dev/kvm").exists() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            bail!("/dev/kvm is missing, and CI=true requires the benchmark to run");
+        }
+        eprintln!("SKIPPED: /dev/kvm is missing; the migration benchmark did not run");
+        return Ok(true);
+    }
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_ferry"));
+    let cases = options.cases();
+    println!(
+        "ferry migration benchmark: {} case(s), {} run(s) each{}; host: {} CPUs, load {}",
+        cases.len(),
+        options.runs,
+        if options.quick { " (quick)" } else { "" },
+        std::thread::available_parallelism().map_or(0, usize::from),
+        load_average().map_or("?".into(), |l| format!("{l:.2}")),
+    );
+    println!();
+
+    let raw = raw_section(&options)?;
+    let cancels = cancel_section(&options, &binary);
+
+    if !cases.is_empty() {
+        println!("== ferry live migration (-append adds ferry.blackout={BLACKOUT_MS})");
+    }
     let mut results = Vec::new();
     for case in cases {
         let raw_median = raw
@@ -951,32 +1464,48 @@ fn run() -> anyhow::Result<bool> {
             .and_then(RawFigures::median);
         let mut runs = Vec::new();
         for run in 1..=options.runs {
-            let outcome =
-                std::panic::catch_unwind(AssertUnwindSafe(|| migrate_once(&binary, &case, run)));
-            let record = match outcome {
-                Ok(Ok(record)) => record,
-                Ok(Err(error)) => Run::failed(run, format!("{error:#}")),
-                Err(payload) => Run::failed(run, panic_message(payload.as_ref())),
-            };
+            let record = guarded(|| migrate_once(&binary, &case, run))
+                .unwrap_or_else(|error| Run::failed(run, error));
             println!(
                 "{}  run {run}/{}: {}",
                 case.label(),
                 options.runs,
                 record.one_line(raw_median)
             );
+            let unsupported = record.unsupported();
             runs.push(record);
+            if unsupported {
+                break;
+            }
         }
-        let result = CaseResult {
+        let mut result = CaseResult {
             case,
             runs,
             raw: raw_median,
+            plot: None,
         };
-        result.print();
+        if !result.unsupported() {
+            let path = options.plot_path(&case);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            match result.draw(&path) {
+                Ok(()) => result.plot = Some(path),
+                Err(error) => eprintln!("{}: no plot: {error:#}", case.name()),
+            }
+        }
+        result.print(cancels.iter().find(|c| c.transport == case.transport));
         results.push(result);
     }
 
-    print_summary(&results);
-    write_results(&options, &binary, &raw, &results)?;
+    if !results.is_empty() {
+        print_summary(&results, &cancels);
+    }
+    write_results(&options, &binary, &raw, &cancels, &results)?;
     println!("results: {}", options.out.display());
-    Ok(results.iter().all(|r| r.completed() == r.runs.len()))
+    let cancels_ok = cancels
+        .iter()
+        .all(|c| c.runs.iter().all(|r| !r.is_failure()));
+    Ok(results.iter().all(CaseResult::ok) && cancels_ok)
 }

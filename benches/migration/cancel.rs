@@ -1,0 +1,393 @@
+//! How long `migrate_cancel` takes to give the source its guest back: a sweeping 1 GiB guest
+//! starts migrating, and once round 0 has sent about a third of its RAM the bench cancels, then
+//! times the source's answer, its `query-migrate` saying `canceled`, and the first `tick` line
+//! the guest prints after that (its timer ticks every [`TICK_MS`] ms, so that line comes within
+//! about that long once the guest runs). It also notes how the destination ends: ferry's README
+//! says one that never got the commit exits with status 1.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry::guest::GuestLine;
+use ferry::harness::{Ferry, Qmp};
+use serde_json::{json, Value};
+
+use crate::{migration_uri, Pair, Stats, Transport, SMP};
+
+const MEM_MIB: u64 = 1024;
+const TICK_MS: u64 = 10;
+/// Cancel once round 0 has sent this share of RAM.
+const CANCEL_AT: f64 = 0.3;
+const POLL: Duration = Duration::from_millis(2);
+/// How long the source may take to say `canceled` and tick again.
+const RESUME_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the destination may take to exit after the cancel.
+const DESTINATION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// One cancelled migration.
+#[derive(Debug, Default)]
+pub struct CancelRun {
+    pub run: usize,
+    /// `canceled` when the source said so and its guest ticked again; `missed` when the
+    /// migration ended before the bench could cancel it; otherwise what went wrong:
+    /// `not-canceled` (it ended otherwise), `not-resumed` (no tick in time), `error`.
+    pub status: String,
+    pub error: Option<String>,
+    /// Where the migration was when the bench sent `migrate_cancel`.
+    pub at_ms: Option<f64>,
+    pub at_transferred: Option<u64>,
+    pub at_dirty_sync_count: Option<u64>,
+    /// From sending `migrate_cancel` to its answer.
+    pub reply_ms: Option<f64>,
+    /// ... to the first `query-migrate` that said `canceled` (polled every 2 ms).
+    pub canceled_ms: Option<f64>,
+    /// ... to the first `tick` line that arrived after that: the guest runs on the source.
+    pub resumed_ms: Option<f64>,
+    /// `query-status` on the source afterwards.
+    pub source_status: Option<String>,
+    /// How the destination ended, and when (from the cancel).
+    pub destination_exit: Option<String>,
+    pub destination_exit_ms: Option<f64>,
+    /// The source's log lines about the cancel and the dirty log ([`LOG_FILTER`]), and from
+    /// their timestamps the time from "cancelled; telling the destination" (before the hang-up,
+    /// which is bounded at 100 ms) to KVM's dirty log being off.
+    pub source_log: Vec<String>,
+    pub hang_up_and_log_off_ms: Option<f64>,
+}
+
+/// The source's log: ferry's info lines, and the cancel path's debug lines.
+const LOG_FILTER: &str = "ferry=info,ferry::migrate::source=debug";
+
+/// Seconds since midnight of a log line's timestamp (`2026-01-01T12:34:56.789012Z ...`).
+fn log_seconds(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split_once('T')?.1;
+    let time = time.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
+/// The source's log lines of the cancel path, and the milliseconds from its start to the dirty
+/// log being off.
+fn cancel_log(stderr: &str) -> (Vec<String>, Option<f64>) {
+    let lines: Vec<String> = stderr
+        .lines()
+        .filter(|l| {
+            l.contains("cancelled; telling the destination")
+                || l.contains("dirty logging")
+                || l.contains("migration cancelled")
+        })
+        .map(str::to_owned)
+        .collect();
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(needle))
+            .and_then(|l| log_seconds(l))
+    };
+    // "dirty logging set enabled=false" since ferry pauses the vCPUs for it, "dirty logging
+    // off" before.
+    let off = at("enabled=false").or_else(|| at("dirty logging off"));
+    let span = match (at("telling the destination"), off) {
+        (Some(from), Some(to)) if to >= from => Some((to - from) * 1000.0),
+        _ => None,
+    };
+    (lines, span)
+}
+
+impl CancelRun {
+    pub fn failed(run: usize, error: String) -> Self {
+        Self {
+            run,
+            status: "error".into(),
+            error: Some(error),
+            ..Self::default()
+        }
+    }
+
+    pub fn canceled(&self) -> bool {
+        self.status == "canceled"
+    }
+
+    /// Whether ferry misbehaved (a missed cancel is the bench's timing, not ferry's fault).
+    pub fn is_failure(&self) -> bool {
+        !matches!(self.status.as_str(), "canceled" | "missed")
+    }
+
+    pub fn one_line(&self) -> String {
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+        let mut line = format!(
+            "{:<12} answer {} ms, canceled {} ms, guest ticks {} ms; source {}, destination {} \
+             after {} ms; ferry's log: hang-up to dirty log off {} ms",
+            self.status,
+            ms(self.reply_ms),
+            ms(self.canceled_ms),
+            ms(self.resumed_ms),
+            self.source_status.as_deref().unwrap_or("?"),
+            self.destination_exit.as_deref().unwrap_or("?"),
+            ms(self.destination_exit_ms),
+            ms(self.hang_up_and_log_off_ms),
+        );
+        if let (Some(at), Some(sent)) = (self.at_ms, self.at_transferred) {
+            line += &format!(" (cancelled {at:.0} ms in, {} MiB sent)", sent >> 20);
+        }
+        if let Some(error) = &self.error {
+            line += &format!("; {}", error.lines().next().unwrap_or_default());
+        }
+        line
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "run": self.run,
+            "status": self.status,
+            "error": self.error,
+            "at_ms": self.at_ms,
+            "at_transferred": self.at_transferred,
+            "at_dirty_sync_count": self.at_dirty_sync_count,
+            "reply_ms": self.reply_ms,
+            "canceled_ms": self.canceled_ms,
+            "resumed_ms": self.resumed_ms,
+            "source_status": self.source_status,
+            "destination_exit": self.destination_exit,
+            "destination_exit_ms": self.destination_exit_ms,
+            "source_log": self.source_log,
+            "hang_up_and_dirty_log_off_ms": self.hang_up_and_log_off_ms,
+        })
+    }
+}
+
+/// The cancel runs of one transport.
+pub struct CancelResult {
+    pub transport: Transport,
+    pub runs: Vec<CancelRun>,
+}
+
+impl CancelResult {
+    fn stats(&self, pick: impl Fn(&CancelRun) -> Option<f64>) -> Option<Stats> {
+        let values: Vec<f64> = self
+            .runs
+            .iter()
+            .filter(|r| r.canceled())
+            .filter_map(pick)
+            .collect();
+        Stats::of(&values)
+    }
+
+    /// The latency: from `migrate_cancel` until the source said `canceled` and its guest ran.
+    pub fn latency(&self) -> Option<Stats> {
+        self.stats(|r| r.resumed_ms)
+    }
+
+    pub fn print_row(&self) {
+        let cell = |s: Option<Stats>| {
+            s.map_or(format!("{:>22}", "-"), |s| {
+                format!("{:>8.1} {:>6.1} {:>6.1}", s.median, s.min, s.max)
+            })
+        };
+        println!(
+            "{:<5} {:>5}  {}  {}  {}  {}",
+            self.transport.name(),
+            format!(
+                "{}/{}",
+                self.runs.iter().filter(|r| r.canceled()).count(),
+                self.runs.len()
+            ),
+            cell(self.stats(|r| r.reply_ms)),
+            cell(self.stats(|r| r.canceled_ms)),
+            cell(self.latency()),
+            cell(self.stats(|r| r.hang_up_and_log_off_ms)),
+        );
+    }
+
+    pub fn to_json(&self) -> Value {
+        let stats = |s: Option<Stats>| s.map_or(Value::Null, Stats::to_json);
+        json!({
+            "transport": self.transport.name(),
+            "guest": {
+                "mem_mib": MEM_MIB,
+                "smp": SMP,
+                "append": format!("ferry.tick_ms={TICK_MS}"),
+            },
+            "cancel_at_share_of_ram": CANCEL_AT,
+            "runs": self.runs.len(),
+            "canceled_runs": self.runs.iter().filter(|r| r.canceled()).count(),
+            "reply_ms": stats(self.stats(|r| r.reply_ms)),
+            "canceled_ms": stats(self.stats(|r| r.canceled_ms)),
+            "latency_ms": stats(self.latency()),
+            "hang_up_and_dirty_log_off_ms": stats(self.stats(|r| r.hang_up_and_log_off_ms)),
+            "results": self.runs.iter().map(CancelRun::to_json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+pub fn print_header() {
+    println!(
+        "{:<5} {:>5}  {:>22}  {:>22}  {:>22}  {:>22}",
+        "",
+        "done",
+        "answer (ms)",
+        "says canceled (ms)",
+        "guest ticks (ms)",
+        "log: to dirty log off"
+    );
+    let stats = format!("{:>8} {:>6} {:>6}", "median", "min", "max");
+    println!("{:<5} {:>5}  {stats}  {stats}  {stats}  {stats}", "", "");
+}
+
+fn ms_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The lines after the first `skip` of a VM's serial output.
+fn lines_from(vm: &Ferry, skip: usize) -> Vec<String> {
+    vm.lines().into_iter().skip(skip).collect()
+}
+
+pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::Result<CancelRun> {
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-bench-cancel-")
+        .tempdir()
+        .context("a scratch directory")?;
+    let mem = MEM_MIB.to_string();
+    let append = format!("ferry.tick_ms={TICK_MS}");
+    let mut pair = Pair { vms: Vec::new() };
+    let source_qmp = dir.path().join("source.qmp");
+    pair.vms.push(Ferry::start_logging(
+        binary,
+        "source",
+        &["-smp", SMP, "-m", &mem, "-append", &append],
+        Some(&source_qmp),
+        LOG_FILTER,
+    ));
+    pair.vms[0].wait_ready();
+    for cpu in 0..2 {
+        let line = format!("sweep 1 cpu={cpu}");
+        pair.vms[0].wait_line(
+            &format!("the first sweep of cpu {cpu}"),
+            Duration::from_secs(120),
+            |l| l == line,
+        );
+    }
+    let uri = migration_uri(transport, dir.path())?;
+    let destination_qmp = dir.path().join("destination.qmp");
+    pair.vms.push(Ferry::start(
+        binary,
+        "destination",
+        &["-smp", SMP, "-m", &mem, "-incoming", &uri],
+        Some(&destination_qmp),
+    ));
+    let status = Qmp::connect(&destination_qmp).status();
+    if status != "inmigrate" {
+        bail!("the destination says {status}, not inmigrate");
+    }
+
+    let mut source = Qmp::connect(&source_qmp);
+    source.ok("migrate", Some(json!({"uri": uri})));
+    let asked = Instant::now();
+    let mut record = CancelRun {
+        run,
+        ..CancelRun::default()
+    };
+    // Wait for the middle of round 0.
+    loop {
+        let info = source.ok("query-migrate", None);
+        let status = info["status"].as_str().unwrap_or("?");
+        let sent = info["ram"]["transferred"].as_u64().unwrap_or(0);
+        let total = info["ram"]["total"].as_u64().unwrap_or(u64::MAX);
+        let rounds = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        if !matches!(status, "setup" | "active") {
+            record.status = "missed".into();
+            record.error = Some(format!("the migration ended ({status}) before the cancel"));
+            return Ok(record);
+        }
+        if status == "active" && (sent as f64 >= total as f64 * CANCEL_AT || rounds > 1) {
+            record.at_ms = Some(ms_since(asked));
+            record.at_transferred = Some(sent);
+            record.at_dirty_sync_count = Some(rounds);
+            break;
+        }
+        if asked.elapsed() > Duration::from_secs(60) {
+            bail!("round 0 did not get to {CANCEL_AT} of RAM within 60 s: {info}");
+        }
+        std::thread::sleep(POLL);
+    }
+
+    let cancelled = Instant::now();
+    let reply = source.execute("migrate_cancel", None);
+    record.reply_ms = Some(ms_since(cancelled));
+    if reply.get("return").is_none() {
+        bail!("migrate_cancel failed: {reply}");
+    }
+    let mut seen_canceled_at_line = None;
+    let outcome = loop {
+        if seen_canceled_at_line.is_none() {
+            let info = source.ok("query-migrate", None);
+            match info["status"].as_str().unwrap_or("?") {
+                "canceled" => {
+                    record.canceled_ms = Some(ms_since(cancelled));
+                    seen_canceled_at_line = Some(pair.vms[0].lines().len());
+                }
+                "setup" | "active" => {}
+                other => break Err(("not-canceled", format!("the migration ended {other}"))),
+            }
+        }
+        if let Some(skip) = seen_canceled_at_line {
+            let ticked = lines_from(&pair.vms[0], skip)
+                .iter()
+                .any(|l| matches!(GuestLine::parse(l), GuestLine::Tick { .. }));
+            if ticked {
+                record.resumed_ms = Some(ms_since(cancelled));
+                break Ok(());
+            }
+        }
+        if cancelled.elapsed() > RESUME_DEADLINE {
+            break Err((
+                if seen_canceled_at_line.is_some() {
+                    "not-resumed"
+                } else {
+                    "not-canceled"
+                },
+                format!("not canceled and ticking within {RESUME_DEADLINE:?}"),
+            ));
+        }
+        std::thread::sleep(POLL);
+    };
+    record.source_status = Some(source.status());
+    (record.source_log, record.hang_up_and_log_off_ms) = cancel_log(&pair.vms[0].stderr());
+    let destination = &mut pair.vms[1];
+    while destination.is_running() && cancelled.elapsed() < DESTINATION_DEADLINE {
+        std::thread::sleep(POLL);
+    }
+    if destination.is_running() {
+        record.destination_exit = Some("still running".into());
+    } else {
+        record.destination_exit_ms = Some(ms_since(cancelled));
+        let status = destination.wait_exit(Duration::from_secs(1));
+        record.destination_exit = Some(match status.code() {
+            Some(code) => format!("exit {code}"),
+            None => format!("{status}"),
+        });
+    }
+    match outcome {
+        Ok(()) if record.source_status.as_deref() == Some("running") => {
+            record.status = "canceled".into()
+        }
+        Ok(()) => {
+            record.status = "not-resumed".into();
+            record.error = Some(format!(
+                "the guest ticked, but query-status says {}",
+                record.source_status.as_deref().unwrap_or("?")
+            ));
+        }
+        Err((status, error)) => {
+            record.status = status.into();
+            record.error = Some(error);
+        }
+    }
+    drop(pair);
+    Ok(record)
+}
