@@ -393,20 +393,13 @@ impl Vmm {
                 )))
             }
         }
-        let mut vm = self
-            .vm
-            .take()
-            .expect("no migration runs, so the owner holds the VM");
-        self.migration
-            .begin(self.memory.iter().map(|r| r.len()).sum());
-        let shared = self.migration.clone();
-        let cancel = CancellationToken::new();
-        let token = cancel.clone();
-        let task = tokio::spawn(async move {
-            let outcome = source::migrate(&mut vm, uri, &shared, token).await;
-            (vm, MigrationResult::Outgoing(outcome))
-        });
-        self.running_migration = Some(RunningMigration { task, cancel });
+        self.spawn_migration(
+            CancellationToken::new(),
+            |mut vm, shared, token| async move {
+                let outcome = source::migrate(&mut vm, uri, &shared, token).await;
+                (vm, MigrationResult::Outgoing(outcome))
+            },
+        );
         Ok(json!({}))
     }
 
@@ -426,19 +419,27 @@ impl Vmm {
     }
 
     fn start_incoming(&mut self, listener: Listener) {
-        let mut vm = self
+        let cancel = self.shutdown.child_token();
+        self.spawn_migration(cancel, |mut vm, shared, token| async move {
+            let outcome = destination::receive(&mut vm, listener, &shared, token).await;
+            (vm, MigrationResult::Incoming(outcome))
+        });
+    }
+
+    /// Hands the VM to a new migration task, with the progress record already in `setup` so
+    /// that a `query-migrate` right after the command shows this migration.
+    fn spawn_migration<F, Fut>(&mut self, cancel: CancellationToken, migration: F)
+    where
+        F: FnOnce(Vm, Arc<Shared>, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = (Vm, MigrationResult)> + Send + 'static,
+    {
+        let vm = self
             .vm
             .take()
             .expect("no migration runs, so the owner holds the VM");
         self.migration
             .begin(self.memory.iter().map(|r| r.len()).sum());
-        let shared = self.migration.clone();
-        let cancel = self.shutdown.child_token();
-        let token = cancel.clone();
-        let task = tokio::spawn(async move {
-            let outcome = destination::receive(&mut vm, listener, &shared, token).await;
-            (vm, MigrationResult::Incoming(outcome))
-        });
+        let task = tokio::spawn(migration(vm, self.migration.clone(), cancel.clone()));
         self.running_migration = Some(RunningMigration { task, cancel });
     }
 
