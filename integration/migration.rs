@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{free_port, kvm_available, kvm_lock, scratch, Ferry};
 use ferry::guest::pattern::check_dump;
-use ferry::guest::{slices_by_cpu, GuestLine};
+use ferry::guest::{last_sweep, slices_by_cpu, ticks, GuestLine};
 use serde_json::{json, Value};
 
 const MEM_MIB: u64 = 64;
@@ -108,27 +108,6 @@ fn assert_pattern(memory: &[u8], lines: &[GuestLine]) {
             panic!("cpu {cpu}: sweep pattern broken: {error}");
         }
     }
-}
-
-fn last_sweep(lines: &[GuestLine], cpu: u32) -> u64 {
-    lines
-        .iter()
-        .filter_map(|l| match l {
-            GuestLine::Sweep { n, cpu: c } if *c == cpu => Some(*n),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-fn ticks(lines: &[GuestLine], cpu: u32) -> Vec<u64> {
-    lines
-        .iter()
-        .filter_map(|l| match l {
-            GuestLine::Tick { n, cpu: c } if *c == cpu => Some(*n),
-            _ => None,
-        })
-        .collect()
 }
 
 fn assert_no_tsc_errors(vm: &Ferry) {

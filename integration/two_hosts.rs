@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{kvm_available, kvm_lock, scratch, Ferry};
 use ferry::guest::pattern::check_dump;
-use ferry::guest::{slices_by_cpu, GuestLine};
+use ferry::guest::{last_sweep, slices_by_cpu, GuestLine};
 use serde_json::{json, Value};
 
 const MEM_MIB: u64 = 64;
@@ -171,17 +171,6 @@ fn remove_stale_namespaces() {
 fn free_port_everywhere() -> u16 {
     let listener = TcpListener::bind("0.0.0.0:0").expect("a free port");
     listener.local_addr().unwrap().port()
-}
-
-fn last_sweep(lines: &[GuestLine], cpu: u32) -> u64 {
-    lines
-        .iter()
-        .filter_map(|l| match l {
-            GuestLine::Sweep { n, cpu: c } if *c == cpu => Some(*n),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 /// The source in namespace A migrates a sweeping two-vCPU guest over TCP to the destination in

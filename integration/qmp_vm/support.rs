@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry::guest::GuestLine;
-
 use crate::client::Client;
 use crate::common::{self, Ferry};
 
@@ -118,14 +116,7 @@ pub fn assert_quiet(vm: &Ferry, when: &str) {
 
 /// The last `sweep N cpu=CPU` the guest printed.
 pub fn last_sweep(vm: &Ferry, cpu: u32) -> u64 {
-    vm.guest_lines()
-        .iter()
-        .filter_map(|l| match l {
-            GuestLine::Sweep { n, cpu: c } if *c == cpu => Some(*n),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0)
+    ferry::guest::last_sweep(&vm.guest_lines(), cpu)
 }
 
 /// ferry's log has no panic in it.

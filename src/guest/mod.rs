@@ -340,6 +340,29 @@ impl fmt::Display for GuestLine {
     }
 }
 
+/// The counts of CPU `cpu`'s `tick N cpu=I` lines among `lines`, in order.
+pub fn ticks(lines: &[GuestLine], cpu: u32) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| match l {
+            GuestLine::Tick { n, cpu: c } if *c == cpu => Some(*n),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The number of the last sweep CPU `cpu` reported among `lines` (0 before its first).
+pub fn last_sweep(lines: &[GuestLine], cpu: u32) -> u64 {
+    lines
+        .iter()
+        .filter_map(|l| match l {
+            GuestLine::Sweep { n, cpu: c } if *c == cpu => Some(*n),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Each CPU's slices, in sweep order, from the `slice` lines among `lines`:
 /// what [`pattern::check_dump`] wants for each CPU.
 pub fn slices_by_cpu<'a, I>(lines: I) -> BTreeMap<u32, Vec<Range<u64>>>
@@ -389,6 +412,23 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticks_and_last_sweep_pick_one_cpu() {
+        let lines: Vec<GuestLine> = [
+            "tick 1 cpu=0",
+            "tick 1 cpu=1",
+            "sweep 4 cpu=1",
+            "tick 2 cpu=0",
+            "sweep 3 cpu=0",
+        ]
+        .iter()
+        .map(|l| GuestLine::parse(l))
+        .collect();
+        assert_eq!(ticks(&lines, 0), vec![1, 2]);
+        assert_eq!(last_sweep(&lines, 1), 4);
+        assert_eq!(last_sweep(&lines, 2), 0);
+    }
 
     #[test]
     fn builtin_guest_is_an_elf64_with_a_pvh_note() {
