@@ -40,6 +40,48 @@ pub struct Config {
     pub qmp: Option<PathBuf>,
     /// `-incoming URI`: wait for a migration stream instead of booting.
     pub incoming: Option<Incoming>,
+    /// `-drive`: disk images, referred to by devices through their ids.
+    pub drives: Vec<DriveConfig>,
+    /// `-device virtio-blk-pci`: the disks the guest sees, in command-line order.
+    pub block_devices: Vec<BlockDeviceConfig>,
+}
+
+/// The image formats `-drive format=` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriveFormat {
+    Raw,
+}
+
+/// One `-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,format=raw][,if=none]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    pub id: String,
+    pub file: PathBuf,
+    pub readonly: bool,
+    /// `direct=on`: open the image with O_DIRECT, bypassing the host's page cache.
+    pub direct: bool,
+    pub format: DriveFormat,
+}
+
+/// Where a PCI function sits on `pcie.0`: `addr=SLOT[.FUNCTION]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PciAddress {
+    /// 0..=31; 0 is the host bridge.
+    pub slot: u8,
+    /// 0..=7.
+    pub function: u8,
+}
+
+/// One `-device virtio-blk-pci,drive=ID,id=ID,bus=pcie.0,addr=N[.F][,serial=S][,num-queues=N]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDeviceConfig {
+    pub id: String,
+    /// The id of the `-drive` this device exposes.
+    pub drive: String,
+    pub addr: PciAddress,
+    /// What VIRTIO_BLK_T_GET_ID returns (at most 20 bytes).
+    pub serial: Option<String>,
+    pub num_queues: u16,
 }
 
 impl Default for Config {
@@ -56,6 +98,8 @@ impl Default for Config {
             start_paused: false,
             qmp: None,
             incoming: None,
+            drives: Vec::new(),
+            block_devices: Vec::new(),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod cpu;
 pub mod devices;
+pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod state;

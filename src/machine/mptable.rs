@@ -6,7 +6,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::memory::GuestMemory;
 
-pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+pub const IOAPIC_ADDR: u32 = super::layout::IOAPIC_START as u32;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// APIC IDs are eight bits and the IOAPIC takes the one after the last vCPU.
 pub const MAX_VCPUS: u32 = 254;
