@@ -1,4 +1,5 @@
 //! ferry: a KVM virtual machine monitor whose headline feature is live migration.
+pub mod block;
 pub mod cli;
 pub mod guest;
 pub mod harness;
