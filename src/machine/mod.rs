@@ -4,9 +4,11 @@
 pub mod boot;
 pub mod cpu;
 pub mod devices;
+pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod pci;
 pub mod state;
 
 use std::fs::OpenOptions;
@@ -25,8 +27,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::boot::KernelImage;
 use self::cpu::HostQuirks;
-use self::devices::{Devices, ResetTrigger, Serial, SerialOutput, I8042};
+use self::devices::{Devices, Disk, ResetTrigger, Serial, SerialOutput, I8042};
+use self::interrupts::GsiRouter;
 use self::memory::{GuestMemory, RamRange};
+use self::pci::{BarAllocator, PciRoot};
 use crate::cli::{Config, SerialTarget};
 use crate::migrate::state::{DeviceDescription, VmDescription};
 use crate::runtime::GuestEvent;
@@ -89,6 +93,8 @@ pub enum MachineError {
     },
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] devices::disk::DiskError),
 }
 
 impl MachineError {
@@ -106,7 +112,9 @@ fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineErr
 /// A built VM: everything KVM holds for it, its memory and devices, and its vCPUs ready to run.
 pub struct Machine {
     pub kvm: Kvm,
-    pub vm: VmFd,
+    pub vm: Arc<VmFd>,
+    /// KVM's GSI routes: devices' MSI-X vectors are added to it.
+    pub router: Arc<GsiRouter>,
     pub memory: GuestMemory,
     pub layout: Vec<RamRange>,
     pub devices: Arc<Devices>,
@@ -135,7 +143,7 @@ impl Machine {
                 max,
             });
         }
-        let vm = kvm.create_vm().map_err(kvm_error("create a VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_error("create a VM"))?);
         vm.set_tss_address(TSS_ADDRESS)
             .map_err(kvm_error("set the TSS address"))?;
         vm.set_identity_map_address(IDENTITY_MAP_ADDRESS)
@@ -155,7 +163,15 @@ impl Machine {
         let machine_memory = Self::register_memory(&vm, &memory, false)?;
         tracing::debug!(slots = machine_memory, "guest RAM registered");
 
-        let devices = Arc::new(create_devices(&vm, config, guest_events)?);
+        let router = Arc::new(GsiRouter::new(vm.clone()));
+        let devices = Arc::new(create_devices(
+            &vm,
+            config,
+            guest_events,
+            &router,
+            &memory,
+            &layout,
+        )?);
         let quirks = HostQuirks::detect();
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -173,6 +189,7 @@ impl Machine {
         let machine = Self {
             kvm,
             vm,
+            router,
             memory,
             layout,
             devices,
@@ -251,7 +268,7 @@ impl Machine {
             ram: self.layout.clone(),
             vcpus: self.vcpu_count,
             cpu_features: state::feature_words(self.cpuid.as_slice()),
-            devices: vec![
+            devices: [
                 DeviceDescription {
                     kind: "serial-8250".into(),
                     id: "serial0".into(),
@@ -262,7 +279,10 @@ impl Machine {
                     id: "i8042".into(),
                     attributes: attributes(&[("ports", "0x60,0x64")]),
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(self.devices.disks.iter().map(Disk::description))
+            .collect(),
         }
     }
 
@@ -276,6 +296,9 @@ fn create_devices(
     vm: &VmFd,
     config: &Config,
     guest_events: UnboundedSender<GuestEvent>,
+    router: &Arc<GsiRouter>,
+    memory: &GuestMemory,
+    layout: &[RamRange],
 ) -> Result<Devices, MachineError> {
     let output = match &config.serial {
         SerialTarget::Stdio => SerialOutput::Stdout,
@@ -295,8 +318,34 @@ fn create_devices(
     let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
     vm.register_irqfd(&interrupt, devices::serial::SERIAL_GSI)
         .map_err(kvm_error("connect the serial port's interrupt"))?;
+    let mut pci = PciRoot::new();
+    let window64 = layout::mmio64_window(layout);
+    let mut bars = BarAllocator::new(
+        (layout::MMIO32_START, layout::MMIO32_END),
+        (window64.start, window64.end()),
+    );
+    let mut disks = Vec::with_capacity(config.block_devices.len());
+    for device in &config.block_devices {
+        let drive = config
+            .drives
+            .iter()
+            .find(|drive| drive.id == device.drive)
+            .expect("the command line checks that every device's drive exists");
+        let disk = Disk::create(
+            device,
+            drive,
+            config.incoming.is_some(),
+            &mut bars,
+            router.clone(),
+            memory.clone(),
+        )?;
+        pci.add(device.addr, disk.function());
+        disks.push(disk);
+    }
     Ok(Devices {
         serial: Mutex::new(Serial::new(interrupt, output)),
         i8042: Mutex::new(I8042::new(ResetTrigger(guest_events))),
+        pci,
+        disks,
     })
 }

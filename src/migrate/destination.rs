@@ -168,7 +168,20 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 restored = true;
             }
             Message::Commit(commit) if restored => {
-                // The guest is ours now whether or not the source hears this.
+                // The source has let go of the images; without them the guest must not run here
+                // (the error goes back to the source, which then runs it again).
+                vm.machine
+                    .devices
+                    .activate_disks()
+                    .map_err(|e| ReceiveError::Local(format!("cannot take over the disks: {e}")))?;
+                // The guest is ours now whether or not the source hears this. It runs before the
+                // source is told, so that the downtime the source reports covers the whole pause.
+                if commit.run && shared.autostart() {
+                    vm.vcpus
+                        .resume()
+                        .await
+                        .map_err(|e| ReceiveError::Local(format!("cannot start the vCPUs: {e}")))?;
+                }
                 let _ = wire::write_message(writer, &Message::Committed).await;
                 return Ok(commit.run);
             }

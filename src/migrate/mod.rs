@@ -47,17 +47,29 @@ pub struct Shared {
     params: Mutex<MigrationParameters>,
     /// Set while the source's vCPUs are paused for the switchover (`finish-migrate`).
     pub switchover: AtomicBool,
+    /// Whether an incoming guest runs once it has arrived (no -S, or `cont` since).
+    autostart: AtomicBool,
     events: VmHandle,
 }
 
 impl Shared {
-    pub fn new(events: VmHandle) -> Self {
+    pub fn new(events: VmHandle, autostart: bool) -> Self {
         Self {
             progress: Mutex::new(Progress::new()),
             params: Mutex::new(MigrationParameters::default()),
             switchover: AtomicBool::new(false),
+            autostart: AtomicBool::new(autostart),
             events,
         }
+    }
+
+    pub fn autostart(&self) -> bool {
+        self.autostart.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_autostart(&self, autostart: bool) {
+        self.autostart
+            .store(autostart, std::sync::atomic::Ordering::Release);
     }
 
     pub fn progress(&self) -> MutexGuard<'_, Progress> {

@@ -22,6 +22,9 @@ pub struct MigrationParameters {
     pub max_bandwidth: u64,
     /// Auto-converge: how hard to hold the vCPUs back when the guest outruns the link.
     pub throttle: ThrottleParameters,
+    /// ferry's own: give up (the source runs on) if the guest has not converged after this
+    /// many seconds; 0 waits as long as it takes.
+    pub convergence_timeout_s: u64,
 }
 
 impl Default for MigrationParameters {
@@ -30,6 +33,7 @@ impl Default for MigrationParameters {
             downtime_limit_ms: DEFAULT_DOWNTIME_LIMIT_MS,
             max_bandwidth: 0,
             throttle: ThrottleParameters::default(),
+            convergence_timeout_s: 0,
         }
     }
 }
@@ -67,6 +71,12 @@ pub fn next_throttle(current: u8, dirtied: u64, sent: u64, params: ThrottleParam
 }
 
 impl MigrationParameters {
+    /// Whether a migration running for `elapsed` has used up its convergence timeout.
+    pub fn convergence_timed_out(&self, elapsed: Duration) -> bool {
+        self.convergence_timeout_s != 0
+            && elapsed >= Duration::from_secs(self.convergence_timeout_s)
+    }
+
     /// The `query-migrate-parameters` answer, with QEMU's names.
     pub fn to_json(self) -> Value {
         json!({
@@ -75,6 +85,7 @@ impl MigrationParameters {
             "cpu-throttle-initial": self.throttle.initial,
             "cpu-throttle-increment": self.throttle.increment,
             "max-cpu-throttle": self.throttle.max,
+            "convergence-timeout": self.convergence_timeout_s,
         })
     }
 
@@ -114,6 +125,9 @@ impl MigrationParameters {
         }
         if let Some(bandwidth) = max_bandwidth {
             self.max_bandwidth = bandwidth;
+        }
+        if let Some(timeout) = update.convergence_timeout_s {
+            self.convergence_timeout_s = timeout;
         }
         self.throttle = throttle;
         Ok(())
@@ -266,5 +280,20 @@ mod tests {
             max: 30,
         };
         assert_eq!(next_throttle(0, 100, 1, low_cap), 30);
+    }
+
+    #[test]
+    fn convergence_timeout_is_off_by_default_and_counts_whole_seconds() {
+        let mut params = MigrationParameters::default();
+        assert!(!params.convergence_timed_out(Duration::from_secs(86_400)));
+        params
+            .update(&MigrationParameterUpdate {
+                convergence_timeout_s: Some(5),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(!params.convergence_timed_out(Duration::from_millis(4_999)));
+        assert!(params.convergence_timed_out(Duration::from_secs(5)));
+        assert_eq!(params.to_json()["convergence-timeout"], 5);
     }
 }

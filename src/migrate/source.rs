@@ -103,6 +103,20 @@ pub async fn migrate(
         }
         Err(error) => error,
     };
+    if let Err(disks) = vm.machine.devices.activate_disks() {
+        // Another process holds an image now, and that may be the destination running the
+        // guest: running it here as well could corrupt the disk.
+        let reason =
+            format!(
+            "the migration failed ({}) and the source cannot take its disks back: {disks}. The \
+             source stays paused: check the destination, and resume the source with 'cont' \
+             only if the destination does not run the guest",
+            error.as_ref().map_or("cancelled".to_owned(), |e| e.to_string())
+        );
+        tracing::error!(reason, "disks not recovered");
+        shared.finish(MigrationStatus::Failed, Some(reason.clone()));
+        return Outcome::InDoubt(reason);
+    }
     if was_running {
         // A pause that was asked for but never acknowledged still happens, so resume whatever
         // `running` says; resuming a running vCPU does nothing.
@@ -317,7 +331,22 @@ async fn stream_guest(
             remaining_pages: dirty,
         }))
         .await?;
-        match decide(round + 1, dirty * PAGE_SIZE, bandwidth, limit) {
+        let decision = decide(round + 1, dirty * PAGE_SIZE, bandwidth, limit);
+        let elapsed = started.elapsed();
+        if decision != Decision::Switchover && params.convergence_timed_out(elapsed) {
+            return Err(SendError::Local(format!(
+                "the guest did not converge within the convergence-timeout of {} s: after {} \
+                 rounds {} MiB are still dirty and the downtime would be {} ms, above the \
+                 downtime-limit of {} ms; raise downtime-limit, max-cpu-throttle or \
+                 convergence-timeout",
+                params.convergence_timeout_s,
+                round + 1,
+                (dirty * PAGE_SIZE) >> 20,
+                expected.as_millis(),
+                params.downtime_limit_ms
+            )));
+        }
+        match decision {
             Decision::AnotherRound => continue,
             Decision::Switchover => break,
             Decision::ForcedSwitchover => {
@@ -337,6 +366,9 @@ async fn stream_guest(
         vm.vcpus.pause().await.map_err(local)?;
         shared.switchover.store(true, Ordering::Release);
         shared.emit(Event::new("STOP", None));
+        // Disk requests complete into guest memory: drain them before the last dirty sync so
+        // that their data and used rings travel with the final pages.
+        vm.machine.devices.quiesce_disks().map_err(local)?;
         tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
         let last = tracker.take();
         sender.stop_pacing();
@@ -353,7 +385,10 @@ async fn stream_guest(
             state_bytes, "final pages and device state sent"
         );
         match link.answer().await? {
-            Message::Restored => Ok(paused_at),
+            Message::Restored => {
+                vm.machine.devices.release_images().map_err(local)?;
+                Ok(paused_at)
+            }
             other => Err(SendError::Protocol(format!(
                 "{other:?} instead of RESTORED"
             ))),
@@ -394,6 +429,9 @@ async fn commit(
     shared.progress().downtime = Some(downtime);
     match confirmation {
         Ok(Ok(Message::Committed)) => {}
+        // The destination refused the guest before running it (it could not take a disk, for
+        // example): the source takes it back.
+        Ok(Ok(Message::Error(reason))) => return Err(SendError::DestinationFailed(reason)),
         other => {
             let why = match other {
                 Ok(Ok(message)) => format!("it answered {message:?}"),

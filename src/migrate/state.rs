@@ -223,8 +223,11 @@ impl VmDescription {
                 }
                 Some(here) if here.attributes != device.attributes => {
                     return Err(format!(
-                        "device '{}' differs: source {:?}, destination {:?}",
-                        device.id, device.attributes, here.attributes
+                        "device '{}' ({}) differs: {}; start the destination with the source's \
+                         settings",
+                        device.id,
+                        device.kind,
+                        attribute_differences(&device.attributes, &here.attributes)
                     ))
                 }
                 Some(_) => {}
@@ -251,6 +254,27 @@ fn register_name(register: char) -> &'static str {
         'c' => "ECX",
         _ => "EDX",
     }
+}
+
+/// "serial is \"a\" on the source, \"b\" on the destination; ..." for every key that differs.
+fn attribute_differences(
+    source: &BTreeMap<String, String>,
+    destination: &BTreeMap<String, String>,
+) -> String {
+    let shown = |value: Option<&String>| value.map_or("unset".to_owned(), |v| format!("{v:?}"));
+    let keys: std::collections::BTreeSet<&String> =
+        source.keys().chain(destination.keys()).collect();
+    keys.into_iter()
+        .filter(|key| source.get(*key) != destination.get(*key))
+        .map(|key| {
+            format!(
+                "{key} is {} on the source, {} on the destination",
+                shown(source.get(key)),
+                shown(destination.get(key))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::state::{Section, Sections, StateError};
+use crate::machine::devices::disk::DiskSection;
 use crate::machine::devices::lock;
 use crate::machine::state::{migratable_msrs, KvmVcpu, KvmVm};
 use crate::runtime::Vm;
@@ -41,6 +42,9 @@ pub async fn save(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
     let devices = &vm.machine.devices;
     sections.push(Section::save("serial0", &*lock(&devices.serial))?);
     sections.push(Section::save("i8042", &*lock(&devices.i8042))?);
+    for disk in &devices.disks {
+        sections.push(Section::save(&disk.section_id(), &DiskSection(disk))?);
+    }
     Ok(sections)
 }
 
@@ -71,6 +75,13 @@ pub async fn restore(vm: &Vm, sections: Vec<Section>) -> Result<(), VmStateError
     sections
         .take("i8042")?
         .restore(&mut *lock(&devices.i8042))?;
+    for disk in &devices.disks {
+        sections
+            .take(&disk.section_id())?
+            .restore(&mut DiskSection(disk))?;
+    }
+    // Restored BARs may sit elsewhere than where this side allocated them.
+    devices.pci.update_windows();
     sections.finish()?;
     Ok(())
 }

@@ -293,6 +293,7 @@ fn migrate_set_parameters(arguments: Map<String, Value>) -> Result<Command, Comm
             "cpu-throttle-initial",
             "cpu-throttle-increment",
             "max-cpu-throttle",
+            "convergence-timeout",
         ],
         arguments,
     )?;
@@ -319,6 +320,7 @@ fn migrate_set_parameters(arguments: Map<String, Value>) -> Result<Command, Comm
     let cpu_throttle_initial = percent("cpu-throttle-initial")?;
     let cpu_throttle_increment = percent("cpu-throttle-increment")?;
     let max_cpu_throttle = percent("max-cpu-throttle")?;
+    let convergence_timeout_s = args.optional_u64("convergence-timeout")?;
     Ok(Command::Vm(Request::MigrateSetParameters(
         MigrationParameterUpdate {
             downtime_limit_ms,
@@ -326,6 +328,7 @@ fn migrate_set_parameters(arguments: Map<String, Value>) -> Result<Command, Comm
             cpu_throttle_initial,
             cpu_throttle_increment,
             max_cpu_throttle,
+            convergence_timeout_s,
         },
     )))
 }

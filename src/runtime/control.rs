@@ -52,6 +52,8 @@ pub struct MigrationParameterUpdate {
     pub cpu_throttle_increment: Option<u64>,
     /// The most the vCPUs are ever held back, in percent.
     pub max_cpu_throttle: Option<u64>,
+    /// Seconds after which a migration that has not converged fails; 0 for none.
+    pub convergence_timeout_s: Option<u64>,
 }
 
 /// Why the VM owner refused or failed a request; the text goes to the client as `desc`.

@@ -100,8 +100,6 @@ pub struct Vmm {
     shutdown: CancellationToken,
     migration: Arc<Shared>,
     running_migration: Option<RunningMigration>,
-    /// Whether an incoming guest runs once it arrives (`-S` and `stop`/`cont` decide).
-    autostart: bool,
 }
 
 impl Vmm {
@@ -119,9 +117,8 @@ impl Vmm {
             thread_ids: vcpus.thread_ids(),
             vm: Some(Vm { machine, vcpus }),
             status: RunStatus::Prelaunch,
-            migration: Arc::new(Shared::new(handle.clone())),
+            migration: Arc::new(Shared::new(handle.clone(), !config.start_paused)),
             handle,
-            autostart: !config.start_paused,
             shutdown,
             running_migration: None,
         })
@@ -143,7 +140,7 @@ impl Vmm {
                     self.start_incoming(listener);
                 }
             }
-            None if self.autostart => {
+            None if self.migration.autostart() => {
                 self.vm_mut().vcpus.resume().await?;
                 self.status = RunStatus::Running;
             }
@@ -328,7 +325,7 @@ impl Vmm {
             }
             // As QEMU: a VM that never ran stays in prelaunch, and nothing changed to announce.
             RunStatus::Prelaunch => {}
-            RunStatus::InMigrate => self.autostart = false,
+            RunStatus::InMigrate => self.migration.set_autostart(false),
             _ => {}
         }
         Ok(json!({}))
@@ -338,6 +335,13 @@ impl Vmm {
         self.busy_migrating()?;
         match self.status {
             RunStatus::Paused | RunStatus::Prelaunch => {
+                // After a migration that ended in doubt the disks are drained and their images
+                // unlocked: taking the locks back fails if the destination runs the guest.
+                self.vm_mut()
+                    .machine
+                    .devices
+                    .activate_disks()
+                    .map_err(|e| RequestError(format!("cannot resume: {e}")))?;
                 self.vm_mut()
                     .vcpus
                     .resume()
@@ -350,7 +354,7 @@ impl Vmm {
             RunStatus::Running => Ok(json!({})),
             // As in QEMU: the guest will run as soon as it has arrived.
             RunStatus::InMigrate => {
-                self.autostart = true;
+                self.migration.set_autostart(true);
                 Ok(json!({}))
             }
             RunStatus::PostMigrate => Err(RequestError(
@@ -474,7 +478,7 @@ impl Vmm {
                 None
             }
             MigrationResult::Incoming(destination::Outcome::Completed { run }) => {
-                if run && self.autostart {
+                if run && self.migration.autostart() {
                     if let Err(error) = self.vm_mut().vcpus.resume().await {
                         return Some(Ending::Failed(error.to_string()));
                     }

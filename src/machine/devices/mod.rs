@@ -1,12 +1,16 @@
 //! Devices emulated in ferry (the irqchip and PIT live in KVM), and the port-I/O and MMIO
 //! dispatch that vCPU threads call on every exit.
 
+pub mod disk;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;
 
 use std::sync::Mutex;
 
+use super::pci::PciRoot;
+
+pub use disk::Disk;
 pub use i8042::{ResetTrigger, I8042};
 pub use serial::{Serial, SerialOutput, SerialState};
 
@@ -19,11 +23,18 @@ const I8042_COMMAND_PORT: u16 = 0x64;
 pub struct Devices {
     pub serial: Mutex<Serial>,
     pub i8042: Mutex<I8042>,
+    /// `pcie.0`: the host bridge and every PCI function, their config space and BARs.
+    pub pci: PciRoot,
+    /// The virtio-blk-pci disks, in command-line order (they are also functions on `pci`).
+    pub disks: Vec<Disk>,
 }
 
 impl Devices {
     /// Handles an `in` from the guest.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if self.pci.pio_read(port, data) {
+            return;
+        }
         match port {
             SERIAL_PORT_BASE..=SERIAL_PORT_END if data.len() == 1 => {
                 data[0] = lock(&self.serial).read((port - SERIAL_PORT_BASE) as u8);
@@ -44,6 +55,9 @@ impl Devices {
 
     /// Handles an `out` from the guest.
     pub fn pio_write(&self, port: u16, data: &[u8]) {
+        if self.pci.pio_write(port, data) {
+            return;
+        }
         match port {
             SERIAL_PORT_BASE..=SERIAL_PORT_END if data.len() == 1 => {
                 lock(&self.serial).write((port - SERIAL_PORT_BASE) as u8, data[0]);
@@ -61,8 +75,11 @@ impl Devices {
         }
     }
 
-    /// Handles an MMIO read: nothing is mapped outside RAM yet, so the bus floats high.
+    /// Handles an MMIO read; where nothing decodes, the bus floats high.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if self.pci.mmio_read(addr, data) {
+            return;
+        }
         tracing::trace!(
             addr = format_args!("{addr:#x}"),
             size = data.len(),
@@ -71,8 +88,11 @@ impl Devices {
         data.fill(0xff);
     }
 
-    /// Handles an MMIO write, which nothing claims yet.
+    /// Handles an MMIO write; where nothing decodes, it is dropped.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if self.pci.mmio_write(addr, data) {
+            return;
+        }
         tracing::trace!(
             addr = format_args!("{addr:#x}"),
             ?data,
@@ -81,9 +101,28 @@ impl Devices {
     }
 }
 
+impl Devices {
+    /// The migration's drain, once the vCPUs are paused: every disk stops taking requests and
+    /// completes and flushes what it took.
+    pub fn quiesce_disks(&self) -> Result<(), String> {
+        self.disks.iter().try_for_each(Disk::quiesce)
+    }
+
+    /// Hands the disks' image locks over, once the destination has restored the VM.
+    pub fn release_images(&self) -> Result<(), String> {
+        self.disks.iter().try_for_each(Disk::release_image)
+    }
+
+    /// Takes the images' locks and lets the disks take requests: on the destination at the
+    /// commit, on the source when a migration did not happen after all.
+    pub fn activate_disks(&self) -> Result<(), String> {
+        self.disks.iter().try_for_each(Disk::activate)
+    }
+}
+
 /// Locks a device; a vCPU thread that panicked while holding it leaves the device usable, since
 /// every device operation leaves the registers consistent between statements.
-pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

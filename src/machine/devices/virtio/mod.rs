@@ -2,3 +2,5 @@
 //! models here.
 
 pub mod block;
+pub mod pci;
+pub mod worker;
