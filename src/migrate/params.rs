@@ -259,6 +259,7 @@ mod tests {
                 "cpu-throttle-initial": 30,
                 "cpu-throttle-increment": 10,
                 "max-cpu-throttle": 99,
+                "convergence-timeout": 0,
             })
         );
     }
