@@ -10,6 +10,17 @@ use std::path::PathBuf;
 use crate::machine::MachineType;
 use crate::migrate::uri::Incoming;
 
+mod device;
+mod disks;
+mod drive;
+mod props;
+
+use device::DeviceArg;
+pub use device::{
+    BlockDeviceConfig, PciAddress, MAX_NUM_QUEUES, MAX_SERIAL_BYTES, SUPPORTED_DEVICES,
+};
+pub use drive::{DriveConfig, DriveFormat};
+
 /// Default guest RAM, as QEMU's default for x86 (128 MiB is too small for a useful Linux).
 pub const DEFAULT_MEM_MIB: u64 = 512;
 /// Smallest guest RAM ferry accepts: the boot tables and the built-in guest need a few MiB.
@@ -44,44 +55,6 @@ pub struct Config {
     pub drives: Vec<DriveConfig>,
     /// `-device virtio-blk-pci`: the disks the guest sees, in command-line order.
     pub block_devices: Vec<BlockDeviceConfig>,
-}
-
-/// The image formats `-drive format=` accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DriveFormat {
-    Raw,
-}
-
-/// One `-drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,format=raw][,if=none]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DriveConfig {
-    pub id: String,
-    pub file: PathBuf,
-    pub readonly: bool,
-    /// `direct=on`: open the image with O_DIRECT, bypassing the host's page cache.
-    pub direct: bool,
-    pub format: DriveFormat,
-}
-
-/// Where a PCI function sits on `pcie.0`: `addr=SLOT[.FUNCTION]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PciAddress {
-    /// 0..=31; 0 is the host bridge.
-    pub slot: u8,
-    /// 0..=7.
-    pub function: u8,
-}
-
-/// One `-device virtio-blk-pci,drive=ID,id=ID,bus=pcie.0,addr=N[.F][,serial=S][,num-queues=N]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockDeviceConfig {
-    pub id: String,
-    /// The id of the `-drive` this device exposes.
-    pub drive: String,
-    pub addr: PciAddress,
-    /// What VIRTIO_BLK_T_GET_ID returns (at most 20 bytes).
-    pub serial: Option<String>,
-    pub num_queues: u16,
 }
 
 impl Default for Config {
@@ -145,6 +118,7 @@ where
     S: Into<String>,
 {
     let mut config = Config::default();
+    let mut devices = Vec::new();
     let mut args = args.into_iter().map(Into::into);
     while let Some(arg) = args.next() {
         // QEMU accepts both `-opt` and `--opt`.
@@ -174,6 +148,11 @@ where
                         .map_err(|error| usage(&option, error.to_string()))?,
                 )
             }
+            "-drive" => config.drives.push(drive::parse_drive(&value()?)?),
+            "-device" => match device::parse_device(&value()?)? {
+                DeviceArg::Help => return Ok(Action::Help),
+                DeviceArg::Block(device) => devices.push(device),
+            },
             "-incoming" => {
                 config.incoming = Some(
                     Incoming::parse(&value()?)
@@ -200,6 +179,8 @@ where
             "needs -kernel (the built-in guest takes no initrd)",
         ));
     }
+    disks::check(&config.drives, &devices)?;
+    config.block_devices = devices.into_iter().map(|device| device.config).collect();
     Ok(Action::Run(Box::new(config)))
 }
 
@@ -344,13 +325,27 @@ usage: ferry [options]
                          QMP control socket
   -incoming tcp:IP:PORT|unix:PATH|defer
                          wait for a live migration instead of booting
+  -drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,format=raw][,if=none]
+                         a raw disk image for a -device (write a comma in PATH as ',,');
+                         direct=on opens it O_DIRECT; the default, off, goes through the
+                         host page cache like QEMU's cache=writeback. aio=threads|off is
+                         accepted (each disk does blocking I/O on its own thread)
+  -device virtio-blk-pci,drive=ID,addr=SLOT[.FN][,id=ID][,bus=pcie.0][,serial=S]
+                       [,num-queues=N][,multifunction=on|off]
+                         a virtio disk on pcie.0 at SLOT 0x1..0x1f, function 0..7, in hex
+                         (0x3, 0x1f.1; write 0x10, not the ambiguous 10); id defaults to
+                         virtio-blk-SS.F; serial up to {serial} bytes; num-queues 1..{queues},
+                         default 1. -device help shows this text
   -h, -help              this text
   -version               the version
 
+Booleans take on/off, true/false or yes/no.
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=ferry=debug) to see more.
 ",
         version = env!("CARGO_PKG_VERSION"),
         mem = DEFAULT_MEM_MIB,
+        serial = MAX_SERIAL_BYTES,
+        queues = MAX_NUM_QUEUES,
     )
 }
 
@@ -450,6 +445,104 @@ mod tests {
         assert_eq!(parse(["--help"]).unwrap(), Action::Help);
         assert_eq!(parse(["-version"]).unwrap(), Action::Version);
         assert_eq!(parse(["--version"]).unwrap(), Action::Version);
+    }
+
+    #[test]
+    fn disks() {
+        let config = run(&[
+            "-drive",
+            "file=/img/root,,1.raw,id=root,readonly=on",
+            "--drive",
+            "id=data,file=/img/data.raw,direct=on",
+            "-device",
+            "virtio-blk-pci,drive=data,addr=0x4,serial=D1,num-queues=2",
+            "--device",
+            "virtio-blk-pci,id=vda,drive=root,bus=pcie.0,addr=3",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.drives,
+            [
+                DriveConfig {
+                    id: "root".into(),
+                    file: "/img/root,1.raw".into(),
+                    readonly: true,
+                    direct: false,
+                    format: DriveFormat::Raw,
+                },
+                DriveConfig {
+                    id: "data".into(),
+                    file: "/img/data.raw".into(),
+                    readonly: false,
+                    direct: true,
+                    format: DriveFormat::Raw,
+                },
+            ]
+        );
+        // Command-line order, not address order.
+        assert_eq!(
+            config.block_devices,
+            [
+                BlockDeviceConfig {
+                    id: "virtio-blk-04.0".into(),
+                    drive: "data".into(),
+                    addr: PciAddress {
+                        slot: 4,
+                        function: 0
+                    },
+                    serial: Some("D1".into()),
+                    num_queues: 2,
+                },
+                BlockDeviceConfig {
+                    id: "vda".into(),
+                    drive: "root".into(),
+                    addr: PciAddress {
+                        slot: 3,
+                        function: 0
+                    },
+                    serial: None,
+                    num_queues: 1,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn disk_errors_reach_the_caller() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["-drive"], "-drive: missing value"),
+            (&["-drive", "id=a"], "-drive: file= is required"),
+            (&["-device", "e1000"], "-device: unsupported device 'e1000'"),
+            (
+                &["-drive", "id=a,file=a"],
+                "-drive: drive 'a' is not used by any device",
+            ),
+            (
+                &["-device", "virtio-blk-pci,drive=a,addr=0"],
+                "-device: addr=0: slot 0 belongs to the q35 host bridge",
+            ),
+            (
+                &["-device", "virtio-blk-pci,drive=a,addr=3"],
+                "-device: device 'virtio-blk-03.0': drive=a names no -drive",
+            ),
+        ];
+        for (args, expected) in cases {
+            let error = run(args).unwrap_err().to_string();
+            assert!(error.starts_with(expected), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn device_help_is_help() {
+        assert_eq!(parse(["-device", "help"]).unwrap(), Action::Help);
+        assert_eq!(
+            parse(["-device", "virtio-blk-pci,help"]).unwrap(),
+            Action::Help
+        );
+        let text = help_text();
+        for option in ["-drive file=PATH,id=ID", "-device virtio-blk-pci,drive=ID"] {
+            assert!(text.contains(option), "help lacks {option}");
+        }
     }
 
     #[test]
