@@ -331,9 +331,15 @@ fn create_devices(
             .iter()
             .find(|drive| drive.id == device.drive)
             .expect("the command line checks that every device's drive exists");
+        // Function 0 of a slot with several functions must say so, or the guest looks no further.
+        let multifunction = config
+            .block_devices
+            .iter()
+            .any(|other| other.addr.slot == device.addr.slot && other.addr != device.addr);
         let disk = Disk::create(
             device,
             drive,
+            multifunction,
             config.incoming.is_some(),
             &mut bars,
             router.clone(),

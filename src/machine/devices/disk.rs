@@ -88,6 +88,7 @@ impl Disk {
     pub fn create(
         config: &BlockDeviceConfig,
         drive: &DriveConfig,
+        multifunction: bool,
         incoming: bool,
         bars: &mut BarAllocator,
         router: Arc<GsiRouter>,
@@ -101,7 +102,6 @@ impl Disk {
         let image = DiskImage::open(drive, mode)?;
         let size = image.size();
         let backend = BlockDevice::new(image, config);
-        let multifunction = false;
         let mut device = VirtioPci::new(&config.id, backend, multifunction, bars, router, memory)
             .map_err(|source| DiskError::Transport {
             id: config.id.clone(),
