@@ -169,13 +169,12 @@ mod tests {
         let routes = irqchip_routes();
         // 15 PIC pins (no cascade) and 24 IOAPIC pins.
         assert_eq!(routes.len(), 15 + 24);
-        // SAFETY: every entry built by irqchip_routes holds the irqchip member of the union.
         let pins: Vec<(u32, u32, u32)> = routes
             .iter()
             .map(|e| {
-                (e.gsi, unsafe { e.u.irqchip.irqchip }, unsafe {
-                    e.u.irqchip.pin
-                })
+                // SAFETY: every entry irqchip_routes builds holds the irqchip member of the union.
+                let irqchip = unsafe { e.u.irqchip };
+                (e.gsi, irqchip.irqchip, irqchip.pin)
             })
             .collect();
         assert!(pins.contains(&(0, KVM_IRQCHIP_PIC_MASTER, 0)));
