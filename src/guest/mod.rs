@@ -96,8 +96,10 @@
 //! vCPUs stopped must pass [`pattern::check_dump`]. Slices start at 4 MiB or
 //! above and never cover the guest's own code, stacks or page tables.
 
+pub mod disk;
 pub mod pattern;
 
+pub use disk::{DiskLine, DiskProgress};
 pub use pattern::{check_fill, fill_word};
 
 use std::collections::BTreeMap;
@@ -188,6 +190,8 @@ pub enum GuestLine {
     Resetting,
     /// `triple-faulting`: the guest is about to triple fault.
     TripleFaulting,
+    /// `disk …`: the disk workload (`ferry.run=disk`).
+    Disk(DiskLine),
     /// `fatal: …`: an unexpected exception; the CPU halts.
     Fatal(String),
     /// Anything else.
@@ -264,6 +268,9 @@ impl GuestLine {
                 us: us.parse().ok()?,
             });
         }
+        if let Some(rest) = line.strip_prefix("disk ") {
+            return DiskLine::parse(rest).map(GuestLine::Disk);
+        }
         if let Some(rest) = line.strip_prefix("tick ") {
             let (n, cpu) = count_and_cpu(rest)?;
             return Some(GuestLine::Tick { n, cpu });
@@ -334,6 +341,7 @@ impl fmt::Display for GuestLine {
             GuestLine::Gap { cpu, us } => write!(f, "gap cpu={cpu} us={us}"),
             GuestLine::Resetting => f.write_str("resetting"),
             GuestLine::TripleFaulting => f.write_str("triple-faulting"),
+            GuestLine::Disk(d) => write!(f, "disk {d}"),
             GuestLine::Fatal(s) => write!(f, "fatal: {s}"),
             GuestLine::Other(s) => f.write_str(s),
         }
