@@ -237,7 +237,7 @@ impl fmt::Display for DiskLine {
     }
 }
 
-/// The last `disk gen=G done=B` line among `lines`: what [`check_image`] checks.
+/// The last `disk gen=G done=B` line among `lines`: what [`check_image`](super::check_image) checks.
 pub fn last_disk_progress<'a, I>(lines: I) -> Option<DiskProgress>
 where
     I: IntoIterator<Item = &'a GuestLine>,
