@@ -26,11 +26,13 @@ const SOURCES: &[&str] = &[
     "print.c",
     "cmdline.c",
     "user.c",
+    "virtio_blk.c",
+    "disk.c",
     "lib.c",
 ];
 
 /// Other inputs: a change to any of them rebuilds the guest.
-const OTHER_INPUTS: &[&str] = &["guest.h", "x86.h", "guest.ld"];
+const OTHER_INPUTS: &[&str] = &["guest.h", "x86.h", "disk.h", "guest.ld"];
 
 /// Flags for every source.
 const COMMON_FLAGS: &[&str] = &[

@@ -4,8 +4,8 @@
  * ours; others are ignored. A ferry.* word we do not understand gets a
  * warning line and is otherwise ignored. Runs in ring 3 (BSP).
  *
- *   ferry.run=tick,sweep,tsc   workloads (default: all three); the actions
- *                              `reset`, `triplefault` and `echo` may be added
+ *   ferry.run=tick,sweep,tsc   workloads (default: all three); `disk` and the
+ *                              actions `reset`, `triplefault` and `echo` may be added
  *   ferry.tick_ms=N            LAPIC timer period in ms (default 1000)
  *   ferry.sweep_mb=N           cap on each CPU's slices in MiB (0/absent: none)
  *   ferry.fill=PERCENT         fill this share (0..100) of free RAM once, before
@@ -14,6 +14,8 @@
  *                              (0/absent: as fast as it goes)
  *   ferry.blackout[=MS]        report every TSC gap longer than MS ms (bare: 1;
  *                              0/absent: off)
+ *   ferry.disk_blocks=N        4 KiB blocks the disk workload uses (0/absent: the
+ *                              whole disk, at most 4096)
  */
 #include "guest.h"
 
@@ -59,6 +61,7 @@ static uint32_t parse_run(const char *s, size_t len)
 		{ "tick", RUN_TICK },	{ "sweep", RUN_SWEEP },
 		{ "tsc", RUN_TSC },	{ "reset", RUN_RESET },
 		{ "triplefault", RUN_TRIPLEFAULT }, { "echo", RUN_ECHO },
+		{ "disk", RUN_DISK },
 	};
 	char buf[WORD_MAX];
 	uint32_t run = 0, i;
@@ -123,6 +126,11 @@ static void parse_word(const char *w, size_t len, struct config *cfg)
 			cfg->blackout_ms = v;
 		else
 			print("warning: bad value in %s", cstr(buf, w, len));
+	} else if (is(key, klen, "disk_blocks")) {
+		if (parse_u64(val, vlen, &v))
+			cfg->disk_blocks = v;
+		else
+			print("warning: bad value in %s", cstr(buf, w, len));
 	} else if (is(key, klen, "run")) {
 		cfg->run = parse_run(val, vlen);
 	} else {
@@ -138,6 +146,7 @@ void parse_cmdline(const char *s, struct config *cfg)
 	cfg->fill_pct = 0;
 	cfg->dirty_mbps = 0;
 	cfg->blackout_ms = 0;
+	cfg->disk_blocks = 0;
 
 	while (*s) {
 		size_t len = 0;

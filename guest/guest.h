@@ -38,11 +38,13 @@
 /* Interrupt vectors. */
 #define VEC_TIMER 0x20
 #define VEC_WAKE 0x21 /* BSP -> APs: `go` is set */
+#define VEC_DISK 0x30 /* virtio-blk queue 0, MSI-X entry 0, to the BSP */
 #define VEC_SYSCALL 0x80 /* `int $0x80` from ring 3, request in %rdi */
 #define VEC_SPURIOUS 0xff
 
 /* Requests ring 3 can make with `int $0x80`. */
 #define SYS_TRIPLE_FAULT 1
+#define SYS_MAP_UNCACHED 2 /* %rsi addr, %rdx len, %rcx zeroed pages; %rax = pages used */
 
 /* Per-CPU stacks, allocated by the BSP just after the image. */
 #define KSTACK_SIZE 8192
@@ -83,8 +85,11 @@ struct slice {
 	uint64_t start, end; /* [start, end), page aligned */
 };
 
-/* Ports 0..IOMAP_PORTS-1 are open to ring 3 through the TSS I/O bitmap. */
-#define IOMAP_PORTS 0x400
+/*
+ * Ports 0..IOMAP_PORTS-1 are open to ring 3 through the TSS I/O bitmap: the
+ * serial port, the i8042 and PCI configuration space (0xcf8..0xcff).
+ */
+#define IOMAP_PORTS 0xd00
 
 /*
  * The 64-bit TSS: RSP0 (interrupts from ring 3 switch to it) and an I/O
@@ -145,6 +150,7 @@ struct hvm_memmap_entry {
 #define RUN_RESET (1u << 3)
 #define RUN_TRIPLEFAULT (1u << 4)
 #define RUN_ECHO (1u << 5)
+#define RUN_DISK (1u << 6)
 #define RUN_DEFAULT (RUN_TICK | RUN_SWEEP | RUN_TSC)
 
 struct config {
@@ -154,6 +160,7 @@ struct config {
 	uint64_t fill_pct;   /* share of free RAM filled once at boot, 0..100 */
 	uint64_t dirty_mbps; /* sweep pace, MiB/s over all CPUs, 0 = unlimited */
 	uint64_t blackout_ms; /* report TSC gaps longer than this, 0 = off */
+	uint64_t disk_blocks; /* 4 KiB blocks the disk workload uses, 0 = default */
 };
 
 /* Everything ring 3 needs to know, filled in by ring 0 (setup.c, smp.c). */
@@ -193,11 +200,13 @@ extern char isr_stubs[]; /* 256 stubs, 16 bytes apart */
 void timer_isr(void);
 void spurious_isr(void);
 void wake_isr(void);
+void disk_isr(void);
 
 /* setup.c */
 void cpu_setup(struct cpu *c);
 void lapic_delay_us(uint32_t us);
 void halt_forever(void) __attribute__((noreturn));
+uint64_t map_uncached(uint64_t addr, uint64_t len, uint64_t pages);
 
 /* smp.c */
 uint32_t find_cpus(void);
@@ -219,6 +228,12 @@ int strncmp(const char *a, const char *b, size_t n);
 /* user.c */
 void user_main(struct cpu *c) __attribute__((noreturn));
 void gap_note(void); /* blackout: a TSC reading on this CPU (print.c calls it) */
+
+/* disk.c: the disk workload (BSP only) */
+#define DISK_MEM_BYTES (20 * PAGE_SIZE) /* RAM it needs, reserved before fill and slices */
+extern volatile uint64_t disk_irqs; /* written by disk_isr only */
+void disk_setup(uint64_t mem);
+void disk_poll(void);
 
 static inline uint64_t align_up(uint64_t x, uint64_t a)
 {

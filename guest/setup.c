@@ -32,6 +32,7 @@ struct hvm_start_info {
 #define PTE_PWT (1UL << 3)
 #define PTE_PCD (1UL << 4)
 #define PTE_PS (1UL << 7)
+#define PTE_ADDR 0x000ffffffffff000UL
 
 struct boot boot;
 volatile uint32_t go;
@@ -122,6 +123,31 @@ static void build_page_tables(void)
 	write_cr3(pml4);
 }
 
+/*
+ * SYS_MAP_UNCACHED (ring 0, from trap.c): map [addr, addr + len) uncached,
+ * with 2 MiB pages, for a device's registers. The 64-bit BARs lie above
+ * what build_page_tables() mapped; the missing PDPT and PD pages come from
+ * `pages`, which ring 3 zeroed (it has room for a few). Returns how many it
+ * used. Only the BSP drives devices, so only its TLB is flushed.
+ */
+uint64_t map_uncached(uint64_t addr, uint64_t len, uint64_t pages)
+{
+	uint64_t used = 0, p, *e;
+
+	for (p = align_down(addr, 2 * MiB); p < addr + len; p += 2 * MiB) {
+		e = (uint64_t *)kernel_cr3 + (p >> 39 & 511);
+		if (!(*e & PTE_P))
+			*e = (pages + PAGE_SIZE * used++) | PTE_P | PTE_W | PTE_U;
+		e = (uint64_t *)(*e & PTE_ADDR) + (p >> 30 & 511);
+		if (!(*e & PTE_P))
+			*e = (pages + PAGE_SIZE * used++) | PTE_P | PTE_W | PTE_U;
+		e = (uint64_t *)(*e & PTE_ADDR) + (p >> 21 & 511);
+		*e = p | PTE_P | PTE_W | PTE_U | PTE_PS | PTE_PCD | PTE_PWT;
+	}
+	write_cr3(kernel_cr3);
+	return used;
+}
+
 static void set_gate(unsigned vec, void (*handler)(void), unsigned dpl)
 {
 	uint64_t a = (uint64_t)handler;
@@ -140,6 +166,7 @@ static void build_idt(void)
 		set_gate(v, (void (*)(void))(isr_stubs + 16 * v), 0);
 	set_gate(VEC_TIMER, timer_isr, 0);
 	set_gate(VEC_WAKE, wake_isr, 0);
+	set_gate(VEC_DISK, disk_isr, 0);
 	set_gate(VEC_SPURIOUS, spurious_isr, 0);
 	/* Ring 3 may `int $0x80` (trap.c). */
 	set_gate(VEC_SYSCALL, (void (*)(void))(isr_stubs + 16 * VEC_SYSCALL), 3);

@@ -56,6 +56,8 @@ void trap(struct trap_frame *f)
 	if (is_syscall(f)) {
 		if (f->rdi == SYS_TRIPLE_FAULT)
 			triple_fault();
+		else if (f->rdi == SYS_MAP_UNCACHED)
+			f->rax = map_uncached(f->rsi, f->rdx, f->rcx);
 		return;
 	}
 	if (f->vector < 32) {

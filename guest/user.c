@@ -23,6 +23,8 @@
  *   blackout  (ferry.blackout) each CPU notes the longest stretch between
  *             two of its TSC readings (taken at every poll and for every
  *             byte it prints) and reports one over the threshold as `gap`.
+ *   disk      (ferry.run=disk) the BSP drives a virtio-blk device (disk.c)
+ *             from its poll(), one request at a time.
  *
  * The last two need the TSC frequency, measured against the LAPIC timer.
  *
@@ -191,6 +193,25 @@ static uint32_t free_ranges(struct slice *free, uint64_t *pages)
 }
 
 /*
+ * Take `bytes` from the low end of free RAM, for good: the fill and the
+ * slices start above it. Returns its address, or 0 if no range is big enough.
+ */
+static uint64_t reserve_ram(uint64_t bytes)
+{
+	struct slice free[MAX_MEMMAP];
+	uint64_t pages;
+	uint32_t nfree = free_ranges(free, &pages), i;
+
+	for (i = 0; i < nfree; i++) {
+		if (free[i].end - free[i].start >= bytes) {
+			boot.free_start = free[i].start + bytes;
+			return free[i].start;
+		}
+	}
+	return 0;
+}
+
+/*
  * The fill pattern: the 64-bit little-endian word at guest-physical address
  * `a` (8-aligned). Every byte is odd, so never zero. The host's copy of
  * this is ferry::guest::fill_word().
@@ -303,6 +324,8 @@ static void bsp_report(void)
 	if (boot.cfg.dirty_mbps || boot.cfg.blackout_ms)
 		measure_tsc();
 	boot.gap_cycles = boot.tsc_khz * boot.cfg.blackout_ms;
+	if (boot.cfg.run & RUN_DISK)
+		disk_setup(reserve_ram(DISK_MEM_BYTES));
 	nfree = free_ranges(free, &total);
 	if (boot.cfg.fill_pct)
 		filled = fill_ram(free, nfree, total);
@@ -456,6 +479,8 @@ static void poll(struct cpu *c)
 
 	if (c->index == 0 && (run & RUN_ECHO))
 		poll_input();
+	if (c->index == 0 && (run & RUN_DISK))
+		disk_poll();
 	if (run & RUN_TSC)
 		check_tsc(c);
 	if (!(run & RUN_TICK))

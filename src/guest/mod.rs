@@ -23,12 +23,13 @@
 //!
 //! | key | meaning | default |
 //! |---|---|---|
-//! | `ferry.run=LIST` | comma-separated: `tick`, `sweep`, `tsc`; actions `reset`, `triplefault`; `echo` (the BSP prints each line it receives on the UART as `echo: LINE`) | `tick,sweep,tsc` |
+//! | `ferry.run=LIST` | comma-separated: `tick`, `sweep`, `tsc`, `disk` (see [Disk](#disk)); actions `reset`, `triplefault`; `echo` (the BSP prints each line it receives on the UART as `echo: LINE`) | `tick,sweep,tsc` |
 //! | `ferry.tick_ms=N` | LAPIC timer period in ms (N > 0) | 1000 |
 //! | `ferry.sweep_mb=N` | cap on each CPU's total slice size, MiB (0 = no cap) | no cap |
 //! | `ferry.fill=PERCENT` | before `ready`, the BSP fills this share (0..=100) of free RAM, from its low end, with [`fill_word`]'s pattern, which then never changes; the slices split only the rest | 0 |
 //! | `ferry.dirty_mbps=N` | the sweep writes about N MiB/s (N × 256 pages/s; MiB, not QMP's megabits) in total, split evenly over the CPUs that sweep; 0 = as fast as it can | 0 |
 //! | `ferry.blackout[=MS]` | every CPU reports each stretch longer than MS ms in which it did not run, as `gap` lines; bare = 1 ms, 0 = off | off |
+//! | `ferry.disk_blocks=N` | 4 KiB blocks the `disk` workload uses (more than the disk holds: a warning, then the whole disk); 0 = the default | the whole disk, at most 4096 (16 MiB) |
 //!
 //! `ferry.dirty_mbps` and `ferry.blackout` need the TSC frequency: the BSP measures it once
 //! before `ready` (25 ms against the LAPIC timer, whose KVM bus runs at 1 GHz; CPUID leaves
@@ -51,6 +52,9 @@
 //! cpu 0 online apic=0                            (one per CPU, by index)
 //! cpu 1 online apic=1
 //! tsc khz=2599989                                (with dirty_mbps or blackout)
+//! disk found addr=03.0 capacity=131072 blk_size=512 ro=0 blocks=4096 serial=abc  (with `disk`)
+//! disk beyond-end status=1
+//! disk ro-write status=1                         (with `disk`, read-only device)
 //! fill pages=65024 start=0x400000 end=0x10200000 (with fill: per range, in address order)
 //! slice cpu=0 start=0x10200000 end=0x18100000    (with `sweep`: per CPU, in sweep order)
 //! slice cpu=1 start=0x18100000 end=0x20000000
@@ -85,6 +89,8 @@
 //!   source's saving the vCPU state (after the final pages) and the destination's restoring
 //!   it would not show.
 //!
+//! - `disk …` (with `disk`, from the BSP): see [Disk](#disk).
+//!
 //! and, from the BSP after `ready`: `resetting` (then the i8042 reset, port
 //! 0x64 ← 0xfe) or `triple-faulting` (then an empty IDT and a fault). A
 //! `fatal: …` line reports an unexpected exception; that CPU then halts.
@@ -95,9 +101,51 @@
 //! CPU I has printed `sweep 1 cpu=I`, a copy of its slices taken with the
 //! vCPUs stopped must pass [`pattern::check_dump`]. Slices start at 4 MiB or
 //! above and never cover the guest's own code, stacks or page tables.
+//!
+//! # Disk
+//!
+//! With `ferry.run=disk` the BSP drives the first virtio-blk device on PCI bus 0 with a
+//! driver of its own (`guest/virtio_blk.c`): configuration space through ports
+//! 0xcf8/0xcfc, modern virtio 1.x only (device 0x1042, or 0x1001 offering VERSION_1), the
+//! BARs as found (never moved; ones above the boot page tables' reach are mapped on
+//! demand), features VERSION_1 plus RO, BLK_SIZE, FLUSH and SEG_MAX when offered, queue 0 a
+//! split ring of min(device maximum, 128) entries in 80 KiB reserved below the fill and the
+//! slices, MSI-X entry 0 to the BSP (the config vector is NO_VECTOR). One request is in
+//! flight at a time; the BSP finds completions by polling the used ring from its `poll()`
+//! (between sweep pages, or in its idle loop), and counts the interrupts in ring 0. The
+//! lines ([`DiskLine`], as `GuestLine::Disk`):
+//!
+//! - `disk found addr=SS.F capacity=SECTORS blk_size=N ro=0|1 blocks=N serial=S`, before
+//!   `ready`: slot (2 hex digits) and function, capacity in 512-byte sectors, the blocks the
+//!   workload uses, the serial from VIRTIO_BLK_T_GET_ID (at most 20 bytes; anything but
+//!   printable non-space ASCII shown as `?`; empty if the device has none).
+//! - `disk beyond-end status=N`: the status of a 4 KiB read at sector `capacity`; a correct
+//!   device says 1 (IOERR).
+//! - `disk ro-write status=N` (read-only device): the status of a write of block 0 (with the
+//!   content it should hold anyway); 1 is right.
+//! - `disk gen=G done=B irqs=I` (read-write device): generations G = 1, 2, …; in each pass,
+//!   for every block b: if G > 1 read b and check it holds G−1, write b at G, read it back
+//!   and check. After every 64 blocks and at the end of the pass it issues a FLUSH (when
+//!   offered) and prints this line: blocks `[0, B)` hold G, blocks `[B, N)` hold G−1
+//!   (anything while G is 1: the disk is not assumed fresh). I counts the device's
+//!   interrupts so far (about one per request).
+//! - `disk ro verified pass=P` (read-only device): pass P read every block and found
+//!   generation 1 (the host writes it first, with [`disk::write_image`]).
+//! - `disk mismatch block=B gen=G expected=E found=F word=W value=0x…`: block B should have
+//!   held generation E during pass G (read-only: 1), but its word W holds `value`, whose
+//!   generation field is F. The disk workload stops; the others go on.
+//! - `disk error op=read|write|flush|get-id block=B status=S`: a request ended with status
+//!   S (for a flush, B is the blocks done). The disk workload stops.
+//! - `warning: disk: …`: no device, or it could not be set up; the workload is off.
+//!
+//! The blocks hold [`disk::disk_word`]'s pattern: every 8-byte word names its block,
+//! generation and index. [`disk::check_image`] checks an image file against a `disk gen=G
+//! done=B` line (the image may run up to 64 blocks ahead of the last line).
 
+pub mod disk;
 pub mod pattern;
 
+pub use disk::{DiskLine, DiskProgress};
 pub use pattern::{check_fill, fill_word};
 
 use std::collections::BTreeMap;
@@ -188,6 +236,8 @@ pub enum GuestLine {
     Resetting,
     /// `triple-faulting`: the guest is about to triple fault.
     TripleFaulting,
+    /// `disk …`: the disk workload (`ferry.run=disk`).
+    Disk(DiskLine),
     /// `fatal: …`: an unexpected exception; the CPU halts.
     Fatal(String),
     /// Anything else.
@@ -264,6 +314,9 @@ impl GuestLine {
                 us: us.parse().ok()?,
             });
         }
+        if let Some(rest) = line.strip_prefix("disk ") {
+            return DiskLine::parse(rest).map(GuestLine::Disk);
+        }
         if let Some(rest) = line.strip_prefix("tick ") {
             let (n, cpu) = count_and_cpu(rest)?;
             return Some(GuestLine::Tick { n, cpu });
@@ -334,6 +387,7 @@ impl fmt::Display for GuestLine {
             GuestLine::Gap { cpu, us } => write!(f, "gap cpu={cpu} us={us}"),
             GuestLine::Resetting => f.write_str("resetting"),
             GuestLine::TripleFaulting => f.write_str("triple-faulting"),
+            GuestLine::Disk(d) => write!(f, "disk {d}"),
             GuestLine::Fatal(s) => write!(f, "fatal: {s}"),
             GuestLine::Other(s) => f.write_str(s),
         }
