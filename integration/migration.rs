@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{free_port, kvm_available, kvm_lock, scratch, Ferry};
+use common::{free_port, kvm_available, kvm_lock, scratch, silent_destination, Ferry};
 use ferry::guest::pattern::check_dump;
 use ferry::guest::{last_sweep, slices_by_cpu, ticks, GuestLine};
 use serde_json::{json, Value};
@@ -280,46 +280,6 @@ fn assert_source_runs(source: &Ferry) {
         Duration::from_secs(10),
         |l| l.starts_with("tick "),
     );
-}
-
-/// A destination that accepts the configuration and then takes every page (answering the
-/// source's SYNCs) but never says RESTORED, so the source stays in its switchover for as long as
-/// the test likes; or, with `read` false, never reads at all, so the source blocks in a socket
-/// write.
-fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
-    use ferry::migrate::wire::{read_header, read_message, write_message, Message};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let thread = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            stream.set_nonblocking(true).unwrap();
-            let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
-            read_header(&mut stream).await.unwrap();
-            assert!(matches!(
-                read_message(&mut stream).await,
-                Ok(Message::Config(_))
-            ));
-            write_message(&mut stream, &Message::Accept).await.unwrap();
-            if !read {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                return;
-            }
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while let Ok(Ok(message)) =
-                tokio::time::timeout_at(deadline, read_message(&mut stream)).await
-            {
-                if message == Message::Sync {
-                    write_message(&mut stream, &Message::Synced).await.unwrap();
-                }
-            }
-        });
-    });
-    (port, thread)
 }
 
 /// `migrate_cancel` takes effect within a bound at every stage, the source resumes, and a new

@@ -63,3 +63,43 @@ pub fn cache_dir() -> PathBuf {
 pub fn start(name: &str, args: &[&str], qmp: Option<&Path>) -> Ferry {
     Ferry::start(Path::new(ferry_bin()), name, args, qmp)
 }
+
+/// A destination that accepts the configuration and then takes every page (answering the
+/// source's SYNCs) but never says RESTORED, so the source stays in its switchover for as long as
+/// the test likes; or, with `read` false, never reads at all, so the source blocks in a socket
+/// write.
+pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
+    use ferry::migrate::wire::{read_header, read_message, write_message, Message};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            stream.set_nonblocking(true).unwrap();
+            let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
+            read_header(&mut stream).await.unwrap();
+            assert!(matches!(
+                read_message(&mut stream).await,
+                Ok(Message::Config(_))
+            ));
+            write_message(&mut stream, &Message::Accept).await.unwrap();
+            if !read {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                return;
+            }
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+            while let Ok(Ok(message)) =
+                tokio::time::timeout_at(deadline, read_message(&mut stream)).await
+            {
+                if message == Message::Sync {
+                    write_message(&mut stream, &Message::Synced).await.unwrap();
+                }
+            }
+        });
+    });
+    (port, thread)
+}

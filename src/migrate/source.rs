@@ -431,7 +431,7 @@ async fn commit(
         Ok(Ok(Message::Committed)) => {}
         // The destination refused the guest before running it (it could not take a disk, for
         // example): the source takes it back.
-        Ok(Ok(Message::Error(reason))) => return Err(SendError::DestinationFailed(reason)),
+        Ok(Err(AnswerError::Refused(reason))) => return Err(SendError::DestinationFailed(reason)),
         other => {
             let why = match other {
                 Ok(Ok(message)) => format!("it answered {message:?}"),
