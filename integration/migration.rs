@@ -662,3 +662,49 @@ fn fast_dirtying_guest_converges_with_throttling() {
     let memory = dump(&destination, &world.path("dst.mem"));
     assert_pattern(&memory, &source.guest_lines());
 }
+
+/// A guest that cannot converge (throttling capped at 1 %, a 1 ms downtime limit, a slow link)
+/// ends in `failed` once `convergence-timeout` has passed, with the reason, and runs on.
+#[test]
+fn a_guest_that_cannot_converge_fails_at_the_convergence_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Tcp);
+    let qmp_path = world.path("src.qmp");
+    let args = [
+        "-smp",
+        "2",
+        "-m",
+        "64",
+        "-append",
+        "ferry.tick_ms=50 ferry.sweep_mb=8",
+    ];
+    let source = common::start("source", &args, Some(&qmp_path));
+    source.wait_line("sweeps", Duration::from_secs(30), |l| l == "sweep 20 cpu=1");
+    let mut qmp = source.qmp();
+    let hopeless = json!({
+        "downtime-limit": 1,
+        "max-bandwidth": 50_000_000,
+        "cpu-throttle-initial": 1,
+        "cpu-throttle-increment": 1,
+        "max-cpu-throttle": 1,
+        "convergence-timeout": 2,
+    });
+    qmp.ok("migrate-set-parameters", Some(hopeless));
+    let uri = world.uri();
+    let mut destination = world.destination(2, &uri, true);
+    let started = Instant::now();
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    let info = qmp.wait_migration(&["completed", "failed", "canceled"], MIGRATION_TIMEOUT);
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(started.elapsed() >= Duration::from_secs(2), "{info}");
+    let reason = info["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("did not converge within the convergence-timeout of 2 s"),
+        "{reason}"
+    );
+    assert_source_runs(&source);
+    assert!(!destination.wait_exit(Duration::from_secs(10)).success());
+}
