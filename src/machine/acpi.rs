@@ -28,6 +28,8 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
+use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::{Immutable, IntoBytes};
 
@@ -63,6 +65,8 @@ pub enum AcpiError {
     TooLarge { needed: u64, room: u64 },
     #[error("cannot write the ACPI tables into guest memory: {0}")]
     Write(String),
+    #[error("cannot mask the legacy PICs: {0}")]
+    MaskPics(#[source] kvm_ioctls::Error),
 }
 
 /// The tables laid out as they go into guest memory at [`ACPI_TABLES_START`].
@@ -145,6 +149,26 @@ pub fn write(memory: &GuestMemory, vcpus: u32, layout: &[RamRange]) -> Result<u6
         "ACPI tables written"
     );
     Ok(tables.rsdp)
+}
+
+/// Masks every line of KVM's two 8259 PICs, as firmware leaves them before it hands over.
+///
+/// The hardware-reduced FADT tells Linux there are no legacy PICs, so it never programs or masks
+/// them, and it keeps LINT0 of the boot vCPU in ExtINT mode as it finds it. KVM's PICs start
+/// unmasked with vector base 0 and, through the default GSI routing, see GSIs 0..16 too: the
+/// serial port's first interrupt would reach the guest as exception vector 4. Guests that do
+/// program the PICs (the MP-table path) unmask what they use.
+pub fn mask_legacy_pics(vm: &VmFd) -> Result<(), AcpiError> {
+    for chip_id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE] {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip).map_err(AcpiError::MaskPics)?;
+        chip.chip.pic.imr = 0xff;
+        vm.set_irqchip(&chip).map_err(AcpiError::MaskPics)?;
+    }
+    Ok(())
 }
 
 /// Hands out aligned addresses one after the other.

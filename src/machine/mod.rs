@@ -197,6 +197,7 @@ impl Machine {
             None => KernelImage::Builtin(crate::guest::BUILTIN_GUEST),
         };
         let rsdp = acpi::write(&self.memory, self.vcpu_count, &self.layout)?;
+        acpi::mask_legacy_pics(&self.vm)?;
         let entry = boot::load(
             &self.memory,
             &self.layout,
