@@ -427,3 +427,107 @@ fn serial_input_reaches_the_guest() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Debian's kernel finds ferry's ACPI tables through the RSDP address PVH hands it: its early
+/// table listing names every table, it takes the vCPUs and the IOAPIC from the MADT, and
+/// nothing it prints about the firmware is a complaint. Linux checks table checksums this early
+/// only when told to.
+///
+/// The ACPI interpreter (the DSDT), PCI and MMCONFIG come after the kernel's int3 self-test,
+/// which this host's PVM cannot emulate; see `debian_kernel_prints_banner_cmdline_and_e820`.
+#[test]
+fn debian_kernel_reads_the_acpi_tables() {
+    if !kvm_available() {
+        return;
+    }
+    let (vmlinux, _) = debian_kernel();
+    let cmdline =
+        "console=ttyS0 earlyprintk=ttyS0 panic=-1 reboot=k noxsave acpi_force_table_verification";
+    let _lock = kvm_lock();
+    let vm = common::start(
+        "acpi",
+        &[
+            "-m", "512", "-smp", "2", "-kernel", &vmlinux, "-append", cmdline,
+        ],
+        None,
+    );
+    let timeout = Duration::from_secs(120);
+    let rsdp = vm.wait_line("the RSDP in the ACPI table listing", timeout, |l| {
+        l.contains("ACPI: RSDP 0x")
+    });
+    assert!(rsdp.contains("ACPI: RSDP 0x00000000000E0000"), "{rsdp}");
+    vm.wait_line("the SMP configuration from the MADT", timeout, |l| {
+        l.contains("smpboot: Allowing")
+    });
+    let lines = vm.lines();
+    let context = vm.context();
+    for table in ["XSDT", "FACP", "DSDT", "APIC", "MCFG"] {
+        let listed = format!("ACPI: {table} 0x");
+        assert!(
+            lines.iter().any(|l| l.contains(&listed)),
+            "no {table} in the table listing\n{context}"
+        );
+    }
+    let has = |wanted: &str| lines.iter().any(|l| l.contains(wanted));
+    assert!(
+        has("ACPI: Using ACPI (MADT) for SMP configuration information"),
+        "{context}"
+    );
+    assert!(has("smpboot: Allowing 2 CPUs, 0 hotplug CPUs"), "{context}");
+    assert!(
+        has("IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23"),
+        "{context}"
+    );
+    assert!(
+        has("BIOS-e820: [mem 0x00000000b0000000-0x00000000bfffffff] reserved"),
+        "the ECAM is reserved\n{context}"
+    );
+    assert!(
+        has("ACPI: Early table checksum verification enabled"),
+        "{context}"
+    );
+    let complaints = [
+        "ACPI BIOS Error",
+        "ACPI BIOS Warning",
+        "ACPI Error",
+        "ACPI Warning",
+        "[Firmware Bug]",
+        "ACPI: Unable",
+        "No valid RSDP",
+    ];
+    let bad: Vec<&String> = lines
+        .iter()
+        .filter(|l| {
+            complaints.iter().any(|c| l.contains(c))
+                || (l.to_lowercase().contains("checksum") && !l.contains("checksum verification"))
+        })
+        .collect();
+    assert!(bad.is_empty(), "the kernel complained: {bad:#?}");
+}
+
+/// A fresh VM's legacy PICs are masked once ferry has set it up for the ACPI tables'
+/// hardware-reduced platform, so no GSI below 16 reaches a vCPU through LINT0's ExtINT.
+#[test]
+fn legacy_pics_start_masked() {
+    use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let imr = |chip_id| {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip).unwrap();
+        // SAFETY: KVM filled the PIC member of the union for a PIC chip id.
+        unsafe { chip.chip.pic.imr }
+    };
+    assert_eq!(imr(KVM_IRQCHIP_PIC_MASTER), 0, "KVM's PICs start unmasked");
+    ferry::machine::acpi::mask_legacy_pics(&vm).unwrap();
+    assert_eq!(imr(KVM_IRQCHIP_PIC_MASTER), 0xff);
+    assert_eq!(imr(KVM_IRQCHIP_PIC_SLAVE), 0xff);
+}

@@ -15,7 +15,10 @@
 //! | 0x8000..0x9000      | boot stack                             |
 //! | 0x9000..0xc000      | identity page tables (first 1 GiB)     |
 //! | 0x20000..0x21000    | kernel command line                    |
+//! | 0xe0000..0xf0000    | ACPI tables (see `acpi`)               |
 //! | 0xf0000..0x100000   | MP table                               |
+//!
+//! Both protocols hand the kernel the RSDP's address, so it need not scan for it.
 
 use std::fs::File;
 use std::io::{Cursor, Read, Seek};
@@ -32,6 +35,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, Bytes, GuestAddress, ReadVolatile};
 
+use super::layout::{ACPI_TABLES_START, PCIE_ECAM_SIZE, PCIE_ECAM_START};
 use super::memory::{low_ram_end, GuestMemory, RamRange};
 
 pub const GDT_START: u64 = 0x500;
@@ -106,12 +110,14 @@ pub enum BootError {
 }
 
 /// Loads the kernel and the initrd, writes the boot tables, and says how to enter the kernel.
+/// `rsdp` is the guest-physical address of the ACPI tables' root pointer.
 pub fn load(
     memory: &GuestMemory,
     layout: &[RamRange],
     kernel: &KernelImage,
     initrd: Option<&Path>,
     cmdline: &str,
+    rsdp: u64,
 ) -> Result<Entry, BootError> {
     if cmdline.len() >= CMDLINE_MAX {
         return Err(BootError::CmdlineTooLong { len: cmdline.len() });
@@ -148,14 +154,14 @@ pub fn load(
 
     match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => {
-            write_pvh_start_info(memory, layout, initrd, cmdline)?;
+            write_pvh_start_info(memory, layout, initrd, rsdp)?;
             tracing::info!(kernel = %label, entry = format_args!("{:#x}", entry.0), "PVH boot");
             Ok(Entry::Pvh {
                 entry: entry.raw_value(),
             })
         }
         _ => {
-            write_zero_page(memory, layout, loaded.setup_header, initrd, cmdline)?;
+            write_zero_page(memory, layout, loaded.setup_header, initrd, cmdline, rsdp)?;
             let entry = match loaded.setup_header {
                 // bzImage: the 64-bit entry is 0x200 past the protected-mode code.
                 Some(_) => loaded.kernel_load.raw_value() + 0x200,
@@ -240,16 +246,20 @@ fn load_initrd(
     Ok(Initrd { addr, size })
 }
 
-/// The e820 map of a q35 machine with this RAM layout.
+/// The e820 map of a q35 machine with this RAM layout, sorted by address.
+///
+/// Besides the BIOS holes it reserves the ACPI tables (just below the MP table, so one entry
+/// covers both) and the PCIe ECAM: Linux uses an MCFG region only if the firmware reserved it.
 pub fn e820_map(layout: &[RamRange]) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, EBDA_START, E820_RAM),
         (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED),
         (
-            BIOS_AREA_START,
-            HIGH_MEMORY_START - BIOS_AREA_START,
+            ACPI_TABLES_START,
+            HIGH_MEMORY_START - ACPI_TABLES_START,
             E820_RESERVED,
         ),
+        (PCIE_ECAM_START, PCIE_ECAM_SIZE, E820_RESERVED),
     ];
     for range in layout {
         let start = range.start.max(HIGH_MEMORY_START);
@@ -257,6 +267,7 @@ pub fn e820_map(layout: &[RamRange]) -> Vec<(u64, u64, u32)> {
             map.push((start, range.end() - start, E820_RAM));
         }
     }
+    map.sort_unstable();
     map
 }
 
@@ -266,8 +277,12 @@ fn write_zero_page(
     header: Option<setup_header>,
     initrd: Option<Initrd>,
     cmdline: &str,
+    rsdp: u64,
 ) -> Result<(), BootError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        acpi_rsdp_addr: rsdp,
+        ..Default::default()
+    };
     if let Some(header) = header {
         params.hdr = header;
     }
@@ -301,14 +316,14 @@ fn write_pvh_start_info(
     memory: &GuestMemory,
     layout: &[RamRange],
     initrd: Option<Initrd>,
-    cmdline: &str,
+    rsdp: u64,
 ) -> Result<(), BootError> {
-    let _ = cmdline;
     let map = e820_map(layout);
     let mut start_info = hvm_start_info {
         magic: PVH_MAGIC,
         version: 1,
         cmdline_paddr: CMDLINE_START,
+        rsdp_paddr: rsdp,
         memmap_paddr: PVH_MEMMAP,
         memmap_entries: map.len() as u32,
         ..Default::default()
@@ -371,12 +386,17 @@ mod tests {
             vec![
                 (0, 0x9fc00, 1),
                 (0x9fc00, 0x400, 2),
-                (0xf0000, 0x10000, 2),
+                (0xe0000, 0x20000, 2),
                 (0x100000, (512 << 20) - 0x100000, 1),
+                (0xb000_0000, 0x1000_0000, 2),
             ]
         );
         let large = e820_map(&ram_layout(4 << 30));
         assert_eq!(large.last(), Some(&(4 << 30, 2 << 30, 1)));
+        assert!(
+            large.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0),
+            "{large:x?}"
+        );
         let usable: u64 = large.iter().filter(|e| e.2 == 1).map(|e| e.1).sum();
         assert_eq!(usable, (4 << 30) - 0x100000 + 0x9fc00);
     }
@@ -386,11 +406,12 @@ mod tests {
         let layout = ram_layout(64 << 20);
         let memory = create_guest_memory(&layout).unwrap();
         let image = KernelImage::Builtin(crate::guest::BUILTIN_GUEST);
-        let entry = load(&memory, &layout, &image, None, "ferry.tick_ms=5").unwrap();
+        let entry = load(&memory, &layout, &image, None, "ferry.tick_ms=5", 0xe0000).unwrap();
         assert!(matches!(entry, Entry::Pvh { .. }));
         let info: hvm_start_info = memory.read_obj(GuestAddress(PVH_START_INFO)).unwrap();
         assert_eq!(info.magic, PVH_MAGIC);
-        assert_eq!(info.memmap_entries, 4);
+        assert_eq!(info.memmap_entries, 5);
+        assert_eq!(info.rsdp_paddr, 0xe0000);
         let mut cmdline = [0u8; 16];
         memory
             .read_slice(&mut cmdline, GuestAddress(CMDLINE_START))
@@ -402,11 +423,12 @@ mod tests {
     fn zero_page_carries_cmdline_and_e820() {
         let layout = ram_layout(64 << 20);
         let memory = create_guest_memory(&layout).unwrap();
-        write_zero_page(&memory, &layout, None, None, "console=ttyS0").unwrap();
+        write_zero_page(&memory, &layout, None, None, "console=ttyS0", 0xe0000).unwrap();
         let params: boot_params = memory.read_obj(GuestAddress(ZERO_PAGE)).unwrap();
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ params.hdr.cmdline_size }, 14);
-        assert_eq!(params.e820_entries, 4);
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe0000);
+        assert_eq!(params.e820_entries, 5);
         let last = params.e820_table[3];
         assert_eq!(
             ({ last.addr }, { last.size }),
@@ -439,6 +461,7 @@ mod tests {
             &KernelImage::Builtin(image),
             None,
             "quiet",
+            0xe0000,
         )
         .unwrap();
         assert_eq!(entry, Entry::Linux64 { entry: 0x100200 });
@@ -462,7 +485,15 @@ mod tests {
         let layout = ram_layout(16 << 20);
         let memory = create_guest_memory(&layout).unwrap();
         static GARBAGE: [u8; 4096] = [0x5a; 4096];
-        let error = load(&memory, &layout, &KernelImage::Builtin(&GARBAGE), None, "").unwrap_err();
+        let error = load(
+            &memory,
+            &layout,
+            &KernelImage::Builtin(&GARBAGE),
+            None,
+            "",
+            0,
+        )
+        .unwrap_err();
         assert!(matches!(error, BootError::UnknownFormat { .. }), "{error}");
     }
 }

@@ -1,6 +1,7 @@
 //! Everything that touches KVM: the VM, its memory, its vCPUs' configuration, the devices, and
 //! the boot of a kernel.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod devices;
@@ -85,6 +86,8 @@ pub enum MachineError {
     Cpu(#[from] cpu::CpuError),
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     #[error("-serial: cannot open {path}: {source}")]
     SerialFile {
         path: PathBuf,
@@ -210,13 +213,17 @@ impl Machine {
             Some(path) => KernelImage::File(path.clone()),
             None => KernelImage::Builtin(crate::guest::BUILTIN_GUEST),
         };
+        let rsdp = acpi::write(&self.memory, self.vcpu_count, &self.layout)?;
+        acpi::mask_legacy_pics(&self.vm)?;
         let entry = boot::load(
             &self.memory,
             &self.layout,
             &image,
             config.initrd.as_deref(),
             &config.append,
+            rsdp,
         )?;
+        // Kept beside the ACPI tables for guests that read only the MP table.
         mptable::write(&self.memory, self.vcpu_count, boot::BIOS_AREA_START)?;
         cpu::setup_boot_vcpu(&self.vcpus[0], &self.memory, entry)?;
         Ok(())
