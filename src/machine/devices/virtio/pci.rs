@@ -194,10 +194,6 @@ impl<B: VirtioBackend> VirtioPci<B> {
         })
     }
 
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// Copies of the queue notifiers, for the I/O thread to wait on.
     pub fn notifiers(&self) -> std::io::Result<Vec<EventFd>> {
         self.notifiers.iter().map(EventFd::try_clone).collect()
@@ -230,10 +226,6 @@ impl<B: VirtioBackend> VirtioPci<B> {
                 self.msix.trigger(self.common.msix_config);
             }
         }
-    }
-
-    pub fn queue_count(&self) -> usize {
-        self.queues.len()
     }
 
     /// Stops taking requests. The I/O thread handles requests under the same lock, so once
