@@ -286,12 +286,10 @@ mod tests {
         u64::from_le_bytes(bits)
     }
 
-    fn fired(msix: &Msix, vector: usize) -> bool {
-        msix.vectors[vector].irqfd.read().is_ok()
-    }
-
+    // KVM consumes an irqfd's count as it injects, so a delivered interrupt is seen as a pending
+    // bit that is no longer there.
     #[test]
-    fn masked_vectors_pend_and_fire_when_unmasked() {
+    fn masked_vectors_pend_and_are_delivered_when_unmasked() {
         let Some((mut config, mut msix)) = function(2) else {
             return;
         };
@@ -303,14 +301,11 @@ mod tests {
 
         // Entries start masked: the interrupt waits in the PBA.
         msix.trigger(1);
-        assert!(!fired(&msix, 1));
         assert_eq!(pba(&msix), 0b10);
-
         write_u32(&mut msix, 16 + 12, 0);
-        assert!(fired(&msix, 1), "unmasking delivers the pending interrupt");
-        assert_eq!(pba(&msix), 0);
+        assert_eq!(pba(&msix), 0, "unmasking delivers the pending interrupt");
         msix.trigger(1);
-        assert!(fired(&msix, 1));
+        assert_eq!(pba(&msix), 0);
 
         // The function mask holds everything back, whatever the entries say.
         config.write(
@@ -319,17 +314,18 @@ mod tests {
         );
         msix.config_written(&config);
         msix.trigger(1);
-        assert!(!fired(&msix, 1));
+        msix.trigger(0);
+        assert_eq!(pba(&msix), 0b11);
         config.write(control, &CONTROL_ENABLE.to_le_bytes());
         msix.config_written(&config);
-        assert!(fired(&msix, 1));
+        assert_eq!(pba(&msix), 0b01, "vector 0 is still masked by its entry");
 
         // Out-of-range vectors and a disabled capability drop the interrupt.
         msix.trigger(7);
         config.write(control, &0u16.to_le_bytes());
         msix.config_written(&config);
         msix.trigger(1);
-        assert!(!fired(&msix, 1));
+        assert_eq!(pba(&msix), 0b01);
     }
 
     #[test]
