@@ -12,9 +12,9 @@
 //!
 //! | name | guest | what it shows |
 //! |---|---|---|
-//! | `idle` | `ferry.run=tick` | pages the guest never touched go as zero runs |
+//! | `idle` | `ferry.run=tick ferry.idle=hlt`: vCPUs halted between ticks | pages the guest never touched go as zero runs |
 //! | `sweep` | the default: both vCPUs dirty every page as fast as they can | the worst case: convergence, auto-converge |
-//! | `fill50` | `ferry.run=tick ferry.fill=50`: half of RAM non-zero, then nothing changes | one round of real data |
+//! | `fill50` | `ferry.run=tick ferry.idle=hlt ferry.fill=50`: half of RAM non-zero, then nothing changes, vCPUs halted | one round of real data |
 //! | `dirty100`, `dirty1000` | `ferry.dirty_mbps=N`: the sweep paced to N MiB/s | a guest that writes at a known rate (1 GiB only) |
 //!
 //! A guest that does not know a workload's option (it prints `warning: unknown option`) makes
@@ -159,9 +159,10 @@ impl Workload {
     /// The guest's command line.
     fn append(self) -> String {
         let workload = match self {
-            Self::Idle => "ferry.run=tick ".into(),
+            // An idle guest halts its vCPUs, as an idle OS does, rather than spinning.
+            Self::Idle => "ferry.run=tick ferry.idle=hlt ".into(),
             Self::Sweep => String::new(),
-            Self::Fill(percent) => format!("ferry.run=tick ferry.fill={percent} "),
+            Self::Fill(percent) => format!("ferry.run=tick ferry.idle=hlt ferry.fill={percent} "),
             Self::Dirty(mbps) => format!("ferry.dirty_mbps={mbps} "),
         };
         format!("{workload}ferry.blackout={BLACKOUT_MS}")

@@ -7,6 +7,9 @@
  *   ferry.run=tick,sweep,tsc   workloads (default: all three); `disk` and the
  *                              actions `reset`, `triplefault` and `echo` may be added
  *   ferry.tick_ms=N            LAPIC timer period in ms (default 1000)
+ *   ferry.idle=hlt|poll        what a CPU with nothing to do does between ticks:
+ *                              halt (as an idle OS does, leaving the host core
+ *                              free) or spin in ring 3 (default)
  *   ferry.sweep_mb=N           cap on each CPU's slices in MiB (0/absent: none)
  *   ferry.fill=PERCENT         fill this share (0..100) of free RAM once, before
  *                              `ready`; the sweep leaves it alone (default 0)
@@ -131,6 +134,13 @@ static void parse_word(const char *w, size_t len, struct config *cfg)
 			cfg->disk_blocks = v;
 		else
 			print("warning: bad value in %s", cstr(buf, w, len));
+	} else if (is(key, klen, "idle")) {
+		if (vlen == 3 && val[0] == 'h' && val[1] == 'l' && val[2] == 't')
+			cfg->idle_hlt = true;
+		else if (vlen == 4 && val[0] == 'p' && val[1] == 'o' && val[2] == 'l' && val[3] == 'l')
+			cfg->idle_hlt = false;
+		else
+			print("warning: bad value in %s", cstr(buf, w, len));
 	} else if (is(key, klen, "run")) {
 		cfg->run = parse_run(val, vlen);
 	} else {
@@ -147,6 +157,7 @@ void parse_cmdline(const char *s, struct config *cfg)
 	cfg->dirty_mbps = 0;
 	cfg->blackout_ms = 0;
 	cfg->disk_blocks = 0;
+	cfg->idle_hlt = false;
 
 	while (*s) {
 		size_t len = 0;

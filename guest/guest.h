@@ -45,6 +45,11 @@
 /* Requests ring 3 can make with `int $0x80`. */
 #define SYS_TRIPLE_FAULT 1
 #define SYS_MAP_UNCACHED 2 /* %rsi addr, %rdx len, %rcx zeroed pages; %rax = pages used */
+#define SYS_IDLE 3	   /* halt until the next interrupt */
+
+/* Offsets in struct cpu that isr.S uses. */
+#define CPU_TICKS 0
+#define CPU_TICK_TSC 8
 
 /* Per-CPU stacks, allocated by the BSP just after the image. */
 #define KSTACK_SIZE 8192
@@ -116,6 +121,7 @@ struct tss64 {
  */
 struct cpu {
 	volatile uint64_t ticks; /* written by the ring-0 timer handler only */
+	volatile uint64_t tick_tsc; /* TSC at the last tick, also from the handler */
 	uint32_t index;		 /* 0 = BSP, then APs in order of arrival */
 	uint32_t apic_id;
 	volatile uint32_t online; /* ring-0 setup of this CPU is done */
@@ -131,6 +137,8 @@ struct cpu {
 	uint64_t pace_frac;   /* ... and its fraction, in 1/65536 cycles */
 	uint64_t gap_last;    /* blackout: the last TSC reading, 0 = not tracking yet */
 	uint64_t gap_pending; /* blackout: largest gap not yet reported, in cycles */
+	uint64_t idle_tick;   /* ferry.idle=hlt: the tick whose TSC idle_tsc holds */
+	uint64_t idle_tsc;
 	struct tss64 tss __attribute__((aligned(16)));
 } __attribute__((aligned(64)));
 
@@ -161,6 +169,7 @@ struct config {
 	uint64_t dirty_mbps; /* sweep pace, MiB/s over all CPUs, 0 = unlimited */
 	uint64_t blackout_ms; /* report TSC gaps longer than this, 0 = off */
 	uint64_t disk_blocks; /* 4 KiB blocks the disk workload uses, 0 = default */
+	bool idle_hlt;	      /* ferry.idle=hlt: an idle CPU halts between ticks */
 };
 
 /* Everything ring 3 needs to know, filled in by ring 0 (setup.c, smp.c). */

@@ -15,17 +15,23 @@
 	.code64
 
 /*
- * LAPIC timer: ticks++ of this CPU, then EOI. At entry the CPU has pushed
- * SS, RSP, RFLAGS, CS, RIP (40 bytes) just below RSP0, and [RSP0] holds
- * the struct cpu pointer, whose first word is the tick counter.
+ * LAPIC timer: ticks++ of this CPU and the TSC of the tick, then EOI. GS
+ * points at this CPU's struct cpu (cpu_setup()), whose first words are the
+ * tick counter and the tick's TSC, so this works whether the tick arrives
+ * in ring 3 or in the ring-0 halt of SYS_IDLE.
  */
 	.globl timer_isr
 timer_isr:
 	push %rax
-	mov 48(%rsp), %rax		/* [RSP0]: this CPU's struct cpu */
-	incq (%rax)			/* cpu->ticks++ */
+	push %rdx
+	incq %gs:CPU_TICKS
+	rdtsc
+	shl $32, %rdx
+	or %rdx, %rax
+	mov %rax, %gs:CPU_TICK_TSC
 	mov $(LAPIC_BASE + 0xb0), %eax	/* EOI register (zero-extended) */
 	movl $0, (%rax)
+	pop %rdx
 	pop %rax
 	iretq
 

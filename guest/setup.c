@@ -196,6 +196,9 @@ void lapic_delay_us(uint32_t us)
  * Per-CPU ring-0 state: TSS (RSP0) and its GDT descriptor, the IDT, the
  * LAPIC. The word at RSP0 holds the struct cpu pointer for the handlers.
  */
+_Static_assert(__builtin_offsetof(struct cpu, ticks) == CPU_TICKS, "isr.S");
+_Static_assert(__builtin_offsetof(struct cpu, tick_tsc) == CPU_TICK_TSC, "isr.S");
+
 void cpu_setup(struct cpu *c)
 {
 	uint64_t rsp0 = c->kstack_top - 16;
@@ -214,6 +217,8 @@ void cpu_setup(struct cpu *c)
 	gdt[slot + 1] = base >> 32;
 	ltr(slot * 8);
 	lidt(idt, sizeof(idt) - 1);
+	/* The timer handler finds its struct cpu through GS, in ring 3 and 0 alike. */
+	wrmsr(MSR_GS_BASE, (uint64_t)c);
 
 	/* Software-enable the LAPIC; spurious vector 0xff. */
 	lapic_write(APIC_SVR, 0x100 | VEC_SPURIOUS);

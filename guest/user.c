@@ -494,6 +494,45 @@ static void poll(struct cpu *c)
 }
 
 /*
+ * ferry.idle=hlt: a CPU with nothing to do halts until an interrupt, as an
+ * idle OS does. The tick wakes it (and, on the BSP, the disk's interrupt), so
+ * it needs the timer; the echo workload polls the UART and must spin.
+ */
+static bool can_halt(struct cpu *c)
+{
+	uint32_t run = boot.cfg.run;
+
+	return boot.cfg.idle_hlt && (run & RUN_TICK) && !(c->index == 0 && (run & RUN_ECHO));
+}
+
+/*
+ * One halt. For ferry.blackout a halt is not a gap in itself: a CPU woken by
+ * consecutive ticks measures the time between their handlers instead, and
+ * reports what exceeds the tick period (a vCPU stopped across a tick delays
+ * it by that long).
+ */
+static void idle(struct cpu *c)
+{
+	uint64_t tick, tsc, period;
+
+	__asm__ volatile("int $0x80" : : "D"((uint64_t)SYS_IDLE) : "memory");
+	if (!boot.gap_cycles)
+		return;
+	tick = c->ticks;
+	tsc = c->tick_tsc;
+	period = boot.cfg.tick_ms * boot.tsc_khz;
+	if (tick == c->idle_tick + 1 && c->idle_tsc && tsc - c->idle_tsc > period) {
+		uint64_t late = tsc - c->idle_tsc - period;
+
+		if (late > boot.gap_cycles && late > c->gap_pending)
+			c->gap_pending = late;
+	}
+	c->idle_tick = tick;
+	c->idle_tsc = tsc;
+	c->gap_last = rdtsc();
+}
+
+/*
  * dirty_mbps: wait until this CPU may write its next page, then book the
  * page. Lag of up to PACE_SLACK_MS (the host preempted the vCPU) is caught
  * up at full speed; beyond that (a long stop) the schedule restarts from now.
@@ -574,6 +613,9 @@ void user_main(struct cpu *c)
 		sweep_forever(c);
 	for (;;) {
 		poll(c);
-		cpu_relax();
+		if (can_halt(c))
+			idle(c);
+		else
+			cpu_relax();
 	}
 }

@@ -105,6 +105,49 @@ fn builtin_guest_runs_on_two_vcpus() {
     boots_builtin_guest(2);
 }
 
+/// CPU time (user + system, in clock ticks) that process `pid` has used so far.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// With `ferry.idle=hlt` an idle guest halts its vCPUs between ticks: both keep ticking, and
+/// the VM uses a fraction of a core instead of the two a spinning guest takes.
+#[test]
+fn an_idle_guest_that_halts_leaves_the_host_idle() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let append = "ferry.run=tick ferry.tick_ms=100 ferry.idle=hlt";
+    let vm = common::start("idle", &["-smp", "2", "-append", append], None);
+    for cpu in 0..2 {
+        let tick = format!("tick 3 cpu={cpu}");
+        vm.wait_line(&tick, Duration::from_secs(30), |l| l == tick);
+    }
+    let before = cpu_ticks(vm.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(vm.pid()) - before;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    assert!(
+        used * 2 < per_second,
+        "the idle guest used {used} of {per_second} clock ticks in one second\n{}",
+        vm.context()
+    );
+    for cpu in 0..2 {
+        let tick = format!("tick 12 cpu={cpu}");
+        vm.wait_line(&tick, Duration::from_secs(30), |l| l == tick);
+    }
+    assert!(
+        !vm.lines().iter().any(|l| l.starts_with("fatal")),
+        "{}",
+        vm.context()
+    );
+}
+
 #[test]
 fn guest_reset_and_triple_fault_end_the_vm_cleanly() {
     if !kvm_available() {

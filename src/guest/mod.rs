@@ -25,6 +25,7 @@
 //! |---|---|---|
 //! | `ferry.run=LIST` | comma-separated: `tick`, `sweep`, `tsc`, `disk` (see [Disk](#disk)); actions `reset`, `triplefault`; `echo` (the BSP prints each line it receives on the UART as `echo: LINE`) | `tick,sweep,tsc` |
 //! | `ferry.tick_ms=N` | LAPIC timer period in ms (N > 0) | 1000 |
+//! | `ferry.idle=hlt\|poll` | what a vCPU with nothing left to do does between ticks: halt until the next interrupt, as an idle OS does (the host core is free), or spin in ring 3 | poll |
 //! | `ferry.sweep_mb=N` | cap on each CPU's total slice size, MiB (0 = no cap) | no cap |
 //! | `ferry.fill=PERCENT` | before `ready`, the BSP fills this share (0..=100) of free RAM, from its low end, with [`fill_word`]'s pattern, which then never changes; the slices split only the rest | 0 |
 //! | `ferry.dirty_mbps=N` | the sweep writes about N MiB/s (N × 256 pages/s; MiB, not QMP's megabits) in total, split evenly over the CPUs that sweep; 0 = as fast as it can | 0 |
