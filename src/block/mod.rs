@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use aligned::{AlignedBuf, BUF_ALIGN};
@@ -127,16 +127,6 @@ impl DiskImage {
             .map_err(|failure| BlockError::from_lock(&self.id, &self.path, failure))?;
         self.locks = wanted;
         Ok(())
-    }
-
-    /// The `-drive` id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// The image's path.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Size in bytes, a multiple of [`SECTOR_SIZE`].

@@ -1,5 +1,6 @@
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use super::*;
 

@@ -2,8 +2,8 @@
 //! MSI route per device interrupt vector, each fed by an irqfd.
 //!
 //! `KVM_SET_GSI_ROUTING` replaces the whole table, so the irqchip routes KVM installs by default
-//! are rebuilt here every time, exactly as KVM's own defaults lay them out (ISA IRQ n on PIC pin
-//! n % 8 and IOAPIC pin n; GSIs 16-23 on the IOAPIC only). The MP table and the MADT describe that
+//! are rebuilt here every time, exactly as KVM's own defaults lay them out (ISA IRQ n, 0-15, on
+//! PIC pin n % 8 and IOAPIC pin n; GSIs 16-23 on the IOAPIC only). The MP table and the MADT describe that
 //! same wiring.
 
 use std::collections::BTreeMap;
@@ -19,8 +19,6 @@ use kvm_ioctls::VmFd;
 /// GSIs below this are the IOAPIC's pins.
 const IOAPIC_PINS: u32 = 24;
 const ISA_IRQS: u32 = 16;
-/// The PIC's cascade input: KVM routes nothing to it.
-const PIC_CASCADE: u32 = 2;
 
 /// Why the routing table could not change.
 #[derive(Debug, thiserror::Error)]
@@ -147,14 +145,12 @@ fn msi_route(gsi: u32, message: MsiMessage) -> kvm_irq_routing_entry {
 fn irqchip_routes() -> Vec<kvm_irq_routing_entry> {
     let mut entries = Vec::new();
     for gsi in 0..ISA_IRQS {
-        if gsi != PIC_CASCADE {
-            let chip = if gsi < 8 {
-                KVM_IRQCHIP_PIC_MASTER
-            } else {
-                KVM_IRQCHIP_PIC_SLAVE
-            };
-            entries.push(irqchip_route(gsi, chip, gsi % 8));
-        }
+        let chip = if gsi < 8 {
+            KVM_IRQCHIP_PIC_MASTER
+        } else {
+            KVM_IRQCHIP_PIC_SLAVE
+        };
+        entries.push(irqchip_route(gsi, chip, gsi % 8));
     }
     entries.extend((0..IOAPIC_PINS).map(|gsi| irqchip_route(gsi, KVM_IRQCHIP_IOAPIC, gsi)));
     entries
@@ -167,8 +163,8 @@ mod tests {
     #[test]
     fn default_wiring_matches_kvm() {
         let routes = irqchip_routes();
-        // 15 PIC pins (no cascade) and 24 IOAPIC pins.
-        assert_eq!(routes.len(), 15 + 24);
+        // 16 PIC pins and 24 IOAPIC pins.
+        assert_eq!(routes.len(), 16 + 24);
         let pins: Vec<(u32, u32, u32)> = routes
             .iter()
             .map(|e| {
@@ -181,8 +177,9 @@ mod tests {
         assert!(pins.contains(&(0, KVM_IRQCHIP_IOAPIC, 0)));
         assert!(pins.contains(&(9, KVM_IRQCHIP_PIC_SLAVE, 1)));
         assert!(pins.contains(&(23, KVM_IRQCHIP_IOAPIC, 23)));
+        assert!(pins.contains(&(2, KVM_IRQCHIP_PIC_MASTER, 2)));
         assert!(!pins
             .iter()
-            .any(|&(gsi, chip, _)| gsi == 2 && chip != KVM_IRQCHIP_IOAPIC));
+            .any(|&(gsi, chip, _)| gsi >= 16 && chip != KVM_IRQCHIP_IOAPIC));
     }
 }

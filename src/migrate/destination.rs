@@ -177,10 +177,14 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 // The guest is ours now whether or not the source hears this. It runs before the
                 // source is told, so that the downtime the source reports covers the whole pause.
                 if commit.run && shared.autostart() {
-                    vm.vcpus
-                        .resume()
-                        .await
-                        .map_err(|e| ReceiveError::Local(format!("cannot start the vCPUs: {e}")))?;
+                    if let Err(error) = vm.vcpus.resume().await {
+                        // Whatever ran stops again, and the source gets its disks back.
+                        let _ = vm.vcpus.pause().await;
+                        vm.machine.devices.deactivate_disks();
+                        return Err(ReceiveError::Local(format!(
+                            "cannot start the vCPUs: {error}"
+                        )));
+                    }
                 }
                 let _ = wire::write_message(writer, &Message::Committed).await;
                 return Ok(commit.run);

@@ -17,8 +17,8 @@ use crate::machine::memory::GuestMemory;
 use crate::machine::pci::{BarAllocator, SharedFunction};
 use crate::migrate::state::{DeviceDescription, Migratable, StateError};
 
-/// PCI class "mass storage, other", as QEMU gives virtio-blk.
-const MASS_STORAGE_CLASS: u32 = 0x01_8000;
+/// PCI class "mass storage, SCSI", which QEMU gives virtio-blk (drivers match on the ids).
+const MASS_STORAGE_CLASS: u32 = 0x01_0000;
 const VIRTIO_BLOCK_TYPE: u16 = 2;
 
 /// Why a disk could not be set up.
@@ -180,18 +180,19 @@ impl Disk {
             .map_err(|e| e.to_string())
     }
 
-    /// Takes the image's lock (again) and the requests the guest queued meanwhile.
-    pub fn activate(&self) -> Result<(), String> {
-        let mut device = lock(&self.device);
-        device
+    /// Takes the image's lock (again), without taking requests yet.
+    pub fn take_image(&self) -> Result<(), String> {
+        lock(&self.device)
             .backend
             .image_mut()
             .set_lock_mode(LockMode::Active)
-            .map_err(|e| e.to_string())?;
-        device.unquiesce();
-        drop(device);
+            .map_err(|e| e.to_string())
+    }
+
+    /// Takes requests again, including those the guest queued meanwhile.
+    pub fn resume(&self) {
+        lock(&self.device).unquiesce();
         self.io.kick();
-        Ok(())
     }
 
     /// The id of its section in the migration stream, apart from other parts' ids.

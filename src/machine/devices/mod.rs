@@ -114,9 +114,31 @@ impl Devices {
     }
 
     /// Takes the images' locks and lets the disks take requests: on the destination at the
-    /// commit, on the source when a migration did not happen after all.
+    /// commit, on the source when a migration did not happen after all. All or nothing: no disk
+    /// runs a request unless every image is locked, and a failure leaves no image locked for
+    /// writing (the other side may then take them all).
     pub fn activate_disks(&self) -> Result<(), String> {
-        self.disks.iter().try_for_each(Disk::activate)
+        for (taken, disk) in self.disks.iter().enumerate() {
+            if let Err(error) = disk.take_image() {
+                for disk in &self.disks[..taken] {
+                    if let Err(release) = disk.release_image() {
+                        tracing::error!(id = %disk.config.id, release, "cannot let go of an image");
+                    }
+                }
+                return Err(error);
+            }
+        }
+        self.disks.iter().for_each(Disk::resume);
+        Ok(())
+    }
+
+    /// Undoes `activate_disks` on a destination that failed after it: the source gets the
+    /// images back.
+    pub fn deactivate_disks(&self) {
+        let released = self.quiesce_disks().and_then(|()| self.release_images());
+        if let Err(error) = released {
+            tracing::error!(error, "cannot hand the disks back");
+        }
     }
 }
 

@@ -77,10 +77,6 @@ impl BlockDevice {
         }
     }
 
-    pub fn image(&self) -> &DiskImage {
-        &self.image
-    }
-
     /// The image, to switch its lock mode at a migration's hand-over.
     pub fn image_mut(&mut self) -> &mut DiskImage {
         &mut self.image
@@ -117,13 +113,6 @@ impl BlockDevice {
     /// dropped. The transport still sets `Queue::set_event_idx` itself.
     pub fn set_acked_features(&mut self, features: u64) {
         self.acked_features = features & self.device_features();
-    }
-
-    /// What the driver accepted: the device's only state a migration must carry (besides the
-    /// queues, which the transport owns), since the configuration space is derived from the
-    /// image and the command line.
-    pub fn acked_features(&self) -> u64 {
-        self.acked_features
     }
 
     fn acked(&self, feature: u32) -> bool {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::machine::interrupts::{GsiRouter, InterruptError};
@@ -199,8 +200,12 @@ impl<B: VirtioBackend> VirtioPci<B> {
         self.notifiers.iter().map(EventFd::try_clone).collect()
     }
 
+    /// Whether the device takes requests: the driver finished its setup with features both
+    /// sides agreed on, and neither side gave up on the device.
     fn active(&self) -> bool {
-        self.common.status & STATUS_DRIVER_OK != 0 && self.common.status & STATUS_FAILED == 0
+        let status = self.common.status;
+        status & (STATUS_DRIVER_OK | STATUS_FEATURES_OK) == STATUS_DRIVER_OK | STATUS_FEATURES_OK
+            && status & (STATUS_FAILED | STATUS_NEEDS_RESET) == 0
     }
 
     /// Processes queue `index` unless the device is stopped; the I/O thread calls this.
@@ -343,6 +348,10 @@ impl<B: VirtioBackend> VirtioPci<B> {
         match offset {
             0x00 => self.common.device_feature_select = value as u32,
             0x08 => self.common.driver_feature_select = value as u32,
+            // Features are settled at FEATURES_OK; later writes cannot change them.
+            0x0c if self.common.status & STATUS_FEATURES_OK != 0 => {
+                tracing::debug!(device = %self.id, "driver features written after FEATURES_OK");
+            }
             0x0c if self.common.driver_feature_select < 2 => {
                 let shift = 32 * self.common.driver_feature_select;
                 self.common.driver_features =
@@ -408,7 +417,10 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if newly & STATUS_FEATURES_OK != 0 {
             let offered = self.backend.device_features();
             let wanted = self.common.driver_features;
-            if wanted & !offered != 0 || wanted & VIRTIO_F_VERSION_1 == 0 {
+            if wanted & !offered != 0
+                || wanted & VIRTIO_F_VERSION_1 == 0
+                || self.common.status & STATUS_FEATURES_OK != 0
+            {
                 tracing::warn!(
                     device = %self.id,
                     offered = format_args!("{offered:#x}"),
@@ -474,35 +486,42 @@ impl<B: VirtioBackend> VirtioPci<B> {
                 self.queues.len()
             ));
         }
+        let offered = self.backend.device_features();
+        let unknown = state.common.driver_features & !offered;
+        if unknown != 0 {
+            return Err(format!(
+                "the guest's driver uses features {unknown:#x} that this side's device does not \
+                 offer (offered here: {offered:#x}); the image's file system or direct= differs"
+            ));
+        }
         self.config.restore(&state.config_space)?;
         self.msix.restore(state.msix, &self.config)?;
         self.common = state.common;
-        let max = self.backend.queue_max_size();
-        for ((queue, vector), saved) in self
+        let vector_count = self.msix.vector_count();
+        for (index, ((queue, vector), saved)) in self
             .queues
             .iter_mut()
             .zip(&mut self.vectors)
             .zip(state.queues)
+            .enumerate()
         {
-            if saved.size > max || (saved.size != 0 && !saved.size.is_power_of_two()) {
-                return Err(format!(
-                    "queue size {} (this device allows {max})",
-                    saved.size
-                ));
+            let invalid =
+                |what: &str, value: u64| format!("queue {index}: invalid {what} {value:#x}");
+            queue
+                .try_set_size(saved.size)
+                .map_err(|_| invalid("size", saved.size.into()))?;
+            queue
+                .try_set_desc_table_address(GuestAddress(saved.desc_table))
+                .map_err(|_| invalid("descriptor table address", saved.desc_table))?;
+            queue
+                .try_set_avail_ring_address(GuestAddress(saved.avail_ring))
+                .map_err(|_| invalid("available ring address", saved.avail_ring))?;
+            queue
+                .try_set_used_ring_address(GuestAddress(saved.used_ring))
+                .map_err(|_| invalid("used ring address", saved.used_ring))?;
+            if saved.vector != NO_VECTOR && saved.vector >= vector_count {
+                return Err(invalid("MSI-X vector", saved.vector.into()));
             }
-            queue.set_size(saved.size);
-            queue.set_desc_table_address(
-                Some(saved.desc_table as u32),
-                Some((saved.desc_table >> 32) as u32),
-            );
-            queue.set_avail_ring_address(
-                Some(saved.avail_ring as u32),
-                Some((saved.avail_ring >> 32) as u32),
-            );
-            queue.set_used_ring_address(
-                Some(saved.used_ring as u32),
-                Some((saved.used_ring >> 32) as u32),
-            );
             queue.set_next_avail(saved.next_avail);
             queue.set_next_used(saved.next_used);
             queue.set_event_idx(saved.event_idx);
