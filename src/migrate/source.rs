@@ -362,13 +362,24 @@ async fn stream_guest(
 
     let switchover = info_span!("switchover");
     async {
+        // What the disks wrote so far goes to stable storage while the guest still runs, so
+        // that the drain's own flush, inside the downtime, has little left to do.
+        let devices = vm.machine.devices.clone();
+        tokio::task::spawn_blocking(move || devices.flush_disks())
+            .await
+            .map_err(local)?
+            .map_err(local)?;
         let paused_at = Instant::now();
         vm.vcpus.pause().await.map_err(local)?;
         shared.switchover.store(true, Ordering::Release);
         shared.emit(Event::new("STOP", None));
         // Disk requests complete into guest memory: drain them before the last dirty sync so
         // that their data and used rings travel with the final pages.
-        vm.machine.devices.quiesce_disks().map_err(local)?;
+        let devices = vm.machine.devices.clone();
+        tokio::task::spawn_blocking(move || devices.quiesce_disks())
+            .await
+            .map_err(local)?
+            .map_err(local)?;
         tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
         let last = tracker.take();
         sender.stop_pacing();

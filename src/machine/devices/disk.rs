@@ -171,6 +171,13 @@ impl Disk {
             .map_err(|e| format!("disk {}: flush failed: {e}", self.config.id))
     }
 
+    pub fn flush(&self) -> Result<(), String> {
+        lock(&self.device)
+            .backend
+            .flush()
+            .map_err(|e| format!("disk {}: flush failed: {e}", self.config.id))
+    }
+
     /// Gives up the image's write lock so that the destination can take it.
     pub fn release_image(&self) -> Result<(), String> {
         lock(&self.device)

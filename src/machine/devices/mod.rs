@@ -108,6 +108,11 @@ impl Devices {
         self.disks.iter().try_for_each(Disk::quiesce)
     }
 
+    /// Makes what the disks completed so far durable, without stopping them.
+    pub fn flush_disks(&self) -> Result<(), String> {
+        self.disks.iter().try_for_each(Disk::flush)
+    }
+
     /// Hands the disks' image locks over, once the destination has restored the VM.
     pub fn release_images(&self) -> Result<(), String> {
         self.disks.iter().try_for_each(Disk::release_image)

@@ -627,3 +627,6 @@ pub enum TransportError {
     #[error("cannot create a queue notifier: {0}")]
     EventFd(#[source] std::io::Error),
 }
+
+#[cfg(test)]
+mod tests;
