@@ -360,5 +360,6 @@ fn create_devices(
         i8042: Mutex::new(I8042::new(ResetTrigger(guest_events))),
         pci,
         disks,
+        disk_transition: Mutex::new(()),
     })
 }

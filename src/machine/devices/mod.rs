@@ -27,6 +27,9 @@ pub struct Devices {
     pub pci: PciRoot,
     /// The virtio-blk-pci disks, in command-line order (they are also functions on `pci`).
     pub disks: Vec<Disk>,
+    /// Held while the disks change state for a migration (drain, hand-over, take-over), so
+    /// that a drain cut short by a cancel ends before the disks are given back.
+    pub disk_transition: Mutex<()>,
 }
 
 impl Devices {
@@ -105,6 +108,7 @@ impl Devices {
     /// The migration's drain, once the vCPUs are paused: every disk stops taking requests and
     /// completes and flushes what it took.
     pub fn quiesce_disks(&self) -> Result<(), String> {
+        let _transition = lock(&self.disk_transition);
         self.disks.iter().try_for_each(Disk::quiesce)
     }
 
@@ -115,14 +119,17 @@ impl Devices {
 
     /// Hands the disks' image locks over, once the destination has restored the VM.
     pub fn release_images(&self) -> Result<(), String> {
+        let _transition = lock(&self.disk_transition);
         self.disks.iter().try_for_each(Disk::release_image)
     }
 
     /// Takes the images' locks and lets the disks take requests: on the destination at the
     /// commit, on the source when a migration did not happen after all. All or nothing: no disk
     /// runs a request unless every image is locked, and a failure leaves no image locked for
-    /// writing (the other side may then take them all).
+    /// writing (the other side may then take them all). A drain still running (a cancel
+    /// arrived during it) finishes first.
     pub fn activate_disks(&self) -> Result<(), String> {
+        let _transition = lock(&self.disk_transition);
         for (taken, disk) in self.disks.iter().enumerate() {
             if let Err(error) = disk.take_image() {
                 for disk in &self.disks[..taken] {
@@ -140,7 +147,12 @@ impl Devices {
     /// Undoes `activate_disks` on a destination that failed after it: the source gets the
     /// images back.
     pub fn deactivate_disks(&self) {
-        let released = self.quiesce_disks().and_then(|()| self.release_images());
+        let _transition = lock(&self.disk_transition);
+        let released = self
+            .disks
+            .iter()
+            .try_for_each(Disk::quiesce)
+            .and_then(|()| self.disks.iter().try_for_each(Disk::release_image));
         if let Err(error) = released {
             tracing::error!(error, "cannot hand the disks back");
         }
