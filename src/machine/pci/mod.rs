@@ -29,6 +29,11 @@ const HOST_BRIDGE_IDS: PciIds = PciIds {
 /// A device function on the bus.
 pub trait PciFunction: Send {
     fn config(&self) -> &ConfigSpace;
+    /// A guest read of the configuration space; functions with registers that act on reads
+    /// (a window into a BAR) override it.
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config().read(offset, data);
+    }
     /// A guest write to the configuration space; the function applies it and reacts (BARs
     /// moving, MSI-X being enabled, ...).
     fn config_write(&mut self, offset: usize, data: &[u8]);
@@ -171,7 +176,7 @@ impl PciRoot {
 
     fn config_read(&self, bus: u8, devfn: u8, offset: usize, data: &mut [u8]) {
         match self.functions.get(&devfn) {
-            Some(function) if bus == 0 => lock(function).config().read(offset, data),
+            Some(function) if bus == 0 => lock(function).config_read(offset, data),
             // Nothing there: all ones, which is how the guest learns the slot is empty.
             _ => data.fill(0xff),
         }

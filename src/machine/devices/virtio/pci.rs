@@ -11,7 +11,6 @@ use std::sync::Arc;
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::machine::interrupts::{GsiRouter, InterruptError};
@@ -40,6 +39,13 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+/// A window in config space onto the BARs, for firmware that cannot map them.
+const CAP_PCI_CFG: u8 = 5;
+/// Where, inside that capability, the BAR number, offset, length and data window are.
+const PCI_CFG_BAR: usize = 4;
+const PCI_CFG_OFFSET: usize = 8;
+const PCI_CFG_LENGTH: usize = 12;
+const PCI_CFG_DATA: usize = 16;
 
 pub const NO_VECTOR: u16 = 0xffff;
 
@@ -79,29 +85,6 @@ pub struct CommonState {
     pub queue_select: u16,
 }
 
-/// One queue as the driver configured it and as far as the device got.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueState {
-    pub size: u16,
-    pub ready: bool,
-    pub vector: u16,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx: bool,
-}
-
-/// Everything of the transport that migrates (the backend's own state travels beside it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VirtioPciState {
-    pub config_space: Vec<u8>,
-    pub msix: MsixState,
-    pub common: CommonState,
-    pub queues: Vec<QueueState>,
-}
-
 /// A virtio device on the PCI bus.
 pub struct VirtioPci<B: VirtioBackend> {
     id: String,
@@ -111,6 +94,8 @@ pub struct VirtioPci<B: VirtioBackend> {
     queues: Vec<Queue>,
     vectors: Vec<u16>,
     notifiers: Vec<EventFd>,
+    /// Where the VIRTIO_PCI_CAP_PCI_CFG capability starts in config space.
+    pci_cfg: usize,
     /// Where the notifiers are registered with KVM, if they are.
     ioevents_at: Option<u64>,
     /// While set (a migration's drain, or an incoming VM not yet committed) no request is taken.
@@ -168,6 +153,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             notify_length,
             Some(NOTIFY_MULTIPLIER),
         );
+        let pci_cfg = add_pci_cfg_capability(&mut config);
         let queues = (0..queue_count)
             .map(|_| Queue::new(backend.queue_max_size()))
             .collect::<Result<Vec<_>, _>>()
@@ -187,6 +173,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             queues,
             vectors: vec![NO_VECTOR; queue_count.into()],
             notifiers,
+            pci_cfg,
             ioevents_at: None,
             quiesced: false,
             router,
@@ -297,243 +284,6 @@ impl<B: VirtioBackend> VirtioPci<B> {
                 .unregister_ioevent(fd, &address, NoDatamatch);
         }
     }
-
-    fn common_read(&self, offset: u64, data: &mut [u8]) {
-        let queue = self.queues.get(usize::from(self.common.queue_select));
-        let select = self.common.device_feature_select;
-        let value: u64 = match offset {
-            0x00 => self.common.device_feature_select.into(),
-            0x04 if select < 2 => (self.backend.device_features() >> (32 * select)) & 0xffff_ffff,
-            0x04 => 0,
-            0x08 => self.common.driver_feature_select.into(),
-            0x0c if self.common.driver_feature_select < 2 => {
-                (self.common.driver_features >> (32 * self.common.driver_feature_select))
-                    & 0xffff_ffff
-            }
-            0x0c => 0,
-            0x10 => self.common.msix_config.into(),
-            0x12 => self.queues.len() as u64,
-            0x14 => self.common.status.into(),
-            0x15 => self.common.config_generation.into(),
-            0x16 => self.common.queue_select.into(),
-            0x18 => queue.map_or(0, |q| q.size().into()),
-            0x1a => self
-                .vectors
-                .get(usize::from(self.common.queue_select))
-                .map_or(NO_VECTOR, |&v| v)
-                .into(),
-            0x1c => queue.map_or(0, |q| q.ready().into()),
-            0x1e => u64::from(self.common.queue_select),
-            0x20..=0x37 => {
-                let address = queue.map_or(0, |q| match offset & !7 {
-                    0x20 => q.desc_table(),
-                    0x28 => q.avail_ring(),
-                    _ => q.used_ring(),
-                });
-                address >> (8 * (offset & 7))
-            }
-            _ => 0,
-        };
-        let bytes = value.to_le_bytes();
-        let len = data.len().min(8);
-        data[..len].copy_from_slice(&bytes[..len]);
-    }
-
-    fn common_write(&mut self, offset: u64, data: &[u8]) {
-        let mut bytes = [0u8; 8];
-        let len = data.len().min(8);
-        bytes[..len].copy_from_slice(&data[..len]);
-        let value = u64::from_le_bytes(bytes);
-        let select = usize::from(self.common.queue_select);
-        match offset {
-            0x00 => self.common.device_feature_select = value as u32,
-            0x08 => self.common.driver_feature_select = value as u32,
-            // Features are settled at FEATURES_OK; later writes cannot change them.
-            0x0c if self.common.status & STATUS_FEATURES_OK != 0 => {
-                tracing::debug!(device = %self.id, "driver features written after FEATURES_OK");
-            }
-            0x0c if self.common.driver_feature_select < 2 => {
-                let shift = 32 * self.common.driver_feature_select;
-                self.common.driver_features =
-                    (self.common.driver_features & !(0xffff_ffff << shift)) | (value << shift);
-            }
-            0x10 => self.common.msix_config = self.checked_vector(value as u16),
-            0x14 => self.set_status(value as u8),
-            0x16 => self.common.queue_select = value as u16,
-            0x18 => {
-                if let Some(queue) = self.queues.get_mut(select) {
-                    queue.set_size(value as u16);
-                }
-            }
-            0x1a => {
-                let vector = self.checked_vector(value as u16);
-                if let Some(slot) = self.vectors.get_mut(select) {
-                    *slot = vector;
-                }
-            }
-            0x1c => {
-                if let Some(queue) = self.queues.get_mut(select) {
-                    queue.set_ready(value & 1 == 1);
-                }
-            }
-            0x20..=0x37 => {
-                if let Some(queue) = self.queues.get_mut(select) {
-                    let low = (offset & 4 == 0).then_some(value as u32);
-                    let high = if offset & 4 != 0 {
-                        Some(value as u32)
-                    } else if len == 8 {
-                        Some((value >> 32) as u32)
-                    } else {
-                        None
-                    };
-                    match offset & !7 {
-                        0x20 => queue.set_desc_table_address(low, high),
-                        0x28 => queue.set_avail_ring_address(low, high),
-                        _ => queue.set_used_ring_address(low, high),
-                    }
-                }
-            }
-            _ => tracing::debug!(device = %self.id, offset, "write to a read-only virtio register"),
-        }
-    }
-
-    /// A vector beyond the table reads back as NO_VECTOR, which is how virtio tells the driver
-    /// the assignment failed.
-    fn checked_vector(&self, vector: u16) -> u16 {
-        if vector < self.msix.vector_count() {
-            vector
-        } else {
-            NO_VECTOR
-        }
-    }
-
-    fn set_status(&mut self, status: u8) {
-        if status == 0 {
-            self.reset();
-            return;
-        }
-        let newly = status & !self.common.status;
-        let mut status = status;
-        if newly & STATUS_FEATURES_OK != 0 {
-            let offered = self.backend.device_features();
-            let wanted = self.common.driver_features;
-            if wanted & !offered != 0
-                || wanted & VIRTIO_F_VERSION_1 == 0
-                || self.common.status & STATUS_FEATURES_OK != 0
-            {
-                tracing::warn!(
-                    device = %self.id,
-                    offered = format_args!("{offered:#x}"),
-                    wanted = format_args!("{wanted:#x}"),
-                    "driver asked for features the device does not offer, or not VERSION_1"
-                );
-                status &= !STATUS_FEATURES_OK;
-            } else {
-                self.backend.set_acked_features(wanted);
-            }
-        }
-        self.common.status = status;
-        if newly & STATUS_DRIVER_OK != 0 && self.active() {
-            self.activate();
-        }
-    }
-
-    fn activate(&mut self) {
-        let event_idx = self.common.driver_features
-            & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
-            != 0;
-        for queue in &mut self.queues {
-            queue.set_event_idx(event_idx);
-        }
-        self.register_ioevents();
-        tracing::debug!(device = %self.id, features = format_args!("{:#x}", self.common.driver_features), "virtio device activated");
-        // Requests the driver queued before DRIVER_OK are looked at now.
-        for fd in &self.notifiers {
-            let _ = fd.write(1);
-        }
-    }
-
-    pub fn save(&self) -> VirtioPciState {
-        VirtioPciState {
-            config_space: self.config.snapshot(),
-            msix: self.msix.save(),
-            common: self.common.clone(),
-            queues: self
-                .queues
-                .iter()
-                .zip(&self.vectors)
-                .map(|(q, &vector)| QueueState {
-                    size: q.size(),
-                    ready: q.ready(),
-                    vector,
-                    desc_table: q.desc_table(),
-                    avail_ring: q.avail_ring(),
-                    used_ring: q.used_ring(),
-                    next_avail: q.next_avail(),
-                    next_used: q.next_used(),
-                    event_idx: q.event_idx_enabled(),
-                })
-                .collect(),
-        }
-    }
-
-    /// Puts a saved transport into this freshly built one (quiesced: the caller lets it run).
-    pub fn restore(&mut self, state: VirtioPciState) -> Result<(), String> {
-        if state.queues.len() != self.queues.len() {
-            return Err(format!(
-                "{} queues on the source, {} here",
-                state.queues.len(),
-                self.queues.len()
-            ));
-        }
-        let offered = self.backend.device_features();
-        let unknown = state.common.driver_features & !offered;
-        if unknown != 0 {
-            return Err(format!(
-                "the guest's driver uses features {unknown:#x} that this side's device does not \
-                 offer (offered here: {offered:#x}); the image's file system or direct= differs"
-            ));
-        }
-        self.config.restore(&state.config_space)?;
-        self.msix.restore(state.msix, &self.config)?;
-        self.common = state.common;
-        let vector_count = self.msix.vector_count();
-        for (index, ((queue, vector), saved)) in self
-            .queues
-            .iter_mut()
-            .zip(&mut self.vectors)
-            .zip(state.queues)
-            .enumerate()
-        {
-            let invalid =
-                |what: &str, value: u64| format!("queue {index}: invalid {what} {value:#x}");
-            queue
-                .try_set_size(saved.size)
-                .map_err(|_| invalid("size", saved.size.into()))?;
-            queue
-                .try_set_desc_table_address(GuestAddress(saved.desc_table))
-                .map_err(|_| invalid("descriptor table address", saved.desc_table))?;
-            queue
-                .try_set_avail_ring_address(GuestAddress(saved.avail_ring))
-                .map_err(|_| invalid("available ring address", saved.avail_ring))?;
-            queue
-                .try_set_used_ring_address(GuestAddress(saved.used_ring))
-                .map_err(|_| invalid("used ring address", saved.used_ring))?;
-            if saved.vector != NO_VECTOR && saved.vector >= vector_count {
-                return Err(invalid("MSI-X vector", saved.vector.into()));
-            }
-            queue.set_next_avail(saved.next_avail);
-            queue.set_next_used(saved.next_used);
-            queue.set_event_idx(saved.event_idx);
-            queue.set_ready(saved.ready);
-            *vector = saved.vector;
-        }
-        self.backend.set_acked_features(self.common.driver_features);
-        if self.active() {
-            self.register_ioevents();
-        }
-        Ok(())
-    }
 }
 
 fn notify_address(bar: u64, queue: usize) -> u64 {
@@ -563,13 +313,66 @@ fn add_virtio_capability(
     config.add_capability(VENDOR_CAPABILITY, &body, &writable);
 }
 
+/// The VIRTIO_PCI_CAP_PCI_CFG capability: BAR number, offset and length are the driver's to set,
+/// and the data window reads and writes the BAR there.
+fn add_pci_cfg_capability(config: &mut ConfigSpace) -> usize {
+    let mut body = vec![0u8; 18];
+    body[0] = 20;
+    body[1] = CAP_PCI_CFG;
+    let mut writable = vec![0u8; 18];
+    // Relative to the body, which starts 2 bytes into the capability.
+    writable[PCI_CFG_BAR - 2] = 0xff;
+    writable[PCI_CFG_OFFSET - 2..PCI_CFG_DATA - 2 + 4].fill(0xff);
+    config.add_capability(VENDOR_CAPABILITY, &body, &writable)
+}
+
+impl<B: VirtioBackend> VirtioPci<B> {
+    /// The BAR access the PCI_CFG window describes, if the driver set a sensible one.
+    fn pci_cfg_access(&self) -> Option<(usize, u64, usize)> {
+        let cap = self.pci_cfg;
+        let mut bar = [0u8];
+        self.config.read(cap + PCI_CFG_BAR, &mut bar);
+        let offset = self.config.read_u32(cap + PCI_CFG_OFFSET);
+        let length = self.config.read_u32(cap + PCI_CFG_LENGTH) as usize;
+        (matches!(length, 1 | 2 | 4) && offset as usize % length == 0).then_some((
+            usize::from(bar[0]),
+            u64::from(offset),
+            length,
+        ))
+    }
+
+    fn in_pci_cfg_window(&self, offset: usize, len: usize) -> bool {
+        let window = self.pci_cfg + PCI_CFG_DATA;
+        offset < window + 4 && window < offset + len
+    }
+}
+
 impl<B: VirtioBackend> PciFunction for VirtioPci<B> {
     fn config(&self) -> &ConfigSpace {
         &self.config
     }
 
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        if self.in_pci_cfg_window(offset, data.len()) {
+            if let Some((bar, bar_offset, length)) = self.pci_cfg_access() {
+                let mut value = [0u8; 4];
+                self.bar_read(bar, bar_offset, &mut value[..length]);
+                self.config.put(self.pci_cfg + PCI_CFG_DATA, &value);
+            }
+        }
+        self.config.read(offset, data);
+    }
+
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
+        if self.in_pci_cfg_window(offset, data.len()) {
+            if let Some((bar, bar_offset, length)) = self.pci_cfg_access() {
+                let mut value = [0u8; 4];
+                self.config.read(self.pci_cfg + PCI_CFG_DATA, &mut value);
+                self.bar_write(bar, bar_offset, &value[..length]);
+            }
+            return;
+        }
         self.msix.config_written(&self.config);
         if (COMMAND..COMMAND + 2).contains(&offset) || (0x10..0x28).contains(&offset) {
             // Memory decoding switched or a BAR moved: the notifiers follow BAR4.
@@ -628,5 +431,9 @@ pub enum TransportError {
     EventFd(#[source] std::io::Error),
 }
 
+mod common;
+mod persist;
+
+pub use persist::{QueueState, VirtioPciState};
 #[cfg(test)]
 mod tests;

@@ -240,3 +240,32 @@ fn a_restore_refuses_features_this_side_lacks() {
     let error = fixture.device.restore(state).unwrap_err();
     assert!(error.contains("does not offer"), "{error}");
 }
+
+#[test]
+fn the_pci_cfg_window_reaches_the_common_configuration() {
+    let Some(mut fixture) = fixture(None, None) else {
+        return;
+    };
+    let device = &mut fixture.device;
+    let cap = device.pci_cfg;
+    let mut header = [0u8; 4];
+    device.config_read(cap, &mut header);
+    assert_eq!(
+        (header[0], header[2], header[3]),
+        (VENDOR_CAPABILITY, 20, CAP_PCI_CFG)
+    );
+    device.config_write(cap + PCI_CFG_BAR, &[VIRTIO_BAR as u8]);
+    device.config_write(cap + PCI_CFG_OFFSET, &0x12u32.to_le_bytes());
+    device.config_write(cap + PCI_CFG_LENGTH, &2u32.to_le_bytes());
+    let mut queues = [0u8; 4];
+    device.config_read(cap + PCI_CFG_DATA, &mut queues);
+    assert_eq!(
+        u16::from_le_bytes([queues[0], queues[1]]),
+        1,
+        "num_queues through the window"
+    );
+    device.config_write(cap + PCI_CFG_OFFSET, &0x14u32.to_le_bytes());
+    device.config_write(cap + PCI_CFG_LENGTH, &1u32.to_le_bytes());
+    device.config_write(cap + PCI_CFG_DATA, &[1, 0, 0, 0]);
+    assert_eq!(status(device), 1, "ACKNOWLEDGE written through the window");
+}
