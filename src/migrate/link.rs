@@ -1,6 +1,7 @@
 //! The source's end of the connection: it knows whether a frame was cut short, so that a
 //! cancelled source can still tell the destination why it hangs up.
 
+use std::io::IoSlice;
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
@@ -14,6 +15,8 @@ pub const ANSWER_DEADLINE: Duration = Duration::from_secs(60);
 const NOTICE_DEADLINE: Duration = Duration::from_millis(50);
 /// How long a source whose write failed waits for the destination's reason.
 const REASON_DEADLINE: Duration = Duration::from_secs(1);
+/// Linux's limit on the buffers of one writev (IOV_MAX).
+const MAX_IOVECS: usize = 1024;
 
 /// What the destination answered, when it is not what the source wanted.
 #[derive(Debug, thiserror::Error)]
@@ -53,10 +56,19 @@ impl Link {
     }
 
     /// Writes one frame given in parts (a head and its data), without joining them.
-    pub async fn write_frame_parts(&mut self, parts: &[&[u8]]) -> Result<(), WireError> {
+    /// Writes a frame given as many buffers (guest pages, say) with as few system calls as the
+    /// kernel allows, without copying them together first.
+    pub async fn write_frame_vectored(&mut self, parts: &[&[u8]]) -> Result<(), WireError> {
         self.torn = true;
-        for part in parts {
-            self.writer.write_all(part).await?;
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|part| IoSlice::new(part)).collect();
+        let mut pending = &mut slices[..];
+        while !pending.is_empty() {
+            let batch = pending.len().min(MAX_IOVECS);
+            let written = self.writer.write_vectored(&pending[..batch]).await?;
+            if written == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            IoSlice::advance_slices(&mut pending, written);
         }
         self.torn = false;
         Ok(())

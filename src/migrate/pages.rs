@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty::RegionBitmap;
 use super::link::Link;
@@ -33,8 +33,10 @@ pub struct PageSender {
     /// is downtime (QEMU lifts its limit for the completion too).
     paced: bool,
     entries: Vec<PageEntry>,
-    data: Vec<u8>,
-    /// The PAGES frame's tag, length and page list; `data` follows it on the wire.
+    /// Host addresses of the frame's non-zero pages, in guest memory itself: they go to the
+    /// socket from there, never copied in between.
+    pages: Vec<usize>,
+    /// The PAGES frame's tag, length and page list; the pages follow it on the wire.
     head: Vec<u8>,
 }
 
@@ -45,7 +47,7 @@ impl PageSender {
             memory,
             paced: true,
             entries: Vec::with_capacity(capacity),
-            data: Vec::with_capacity(capacity * PAGE_SIZE as usize),
+            pages: Vec::with_capacity(capacity),
             head: Vec::with_capacity(capacity * 8 + 16),
         }
     }
@@ -105,21 +107,16 @@ impl PageSender {
     ) -> Result<SendStats, PageError> {
         let started = Instant::now();
         let mut stats = SendStats { pages: 0, bytes: 0 };
-        let page_size = PAGE_SIZE as usize;
         for gpa in pages.iter().flat_map(RegionBitmap::addresses) {
-            // Read straight into the frame's data; a zero page is dropped again.
-            let at = self.data.len();
-            self.data.resize(at + page_size, 0);
-            let page = &mut self.data[at..];
-            self.memory
-                .read_slice(page, GuestAddress(gpa))
-                .map_err(|e| PageError::Read {
-                    gpa,
-                    reason: e.to_string(),
-                })?;
-            let zero = is_zero(page);
-            if zero {
-                self.data.truncate(at);
+            let host = self.page(gpa)?;
+            // SAFETY: `page` checked that the whole page is mapped guest RAM, which `memory`
+            // keeps mapped. The guest may write it meanwhile; a page it changes after this read
+            // is dirty again and goes again in the next round (or, paused, cannot change).
+            let zero = is_zero(unsafe {
+                std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize)
+            });
+            if !zero {
+                self.pages.push(host);
             }
             self.entries.push(PageEntry { gpa, zero });
             if self.entries.len() == MAX_PAGES_PER_FRAME as usize {
@@ -140,15 +137,22 @@ impl PageSender {
         if self.entries.is_empty() {
             return Ok(());
         }
-        wire::encode_pages_head(&mut self.head, &self.entries, self.data.len());
-        let frame_len = (self.head.len() + self.data.len()) as u64;
+        let data_len = self.pages.len() * PAGE_SIZE as usize;
+        wire::encode_pages_head(&mut self.head, &self.entries, data_len);
+        let frame_len = (self.head.len() + data_len) as u64;
         let max_bandwidth = shared.params().max_bandwidth;
         if self.paced && max_bandwidth > 0 {
             // Pace the round so that it never runs ahead of the allowed rate.
             let due = (stats.bytes + frame_len) as f64 / max_bandwidth as f64;
             tokio::time::sleep_until((started + Duration::from_secs_f64(due)).into()).await;
         }
-        link.write_frame_parts(&[&self.head, &self.data]).await?;
+        let parts: Vec<&[u8]> = std::iter::once(self.head.as_slice())
+            .chain(self.pages.iter().map(|&host| {
+                // SAFETY: as in `send`: a whole page of mapped guest RAM, alive with `memory`.
+                unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize) }
+            }))
+            .collect();
+        link.write_frame_vectored(&parts).await?;
         let zero = self.entries.iter().filter(|e| e.zero).count() as u64;
         let count = self.entries.len() as u64;
         stats.pages += count;
@@ -166,11 +170,25 @@ impl PageSender {
             }
         }
         self.entries.clear();
-        self.data.clear();
+        self.pages.clear();
         // Reading and checking a frame's pages is work without an await; when the socket
         // takes every frame at once, this is where `migrate_cancel` gets its turn.
         tokio::task::yield_now().await;
         Ok(())
+    }
+}
+
+impl PageSender {
+    /// The host address of guest page `gpa`, which must lie wholly in guest RAM.
+    fn page(&self, gpa: u64) -> Result<usize, PageError> {
+        let slice = self
+            .memory
+            .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
+            .map_err(|e| PageError::Read {
+                gpa,
+                reason: e.to_string(),
+            })?;
+        Ok(slice.ptr_guard().as_ptr() as usize)
     }
 }
 
