@@ -331,7 +331,14 @@ async fn stream_guest(
             remaining_pages: dirty,
         }))
         .await?;
-        let decision = decide(round + 1, dirty * PAGE_SIZE, bandwidth, limit);
+        let decision = decide(
+            round + 1,
+            dirty * PAGE_SIZE,
+            // What this round started with: did sending it leave less than half behind?
+            Some(pages * PAGE_SIZE),
+            bandwidth,
+            limit,
+        );
         let elapsed = started.elapsed();
         if decision != Decision::Switchover && params.convergence_timed_out(elapsed) {
             return Err(SendError::Local(format!(
