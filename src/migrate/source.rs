@@ -18,7 +18,7 @@ use super::wire::{self, Commit, Message, RoundReport};
 use super::{vmstate, Shared};
 use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
 use crate::runtime::control::Event;
-use crate::runtime::throttle::run_throttle;
+use crate::runtime::throttle::{run_throttle, THROTTLE_PERIOD};
 use crate::runtime::Vm;
 
 /// How an outgoing migration ended.
@@ -376,6 +376,13 @@ async fn stream_guest(
             .await
             .map_err(local)?
             .map_err(local)?;
+        // A throttled vCPU stalls right before the pause would make the guest's blackout
+        // longer than the downtime: let every vCPU out of its hold-back first.
+        let throttle = vm.vcpus.throttle();
+        if throttle.percent() > 0 {
+            throttle.set(0);
+            tokio::time::sleep(THROTTLE_PERIOD).await;
+        }
         let paused_at = Instant::now();
         vm.vcpus.pause().await.map_err(local)?;
         shared.switchover.store(true, Ordering::Release);
