@@ -7,6 +7,7 @@
 
 #[path = "qmp/commands.rs"]
 mod commands;
+mod common;
 #[path = "qmp/external.rs"]
 mod external;
 #[path = "qmp/protocol.rs"]

@@ -103,3 +103,31 @@ pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
     });
     (port, thread)
 }
+
+/// Whether `program args` runs and succeeds. When it does not: under `CI=true` a panic (CI
+/// installs it), elsewhere a loud notice on the real stderr and `false`, so the test skips.
+pub fn require_tool(program: &str, args: &[&str], install: &str) -> bool {
+    let works = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if works {
+        return true;
+    }
+    let message = format!(
+        "`{program} {}` failed; install with `{install}`",
+        args.join(" ")
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{message} (required when CI=true)");
+    }
+    // libtest captures eprintln!, not direct writes to the stderr handle.
+    let _ = std::io::Write::write_fmt(
+        &mut std::io::stderr(),
+        format_args!("\n*** SKIPPED (CI is not true): {message} ***\n"),
+    );
+    false
+}

@@ -4,7 +4,8 @@
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
-use crate::support::{bounded, require_tool, Harness};
+use crate::common::require_tool;
+use crate::support::{bounded, Harness};
 
 #[tokio::test]
 async fn qemus_python_client_library_agrees() {

@@ -3,9 +3,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use ferry::qmp::{self, QmpError, SocketFileGuard};
@@ -26,33 +24,6 @@ pub async fn bounded<F: Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(WAIT, future)
         .await
         .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
-}
-
-/// Whether `program args` runs and succeeds. When it does not: under `CI=true` a panic (CI
-/// must install it), elsewhere a loud notice on the real stderr (libtest captures
-/// `eprintln!`, not direct writes) and `false`, so the caller skips.
-pub fn require_tool(program: &str, args: &[&str], install: &str) -> bool {
-    let works = std::process::Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if works {
-        return true;
-    }
-    let message = format!(
-        "`{program} {}` failed; install with `{install}`",
-        args.join(" ")
-    );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message} (required when CI=true)");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED (CI is not true): {message} ***\n"
-    );
-    false
 }
 
 /// A QMP server on a socket in a temporary directory, with a fake VM owner behind it.

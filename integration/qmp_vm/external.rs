@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::client::names;
+use crate::common::require_tool;
 use crate::common::{free_port, kvm_available, kvm_lock, Ferry};
 use crate::support::{
-    assert_no_panic, assert_quiet, assert_runs, connect, require_tool, run_bounded, World, BOOT,
-    MEM_MIB,
+    assert_no_panic, assert_quiet, assert_runs, connect, run_bounded, World, BOOT, MEM_MIB,
 };
 
 /// How long a migration of the 64 MiB test guest may take.

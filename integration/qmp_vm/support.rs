@@ -1,7 +1,7 @@
 //! For `qmp_vm.rs`: starting real ferry processes with QMP, reading what their guests print,
 //! outside tools, and bounded child processes.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -144,34 +144,6 @@ pub fn assert_clean_exit(vm: &mut Ferry, what: &str) {
         path.display()
     );
     assert_no_panic(vm);
-}
-
-/// Whether `program args` runs and succeeds. When it does not: under `CI=true` a panic (CI
-/// installs it), elsewhere a loud notice on the real stderr and `false`, so the test skips.
-pub fn require_tool(program: &str, args: &[&str], install: &str) -> bool {
-    let works = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if works {
-        return true;
-    }
-    let message = format!(
-        "`{program} {}` failed; install with `{install}`",
-        args.join(" ")
-    );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message} (required when CI=true)");
-    }
-    // libtest captures eprintln!, not direct writes to the stderr handle.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED (CI is not true): {message} ***\n"
-    );
-    false
 }
 
 /// What a bounded child process did.
