@@ -5,14 +5,19 @@
  * (virtio_blk.c), reads its serial (GET_ID), prints `disk found`, and checks
  * that a read past the end fails (`disk beyond-end`) and, on a read-only
  * device, that a write fails (`disk ro-write`). From then on disk_poll(),
- * called from the BSP's poll(), advances a state machine one request at a
- * time, so the disk runs beside tick and sweep and a request is nearly
- * always in flight:
+ * called from the BSP's poll(), takes the completions the used ring
+ * reports, in whatever order they come, and starts the next requests, so
+ * the disk runs beside tick and sweep with up to BLOCK_SLOTS blocks (and a
+ * flush) in flight:
  *
- *   read-write: generations g = 1, 2, ... For each block b: (g > 1) read b
- *     and check it holds generation g-1; write generation g; read it back
- *     and check. After every 64 blocks and at the end of a pass: FLUSH
- *     (when offered), then `disk gen=G done=B irqs=I`.
+ *   read-write: generations g = 1, 2, ... Each block slot takes the next
+ *     block b and runs it through: (g > 1) read b and check it holds
+ *     generation g-1; write generation g; read it back and check. When the
+ *     blocks below the next multiple of 64 (or all of them) are verified,
+ *     the flush slot issues a FLUSH (when offered), and when it ends prints
+ *     `disk gen=G done=B irqs=I inflight=K`. The block slots go on
+ *     meanwhile, but never start a block at or past the last line's done +
+ *     AHEAD_BLOCKS, and the next pass starts after the last line of this one.
  *   read-only: read every block and check it holds generation 1, forever;
  *     `disk ro verified pass=P` after each pass.
  *
@@ -54,37 +59,57 @@ static uint64_t word_gen(uint64_t w)
 
 volatile uint64_t disk_irqs;
 
+/*
+ * Slots 0 .. BLOCK_SLOTS-1 each carry one block through its steps; slot
+ * FLUSH_SLOT only flushes. The host's copy of AHEAD_BLOCKS is
+ * ferry::guest::disk::DISK_AHEAD_BLOCKS.
+ */
+#define BLOCK_SLOTS 8
+#define FLUSH_SLOT BLOCK_SLOTS
+#define AHEAD_BLOCKS (REPORT_BLOCKS + BLOCK_SLOTS)
+_Static_assert(BLOCK_SLOTS + 1 <= VBLK_SLOTS, "a driver slot for every block slot and flushes");
+_Static_assert(DMEM_PAGES * PAGE_SIZE == DISK_MEM_BYTES, "guest.h reserves the driver's RAM");
+
 enum step { CHECK_OLD, WRITE, CHECK_NEW, FLUSH, RO_CHECK };
+
+struct slot {
+	bool busy;
+	enum step step;
+	uint64_t block; /* FLUSH: the blocks done it makes durable */
+};
 
 static struct {
 	struct vblk dev;
-	bool on;   /* the workload runs */
-	bool busy; /* a request is in flight */
-	enum step step;
+	bool on;	 /* the workload runs */
+	bool ro;
+	bool started;	 /* the first requests went out */
 	uint64_t blocks; /* blocks in use */
 	uint64_t gen;	 /* generation being written (read-only: 1) */
-	uint64_t block;	 /* block of the current step; FLUSH: blocks done */
-	uint64_t passes; /* read-only: passes verified */
+	uint64_t next;	 /* the next block to start in this pass */
+	uint64_t done;	 /* read-write: done= of the last line of this pass (0 before it) */
+	uint64_t checked; /* read-only: blocks verified in this pass */
+	uint64_t passes;  /* read-only: passes verified */
+	struct slot slots[BLOCK_SLOTS + 1];
 } disk;
 
-static void fill_block(uint64_t block, uint64_t gen)
+static void fill_block(uint32_t slot, uint64_t block, uint64_t gen)
 {
-	uint64_t *w = (uint64_t *)disk.dev.data, i;
+	uint64_t *w = (uint64_t *)vblk_data(&disk.dev, slot), i;
 
 	for (i = 0; i < WORDS; i++)
 		w[i] = disk_word(block, gen, i);
 }
 
-static bool verify(uint64_t expect)
+static bool verify(uint32_t slot, uint64_t expect)
 {
-	const uint64_t *w = (const uint64_t *)disk.dev.data;
-	uint64_t i;
+	const uint64_t *w = (const uint64_t *)vblk_data(&disk.dev, slot);
+	uint64_t i, block = disk.slots[slot].block;
 
 	for (i = 0; i < WORDS; i++) {
-		if (w[i] != disk_word(disk.block, expect, i)) {
+		if (w[i] != disk_word(block, expect, i)) {
 			print("disk mismatch block=%lu gen=%lu expected=%lu found=%lu word=%lu "
 			      "value=0x%lx",
-			      disk.block, disk.gen, expect, word_gen(w[i]), i, w[i]);
+			      block, disk.gen, expect, word_gen(w[i]), i, w[i]);
 			return false;
 		}
 	}
@@ -99,11 +124,11 @@ static const char *op_name(enum step s)
 /* The serial from GET_ID: up to 20 bytes, NUL-padded; odd bytes become '?'. */
 static void serial_string(char *out)
 {
+	const uint8_t *id = vblk_data(&disk.dev, 0);
 	uint32_t i;
 
-	for (i = 0; i < VIRTIO_BLK_ID_BYTES && disk.dev.data[i]; i++)
-		out[i] = disk.dev.data[i] > ' ' && disk.dev.data[i] < 0x7f ? (char)disk.dev.data[i]
-									     : '?';
+	for (i = 0; i < VIRTIO_BLK_ID_BYTES && id[i]; i++)
+		out[i] = id[i] > ' ' && id[i] < 0x7f ? (char)id[i] : '?';
 	out[i] = 0;
 }
 
@@ -126,7 +151,6 @@ void disk_setup(uint64_t mem)
 {
 	struct vblk *d = &disk.dev;
 	char serial[VIRTIO_BLK_ID_BYTES + 1];
-	bool ro;
 	uint8_t st;
 
 	if (!mem) {
@@ -135,9 +159,9 @@ void disk_setup(uint64_t mem)
 	}
 	if (!vblk_init(d, mem, cpus[0].apic_id))
 		return;
-	ro = (d->features >> VIRTIO_BLK_F_RO) & 1;
+	disk.ro = (d->features >> VIRTIO_BLK_F_RO) & 1;
 
-	memset(d->data, 0, VIRTIO_BLK_ID_BYTES);
+	memset(vblk_data(d, 0), 0, VIRTIO_BLK_ID_BYTES);
 	if (!vblk_run(d, VIRTIO_BLK_T_GET_ID, 0, VIRTIO_BLK_ID_BYTES, &st))
 		return;
 	if (st != VIRTIO_BLK_S_OK) {
@@ -148,14 +172,14 @@ void disk_setup(uint64_t mem)
 	disk.blocks = blocks_to_use(d->capacity);
 	print("disk found addr=%c%c.%u capacity=%lu blk_size=%u ro=%u blocks=%lu serial=%s",
 	      "0123456789abcdef"[d->slot >> 4], "0123456789abcdef"[d->slot & 15], d->function,
-	      d->capacity, d->blk_size, ro, disk.blocks, serial);
+	      d->capacity, d->blk_size, disk.ro, disk.blocks, serial);
 
 	if (!vblk_run(d, VIRTIO_BLK_T_IN, d->capacity, DISK_BLOCK, &st))
 		return;
 	print("disk beyond-end status=%u", st);
-	if (ro) {
+	if (disk.ro) {
 		/* What block 0 should hold anyway, should the write go through. */
-		fill_block(0, 1);
+		fill_block(0, 0, 1);
 		if (!vblk_run(d, VIRTIO_BLK_T_OUT, 0, DISK_BLOCK, &st))
 			return;
 		print("disk ro-write status=%u", st);
@@ -166,58 +190,89 @@ void disk_setup(uint64_t mem)
 		return;
 	}
 	disk.gen = 1;
-	disk.step = ro ? RO_CHECK : WRITE;
 	disk.on = true;
 }
 
-/* The pass's first step for each block. */
-static enum step first_step(void)
+static void submit(uint32_t slot, enum step step)
 {
-	return disk.gen > 1 ? CHECK_OLD : WRITE;
-}
+	struct vblk *d = &disk.dev;
+	struct slot *s = &disk.slots[slot];
+	uint64_t sector = s->block * SECTORS_PER_BLOCK;
 
-/* Blocks [0, block) hold gen, and are on the disk (flushed). */
-static void report(void)
-{
-	print("disk gen=%lu done=%lu irqs=%lu", disk.gen, disk.block, disk_irqs);
-	if (disk.block == disk.blocks) {
-		disk.gen++;
-		disk.block = 0;
+	s->step = step;
+	s->busy = true;
+	if (step == WRITE) {
+		fill_block(slot, s->block, disk.gen);
+		vblk_submit(d, slot, VIRTIO_BLK_T_OUT, sector, DISK_BLOCK);
+	} else if (step == FLUSH) {
+		vblk_submit(d, slot, VIRTIO_BLK_T_FLUSH, 0, 0);
+	} else {
+		/* Zeros are no pattern word: a read that delivers nothing fails. */
+		memset(vblk_data(d, slot), 0, DISK_BLOCK);
+		vblk_submit(d, slot, VIRTIO_BLK_T_IN, sector, DISK_BLOCK);
 	}
-	disk.step = first_step();
 }
 
-/* The request for disk.step finished with OK: check it, pick the next step. */
-static bool advance(void)
+/* Where the next line's done= will be. */
+static uint64_t next_report(void)
 {
-	switch (disk.step) {
+	return min_u64(disk.done + REPORT_BLOCKS, disk.blocks);
+}
+
+/* Blocks [0, result) of this pass are written, read back and verified. */
+static uint64_t verified(void)
+{
+	uint64_t low = disk.next;
+	uint32_t i;
+
+	for (i = 0; i < BLOCK_SLOTS; i++)
+		if (disk.slots[i].busy && disk.slots[i].block < low)
+			low = disk.slots[i].block;
+	return low;
+}
+
+/*
+ * Blocks [0, block) hold gen and are on the disk (flushed); the requests in
+ * flight are all on later blocks.
+ */
+static void report(uint64_t block)
+{
+	print("disk gen=%lu done=%lu irqs=%lu inflight=%u", disk.gen, block, disk_irqs,
+	      disk.dev.inflight);
+	disk.done = block;
+	if (block == disk.blocks) {
+		disk.gen++;
+		disk.done = disk.next = 0;
+	}
+}
+
+/* Slot `slot`'s request ended with OK: check it and take its block's next step. */
+static bool advance(uint32_t slot)
+{
+	struct slot *s = &disk.slots[slot];
+
+	s->busy = false;
+	switch (s->step) {
 	case CHECK_OLD:
-		if (!verify(disk.gen - 1))
+		if (!verify(slot, disk.gen - 1))
 			return false;
-		disk.step = WRITE;
+		submit(slot, WRITE);
 		break;
 	case WRITE:
-		disk.step = CHECK_NEW;
+		submit(slot, CHECK_NEW);
 		break;
 	case CHECK_NEW:
-		if (!verify(disk.gen))
+		if (!verify(slot, disk.gen))
 			return false;
-		disk.block++;
-		if (disk.block % REPORT_BLOCKS && disk.block < disk.blocks)
-			disk.step = first_step();
-		else if (disk.dev.features & 1UL << VIRTIO_BLK_F_FLUSH)
-			disk.step = FLUSH;
-		else
-			report();
 		break;
 	case FLUSH:
-		report();
+		report(s->block);
 		break;
 	case RO_CHECK:
-		if (!verify(1))
+		if (!verify(slot, 1))
 			return false;
-		if (++disk.block == disk.blocks) {
-			disk.block = 0;
+		if (++disk.checked == disk.blocks) {
+			disk.checked = disk.next = 0;
 			print("disk ro verified pass=%lu", ++disk.passes);
 		}
 		break;
@@ -225,45 +280,68 @@ static bool advance(void)
 	return true;
 }
 
-static void submit(void)
+/* Give idle slots their next request, and flush (and report) when a line is due. */
+static void refill(void)
 {
-	struct vblk *d = &disk.dev;
-	uint64_t sector = disk.block * SECTORS_PER_BLOCK;
+	uint32_t i;
 
-	if (disk.step == WRITE) {
-		fill_block(disk.block, disk.gen);
-		vblk_submit(d, VIRTIO_BLK_T_OUT, sector, DISK_BLOCK);
-	} else if (disk.step == FLUSH) {
-		vblk_submit(d, VIRTIO_BLK_T_FLUSH, 0, 0);
-	} else {
-		/* Zeros are no pattern word: a read that delivers nothing fails. */
-		memset(d->data, 0, DISK_BLOCK);
-		vblk_submit(d, VIRTIO_BLK_T_IN, sector, DISK_BLOCK);
+	if (!disk.ro) {
+		while (!disk.slots[FLUSH_SLOT].busy && verified() >= next_report()) {
+			if (!(disk.dev.features & 1UL << VIRTIO_BLK_F_FLUSH)) {
+				report(next_report());
+				continue;
+			}
+			disk.slots[FLUSH_SLOT].block = next_report();
+			submit(FLUSH_SLOT, FLUSH);
+		}
 	}
-	disk.busy = true;
+	for (i = 0; i < BLOCK_SLOTS && disk.next < disk.blocks; i++) {
+		if (disk.slots[i].busy)
+			continue;
+		if (disk.ro) {
+			/* The pass ends when every block is checked, not when the last starts. */
+			disk.slots[i].block = disk.next++;
+			submit(i, RO_CHECK);
+		} else if (disk.next < disk.done + AHEAD_BLOCKS) {
+			disk.slots[i].block = disk.next++;
+			submit(i, disk.gen > 1 ? CHECK_OLD : WRITE);
+		}
+	}
 }
 
-/* From the BSP's poll(): finish the request in flight, if it is done, and start the next. */
+/*
+ * From the BSP's poll(): take every completion the used ring reports, start
+ * what they allow, and notify the device once if it wants to hear.
+ */
 void disk_poll(void)
 {
+	struct slot *s;
 	uint8_t st;
+	int slot;
+	bool any = !disk.started;
 
 	if (!disk.on)
 		return;
-	if (disk.busy) {
-		if (!vblk_done(&disk.dev, &st))
-			return;
-		disk.busy = false;
+	while ((slot = vblk_reap(&disk.dev, &st)) >= 0) {
+		any = true;
+		s = &disk.slots[slot];
 		if (st != VIRTIO_BLK_S_OK) {
-			print("disk error op=%s block=%lu status=%u", op_name(disk.step), disk.block,
-			      st);
+			print("disk error op=%s block=%lu status=%u", op_name(s->step), s->block, st);
 			disk.on = false;
 			return;
 		}
-		if (!advance()) {
+		if (!advance((uint32_t)slot)) {
 			disk.on = false;
 			return;
 		}
 	}
-	submit();
+	if (slot == -2) {
+		disk.on = false;
+		return;
+	}
+	if (!any)
+		return;
+	disk.started = true;
+	refill();
+	vblk_kick(&disk.dev);
 }

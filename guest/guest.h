@@ -239,7 +239,7 @@ void user_main(struct cpu *c) __attribute__((noreturn));
 void gap_note(void); /* blackout: a TSC reading on this CPU (print.c calls it) */
 
 /* disk.c: the disk workload (BSP only) */
-#define DISK_MEM_BYTES (20 * PAGE_SIZE) /* RAM it needs, reserved before fill and slices */
+#define DISK_MEM_BYTES (28 * PAGE_SIZE) /* RAM it needs (disk.h: DMEM_PAGES), reserved before fill and slices */
 extern volatile uint64_t disk_irqs; /* written by disk_isr only */
 void disk_setup(uint64_t mem);
 void disk_poll(void);

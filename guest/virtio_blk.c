@@ -5,14 +5,18 @@
  * ports 0xcf8/0xcfc, and drives it as a modern (virtio 1.x) PCI device:
  * the vendor capabilities locate the common, notify and device-config
  * regions in the BARs, which it reads but never moves (QEMU's firmware or
- * ferry placed them). It negotiates VERSION_1 plus RO, BLK_SIZE, FLUSH and
- * SEG_MAX when offered, sets up queue 0 as a split ring, and points queue 0
- * at MSI-X entry 0, which sends VEC_DISK to the BSP.
+ * ferry placed them). It negotiates VERSION_1 plus RO, BLK_SIZE, FLUSH,
+ * SEG_MAX and RING_EVENT_IDX when offered, sets up queue 0 as a split ring,
+ * and points queue 0 at MSI-X entry 0, which sends VEC_DISK to the BSP.
  *
  * The BARs may lie above the RAM the boot page tables map (ferry puts the
  * 64-bit BAR in a window above RAM): SYS_MAP_UNCACHED maps them, the only
  * ring-0 work here. Completions are found by polling the used ring, which
- * costs no VM exit; a notification is one MMIO write.
+ * costs no VM exit; a notification is one MMIO write, and with EVENT_IDX
+ * only made when the device's avail_event asks for it (the device is not
+ * already busy with the ring). The driver asks, through used_event, for an
+ * interrupt at the first completion it has not seen yet: ring 3 does not
+ * need them, but `irqs=` shows that MSI-X works.
  */
 #include "guest.h"
 #include "x86.h"
@@ -85,7 +89,7 @@
 
 static const uint64_t wanted_features = 1UL << VIRTIO_F_VERSION_1 | 1UL << VIRTIO_BLK_F_RO |
 					1UL << VIRTIO_BLK_F_BLK_SIZE | 1UL << VIRTIO_BLK_F_FLUSH |
-					1UL << VIRTIO_BLK_F_SEG_MAX;
+					1UL << VIRTIO_BLK_F_SEG_MAX | 1UL << VIRTIO_RING_F_EVENT_IDX;
 
 /* ---- PCI configuration space (bus 0) ------------------------------------ */
 
@@ -346,13 +350,18 @@ static bool setup_queue(struct vblk *d, uint64_t mem, volatile uint8_t *notify, 
 		return fail(d, "queue 0 does not exist");
 	while (size > max)
 		size >>= 1; /* split rings are a power of two long */
+	if (size < 3 * VBLK_SLOTS)
+		return fail(d, "queue 0 is too short for the driver's requests in flight");
 	d->qsize = (uint16_t)size;
 	d->desc = (struct virtq_desc *)(mem + DMEM_DESC * PAGE_SIZE);
 	d->avail = (struct virtq_avail *)(mem + DMEM_DESC * PAGE_SIZE + 16 * QSIZE_MAX);
 	d->used = (volatile struct virtq_used *)(mem + DMEM_USED * PAGE_SIZE);
+	d->used_event = &d->avail->ring[size];
+	d->avail_event = (volatile uint16_t *)&d->used->ring[size];
 	memset(d->desc, 0, PAGE_SIZE);
 	memset((void *)d->used, 0, PAGE_SIZE);
-	d->avail_idx = d->used_idx = 0;
+	d->avail_idx = d->kicked_idx = d->used_idx = 0;
+	d->busy = d->inflight = 0;
 
 	wr16(cc, CC_Q_SIZE, (uint16_t)size);
 	wr16(cc, CC_Q_MSIX, 0);
@@ -385,8 +394,7 @@ bool vblk_init(struct vblk *d, uint64_t mem, uint32_t apic_id)
 	d->pt_next = mem + DMEM_PT * PAGE_SIZE;
 	d->pt_left = DMEM_PT_PAGES;
 	memset((void *)d->pt_next, 0, DMEM_PT_PAGES * PAGE_SIZE);
-	d->req = (struct virtio_blk_req *)(mem + DMEM_REQ * PAGE_SIZE);
-	d->status = (volatile uint8_t *)(mem + DMEM_REQ * PAGE_SIZE + 64);
+	d->slots = (struct vblk_slot *)(mem + DMEM_REQ * PAGE_SIZE);
 	d->data = (uint8_t *)(mem + DMEM_DATA * PAGE_SIZE);
 
 	pci_write16((uint32_t)devfn, PCI_COMMAND,
@@ -416,50 +424,95 @@ bool vblk_init(struct vblk *d, uint64_t mem, uint32_t apic_id)
 
 /* ---- requests ----------------------------------------------------------- */
 
-void vblk_submit(struct vblk *d, uint32_t type, uint64_t sector, uint32_t len)
+static bool has(const struct vblk *d, uint32_t feature)
 {
-	struct virtq_desc *desc = d->desc;
+	return d->features >> feature & 1;
+}
 
-	d->req->type = type;
-	d->req->reserved = 0;
-	d->req->sector = sector;
-	*d->status = 0xff;
-	/* Chain 0 -> [1 ->] 2: header, data, status. */
-	desc[0].addr = (uint64_t)d->req;
-	desc[0].len = sizeof(*d->req);
+void vblk_submit(struct vblk *d, uint32_t slot, uint32_t type, uint64_t sector, uint32_t len)
+{
+	struct vblk_slot *s = &d->slots[slot];
+	struct virtq_desc *desc = &d->desc[3 * slot];
+	uint16_t head = (uint16_t)(3 * slot);
+
+	s->req.type = type;
+	s->req.reserved = 0;
+	s->req.sector = sector;
+	s->status = 0xff;
+	/* Chain head -> [head + 1 ->] head + 2: header, data, status. */
+	desc[0].addr = (uint64_t)&s->req;
+	desc[0].len = sizeof(s->req);
 	desc[0].flags = VIRTQ_DESC_F_NEXT;
-	desc[0].next = len ? 1 : 2;
-	desc[1].addr = (uint64_t)d->data;
+	desc[0].next = len ? head + 1 : head + 2;
+	desc[1].addr = (uint64_t)vblk_data(d, slot);
 	desc[1].len = len;
 	desc[1].flags = VIRTQ_DESC_F_NEXT | (type == VIRTIO_BLK_T_OUT ? 0 : VIRTQ_DESC_F_WRITE);
-	desc[1].next = 2;
-	desc[2].addr = (uint64_t)d->status;
+	desc[1].next = head + 2;
+	desc[2].addr = (uint64_t)&s->status;
 	desc[2].len = 1;
 	desc[2].flags = VIRTQ_DESC_F_WRITE;
 	desc[2].next = 0;
-	d->avail->ring[d->avail_idx % d->qsize] = 0;
+	d->busy |= 1u << slot;
+	d->inflight++;
+	d->avail->ring[d->avail_idx % d->qsize] = head;
 	d->avail_idx++;
-	/* The device must see the chain before the index, the index before the kick. */
+	/* The device must see the chain before the index. */
 	__atomic_store_n(&d->avail->idx, d->avail_idx, __ATOMIC_RELEASE);
+}
+
+void vblk_kick(struct vblk *d)
+{
+	uint16_t old = d->kicked_idx, now = d->avail_idx;
+
+	if (old == now)
+		return;
+	d->kicked_idx = now;
+	/*
+	 * The index must be visible before we read what the device asked for:
+	 * a device that goes idle reads the index after writing avail_event, so
+	 * one of the two sides sees the other's write.
+	 */
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (has(d, VIRTIO_RING_F_EVENT_IDX)) {
+		/* Did [old, now) cross the entry the device asked to hear about? */
+		if ((uint16_t)(now - *d->avail_event - 1) >= (uint16_t)(now - old))
+			return;
+	} else if (d->used->flags & VIRTQ_USED_F_NO_NOTIFY) {
+		return;
+	}
 	*d->notify = 0;
 }
 
-bool vblk_done(struct vblk *d, uint8_t *status)
+int vblk_reap(struct vblk *d, uint8_t *status)
 {
+	uint32_t id;
+
 	if (__atomic_load_n(&d->used->idx, __ATOMIC_ACQUIRE) == d->used_idx)
-		return false;
+		return -1;
+	id = d->used->ring[d->used_idx % d->qsize].id;
 	d->used_idx++;
-	*status = *d->status;
-	return true;
+	/* An interrupt for the next completion, whichever it is. */
+	*d->used_event = d->used_idx;
+	if (id % 3 || id / 3 >= VBLK_SLOTS || !(d->busy >> (id / 3) & 1)) {
+		print("warning: disk: the device completed descriptor %u, which heads no request "
+		      "in flight; the disk workload is off",
+		      id);
+		return -2;
+	}
+	d->busy &= ~(1u << (id / 3));
+	d->inflight--;
+	*status = d->slots[id / 3].status;
+	return (int)(id / 3);
 }
 
 bool vblk_run(struct vblk *d, uint32_t type, uint64_t sector, uint32_t len, uint8_t *status)
 {
 	uint64_t start = rdtsc();
+	int slot;
 
-	vblk_submit(d, type, sector, len);
-	while (!vblk_done(d, status)) {
+	vblk_submit(d, 0, type, sector, len);
+	vblk_kick(d);
+	while ((slot = vblk_reap(d, status)) == -1) {
 		if (rdtsc() - start > timeout_cycles()) {
 			print("warning: disk: no answer to request type %u in 10 s; the disk "
 			      "workload is off",
@@ -468,5 +521,5 @@ bool vblk_run(struct vblk *d, uint32_t type, uint64_t sector, uint32_t len, uint
 		}
 		cpu_relax();
 	}
-	return true;
+	return slot >= 0;
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{free_port, kvm_available, kvm_lock, scratch, silent_destination, Ferry};
-use ferry::guest::disk::{check_image, last_disk_progress, write_image, DiskLine};
+use ferry::guest::disk::{
+    check_image, last_disk_progress, write_image, DiskLine, DISK_AHEAD_BLOCKS,
+};
 use ferry::guest::{DiskProgress, GuestLine};
 use serde_json::{json, Value};
 
@@ -123,7 +125,10 @@ fn quit_and_check(mut vm: Ferry, image: &Path) {
     let last = progress(&vm).expect("the guest reported progress");
     let ahead = check_image(image, BLOCKS, last.gen, last.done)
         .unwrap_or_else(|e| panic!("{}: image does not hold what it reported: {e}", vm.name));
-    assert!(ahead <= 64, "{ahead} blocks beyond the last report");
+    assert!(
+        ahead <= DISK_AHEAD_BLOCKS,
+        "{ahead} blocks beyond the last report"
+    );
 }
 
 fn found_line(vm: &Ferry) -> DiskLine {
@@ -173,10 +178,8 @@ fn io_is_verified_buffered_and_direct() {
         }
         assert!(disk_lines(&vm).contains(&DiskLine::BeyondEnd { status: 1 }));
         let reached = wait_progress(&vm, 3, 0);
-        assert!(
-            reached.irqs >= 2 * BLOCKS,
-            "{reached:?}: MSI-X interrupts missing"
-        );
+        // With EVENT_IDX the device interrupts when it runs out of requests, not per request.
+        assert!(reached.irqs > 0, "{reached:?}: MSI-X interrupts missing");
         quit_and_check(vm, &path);
     }
 }
@@ -266,6 +269,28 @@ fn migrate_during_io(transport: Transport) {
     let arrived = wait_progress(&destination, left.gen + 2, 0);
     assert!(arrived.irqs > 0);
     assert_clean(&source);
+    // The guest kept several requests in flight up to the switchover and right after it (a
+    // pass's last line is printed with none: the next pass waits for it).
+    let mid_pass = |vm: &Ferry| -> Vec<DiskProgress> {
+        vm.guest_lines()
+            .into_iter()
+            .filter_map(|line| match line {
+                GuestLine::Disk(DiskLine::Progress(p)) if p.done < BLOCKS => Some(p),
+                _ => None,
+            })
+            .collect()
+    };
+    let before = *mid_pass(&source).last().expect("source progress");
+    let after = mid_pass(&destination)[0];
+    eprintln!(
+        "{transport:?}: requests in flight at the source's last line: {}, at the destination's \
+         first: {}",
+        before.inflight, after.inflight
+    );
+    assert!(
+        before.inflight > 1 && after.inflight > 1,
+        "{before:?} {after:?}"
+    );
     assert!(
         !destination
             .guest_lines()

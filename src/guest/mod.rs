@@ -109,12 +109,15 @@
 //! driver of its own (`guest/virtio_blk.c`): configuration space through ports
 //! 0xcf8/0xcfc, modern virtio 1.x only (device 0x1042, or 0x1001 offering VERSION_1), the
 //! BARs as found (never moved; ones above the boot page tables' reach are mapped on
-//! demand), features VERSION_1 plus RO, BLK_SIZE, FLUSH and SEG_MAX when offered, queue 0 a
-//! split ring of min(device maximum, 128) entries in 80 KiB reserved below the fill and the
-//! slices, MSI-X entry 0 to the BSP (the config vector is NO_VECTOR). One request is in
-//! flight at a time; the BSP finds completions by polling the used ring from its `poll()`
-//! (between sweep pages, or in its idle loop), and counts the interrupts in ring 0. The
-//! lines ([`DiskLine`], as `GuestLine::Disk`):
+//! demand), features VERSION_1 plus RO, BLK_SIZE, FLUSH, SEG_MAX and RING_EVENT_IDX when
+//! offered, queue 0 a split ring of min(device maximum, 128) entries in 112 KiB reserved below
+//! the fill and the slices, MSI-X entry 0 to the BSP (the config vector is NO_VECTOR). Up to
+//! 8 blocks are worked on at once, each request with its own descriptors and buffer, plus a
+//! flush; completions are taken in the order the used ring reports them. The BSP finds them
+//! by polling the used ring from its `poll()` (between sweep pages, or in its idle loop), so
+//! no port I/O; with EVENT_IDX it notifies the device only when `avail_event` asks, and asks
+//! through `used_event` for an interrupt at its next completion. It counts the interrupts in
+//! ring 0. The lines ([`DiskLine`], as `GuestLine::Disk`):
 //!
 //! - `disk found addr=SS.F capacity=SECTORS blk_size=N ro=0|1 blocks=N serial=S`, before
 //!   `ready`: slot (2 hex digits) and function, capacity in 512-byte sectors, the blocks the
@@ -124,12 +127,16 @@
 //!   device says 1 (IOERR).
 //! - `disk ro-write status=N` (read-only device): the status of a write of block 0 (with the
 //!   content it should hold anyway); 1 is right.
-//! - `disk gen=G done=B irqs=I` (read-write device): generations G = 1, 2, …; in each pass,
-//!   for every block b: if G > 1 read b and check it holds G−1, write b at G, read it back
-//!   and check. After every 64 blocks and at the end of the pass it issues a FLUSH (when
-//!   offered) and prints this line: blocks `[0, B)` hold G, blocks `[B, N)` hold G−1
-//!   (anything while G is 1: the disk is not assumed fresh). I counts the device's
-//!   interrupts so far (about one per request).
+//! - `disk gen=G done=B irqs=I inflight=K` (read-write device): generations G = 1, 2, …; in
+//!   each pass, for every block b: if G > 1 read b and check it holds G−1, write b at G, read
+//!   it back and check. Once every block below the next multiple of 64 (or all of them) is
+//!   done, it issues a FLUSH (when offered) and, when the flush ends, prints this line:
+//!   blocks `[0, B)` hold G, blocks `[B, N)` hold G−1 (anything while G is 1: the disk is
+//!   not assumed fresh), except that the blocks in flight may already hold G: after this
+//!   line the guest starts no block at or past B + [`disk::DISK_AHEAD_BLOCKS`] (72) before
+//!   the next line, and no block of the next pass before the pass's last line. I counts the
+//!   device's interrupts so far (with EVENT_IDX, about one each time the device runs out of
+//!   requests); K is the requests in flight as the line is printed.
 //! - `disk ro verified pass=P` (read-only device): pass P read every block and found
 //!   generation 1 (the host writes it first, with [`disk::write_image`]).
 //! - `disk mismatch block=B gen=G expected=E found=F word=W value=0x…`: block B should have
@@ -141,7 +148,7 @@
 //!
 //! The blocks hold [`disk::disk_word`]'s pattern: every 8-byte word names its block,
 //! generation and index. [`disk::check_image`] checks an image file against a `disk gen=G
-//! done=B` line (the image may run up to 64 blocks ahead of the last line).
+//! done=B` line (any of the 72 blocks from B on may be ahead of the last line).
 
 pub mod disk;
 pub mod pattern;

@@ -43,8 +43,10 @@ impl fmt::Display for DiskOp {
     }
 }
 
-/// `disk gen=G done=B irqs=I`: blocks `[0, done)` hold generation `gen`, written, read back,
-/// and flushed; blocks `[done, N)` hold `gen - 1` (anything when `gen` is 1).
+/// `disk gen=G done=B irqs=I inflight=K`: blocks `[0, done)` hold generation `gen`, written,
+/// read back, and flushed; blocks `[done, N)` hold `gen - 1` (anything when `gen` is 1),
+/// except that the requests in flight may already have written some of the
+/// [`DISK_AHEAD_BLOCKS`](super::DISK_AHEAD_BLOCKS) blocks from `done` on at `gen`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskProgress {
     /// The generation being written, from 1.
@@ -53,6 +55,9 @@ pub struct DiskProgress {
     pub done: u64,
     /// Disk interrupts the BSP has taken so far.
     pub irqs: u64,
+    /// Requests in flight (made available, completion not yet seen) as the line was printed,
+    /// all on blocks from `done` on.
+    pub inflight: u64,
 }
 
 /// A `disk …` line of the guest's serial output.
@@ -86,7 +91,7 @@ pub enum DiskLine {
         /// The virtio-blk status byte.
         status: u8,
     },
-    /// `disk gen=G done=B irqs=I`.
+    /// `disk gen=G done=B irqs=I inflight=K`.
     Progress(DiskProgress),
     /// `disk ro verified pass=P`: pass P found every block at generation 1.
     RoVerified {
@@ -185,11 +190,12 @@ impl DiskLine {
                 status: status.parse().ok()?,
             });
         }
-        let [gen, done, irqs] = fields_of(s, ["gen", "done", "irqs"])?;
+        let [gen, done, irqs, inflight] = fields_of(s, ["gen", "done", "irqs", "inflight"])?;
         Some(DiskLine::Progress(DiskProgress {
             gen: gen.parse().ok()?,
             done: done.parse().ok()?,
             irqs: irqs.parse().ok()?,
+            inflight: inflight.parse().ok()?,
         }))
     }
 }
@@ -214,8 +220,13 @@ impl fmt::Display for DiskLine {
             ),
             DiskLine::BeyondEnd { status } => write!(f, "beyond-end status={status}"),
             DiskLine::RoWrite { status } => write!(f, "ro-write status={status}"),
-            DiskLine::Progress(DiskProgress { gen, done, irqs }) => {
-                write!(f, "gen={gen} done={done} irqs={irqs}")
+            DiskLine::Progress(DiskProgress {
+                gen,
+                done,
+                irqs,
+                inflight,
+            }) => {
+                write!(f, "gen={gen} done={done} irqs={irqs} inflight={inflight}")
             }
             DiskLine::RoVerified { pass } => write!(f, "ro verified pass={pass}"),
             DiskLine::Mismatch {
@@ -237,7 +248,7 @@ impl fmt::Display for DiskLine {
     }
 }
 
-/// The last `disk gen=G done=B` line among `lines`: what [`check_image`](super::check_image) checks.
+/// The last `disk gen=G done=B …` line among `lines`: what [`check_image`](super::check_image) checks.
 pub fn last_disk_progress<'a, I>(lines: I) -> Option<DiskProgress>
 where
     I: IntoIterator<Item = &'a GuestLine>,
@@ -255,7 +266,7 @@ where
 mod tests {
     use super::*;
 
-    /// Lines as the guest prints them (the first three and `gen=…` copied from a QEMU run).
+    /// Lines as the guest prints them (the first three copied from a QEMU run).
     #[test]
     fn parses_and_prints_every_disk_line() {
         let cases = [
@@ -289,11 +300,12 @@ mod tests {
             ),
             ("disk ro-write status=1", DiskLine::RoWrite { status: 1 }),
             (
-                "disk gen=1146 done=64 irqs=1764009",
+                "disk gen=1146 done=64 irqs=1764009 inflight=8",
                 DiskLine::Progress(DiskProgress {
                     gen: 1146,
                     done: 64,
                     irqs: 1_764_009,
+                    inflight: 8,
                 }),
             ),
             ("disk ro verified pass=3", DiskLine::RoVerified { pass: 3 }),
@@ -339,8 +351,9 @@ mod tests {
     fn malformed_disk_lines_are_other() {
         for text in [
             "disk",
-            "disk gen=1 done=64",
-            "disk gen=1 done=64 irqs=1 extra=2",
+            "disk gen=1 done=64 irqs=1",
+            "disk gen=1 done=64 irqs=1 inflight=2 extra=2",
+            "disk gen=1 done=64 irqs=1 inflight=-1",
             "disk found addr=3.0 capacity=1 blk_size=512 ro=0 blocks=0 serial=a",
             "disk found addr=03.0 capacity=1 blk_size=512 ro=2 blocks=0 serial=a",
             "disk found addr=03.0 capacity=1 blk_size=512 ro=0 serial=a",
@@ -360,9 +373,9 @@ mod tests {
     #[test]
     fn last_progress_is_the_latest_line() {
         let lines: Vec<GuestLine> = [
-            "disk gen=1 done=64 irqs=130",
+            "disk gen=1 done=64 irqs=130 inflight=8",
             "tick 1 cpu=0",
-            "disk gen=1 done=128 irqs=259",
+            "disk gen=1 done=128 irqs=259 inflight=7",
             "disk ro verified pass=1",
         ]
         .into_iter()
@@ -373,7 +386,8 @@ mod tests {
             Some(DiskProgress {
                 gen: 1,
                 done: 128,
-                irqs: 259
+                irqs: 259,
+                inflight: 7,
             })
         );
         assert_eq!(last_disk_progress(&lines[1..2]), None);
