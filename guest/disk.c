@@ -61,12 +61,14 @@ volatile uint64_t disk_irqs;
 
 /*
  * Slots 0 .. BLOCK_SLOTS-1 each carry one block through its steps; slot
- * FLUSH_SLOT only flushes. The host's copy of AHEAD_BLOCKS is
- * ferry::guest::disk::DISK_AHEAD_BLOCKS.
+ * FLUSH_SLOT only flushes. While a flush runs the block slots may go on
+ * through the next REPORT_BLOCKS blocks: with less room they would sit idle
+ * until the flush ends (QEMU's flush is an fdatasync). The host's copy of
+ * AHEAD_BLOCKS is ferry::guest::disk::DISK_AHEAD_BLOCKS.
  */
 #define BLOCK_SLOTS 8
 #define FLUSH_SLOT BLOCK_SLOTS
-#define AHEAD_BLOCKS (REPORT_BLOCKS + BLOCK_SLOTS)
+#define AHEAD_BLOCKS (2 * REPORT_BLOCKS)
 _Static_assert(BLOCK_SLOTS + 1 <= VBLK_SLOTS, "a driver slot for every block slot and flushes");
 _Static_assert(DMEM_PAGES * PAGE_SIZE == DISK_MEM_BYTES, "guest.h reserves the driver's RAM");
 

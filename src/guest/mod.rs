@@ -133,7 +133,7 @@
 //!   done, it issues a FLUSH (when offered) and, when the flush ends, prints this line:
 //!   blocks `[0, B)` hold G, blocks `[B, N)` hold G−1 (anything while G is 1: the disk is
 //!   not assumed fresh), except that the blocks in flight may already hold G: after this
-//!   line the guest starts no block at or past B + [`disk::DISK_AHEAD_BLOCKS`] (72) before
+//!   line the guest starts no block at or past B + [`disk::DISK_AHEAD_BLOCKS`] (128) before
 //!   the next line, and no block of the next pass before the pass's last line. I counts the
 //!   device's interrupts so far (with EVENT_IDX, about one each time the device runs out of
 //!   requests); K is the requests in flight as the line is printed.
@@ -148,7 +148,7 @@
 //!
 //! The blocks hold [`disk::disk_word`]'s pattern: every 8-byte word names its block,
 //! generation and index. [`disk::check_image`] checks an image file against a `disk gen=G
-//! done=B` line (any of the 72 blocks from B on may be ahead of the last line).
+//! done=B` line (any of the 128 blocks from B on may be ahead of the last line).
 
 pub mod disk;
 pub mod pattern;
