@@ -92,7 +92,13 @@ pub async fn migrate(
     .await;
     let _enter = span.enter();
     vm.vcpus.throttle().set(0);
-    stop_dirty_logging(vm).await;
+    // Dirty logging goes off with the vCPUs paused (cheap when they already are). A guest that
+    // kept running through a cancelled pre-copy is told it is back first: turning logging off
+    // then pauses it briefly, after `canceled`.
+    let paused_now = !vm.vcpus.running();
+    if paused_now {
+        stop_dirty_logging(vm).await;
+    }
     let error = match outcome {
         Ok(CommitOutcome::Confirmed) => return Outcome::Completed,
         Ok(CommitOutcome::Unconfirmed(reason)) => {
@@ -115,6 +121,9 @@ pub async fn migrate(
         );
         tracing::error!(reason, "disks not recovered");
         shared.finish(MigrationStatus::Failed, Some(reason.clone()));
+        if !paused_now {
+            stop_dirty_logging(vm).await;
+        }
         return Outcome::InDoubt(reason);
     }
     if was_running {
@@ -140,6 +149,9 @@ pub async fn migrate(
         MigrationStatus::Cancelled
     };
     shared.finish(status, reason.clone());
+    if !paused_now {
+        stop_dirty_logging(vm).await;
+    }
     reason.map_or(Outcome::Cancelled, Outcome::Failed)
 }
 

@@ -22,6 +22,7 @@ use super::{GuestEvent, Vm};
 use crate::cli::Config;
 use crate::machine::memory::GuestMemory;
 use crate::machine::Machine;
+use crate::migrate::progress::MigrationStatus;
 use crate::migrate::transport::Listener;
 use crate::migrate::uri::MigrationUri;
 use crate::migrate::{destination, source, Shared};
@@ -216,9 +217,36 @@ impl Vmm {
         Some(Ending::Clean)
     }
 
+    /// An outgoing migration that has reported its end may still be tidying up (turning dirty
+    /// logging off); a request that arrives then waits for that, rather than being told a
+    /// migration is in progress after `query-migrate` said it was over.
+    async fn settle_ended_migration(&mut self) {
+        let ended = matches!(
+            self.migration.progress().status,
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+        );
+        if !ended || self.status == RunStatus::InMigrate {
+            return;
+        }
+        let Some(running) = self.running_migration.as_mut() else {
+            return;
+        };
+        match tokio::time::timeout(MIGRATION_STOP_DEADLINE, &mut running.task).await {
+            Ok(finished) => {
+                self.running_migration = None;
+                // An outgoing migration never ends the VM.
+                let _ = self.migration_ended(finished).await;
+            }
+            Err(_) => tracing::warn!("the ended migration is still tidying up"),
+        }
+    }
+
     /// Answers one request; `Some` when the request ends the VM.
     async fn handle_request(&mut self, envelope: Envelope) -> Option<Ending> {
         let Envelope { request, reply } = envelope;
+        if !matches!(request, Request::QueryMigrate | Request::QueryStatus) {
+            self.settle_ended_migration().await;
+        }
         let mut ending = None;
         let answer = match request {
             Request::QueryStatus => Ok(self.query_status()),
