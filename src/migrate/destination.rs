@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::progress::MigrationStatus;
 use super::transport::{BoxedStream, Listener};
 use super::wire::{self, FrameBuffer, Message, PageEntry, WireError};
-use super::{vmstate, Shared};
+use super::{prefault, vmstate, Shared};
 use crate::machine::memory::{resident_pages, GuestMemory, PAGE_SIZE};
 use crate::runtime::Vm;
 
@@ -124,10 +124,16 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
 
     let ram_pages: u64 = vm.machine.layout.iter().map(|r| r.size / PAGE_SIZE).sum();
     let mut restored = false;
+    // Round 0's zero runs, until its first page data: then the rest of RAM is backed ahead.
+    let mut zero_runs = Some(Vec::new());
+    let mut _prefault = None;
     let mut frames = FrameBuffer::default();
     loop {
         match next(reader, &mut frames).await? {
             Message::Pages { entries, data } if !restored => {
+                if let Some(runs) = zero_runs.take() {
+                    _prefault = prefault::start(memory.clone(), runs);
+                }
                 let bytes = write_pages(&memory, &entries, data.bytes())?;
                 frames.recycle(data);
                 let zero = entries.iter().filter(|e| e.zero).count() as u64;
@@ -140,6 +146,9 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
             }
             Message::Zeros(runs) if !restored => {
                 let pages = write_zero_runs(&memory, &runs)?;
+                if let Some(all) = zero_runs.as_mut() {
+                    all.extend_from_slice(&runs);
+                }
                 let mut progress = shared.progress();
                 progress.transferred += 8 + runs.len() as u64 * 16;
                 progress.duplicate += pages;

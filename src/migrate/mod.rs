@@ -23,6 +23,7 @@ pub mod dirty;
 pub mod link;
 pub mod pages;
 pub mod params;
+pub mod prefault;
 pub mod progress;
 pub mod source;
 pub mod state;
