@@ -184,29 +184,33 @@ impl PciRoot {
 
     fn config_write(&self, bus: u8, devfn: u8, offset: usize, data: &[u8]) {
         if let Some(function) = self.functions.get(&devfn).filter(|_| bus == 0) {
-            lock(function).config_write(offset, data);
-            self.update_windows();
+            let mut function = lock(function);
+            function.config_write(offset, data);
+            // Only this function's BARs can have moved; the others stay unlocked (a disk's
+            // lock may be held across its I/O).
+            self.set_windows(devfn, function.config());
         }
     }
 
-    /// Recomputes where BARs decode: they only move through config writes (or a restore).
+    /// Recomputes where every BAR decodes: after a restore, when all may have moved.
     pub fn update_windows(&self) {
-        let mut windows = Vec::new();
         for (&devfn, function) in &self.functions {
-            let function = lock(function);
-            let config = function.config();
-            for bar in config.bars() {
-                if let Some(start) = config.bar_address(bar.index) {
-                    windows.push(Window {
-                        start,
-                        end: start + bar.size,
-                        devfn,
-                        bar: bar.index,
-                    });
-                }
-            }
+            self.set_windows(devfn, lock(function).config());
         }
-        *self.windows.write().unwrap_or_else(|e| e.into_inner()) = windows;
+    }
+
+    /// Replaces the windows of function `devfn` with where its BARs decode now.
+    fn set_windows(&self, devfn: u8, config: &ConfigSpace) {
+        let mut windows = self.windows.write().unwrap_or_else(|e| e.into_inner());
+        windows.retain(|window| window.devfn != devfn);
+        windows.extend(config.bars().iter().filter_map(|bar| {
+            config.bar_address(bar.index).map(|start| Window {
+                start,
+                end: start + bar.size,
+                devfn,
+                bar: bar.index,
+            })
+        }));
     }
 }
 
