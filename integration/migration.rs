@@ -65,6 +65,23 @@ impl World {
         vm
     }
 
+    /// A source whose two vCPUs sweep 8 MiB each as fast as they can, a working set that
+    /// outruns a slowed link; returned once both have swept 20 times.
+    fn fast_dirtying_source(&mut self) -> Ferry {
+        let qmp = self.path("src.qmp");
+        let args = [
+            "-smp",
+            "2",
+            "-m",
+            "64",
+            "-append",
+            "ferry.tick_ms=50 ferry.sweep_mb=8",
+        ];
+        let source = common::start("source", &args, Some(&qmp));
+        source.wait_line("sweeps", Duration::from_secs(30), |l| l == "sweep 20 cpu=1");
+        source
+    }
+
     /// A destination waiting at `uri`; `paused` adds `-S`.
     fn destination(&mut self, smp: u32, uri: &str, paused: bool) -> Ferry {
         let qmp = self.path("dst.qmp");
@@ -600,17 +617,7 @@ fn fast_dirtying_guest_converges_with_throttling() {
     }
     let _lock = kvm_lock();
     let mut world = World::new(Transport::Unix);
-    let qmp_path = world.path("src.qmp");
-    let args = [
-        "-smp",
-        "2",
-        "-m",
-        "64",
-        "-append",
-        "ferry.tick_ms=50 ferry.sweep_mb=8",
-    ];
-    let source = common::start("source", &args, Some(&qmp_path));
-    source.wait_line("sweeps", Duration::from_secs(30), |l| l == "sweep 20 cpu=1");
+    let source = world.fast_dirtying_source();
     let mut qmp = source.qmp();
     let slow = json!({"downtime-limit": 20, "max-bandwidth": 50_000_000});
     qmp.ok("migrate-set-parameters", Some(slow));
@@ -672,17 +679,7 @@ fn a_guest_that_cannot_converge_fails_at_the_convergence_timeout() {
     }
     let _lock = kvm_lock();
     let mut world = World::new(Transport::Tcp);
-    let qmp_path = world.path("src.qmp");
-    let args = [
-        "-smp",
-        "2",
-        "-m",
-        "64",
-        "-append",
-        "ferry.tick_ms=50 ferry.sweep_mb=8",
-    ];
-    let source = common::start("source", &args, Some(&qmp_path));
-    source.wait_line("sweeps", Duration::from_secs(30), |l| l == "sweep 20 cpu=1");
+    let source = world.fast_dirtying_source();
     let mut qmp = source.qmp();
     let hopeless = json!({
         "downtime-limit": 1,

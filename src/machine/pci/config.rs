@@ -239,24 +239,24 @@ impl ConfigSpace {
     }
 }
 
+/// A virtio-blk function's identity, for tests.
+#[cfg(test)]
+pub(crate) const VIRTIO_BLK_IDS: PciIds = PciIds {
+    vendor: 0x1af4,
+    device: 0x1042,
+    class: 0x01_0000,
+    revision: 1,
+    subsystem_vendor: 0x1af4,
+    subsystem: 2,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ids() -> PciIds {
-        PciIds {
-            vendor: 0x1af4,
-            device: 0x1042,
-            class: 0x01_8000,
-            revision: 1,
-            subsystem_vendor: 0x1af4,
-            subsystem: 2,
-        }
-    }
-
     #[test]
     fn bars_answer_sizing_and_move() {
-        let mut space = ConfigSpace::new(ids());
+        let mut space = ConfigSpace::new(VIRTIO_BLK_IDS);
         space.add_bar(
             Bar {
                 index: 1,
@@ -295,7 +295,7 @@ mod tests {
 
     #[test]
     fn identity_is_read_only_and_capabilities_chain() {
-        let mut space = ConfigSpace::new(ids());
+        let mut space = ConfigSpace::new(VIRTIO_BLK_IDS);
         space.write(VENDOR_ID, &[0; 4]);
         assert_eq!(space.read_u16(VENDOR_ID), 0x1af4);
         let first = space.add_capability(0x11, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], &[0; 10]);
@@ -309,14 +309,14 @@ mod tests {
 
     #[test]
     fn restore_refuses_a_different_device() {
-        let mut source = ConfigSpace::new(ids());
+        let mut source = ConfigSpace::new(VIRTIO_BLK_IDS);
         source.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
-        let mut same = ConfigSpace::new(ids());
+        let mut same = ConfigSpace::new(VIRTIO_BLK_IDS);
         same.restore(&source.snapshot()).unwrap();
         assert_eq!(same.read_u16(COMMAND), COMMAND_MEMORY);
         let mut other = ConfigSpace::new(PciIds {
             device: 0x1041,
-            ..ids()
+            ..VIRTIO_BLK_IDS
         });
         assert!(other.restore(&source.snapshot()).is_err());
     }

@@ -251,27 +251,14 @@ impl Msix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::pci::config::PciIds;
+    use crate::machine::interrupts::router_on_a_test_vm;
+    use crate::machine::pci::config::VIRTIO_BLK_IDS;
 
     /// A function with `vectors` MSI-X vectors on a fresh VM with an irqchip, or `None` without
     /// /dev/kvm outside CI.
     fn function(vectors: u16) -> Option<(ConfigSpace, Msix)> {
-        let kvm = match kvm_ioctls::Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(_) if std::env::var("CI").as_deref() != Ok("true") => return None,
-            Err(error) => panic!("CI=true needs /dev/kvm: {error}"),
-        };
-        let vm = kvm.create_vm().unwrap();
-        vm.create_irq_chip().unwrap();
-        let router = Arc::new(GsiRouter::new(Arc::new(vm)));
-        let mut config = ConfigSpace::new(PciIds {
-            vendor: 0x1af4,
-            device: 0x1042,
-            class: 0x01_8000,
-            revision: 1,
-            subsystem_vendor: 0x1af4,
-            subsystem: 2,
-        });
+        let router = router_on_a_test_vm()?;
+        let mut config = ConfigSpace::new(VIRTIO_BLK_IDS);
         let msix = Msix::new(&mut config, vectors, 1, router).unwrap();
         Some((config, msix))
     }

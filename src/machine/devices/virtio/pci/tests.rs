@@ -3,7 +3,6 @@
 //! leaves a request in the ring for the restored device.
 
 use std::io::Read;
-use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -11,6 +10,7 @@ use super::*;
 use crate::block::{DiskImage, LockMode};
 use crate::cli::{BlockDeviceConfig, DriveConfig, DriveFormat, PciAddress};
 use crate::machine::devices::virtio::block::BlockDevice;
+use crate::machine::interrupts::router_on_a_test_vm;
 use crate::machine::pci::config::{BAR0, COMMAND_MEMORY};
 
 const DESC: u64 = 0x1000;
@@ -28,14 +28,7 @@ struct Fixture {
 
 /// A virtio-blk function on a fresh VM, or `None` without /dev/kvm outside CI.
 fn fixture(memory: Option<GuestMemory>, image: Option<tempfile::NamedTempFile>) -> Option<Fixture> {
-    let kvm = match kvm_ioctls::Kvm::new() {
-        Ok(kvm) => kvm,
-        Err(_) if std::env::var("CI").as_deref() != Ok("true") => return None,
-        Err(error) => panic!("CI=true needs /dev/kvm: {error}"),
-    };
-    let vm = kvm.create_vm().unwrap();
-    vm.create_irq_chip().unwrap();
-    let router = Arc::new(GsiRouter::new(Arc::new(vm)));
+    let router = router_on_a_test_vm()?;
     let memory =
         memory.unwrap_or_else(|| GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
     let image = image.unwrap_or_else(|| {
