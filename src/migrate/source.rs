@@ -16,6 +16,7 @@ use super::transport::connect;
 use super::uri::MigrationUri;
 use super::wire::{self, Commit, Message, RoundReport};
 use super::{vmstate, Shared};
+use crate::machine::devices::Devices;
 use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
 use crate::runtime::control::Event;
 use crate::runtime::throttle::{run_throttle, THROTTLE_PERIOD};
@@ -183,6 +184,15 @@ async fn stop_dirty_logging(vm: &mut Vm) {
     if let Err(error) = set_dirty_logging(vm, false).await {
         tracing::warn!(%error, "cannot turn KVM's dirty logging off");
     }
+}
+
+/// Runs disk work that waits for storage (a flush) off the runtime's threads.
+async fn on_disks(vm: &Vm, work: fn(&Devices) -> Result<(), String>) -> Result<(), SendError> {
+    let devices = vm.machine.devices.clone();
+    tokio::task::spawn_blocking(move || work(&devices))
+        .await
+        .map_err(local)?
+        .map_err(local)
 }
 
 /// A source that has the destination's RESTORED in hand.
@@ -383,11 +393,7 @@ async fn stream_guest(
     async {
         // What the disks wrote so far goes to stable storage while the guest still runs, so
         // that the drain's own flush, inside the downtime, has little left to do.
-        let devices = vm.machine.devices.clone();
-        tokio::task::spawn_blocking(move || devices.flush_disks())
-            .await
-            .map_err(local)?
-            .map_err(local)?;
+        on_disks(vm, Devices::flush_disks).await?;
         // A throttled vCPU stalls right before the pause would make the guest's blackout
         // longer than the downtime: let every vCPU out of its hold-back first.
         let throttle = vm.vcpus.throttle();
@@ -401,11 +407,7 @@ async fn stream_guest(
         shared.emit(Event::new("STOP", None));
         // Disk requests complete into guest memory: drain them before the last dirty sync so
         // that their data and used rings travel with the final pages.
-        let devices = vm.machine.devices.clone();
-        tokio::task::spawn_blocking(move || devices.quiesce_disks())
-            .await
-            .map_err(local)?
-            .map_err(local)?;
+        on_disks(vm, Devices::quiesce_disks).await?;
         tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
         let last = tracker.take();
         sender.stop_pacing();
