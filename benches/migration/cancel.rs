@@ -1,15 +1,18 @@
 //! How long `migrate_cancel` takes to give the source its guest back: a sweeping 1 GiB guest
 //! starts migrating, and once round 0 has sent about a third of its RAM the bench cancels, then
-//! times the source's answer, its `query-migrate` saying `canceled`, and the first `tick` line
-//! the guest prints after that (its timer ticks every [`TICK_MS`] ms, so that line comes within
-//! about that long once the guest runs). It also notes how the destination ends: ferry's README
-//! says one that never got the commit exits with status 1.
+//! times the source's answer and its `query-migrate` saying `canceled`, and takes from the
+//! guest the longest stretch in which a vCPU did not run after the command (`ferry.blackout`:
+//! its `gap` lines, stretches over [`BLACKOUT_MS`] ms). The source runs its guest again at
+//! the latest `canceled` plus that stall after the command: that sum is the latency. The first
+//! `tick` line after `canceled` (every [`TICK_MS`] ms) shows the guest is alive. It also notes
+//! how the destination ends: ferry's README says one that never got the commit exits with
+//! status 1.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry::guest::GuestLine;
+use ferry::guest::{gaps_by_cpu, GuestLine};
 use ferry::harness::{Ferry, Qmp};
 use serde_json::{json, Value};
 
@@ -17,6 +20,10 @@ use crate::{migration_uri, Pair, Stats, Transport, SMP};
 
 const MEM_MIB: u64 = 1024;
 const TICK_MS: u64 = 10;
+const BLACKOUT_MS: u64 = 1;
+/// How long after its first tick the guest's `gap` lines are awaited: a stall is reported as
+/// soon as the vCPU runs again.
+const GAP_SETTLE: Duration = Duration::from_millis(50);
 /// Cancel once round 0 has sent this share of RAM.
 const CANCEL_AT: f64 = 0.3;
 const POLL: Duration = Duration::from_millis(2);
@@ -44,6 +51,9 @@ pub struct CancelRun {
     pub canceled_ms: Option<f64>,
     /// ... to the first `tick` line that arrived after that: the guest runs on the source.
     pub resumed_ms: Option<f64>,
+    /// The longest stretch a vCPU did not run, of those it reported after the command
+    /// (0 when none was over [`BLACKOUT_MS`]).
+    pub stall_ms: Option<f64>,
     /// `query-status` on the source afterwards.
     pub source_status: Option<String>,
     /// How the destination ended, and when (from the cancel).
@@ -57,7 +67,7 @@ pub struct CancelRun {
 }
 
 /// The source's log: ferry's info lines, and the cancel path's debug lines.
-const LOG_FILTER: &str = "ferry=info,ferry::migrate::source=debug";
+const LOG_FILTER: &str = "ferry=info,ferry::migrate::source=debug,ferry::migrate::logging=debug";
 
 /// Seconds since midnight of a log line's timestamp (`2026-01-01T12:34:56.789012Z ...`).
 fn log_seconds(line: &str) -> Option<f64> {
@@ -88,9 +98,7 @@ fn cancel_log(stderr: &str) -> (Vec<String>, Option<f64>) {
             .find(|l| l.contains(needle))
             .and_then(|l| log_seconds(l))
     };
-    // "dirty logging set enabled=false" since ferry pauses the vCPUs for it, "dirty logging
-    // off" before.
-    let off = at("enabled=false").or_else(|| at("dirty logging off"));
+    let off = at("dirty logging off");
     let span = match (at("telling the destination"), off) {
         (Some(from), Some(to)) if to >= from => Some((to - from) * 1000.0),
         _ => None,
@@ -117,14 +125,22 @@ impl CancelRun {
         !matches!(self.status.as_str(), "canceled" | "missed")
     }
 
+    /// When the source had its guest running again, at the latest: `canceled`, then the
+    /// guest's longest stall after the command.
+    pub fn latency_ms(&self) -> Option<f64> {
+        Some(self.canceled_ms? + self.stall_ms?)
+    }
+
     pub fn one_line(&self) -> String {
         let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
         let mut line = format!(
-            "{:<12} answer {} ms, canceled {} ms, guest ticks {} ms; source {}, destination {} \
+            "{:<12} answer {} ms, canceled {} ms, guest stalled {} ms, ticks {} ms; source {}, \
+             destination {} \
              after {} ms; ferry's log: hang-up to dirty log off {} ms",
             self.status,
             ms(self.reply_ms),
             ms(self.canceled_ms),
+            ms(self.stall_ms),
             ms(self.resumed_ms),
             self.source_status.as_deref().unwrap_or("?"),
             self.destination_exit.as_deref().unwrap_or("?"),
@@ -151,6 +167,8 @@ impl CancelRun {
             "reply_ms": self.reply_ms,
             "canceled_ms": self.canceled_ms,
             "resumed_ms": self.resumed_ms,
+            "stall_ms": self.stall_ms,
+            "latency_ms": self.latency_ms(),
             "source_status": self.source_status,
             "destination_exit": self.destination_exit,
             "destination_exit_ms": self.destination_exit_ms,
@@ -179,7 +197,7 @@ impl CancelResult {
 
     /// The latency: from `migrate_cancel` until the source said `canceled` and its guest ran.
     pub fn latency(&self) -> Option<Stats> {
-        self.stats(|r| r.resumed_ms)
+        self.stats(CancelRun::latency_ms)
     }
 
     pub fn print_row(&self) {
@@ -189,7 +207,7 @@ impl CancelResult {
             })
         };
         println!(
-            "{:<5} {:>5}  {}  {}  {}  {}",
+            "{:<5} {:>5}  {}  {}  {}  {}  {}",
             self.transport.name(),
             format!(
                 "{}/{}",
@@ -198,6 +216,7 @@ impl CancelResult {
             ),
             cell(self.stats(|r| r.reply_ms)),
             cell(self.stats(|r| r.canceled_ms)),
+            cell(self.stats(|r| r.stall_ms)),
             cell(self.latency()),
             cell(self.stats(|r| r.hang_up_and_log_off_ms)),
         );
@@ -210,13 +229,14 @@ impl CancelResult {
             "guest": {
                 "mem_mib": MEM_MIB,
                 "smp": SMP,
-                "append": format!("ferry.tick_ms={TICK_MS}"),
+                "append": append(),
             },
             "cancel_at_share_of_ram": CANCEL_AT,
             "runs": self.runs.len(),
             "canceled_runs": self.runs.iter().filter(|r| r.canceled()).count(),
             "reply_ms": stats(self.stats(|r| r.reply_ms)),
             "canceled_ms": stats(self.stats(|r| r.canceled_ms)),
+            "stall_ms": stats(self.stats(|r| r.stall_ms)),
             "latency_ms": stats(self.latency()),
             "hang_up_and_dirty_log_off_ms": stats(self.stats(|r| r.hang_up_and_log_off_ms)),
             "results": self.runs.iter().map(CancelRun::to_json).collect::<Vec<_>>(),
@@ -226,16 +246,24 @@ impl CancelResult {
 
 pub fn print_header() {
     println!(
-        "{:<5} {:>5}  {:>22}  {:>22}  {:>22}  {:>22}",
+        "{:<5} {:>5}  {:>22}  {:>22}  {:>22}  {:>22}  {:>22}",
         "",
         "done",
         "answer (ms)",
         "says canceled (ms)",
-        "guest ticks (ms)",
+        "guest stalled (ms)",
+        "latency (ms)",
         "log: to dirty log off"
     );
     let stats = format!("{:>8} {:>6} {:>6}", "median", "min", "max");
-    println!("{:<5} {:>5}  {stats}  {stats}  {stats}  {stats}", "", "");
+    println!(
+        "{:<5} {:>5}  {stats}  {stats}  {stats}  {stats}  {stats}",
+        "", ""
+    );
+}
+
+fn append() -> String {
+    format!("ferry.tick_ms={TICK_MS} ferry.blackout={BLACKOUT_MS}")
 }
 
 fn ms_since(start: Instant) -> f64 {
@@ -253,7 +281,7 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
         .tempdir()
         .context("a scratch directory")?;
     let mem = MEM_MIB.to_string();
-    let append = format!("ferry.tick_ms={TICK_MS}");
+    let append = append();
     let mut pair = Pair { vms: Vec::new() };
     let source_qmp = dir.path().join("source.qmp");
     pair.vms.push(Ferry::start_logging(
@@ -316,6 +344,7 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
         std::thread::sleep(POLL);
     }
 
+    let lines_before_cancel = pair.vms[0].lines().len();
     let cancelled = Instant::now();
     let reply = source.execute("migrate_cancel", None);
     record.reply_ms = Some(ms_since(cancelled));
@@ -356,6 +385,15 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
         }
         std::thread::sleep(POLL);
     };
+    if outcome.is_ok() {
+        std::thread::sleep(GAP_SETTLE);
+        let after: Vec<GuestLine> = lines_from(&pair.vms[0], lines_before_cancel)
+            .iter()
+            .map(|l| GuestLine::parse(l))
+            .collect();
+        let longest = gaps_by_cpu(&after).into_values().flatten().max();
+        record.stall_ms = Some(longest.unwrap_or(0) as f64 / 1000.0);
+    }
     record.source_status = Some(source.status());
     (record.source_log, record.hang_up_and_log_off_ms) = cancel_log(&pair.vms[0].stderr());
     let destination = &mut pair.vms[1];

@@ -107,9 +107,9 @@ impl Link {
 
     /// Tells the destination the source gives up (CANCEL or ERROR), unless a cut-short frame
     /// makes the stream unreadable anyway; then hangs up.
-    pub async fn hang_up(mut self, notice: &Message) {
+    pub async fn hang_up(mut self, notice: Message) {
         if !self.torn {
-            let _ = tokio::time::timeout(NOTICE_DEADLINE, self.send(notice)).await;
+            let _ = tokio::time::timeout(NOTICE_DEADLINE, self.send(&notice)).await;
         }
         let _ = tokio::time::timeout(NOTICE_DEADLINE, self.writer.shutdown()).await;
     }

@@ -21,6 +21,7 @@
 pub mod destination;
 pub mod dirty;
 pub mod link;
+pub mod logging;
 pub mod pages;
 pub mod params;
 pub mod prefault;

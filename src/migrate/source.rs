@@ -15,7 +15,7 @@ use super::progress::MigrationStatus;
 use super::transport::connect;
 use super::uri::MigrationUri;
 use super::wire::{self, Commit, Message, RoundReport};
-use super::{vmstate, Shared};
+use super::{logging, vmstate, Shared};
 use crate::machine::devices::Devices;
 use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
 use crate::runtime::control::Event;
@@ -91,15 +91,21 @@ pub async fn migrate(
     }
     .instrument(span.clone())
     .await;
-    let _enter = span.enter();
+    settle(vm, outcome, was_running, shared)
+        .instrument(span)
+        .await
+}
+
+/// Gives the guest back to the source unless the destination runs it, and says how it ended.
+async fn settle(
+    vm: &mut Vm,
+    outcome: Result<CommitOutcome, Option<SendError>>,
+    was_running: bool,
+    shared: &Shared,
+) -> Outcome {
     vm.vcpus.throttle().set(0);
-    // Dirty logging goes off with the vCPUs paused (cheap when they already are). A guest that
-    // kept running through a cancelled pre-copy is told it is back first: turning logging off
-    // then pauses it briefly, after `canceled`.
-    let paused_now = !vm.vcpus.running();
-    if paused_now {
-        stop_dirty_logging(vm).await;
-    }
+    // Paused vCPUs make the change immediate; running ones go on while it is made.
+    logging::stop(vm).await;
     let error = match outcome {
         Ok(CommitOutcome::Confirmed) => return Outcome::Completed,
         Ok(CommitOutcome::Unconfirmed(reason)) => {
@@ -122,9 +128,6 @@ pub async fn migrate(
         );
         tracing::error!(reason, "disks not recovered");
         shared.finish(MigrationStatus::Failed, Some(reason.clone()));
-        if !paused_now {
-            stop_dirty_logging(vm).await;
-        }
         return Outcome::InDoubt(reason);
     }
     if was_running {
@@ -150,40 +153,7 @@ pub async fn migrate(
         MigrationStatus::Cancelled
     };
     shared.finish(status, reason.clone());
-    if !paused_now {
-        stop_dirty_logging(vm).await;
-    }
     reason.map_or(Outcome::Cancelled, Outcome::Failed)
-}
-
-/// Turns KVM's dirty logging on or off with the vCPUs out of the guest: changing a memory
-/// slot waits until no vCPU is inside KVM, which on this host took up to seconds with sweeping
-/// vCPUs, and is immediate with paused ones.
-async fn set_dirty_logging(vm: &mut Vm, enabled: bool) -> Result<(), String> {
-    let started = Instant::now();
-    let running = vm.vcpus.running();
-    if running {
-        vm.vcpus.pause().await.map_err(|e| e.to_string())?;
-    }
-    let result = vm
-        .machine
-        .set_dirty_logging(enabled)
-        .map_err(|e| e.to_string());
-    if running {
-        vm.vcpus.resume().await.map_err(|e| e.to_string())?;
-    }
-    tracing::debug!(
-        enabled,
-        us = started.elapsed().as_micros() as u64,
-        "dirty logging set"
-    );
-    result
-}
-
-async fn stop_dirty_logging(vm: &mut Vm) {
-    if let Err(error) = set_dirty_logging(vm, false).await {
-        tracing::warn!(%error, "cannot turn KVM's dirty logging off");
-    }
 }
 
 /// Runs disk work that waits for storage (a flush) off the runtime's threads.
@@ -227,7 +197,9 @@ async fn precopy(
         Ok(paused_at) => Ok(Restored { link, paused_at }),
         Err(None) => {
             tracing::debug!("cancelled; telling the destination");
-            link.hang_up(&Message::Cancel).await;
+            // The source need not wait for the notice to be written (a full socket buffer
+            // holds it up): the guest is the source's again already.
+            tokio::spawn(link.hang_up(Message::Cancel).in_current_span());
             Err(None)
         }
         Err(Some(error)) => {
@@ -241,7 +213,7 @@ async fn precopy(
                 }
                 other => other,
             };
-            link.hang_up(&Message::Error(error.to_string())).await;
+            link.hang_up(Message::Error(error.to_string())).await;
             Err(Some(error))
         }
     }
@@ -269,7 +241,7 @@ async fn stream_guest(
     .await?;
 
     let memory = vm.machine.memory.clone();
-    set_dirty_logging(vm, true).await.map_err(local)?;
+    logging::start(vm).await.map_err(local)?;
     // Round 0 sends everything, so what ferry wrote before now needs no record.
     for region in memory.iter() {
         take_vmm_dirty_bitmap(region);

@@ -29,4 +29,6 @@ pub enum GuestEvent {
 pub struct Vm {
     pub machine: crate::machine::Machine,
     pub vcpus: vcpus::Vcpus,
+    /// KVM's dirty logging being turned off after an outgoing migration.
+    pub dirty_log: crate::migrate::logging::PendingSwitch,
 }

@@ -116,7 +116,11 @@ impl Vmm {
         Ok(Self {
             memory: machine.memory.clone(),
             thread_ids: vcpus.thread_ids(),
-            vm: Some(Vm { machine, vcpus }),
+            vm: Some(Vm {
+                machine,
+                vcpus,
+                dirty_log: Default::default(),
+            }),
             status: RunStatus::Prelaunch,
             migration: Arc::new(Shared::new(handle.clone(), !config.start_paused)),
             handle,
