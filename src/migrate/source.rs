@@ -130,13 +130,11 @@ async fn settle(
         shared.finish(MigrationStatus::Failed, Some(reason.clone()));
         return Outcome::InDoubt(reason);
     }
-    if was_running {
-        // A pause that was asked for but never acknowledged still happens, so resume whatever
-        // `running` says; resuming a running vCPU does nothing.
-        let paused = !vm.vcpus.running();
+    // A pause once sent counts (`running` is false) even if it was never acknowledged. Vcpus
+    // that were never paused are left alone: waking them to hear "resume" costs each an exit.
+    if was_running && !vm.vcpus.running() {
         match vm.vcpus.resume().await {
-            Ok(()) if paused => shared.emit(Event::new("RESUME", None)),
-            Ok(()) => {}
+            Ok(()) => shared.emit(Event::new("RESUME", None)),
             Err(resume) => {
                 tracing::error!(%resume, "cannot resume the source after the migration ended")
             }
