@@ -17,12 +17,15 @@
 //! | `fill50` | `ferry.run=tick ferry.idle=hlt ferry.fill=50`: half of RAM non-zero, then nothing changes, vCPUs halted | one round of real data |
 //! | `dirty100`, `dirty1000` | `ferry.dirty_mbps=N`: the sweep paced to N MiB/s | a guest that writes at a known rate (1 GiB only) |
 //!
+//! A case named `...-cap256m` is `fill50` at 1 GiB with `max-bandwidth` set to 256 MiB/s: its
+//! bytes sent over the time after setup, as a share of the cap, shows whether the cap holds.
+//!
 //! A guest that does not know a workload's option (it prints `warning: unknown option`) makes
 //! its case `unsupported`, which is reported and skipped, not failed. Every guest also gets
 //! `ferry.blackout=BLACKOUT_MS` and reports its longest stall (TSC gap) on each CPU.
 //!
 //! For each case it prints the total time, setup time and downtime that `query-migrate`
-//! reports, the blackout the guest measured (each vCPU's first `gap` report on the destination,
+//! reports, the last `expected-downtime` it showed before the switchover, the blackout the guest measured (each vCPU's first `gap` report on the destination,
 //! the longest), the bytes sent, the effective bandwidth (guest RAM / total time and bytes sent
 //! / total time) next to the raw figure of the same transport, the number of rounds
 //! (`dirty-sync-count`) and whether the migration converged (completed with fewer than 30), the
@@ -99,6 +102,8 @@ const BLACKOUT_DEADLINE: Duration = Duration::from_secs(2);
 /// switched over by force, beyond its downtime limit.
 const CONVERGED_BELOW_ROUNDS: f64 = 30.0;
 const POLL: Duration = Duration::from_millis(20);
+/// The `max-bandwidth` of the capped case, MiB/s.
+const CAPPED_MIB_PER_S: u64 = 256;
 /// How long a VM may take to quit before it is killed.
 const QUIT_DEADLINE: Duration = Duration::from_secs(20);
 const GIB: f64 = (1u64 << 30) as f64;
@@ -189,25 +194,38 @@ struct Case {
     transport: Transport,
     workload: Workload,
     mem_mib: u64,
+    /// `max-bandwidth` in MiB/s, if the case sets one.
+    cap_mib_per_s: Option<u64>,
 }
 
 impl Case {
     fn name(&self) -> String {
         format!(
-            "{}-{}-{}g",
+            "{}-{}-{}g{}",
             self.transport.name(),
             self.workload.name(),
-            self.mem_mib >> 10
+            self.mem_mib >> 10,
+            self.cap_suffix()
         )
     }
 
     fn label(&self) -> String {
         format!(
-            "{:<4} {:<9} {} GiB",
+            "{:<4} {:<9} {} GiB{}",
             self.transport.name(),
             self.workload.name(),
-            self.mem_mib >> 10
+            self.mem_mib >> 10,
+            self.cap_suffix()
         )
+    }
+
+    fn cap_suffix(&self) -> String {
+        self.cap_mib_per_s
+            .map_or(String::new(), |cap| format!("-cap{cap}m"))
+    }
+
+    fn max_bandwidth(&self) -> Option<u64> {
+        self.cap_mib_per_s.map(|cap| cap << 20)
     }
 
     /// The whole migration, including 30 dirty rounds of a guest that never converges.
@@ -315,8 +333,21 @@ impl Options {
                         transport,
                         workload,
                         mem_mib,
+                        cap_mib_per_s: None,
                     });
                 }
+            }
+        }
+        if !self.quick {
+            // Whether `max-bandwidth` holds: half of 1 GiB to move at a rate far below the
+            // socket's.
+            for transport in Transport::ALL {
+                cases.push(Case {
+                    transport,
+                    workload: Workload::Fill(50),
+                    mem_mib: 1024,
+                    cap_mib_per_s: Some(CAPPED_MIB_PER_S),
+                });
             }
         }
         cases.retain(|case| self.wanted(&case.name()));
@@ -479,13 +510,16 @@ struct Run {
     /// The source guest's `gap` reports during the migration: its vCPUs stalled (held back by
     /// auto-converge, by the dirty log, or by the host).
     source_gaps: Vec<guest::Gap>,
+    /// The case's `max-bandwidth` (bytes/s), if it sets one.
+    max_bandwidth: Option<u64>,
 }
 
 /// The figures of a run the tables show, by key.
-const FIGURES: [(&str, &str); 13] = [
+const FIGURES: [(&str, &str); 15] = [
     ("total_ms", "total time (ms)"),
     ("setup_ms", "setup time (ms)"),
     ("downtime_ms", "downtime (ms)"),
+    ("expected_downtime_ms", "expected-downtime, last seen (ms)"),
     ("guest_blackout_ms", "blackout the guest saw (ms)"),
     ("transferred_mib", "RAM transferred (MiB)"),
     ("ram_gib_per_s", "RAM total / total time (GiB/s)"),
@@ -493,6 +527,10 @@ const FIGURES: [(&str, &str); 13] = [
     ("ram_pct_of_raw", "RAM total / time, % of raw"),
     ("transferred_pct_of_raw", "transferred / time, % of raw"),
     ("rounds", "rounds (dirty-sync-count)"),
+    (
+        "pct_of_max_bandwidth",
+        "transferred / (total - setup), % of max-bandwidth",
+    ),
     ("source_overhead_mib", "source VMM overhead, peak (MiB)"),
     (
         "destination_overhead_mib",
@@ -550,6 +588,7 @@ impl Run {
         match key {
             "other_cpu_cores" => return self.other_cores,
             "guest_blackout_ms" => return Some(self.blackout_us? as f64 / 1000.0),
+            "expected_downtime_ms" => return self.timeline.last_expected_downtime_ms(),
             "source_overhead_mib" => return self.overhead_mib(Side::Source),
             "destination_overhead_mib" => return self.overhead_mib(Side::Destination),
             _ => {}
@@ -569,6 +608,12 @@ impl Run {
             "ram_pct_of_raw" => share(ram()),
             "transferred_pct_of_raw" => share(sent()),
             "rounds" => self.field(&["ram", "dirty-sync-count"]),
+            "pct_of_max_bandwidth" => {
+                let moving = seconds - self.field(&["setup-time"])? / 1000.0;
+                let cap = self.max_bandwidth? as f64;
+                let sent = self.field(&["ram", "transferred"])?;
+                (moving > 0.0).then(|| sent / moving / cap * 100.0)
+            }
             _ => unreachable!("unknown figure {key}"),
         }
     }
@@ -614,13 +659,14 @@ impl Run {
                 .map_or("-".into(), |v| format!("{v:.decimals$}"))
         };
         format!(
-            "{:<9} total {} ms, setup {} ms, downtime {} ms (guest saw {} ms), sent {} MiB ({} \
-             GiB/s, {}% of raw), {} rounds{}; VMM overhead {} MiB source, {} MiB destination; \
-             other processes used {} cores",
+            "{:<9} total {} ms, setup {} ms, downtime {} ms (expected {} ms, guest saw {} ms), \
+             sent {} MiB ({} GiB/s, {}% of raw{}), {} rounds{}; VMM overhead {} MiB source, {} \
+             MiB destination; other processes used {} cores",
             self.status,
             show("total_ms", 0),
             show("setup_ms", 0),
             show("downtime_ms", 0),
+            show("expected_downtime_ms", 0),
             if self.blackout_below_threshold {
                 format!("<{BLACKOUT_MS}")
             } else {
@@ -629,6 +675,14 @@ impl Run {
             show("transferred_mib", 1),
             show("transferred_gib_per_s", 3),
             show("transferred_pct_of_raw", 1),
+            match self.max_bandwidth {
+                Some(cap) => format!(
+                    ", {}% of max-bandwidth {} MiB/s",
+                    show("pct_of_max_bandwidth", 1),
+                    cap >> 20
+                ),
+                None => String::new(),
+            },
             show("rounds", 0),
             if self.converged() {
                 ""
@@ -815,6 +869,12 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
     }
 
     let mut source = Qmp::connect(&source_qmp);
+    if let Some(cap) = case.max_bandwidth() {
+        source.ok(
+            "migrate-set-parameters",
+            Some(json!({"max-bandwidth": cap})),
+        );
+    }
     let load_before = load_average();
     let pids = vec![
         std::process::id(),
@@ -923,6 +983,7 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
         blackout_below_threshold: blackout == Some(None),
         destination_gaps,
         source_gaps,
+        max_bandwidth: case.max_bandwidth(),
     })
 }
 
@@ -1222,7 +1283,7 @@ fn print_summary(results: &[CaseResult], cancels: &[CancelResult]) {
     println!("== summary (medians of the completed runs)");
     let header = |cells: [&str; 17]| {
         println!(
-            "{:<20} {:>5} {:>4} {:>7} {:>5} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6} {:>6} \
+            "{:<29} {:>5} {:>4} {:>7} {:>5} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6} {:>6} \
              {:>6} {:>6} {:>6} {:>6}",
             cells[0],
             cells[1],

@@ -18,6 +18,8 @@ pub struct Sample {
     /// ferry's bandwidth figure: the last finished round's, in megabits per second.
     pub mbps: f64,
     pub cpu_throttle_percentage: u64,
+    /// ferry's downtime estimate for what was still dirty after the last round.
+    pub expected_downtime_ms: Option<f64>,
 }
 
 impl Sample {
@@ -32,6 +34,7 @@ impl Sample {
             transferred: count("transferred"),
             mbps: ram["mbps"].as_f64().unwrap_or(0.0),
             cpu_throttle_percentage: info["cpu-throttle-percentage"].as_u64().unwrap_or(0),
+            expected_downtime_ms: info["expected-downtime"].as_f64(),
         }
     }
 }
@@ -91,6 +94,16 @@ impl Timeline {
     }
 
     /// The polls while the migration ran (and the one that saw it end).
+    /// The last downtime estimate seen before the switchover: what ferry expected when it
+    /// decided to switch over, unless the deciding round ended between two polls.
+    pub fn last_expected_downtime_ms(&self) -> Option<f64> {
+        self.samples
+            .iter()
+            .filter(|s| s.status == "active")
+            .filter_map(|s| s.expected_downtime_ms)
+            .next_back()
+    }
+
     fn active(&self) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(|s| s.status != "none")
     }
@@ -108,6 +121,7 @@ impl Timeline {
                     s.transferred,
                     (s.mbps * 10.0).round() / 10.0,
                     s.cpu_throttle_percentage,
+                    s.expected_downtime_ms,
                 ])
             })
             .collect();
@@ -120,6 +134,7 @@ impl Timeline {
                 "transferred",
                 "mbps",
                 "cpu_throttle_percentage",
+                "expected_downtime_ms",
             ],
             "rows": rows,
         })
