@@ -12,7 +12,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -22,10 +21,12 @@ use super::{GuestEvent, Vm};
 use crate::cli::Config;
 use crate::machine::memory::GuestMemory;
 use crate::machine::Machine;
-use crate::migrate::progress::MigrationStatus;
 use crate::migrate::transport::Listener;
-use crate::migrate::uri::MigrationUri;
-use crate::migrate::{destination, source, Shared};
+use crate::migrate::Shared;
+
+mod migration;
+
+use self::migration::{wait_migration, RunningMigration};
 
 /// How long the owner waits for a migration task to hand the VM back at shutdown.
 const MIGRATION_STOP_DEADLINE: Duration = Duration::from_secs(5);
@@ -76,18 +77,6 @@ pub enum VmmError {
     Vcpu(#[from] super::vcpu::VcpuError),
     #[error("cannot watch for signals: {0}")]
     Signals(#[source] std::io::Error),
-}
-
-/// What a migration task hands back with the VM.
-enum MigrationResult {
-    Outgoing(source::Outcome),
-    Incoming(destination::Outcome),
-}
-
-/// A migration task that holds the VM.
-struct RunningMigration {
-    task: JoinHandle<(Vm, MigrationResult)>,
-    cancel: CancellationToken,
 }
 
 /// The owner of the VM.
@@ -221,30 +210,6 @@ impl Vmm {
         Some(Ending::Clean)
     }
 
-    /// An outgoing migration that has reported its end may still be tidying up (turning dirty
-    /// logging off); a request that arrives then waits for that, rather than being told a
-    /// migration is in progress after `query-migrate` said it was over.
-    async fn settle_ended_migration(&mut self) {
-        let ended = matches!(
-            self.migration.progress().status,
-            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
-        );
-        if !ended || self.status == RunStatus::InMigrate {
-            return;
-        }
-        let Some(running) = self.running_migration.as_mut() else {
-            return;
-        };
-        match tokio::time::timeout(MIGRATION_STOP_DEADLINE, &mut running.task).await {
-            Ok(finished) => {
-                self.running_migration = None;
-                // An outgoing migration never ends the VM.
-                let _ = self.migration_ended(finished).await;
-            }
-            Err(_) => tracing::warn!("the ended migration is still tidying up"),
-        }
-    }
-
     /// Answers one request; `Some` when the request ends the VM.
     async fn handle_request(&mut self, envelope: Envelope) -> Option<Ending> {
         let Envelope { request, reply } = envelope;
@@ -333,16 +298,6 @@ impl Vmm {
         Value::Array(cpus)
     }
 
-    fn busy_migrating(&self) -> Result<(), RequestError> {
-        if self.running_migration.is_some() && self.status != RunStatus::InMigrate {
-            return Err(RequestError(
-                "a migration is in progress; wait for it to end or stop it with migrate_cancel"
-                    .into(),
-            ));
-        }
-        Ok(())
-    }
-
     async fn stop(&mut self) -> Result<Value, RequestError> {
         self.busy_migrating()?;
         match self.status {
@@ -399,142 +354,6 @@ impl Vmm {
                 other.name()
             ))),
         }
-    }
-
-    fn start_outgoing(&mut self, uri: &str) -> Result<Value, RequestError> {
-        let uri = MigrationUri::parse(uri).map_err(|e| RequestError(e.to_string()))?;
-        if self.running_migration.is_some() {
-            return Err(RequestError(
-                "a migration is already in progress (query-migrate shows it, migrate_cancel stops it)"
-                    .into(),
-            ));
-        }
-        match self.status {
-            RunStatus::Running | RunStatus::Paused | RunStatus::Prelaunch => {}
-            RunStatus::InMigrate => {
-                return Err(RequestError(
-                    "this VM is waiting for an incoming migration; it has no guest to send yet"
-                        .into(),
-                ))
-            }
-            RunStatus::PostMigrate => {
-                return Err(RequestError(
-                    "the guest was already migrated away from here".into(),
-                ))
-            }
-            other => {
-                return Err(RequestError(format!(
-                    "cannot migrate a VM in state '{}'",
-                    other.name()
-                )))
-            }
-        }
-        self.spawn_migration(
-            CancellationToken::new(),
-            |mut vm, shared, token| async move {
-                let outcome = source::migrate(&mut vm, uri, &shared, token).await;
-                (vm, MigrationResult::Outgoing(outcome))
-            },
-        );
-        Ok(json!({}))
-    }
-
-    async fn migrate_incoming(&mut self, uri: &str) -> Result<Value, RequestError> {
-        if self.status != RunStatus::InMigrate || self.running_migration.is_some() {
-            return Err(RequestError(
-                "migrate-incoming needs a VM started with '-incoming defer' that is not receiving yet"
-                    .into(),
-            ));
-        }
-        let uri = MigrationUri::parse(uri).map_err(|e| RequestError(e.to_string()))?;
-        let listener = Listener::bind(&uri)
-            .await
-            .map_err(|e| RequestError(format!("cannot listen on {uri}: {e}")))?;
-        self.start_incoming(listener);
-        Ok(json!({}))
-    }
-
-    fn start_incoming(&mut self, listener: Listener) {
-        let cancel = self.shutdown.child_token();
-        self.spawn_migration(cancel, |mut vm, shared, token| async move {
-            let outcome = destination::receive(&mut vm, listener, &shared, token).await;
-            (vm, MigrationResult::Incoming(outcome))
-        });
-    }
-
-    /// Hands the VM to a new migration task, with the progress record already in `setup` so
-    /// that a `query-migrate` right after the command shows this migration.
-    fn spawn_migration<F, Fut>(&mut self, cancel: CancellationToken, migration: F)
-    where
-        F: FnOnce(Vm, Arc<Shared>, CancellationToken) -> Fut,
-        Fut: std::future::Future<Output = (Vm, MigrationResult)> + Send + 'static,
-    {
-        let vm = self
-            .vm
-            .take()
-            .expect("no migration runs, so the owner holds the VM");
-        self.migration
-            .begin(self.memory.iter().map(|r| r.len()).sum());
-        let task = tokio::spawn(migration(vm, self.migration.clone(), cancel.clone()));
-        self.running_migration = Some(RunningMigration { task, cancel });
-    }
-
-    /// Takes the VM back from a finished migration task and settles the VM's state.
-    async fn migration_ended(
-        &mut self,
-        finished: Result<(Vm, MigrationResult), tokio::task::JoinError>,
-    ) -> Option<Ending> {
-        let (vm, result) = match finished {
-            Ok(finished) => finished,
-            Err(error) => {
-                return Some(Ending::Failed(format!("the migration task died: {error}")));
-            }
-        };
-        let running = vm.vcpus.running();
-        self.vm = Some(vm);
-        match result {
-            MigrationResult::Outgoing(source::Outcome::Completed) => {
-                self.status = RunStatus::PostMigrate;
-                None
-            }
-            // Paused, not postmigrate: the operator may resume it once sure the destination
-            // does not run the guest.
-            MigrationResult::Outgoing(source::Outcome::InDoubt(_)) => {
-                self.status = RunStatus::Paused;
-                None
-            }
-            MigrationResult::Outgoing(_) => {
-                if running {
-                    self.status = RunStatus::Running;
-                }
-                None
-            }
-            MigrationResult::Incoming(destination::Outcome::Completed { run }) => {
-                if run && self.migration.autostart() {
-                    if let Err(error) = self.vm_mut().vcpus.resume().await {
-                        return Some(Ending::Failed(error.to_string()));
-                    }
-                    self.status = RunStatus::Running;
-                    self.handle.emit(Event::new("RESUME", None));
-                } else {
-                    self.status = RunStatus::Paused;
-                }
-                None
-            }
-            MigrationResult::Incoming(destination::Outcome::Failed(reason)) => Some(
-                Ending::Failed(format!("incoming migration failed: {reason}")),
-            ),
-        }
-    }
-}
-
-/// Waits for the migration task, or forever when there is none.
-async fn wait_migration(
-    running: &mut Option<RunningMigration>,
-) -> Result<(Vm, MigrationResult), tokio::task::JoinError> {
-    match running {
-        Some(running) => (&mut running.task).await,
-        None => std::future::pending().await,
     }
 }
 
