@@ -501,9 +501,11 @@ async fn commit(
     } = restored;
     // If the COMMIT cannot be written the destination never got it and will not run the guest,
     // so the source may safely take it back.
+    // Taken before the write: this thread may lose its core between the write and a later
+    // reading, while the destination already runs the guest.
+    let commit_started = paused_at.elapsed();
     link.send(&Message::Commit(Commit { run: was_running }))
         .await?;
-    let committed_at = paused_at.elapsed();
     phases.mark("commit");
     let confirmation = tokio::time::timeout(COMMIT_DEADLINE, link.answer()).await;
     let answered = paused_at.elapsed();
@@ -514,7 +516,7 @@ async fn commit(
     let running = match &confirmation {
         // It cannot have run since before this side asked it to.
         Ok(Ok(Message::Committed(committed))) => {
-            Duration::from_micros(committed.running_us).min(answered - committed_at)
+            Duration::from_micros(committed.running_us).min(answered.saturating_sub(commit_started))
         }
         _ => Duration::ZERO,
     };
