@@ -22,7 +22,8 @@
 //!
 //! A guest that does not know a workload's option (it prints `warning: unknown option`) makes
 //! its case `unsupported`, which is reported and skipped, not failed. Every guest also gets
-//! `ferry.blackout=BLACKOUT_MS` and reports its longest stall (TSC gap) on each CPU.
+//! `ferry.blackout=MS` (`$FERRY_BENCH_BLACKOUT_MS`, 5 by default) and reports its longest stall
+//! (TSC gap) on each CPU. `$FERRY_BENCH_LOGS=DIR` keeps each VM's log and serial output there.
 //!
 //! For each case it prints the total time, setup time and downtime that `query-migrate`
 //! reports, the last `expected-downtime` it showed before the switchover, the blackout the guest measured (each vCPU's first `gap` report on the destination,
@@ -92,9 +93,19 @@ const RAW_BYTES: u64 = 2 << 30;
 const RAW_IO_SIZE: usize = 4 << 20;
 const SMP: &str = "2";
 const CPUS: u32 = 2;
-/// The guest reports stalls (TSC gaps) longer than this, which includes the blackout of a
-/// migration.
-const BLACKOUT_MS: u64 = 5;
+/// The guest reports stalls (TSC gaps) longer than this many ms, which includes the blackout
+/// of a migration: `$FERRY_BENCH_BLACKOUT_MS`, 5 by default. A lower threshold shows shorter
+/// blackouts, and more of the host's preemptions on the source.
+fn blackout_ms() -> u64 {
+    static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *MS.get_or_init(|| {
+        std::env::var("FERRY_BENCH_BLACKOUT_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .filter(|ms| *ms > 0)
+            .unwrap_or(5)
+    })
+}
 /// How long after a completed migration the destination's guest may take to report its
 /// blackout.
 const BLACKOUT_DEADLINE: Duration = Duration::from_secs(2);
@@ -170,7 +181,7 @@ impl Workload {
             Self::Fill(percent) => format!("ferry.run=tick ferry.idle=hlt ferry.fill={percent} "),
             Self::Dirty(mbps) => format!("ferry.dirty_mbps={mbps} "),
         };
-        format!("{workload}ferry.blackout={BLACKOUT_MS}")
+        format!("{workload}ferry.blackout={}", blackout_ms())
     }
 
     /// The guest option the workload needs, which older guests do not know.
@@ -502,7 +513,7 @@ struct Run {
     /// The longest blackout a vCPU of the guest measured across the switchover, in µs
     /// (`guest::blackout_us`); `None` if not measured.
     blackout_us: Option<u64>,
-    /// The guest reported that every vCPU's blackout was under [`BLACKOUT_MS`].
+    /// The guest reported that every vCPU's blackout was under [`blackout_ms`].
     blackout_below_threshold: bool,
     /// The destination's `gap` reports, as far as the bench read them (until it knew the
     /// blackout).
@@ -668,7 +679,7 @@ impl Run {
             show("downtime_ms", 0),
             show("expected_downtime_ms", 0),
             if self.blackout_below_threshold {
-                format!("<{BLACKOUT_MS}")
+                format!("<{}", blackout_ms())
             } else {
                 show("guest_blackout_ms", 1)
             },
@@ -803,12 +814,42 @@ fn shut_down(vm: &mut Ferry) {
 /// Both VMs of a run; whatever happens, they quit (or are killed) when this goes.
 struct Pair {
     vms: Vec<Ferry>,
+    /// With `$FERRY_BENCH_LOGS` set: where each VM's log and serial output go, as
+    /// `PREFIX-NAME.log` (run the bench with `RUST_LOG=ferry=debug` to see the switchover's
+    /// steps).
+    logs: Option<PathBuf>,
+}
+
+impl Pair {
+    fn new(name: &str) -> Self {
+        Self {
+            vms: Vec::new(),
+            logs: std::env::var_os("FERRY_BENCH_LOGS").map(|dir| PathBuf::from(dir).join(name)),
+        }
+    }
+
+    fn keep_logs(&self, prefix: &Path) {
+        for vm in &self.vms {
+            let path = PathBuf::from(format!("{}-{}.log", prefix.display(), vm.name));
+            let text = format!(
+                "{}\n--- serial ---\n{}\n",
+                vm.stderr(),
+                vm.lines().join("\n")
+            );
+            if let Err(error) = std::fs::write(&path, text) {
+                eprintln!("cannot write {}: {error}", path.display());
+            }
+        }
+    }
 }
 
 impl Drop for Pair {
     fn drop(&mut self) {
         for vm in &mut self.vms {
             shut_down(vm);
+        }
+        if let Some(prefix) = &self.logs {
+            self.keep_logs(prefix);
         }
     }
 }
@@ -820,7 +861,7 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
         .context("a scratch directory")?;
     let mem = case.mem_mib.to_string();
     let append = case.workload.append();
-    let mut pair = Pair { vms: Vec::new() };
+    let mut pair = Pair::new(&format!("{}-run{run}", case.name()));
 
     let source_qmp = dir.path().join("source.qmp");
     pair.vms.push(Ferry::start(
@@ -1032,7 +1073,7 @@ impl CaseResult {
         }
     }
 
-    /// Completed runs whose guest saw a blackout under [`BLACKOUT_MS`] on every vCPU.
+    /// Completed runs whose guest saw a blackout under [`blackout_ms`] on every vCPU.
     fn blackouts_below_threshold(&self) -> usize {
         self.runs
             .iter()
@@ -1047,7 +1088,7 @@ impl CaseResult {
         match self.stats("guest_blackout_ms") {
             Some(s) if below > 0 => format!("{:.1}*", s.median),
             Some(s) => format!("{:.1}", s.median),
-            None if below > 0 => format!("<{BLACKOUT_MS}"),
+            None if below > 0 => format!("<{}", blackout_ms()),
             None => "-".into(),
         }
     }
@@ -1092,8 +1133,9 @@ impl CaseResult {
             row(&label, decimals(key), self.stats(key));
             if key == "guest_blackout_ms" && self.blackouts_below_threshold() > 0 {
                 println!(
-                    "    ({} run(s) under {BLACKOUT_MS} ms on every vCPU, not in these figures)",
-                    self.blackouts_below_threshold()
+                    "    ({} run(s) under {} ms on every vCPU, not in these figures)",
+                    self.blackouts_below_threshold(),
+                    blackout_ms()
                 );
             }
         }
@@ -1245,7 +1287,7 @@ impl CaseResult {
                 lines: overhead,
             },
             plot::Panel {
-                title: format!("guest stalls over {BLACKOUT_MS} ms (ms)"),
+                title: format!("guest stalls over {} ms (ms)", blackout_ms()),
                 lines: stalls,
             },
         ];
@@ -1351,9 +1393,10 @@ fn print_summary(results: &[CaseResult], cancels: &[CancelResult]) {
     }
     println!(
         "(conv: runs that completed in fewer than {CONVERGED_BELOW_ROUNDS} rounds; blackout: as \
-         the guest measured it, * if some runs saw less than {BLACKOUT_MS} ms; src/dst: peak VMM \
+         the guest measured it, * if some runs saw less than {} ms; src/dst: peak VMM \
          overhead beyond guest RAM; cancel: migrate_cancel latency of the transport's cancel \
-         runs; n/a: the guest lacks the workload's option)"
+         runs; n/a: the guest lacks the workload's option)",
+        blackout_ms()
     );
     println!();
 }
@@ -1376,7 +1419,7 @@ fn write_results(
         },
         "quick": options.quick,
         "runs_per_case": options.runs,
-        "blackout_threshold_ms": BLACKOUT_MS,
+        "blackout_threshold_ms": blackout_ms(),
         "raw": raw.iter().map(RawFigures::to_json).collect::<Vec<_>>(),
         "cancel": cancels.iter().map(CancelResult::to_json).collect::<Vec<_>>(),
         "cases": results
@@ -1516,7 +1559,10 @@ fn run() -> anyhow::Result<bool> {
     let cancels = cancel_section(&options, &binary);
 
     if !cases.is_empty() {
-        println!("== ferry live migration (-append adds ferry.blackout={BLACKOUT_MS})");
+        println!(
+            "== ferry live migration (-append adds ferry.blackout={})",
+            blackout_ms()
+        );
     }
     let mut results = Vec::new();
     for case in cases {

@@ -282,7 +282,7 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
         .context("a scratch directory")?;
     let mem = MEM_MIB.to_string();
     let append = append();
-    let mut pair = Pair { vms: Vec::new() };
+    let mut pair = Pair::new(&format!("cancel-{}-run{run}", transport.name()));
     let source_qmp = dir.path().join("source.qmp");
     pair.vms.push(Ferry::start_logging(
         binary,

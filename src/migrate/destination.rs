@@ -8,9 +8,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::phases::Phases;
 use super::progress::MigrationStatus;
 use super::transport::{BoxedStream, Listener};
-use super::wire::{self, FrameBuffer, Message, PageEntry, WireError};
+use super::wire::{self, Committed, FrameBuffer, Message, PageEntry, WireError};
 use super::{prefault, vmstate, Shared};
 use crate::machine::memory::{resident_pages, GuestMemory, PAGE_SIZE};
 use crate::runtime::Vm;
@@ -169,33 +170,51 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 shared.emit_pass(u64::from(report.round) + 1);
             }
             Message::State(sections) if !restored => {
+                let mut phases = Phases::start();
                 vmstate::restore(vm, sections)
                     .instrument(info_span!("device_state"))
                     .await
                     .map_err(|e| ReceiveError::Local(e.to_string()))?;
+                phases.mark("restore");
                 wire::write_message(writer, &Message::Restored).await?;
+                phases.mark("restored");
+                tracing::debug!(%phases, "state restored (µs)");
                 restored = true;
             }
             Message::Commit(commit) if restored => {
+                let mut phases = Phases::start();
                 // The source has let go of the images; without them the guest must not run here
                 // (the error goes back to the source, which then runs it again).
                 vm.machine
                     .devices
                     .activate_disks()
                     .map_err(|e| ReceiveError::Local(format!("cannot take over the disks: {e}")))?;
+                phases.mark("disks");
                 // The guest is ours now whether or not the source hears this. It runs before the
-                // source is told, so that the downtime the source reports covers the whole pause.
+                // source is told, and the source learns since when: on a busy host this side
+                // may hear its vCPUs' acknowledgements well after they run the guest, and that
+                // is not downtime.
+                let mut running_since = None;
                 if commit.run && shared.autostart() {
-                    if let Err(error) = vm.vcpus.resume().await {
-                        // Whatever ran stops again, and the source gets its disks back.
-                        let _ = vm.vcpus.pause().await;
-                        vm.machine.devices.deactivate_disks();
-                        return Err(ReceiveError::Local(format!(
-                            "cannot start the vCPUs: {error}"
-                        )));
+                    match vm.vcpus.resume_at().await {
+                        Ok(entered) => running_since = Some(entered),
+                        Err(error) => {
+                            // Whatever ran stops again, and the source gets its disks back.
+                            let _ = vm.vcpus.pause().await;
+                            vm.machine.devices.deactivate_disks();
+                            return Err(ReceiveError::Local(format!(
+                                "cannot start the vCPUs: {error}"
+                            )));
+                        }
                     }
                 }
-                let _ = wire::write_message(writer, &Message::Committed).await;
+                phases.mark("resume");
+                let committed = Committed {
+                    running_us: running_since.map_or(0, |t| t.elapsed().as_micros() as u64),
+                };
+                let _ = wire::write_message(writer, &Message::Committed(committed)).await;
+                phases.mark("committed");
+                tracing::debug!(%phases, running_us = committed.running_us, "commit steps (µs)");
                 return Ok(commit.run);
             }
             Message::Error(reason) => return Err(ReceiveError::SourceFailed(reason)),

@@ -12,6 +12,8 @@
 //!   | <---------------------------------- RESTORED -------|
 //!   |    (completed: the source gives the guest up)        |
 //!   | -- COMMIT {run} ----------------------------------->|  runs the guest
+//!   | <------------------- COMMITTED {running_us} --------|
+//!   |    (downtime: from the pause request to COMMITTED, less the time the guest already ran)
 //! ```
 //!
 //! Until the source has RESTORED in hand, any failure or `migrate_cancel` resumes the source and
@@ -24,6 +26,7 @@ pub mod link;
 pub mod logging;
 pub mod pages;
 pub mod params;
+pub mod phases;
 pub mod prefault;
 pub mod progress;
 pub mod source;

@@ -117,7 +117,9 @@ impl Progress {
             info.insert("setup-time".into(), ms(setup));
         }
         if let Some(downtime) = self.downtime {
-            info.insert("downtime".into(), ms(downtime));
+            // Downtimes are a few ms: truncating 1.9 ms to 1 would flatter it by half.
+            let nearest = (downtime.as_micros() + 500) / 1000;
+            info.insert("downtime".into(), json!(nearest as u64));
         } else if let Some(expected) = self.expected_downtime {
             info.insert(
                 "expected-downtime".into(),
@@ -201,6 +203,15 @@ mod tests {
         }
         assert_eq!(ram["normal-bytes"], 3 * 4096);
         assert_eq!(ram["total"], 64 << 20);
+    }
+
+    #[test]
+    fn downtime_is_rounded_to_the_nearest_ms() {
+        let mut progress = Progress::start(1 << 20);
+        for (us, ms) in [(1978, 2), (1499, 1), (400, 0)] {
+            progress.downtime = Some(Duration::from_micros(us));
+            assert_eq!(progress.to_json()["downtime"], ms, "{us} µs");
+        }
     }
 
     #[test]

@@ -11,11 +11,13 @@ use super::dirty::{DirtyTracker, RegionBitmap};
 use super::link::{AnswerError, Link};
 use super::pages::{PageError, PageSender};
 use super::params::{decide, expected_downtime, next_throttle, Decision};
+use super::phases::Phases;
 use super::progress::MigrationStatus;
 use super::transport::connect;
 use super::uri::MigrationUri;
+use super::vmstate::{self, CpuSave};
 use super::wire::{self, Commit, Message, RoundReport};
-use super::{logging, vmstate, Shared};
+use super::{logging, Shared};
 use crate::machine::devices::Devices;
 use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
 use crate::runtime::control::Event;
@@ -167,6 +169,7 @@ async fn on_disks(vm: &Vm, work: fn(&Devices) -> Result<(), String>) -> Result<(
 struct Restored {
     link: Link,
     paused_at: Instant,
+    phases: Phases,
 }
 
 /// Everything up to the destination's RESTORED; `Err(None)` when cancelled.
@@ -192,7 +195,11 @@ async fn precopy(
         () = throttle => unreachable!("the throttle runs until dropped"),
     };
     match streamed {
-        Ok(paused_at) => Ok(Restored { link, paused_at }),
+        Ok((paused_at, phases)) => Ok(Restored {
+            link,
+            paused_at,
+            phases,
+        }),
         Err(None) => {
             tracing::debug!("cancelled; telling the destination");
             // The source need not wait for the notice to be written (a full socket buffer
@@ -222,7 +229,7 @@ async fn stream_guest(
     link: &mut Link,
     shared: &Shared,
     started: Instant,
-) -> Result<Instant, SendError> {
+) -> Result<(Instant, Phases), SendError> {
     let setup = info_span!("setup");
     async {
         link.write_frames(&wire::header()).await?;
@@ -363,7 +370,12 @@ async fn stream_guest(
     async {
         // What the disks wrote so far goes to stable storage while the guest still runs, so
         // that the drain's own flush, inside the downtime, has little left to do.
-        on_disks(vm, Devices::flush_disks).await?;
+        let mut phases = Phases::start();
+        let disks = !vm.machine.devices.disks.is_empty();
+        if disks {
+            on_disks(vm, Devices::flush_disks).await?;
+        }
+        phases.mark("flush");
         // A throttled vCPU stalls right before the pause would make the guest's blackout
         // longer than the downtime: let every vCPU out of its hold-back first.
         let throttle = vm.vcpus.throttle();
@@ -371,32 +383,60 @@ async fn stream_guest(
             throttle.set(0);
             tokio::time::sleep(THROTTLE_PERIOD).await;
         }
+        phases.mark("unthrottle");
         let paused_at = Instant::now();
-        vm.vcpus.pause().await.map_err(local)?;
+        // Without disks nothing touches the guest once its vCPUs stop, so they save their
+        // state as they pause. Disks drain first: a request completing then writes guest
+        // memory and raises an interrupt, which the saved state must include.
+        let saved_cpus = if disks {
+            vm.vcpus.pause().await.map_err(local)?;
+            None
+        } else {
+            let cpus = vmstate::save_cpus(vm, CpuSave::Pausing)
+                .instrument(info_span!("device_state"))
+                .await
+                .map_err(local)?;
+            Some(cpus)
+        };
+        phases.mark("pause");
         shared.switchover.store(true, Ordering::Release);
         shared.emit(Event::new("STOP", None));
-        // Disk requests complete into guest memory: drain them before the last dirty sync so
-        // that their data and used rings travel with the final pages.
-        on_disks(vm, Devices::quiesce_disks).await?;
+        if disks {
+            // Disk requests complete into guest memory: drain them before the last dirty sync
+            // so that their data and used rings travel with the final pages.
+            on_disks(vm, Devices::quiesce_disks).await?;
+            phases.mark("quiesce");
+        }
         tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
         let last = tracker.take();
+        phases.mark("sync");
         sender.stop_pacing();
         let stats = sender.send(link, &last, shared).await?;
-        let state = vmstate::save(vm)
-            .instrument(info_span!("device_state"))
-            .await
-            .map_err(local)?;
+        phases.mark("pages");
+        let mut state = match saved_cpus {
+            Some(cpus) => cpus,
+            None => vmstate::save_cpus(vm, CpuSave::Paused)
+                .instrument(info_span!("device_state"))
+                .await
+                .map_err(local)?,
+        };
+        state.extend(vmstate::save_devices(vm).map_err(local)?);
+        phases.mark("save");
         let state_bytes: usize = state.iter().map(|s| s.data.len()).sum();
         link.send(&Message::State(state)).await?;
+        phases.mark("send_state");
         shared.progress().transferred += state_bytes as u64;
         info!(
             pages = stats.pages,
             state_bytes, "final pages and device state sent"
         );
-        match link.answer().await? {
+        let answer = link.answer().await?;
+        phases.mark("restored");
+        match answer {
             Message::Restored => {
                 vm.machine.devices.release_images().map_err(local)?;
-                Ok(paused_at)
+                phases.mark("release");
+                Ok((paused_at, phases))
             }
             other => Err(SendError::Protocol(format!(
                 "{other:?} instead of RESTORED"
@@ -427,17 +467,39 @@ async fn commit(
     let Restored {
         mut link,
         paused_at,
+        mut phases,
     } = restored;
     // If the COMMIT cannot be written the destination never got it and will not run the guest,
     // so the source may safely take it back.
+    // Taken before the write: this thread may lose its core between the write and a later
+    // reading, while the destination already runs the guest.
+    let commit_started = paused_at.elapsed();
     link.send(&Message::Commit(Commit { run: was_running }))
         .await?;
+    phases.mark("commit");
     let confirmation = tokio::time::timeout(COMMIT_DEADLINE, link.answer()).await;
+    let answered = paused_at.elapsed();
+    phases.mark("committed");
     link.close().await;
-    let downtime = paused_at.elapsed();
+    // The downtime ends when the guest runs on the destination, which may be well before its
+    // COMMITTED was written; what the network adds on the way back stays in (an upper bound).
+    let running = match &confirmation {
+        // It cannot have run since before this side asked it to.
+        Ok(Ok(Message::Committed(committed))) => {
+            Duration::from_micros(committed.running_us).min(answered.saturating_sub(commit_started))
+        }
+        _ => Duration::ZERO,
+    };
+    let downtime = answered.saturating_sub(running);
+    tracing::debug!(
+        %phases,
+        running_us = running.as_micros() as u64,
+        downtime_us = downtime.as_micros() as u64,
+        "switchover steps (µs)"
+    );
     shared.progress().downtime = Some(downtime);
     match confirmation {
-        Ok(Ok(Message::Committed)) => {}
+        Ok(Ok(Message::Committed(_))) => {}
         // The destination refused the guest before running it (it could not take a disk, for
         // example): the source takes it back.
         Ok(Err(AnswerError::Refused(reason))) => return Err(SendError::DestinationFailed(reason)),

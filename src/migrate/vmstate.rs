@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::phases::Phases;
 use super::state::{Section, Sections, StateError};
 use crate::machine::devices::disk::DiskSection;
 use crate::machine::devices::lock;
@@ -22,26 +23,47 @@ fn vcpu_id(index: u32) -> String {
     format!("vcpu{index}")
 }
 
-/// Saves every part of the (paused) VM.
-pub async fn save(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
+/// How the vCPUs' sections are saved: from paused vCPUs, or as they pause.
+pub enum CpuSave {
+    Paused,
+    Pausing,
+}
+
+/// Saves the vCPUs (each on its own thread, in parallel) and then the in-kernel chips, back to
+/// back: an interrupt the chips deliver in between would be in neither. With
+/// [`CpuSave::Pausing`] the vCPUs are paused first and save themselves in the same wake-up.
+pub async fn save_cpus(vm: &mut Vm, how: CpuSave) -> Result<Vec<Section>, VmStateError> {
+    let mut phases = Phases::start();
     let msr_list = Arc::new(migratable_msrs(&vm.machine.kvm).map_err(VmStateError::MsrList)?);
-    let vcpus = vm
-        .vcpus
-        .on_each(move |index, fd| {
-            Section::save(
-                &vcpu_id(index),
-                &KvmVcpu {
-                    fd,
-                    msr_list: &msr_list,
-                },
-            )
-        })
-        .await?;
+    phases.mark("msr_list");
+    let save = move |index, fd: &mut kvm_ioctls::VcpuFd| {
+        Section::save(
+            &vcpu_id(index),
+            &KvmVcpu {
+                fd,
+                msr_list: &msr_list,
+            },
+        )
+    };
+    let vcpus = match how {
+        CpuSave::Paused => vm.vcpus.on_each(save).await?,
+        CpuSave::Pausing => vm.vcpus.pause_then(save).await?,
+    };
     let mut sections = vcpus.into_iter().collect::<Result<Vec<_>, _>>()?;
+    phases.mark("vcpus");
     sections.push(Section::save("kvm", &KvmVm(&vm.machine.vm))?);
+    phases.mark("kvm");
+    tracing::debug!(%phases, "vCPU and chip state saved (µs)");
+    Ok(sections)
+}
+
+/// Saves the emulated devices (the VM is paused).
+pub fn save_devices(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
     let devices = &vm.machine.devices;
-    sections.push(Section::save("serial0", &*lock(&devices.serial))?);
-    sections.push(Section::save("i8042", &*lock(&devices.i8042))?);
+    let mut sections = vec![
+        Section::save("serial0", &*lock(&devices.serial))?,
+        Section::save("i8042", &*lock(&devices.i8042))?,
+    ];
     for disk in &devices.disks {
         sections.push(Section::save(&disk.section_id(), &DiskSection(disk))?);
     }
@@ -50,9 +72,11 @@ pub async fn save(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
 
 /// Restores every part of the (paused) VM from `sections`, which must hold exactly its parts.
 pub async fn restore(vm: &Vm, sections: Vec<Section>) -> Result<(), VmStateError> {
+    let mut phases = Phases::start();
     let mut sections = Sections::new(sections)?;
     // VM-wide chips first: the vCPUs' LAPICs and timers are restored against them.
     sections.take("kvm")?.restore(&mut KvmVm(&vm.machine.vm))?;
+    phases.mark("kvm");
     let vcpu_sections: Vec<Section> = (0..vm.machine.vcpu_count)
         .map(|i| sections.take(&vcpu_id(i)))
         .collect::<Result<_, _>>()?;
@@ -68,6 +92,7 @@ pub async fn restore(vm: &Vm, sections: Vec<Section>) -> Result<(), VmStateError
         })
         .await?;
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    phases.mark("vcpus");
     let devices = &vm.machine.devices;
     sections
         .take("serial0")?
@@ -83,5 +108,7 @@ pub async fn restore(vm: &Vm, sections: Vec<Section>) -> Result<(), VmStateError
     // Restored BARs may sit elsewhere than where this side allocated them.
     devices.pci.update_windows();
     sections.finish()?;
+    phases.mark("devices");
+    tracing::debug!(%phases, "VM state restored (µs)");
     Ok(())
 }

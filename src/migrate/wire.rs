@@ -20,8 +20,9 @@ use super::state::{Section, VmDescription};
 use crate::machine::memory::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"FERRYMIG";
-/// The stream version this ferry writes and reads.
-pub const VERSION: u32 = 2;
+/// The stream version this ferry writes and reads (3: COMMITTED says since when the guest
+/// runs).
+pub const VERSION: u32 = 3;
 /// Pages in one PAGES frame at most.
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// The largest frame any message may be: a full PAGES frame and its entries.
@@ -107,6 +108,15 @@ pub struct Commit {
     pub run: bool,
 }
 
+/// The destination's confirmation of the commit, with what the source needs to report the
+/// downtime the guest saw rather than the round trip's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    /// How long the guest had already been running on the destination (its last vCPU back in
+    /// the guest) when COMMITTED was written, in µs; 0 if it does not run.
+    pub running_us: u64,
+}
+
 /// A message of the stream.
 #[derive(Debug, PartialEq)]
 pub enum Message {
@@ -134,7 +144,7 @@ pub enum Message {
     /// Source → destination: the source gave the guest up; run it.
     Commit(Commit),
     /// Destination → source: the destination took the guest over.
-    Committed,
+    Committed(Committed),
     /// Either way: the sender gives up, and says why.
     Error(String),
     /// Source → destination: the operator cancelled the migration.
@@ -251,7 +261,7 @@ pub fn encode_message(message: &Message) -> Result<Vec<u8>, WireError> {
         ),
         Message::Restored => (TAG_RESTORED, Vec::new()),
         Message::Commit(commit) => (TAG_COMMIT, json(commit)),
-        Message::Committed => (TAG_COMMITTED, Vec::new()),
+        Message::Committed(committed) => (TAG_COMMITTED, json(committed)),
         Message::Error(reason) => (TAG_ERROR, json(reason)),
         Message::Cancel => (TAG_CANCEL, Vec::new()),
     };
@@ -328,7 +338,7 @@ fn decode(tag: u32, payload: Vec<u8>) -> Result<Message, WireError> {
             .map_err(|e| malformed(format!("bad device state: {e}"))),
         TAG_RESTORED => empty(Message::Restored),
         TAG_COMMIT => Ok(Message::Commit(from_json("commit", &payload)?)),
-        TAG_COMMITTED => empty(Message::Committed),
+        TAG_COMMITTED => Ok(Message::Committed(from_json("committed", &payload)?)),
         TAG_ERROR => Ok(Message::Error(from_json("error", &payload)?)),
         TAG_CANCEL => empty(Message::Cancel),
         other => Err(malformed(format!("unknown message type {other}"))),
@@ -459,6 +469,11 @@ mod tests {
         assert_eq!(
             round_trip(commit).await,
             Message::Commit(Commit { run: true })
+        );
+        let committed = Message::Committed(Committed { running_us: 1234 });
+        assert_eq!(
+            round_trip(committed).await,
+            Message::Committed(Committed { running_us: 1234 })
         );
         let report = RoundReport {
             round: 3,

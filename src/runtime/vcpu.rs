@@ -10,7 +10,7 @@
 use std::cell::Cell;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -29,10 +29,12 @@ pub const ACK_DEADLINE: Duration = Duration::from_secs(2);
 /// Work run on a vCPU thread while the vCPU is paused (e.g. saving or restoring its state).
 pub type VcpuTask = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
-/// What the owner asks of a vCPU thread. Each carries the channel its acknowledgement goes on.
+/// What the owner asks of a vCPU thread. Each carries the channel its acknowledgement goes on;
+/// a pause is acknowledged with when the vCPU left the guest, a resume with when it goes back
+/// in (the edges of the guest's blackout, for the downtime a migration reports).
 pub enum VcpuEvent {
-    Pause(oneshot::Sender<()>),
-    Resume(oneshot::Sender<()>),
+    Pause(oneshot::Sender<Instant>),
+    Resume(oneshot::Sender<Instant>),
     /// Runs the task on the paused vCPU; refused (dropped) while the vCPU runs.
     Run(VcpuTask),
     Finish,
@@ -127,6 +129,8 @@ impl VcpuHandle {
                     guest_events,
                     events: receiver,
                     throttle,
+                    resumed_at: None,
+                    io_pending: false,
                 }
                 .run()
             })
@@ -142,14 +146,19 @@ impl VcpuHandle {
 
     /// Sends an event and kicks the thread out of `KVM_RUN` so that it sees it.
     pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
-        self.events
-            .send(event)
-            .map_err(|_| VcpuError::Gone { index: self.index })?;
+        self.queue(event)?;
         if let Some(thread) = &self.thread {
             // A failed kick means the thread is exiting; the channel then reports it.
             let _ = thread.kill(kick_signal());
         }
         Ok(())
+    }
+
+    /// Sends an event without a kick: the thread sees it after those already sent.
+    pub fn queue(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+        self.events
+            .send(event)
+            .map_err(|_| VcpuError::Gone { index: self.index })
     }
 
     /// The thread, for a [`Kicker`].
@@ -197,6 +206,11 @@ struct VcpuThread {
     guest_events: UnboundedSender<GuestEvent>,
     events: Receiver<VcpuEvent>,
     throttle: Throttle,
+    /// Set by a resume until the guest's first exit, for a debug line.
+    resumed_at: Option<Instant>,
+    /// The last exit was port I/O or MMIO, which the guest sees done only after another
+    /// `KVM_RUN`.
+    io_pending: bool,
 }
 
 impl VcpuThread {
@@ -253,13 +267,20 @@ impl VcpuThread {
         match event {
             VcpuEvent::Pause(ack) => {
                 if matches!(state, RunState::Running) {
-                    self.complete_pending_io();
+                    if self.io_pending {
+                        self.complete_pending_io();
+                    }
+                    tracing::debug!(vcpu = self.index, "vCPU out of the guest");
                 }
-                let _ = ack.send(());
+                let _ = ack.send(Instant::now());
                 RunState::Paused
             }
             VcpuEvent::Resume(ack) => {
-                let _ = ack.send(());
+                let now = Instant::now();
+                if matches!(state, RunState::Paused) {
+                    self.resumed_at = Some(now);
+                }
+                let _ = ack.send(now);
                 RunState::Running
             }
             VcpuEvent::Run(task) => {
@@ -305,11 +326,30 @@ impl VcpuThread {
             }
         }
         self.vcpu.set_kvm_immediate_exit(0);
+        self.io_pending = false;
     }
 
     fn run_guest(&mut self) -> RunState {
         let devices = &self.devices;
-        match self.vcpu.run() {
+        let exit = self.vcpu.run();
+        if let Some(resumed_at) = self.resumed_at.take() {
+            // How long the guest ran before its first exit, and when that was: a switchover's
+            // blackout ends somewhere before this line.
+            tracing::debug!(
+                vcpu = self.index,
+                us = resumed_at.elapsed().as_micros() as u64,
+                "first exit after the resume"
+            );
+        }
+        // Only port I/O and MMIO need the next KVM_RUN to complete (the pause makes one).
+        self.io_pending = matches!(
+            exit,
+            Ok(VcpuExit::IoIn(..)
+                | VcpuExit::IoOut(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
+        );
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => devices.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio_read(addr, data),

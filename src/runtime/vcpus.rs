@@ -2,6 +2,7 @@
 //! each acknowledged within a deadline.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use kvm_ioctls::VcpuFd;
 use tokio::sync::mpsc::UnboundedSender;
@@ -81,34 +82,57 @@ impl Vcpus {
         // A pause once sent takes effect even if its acknowledgement is late or lost, so the
         // vCPUs count as paused from here on: whoever resumes must not skip them.
         self.running = false;
-        self.broadcast(VcpuEvent::Pause).await
+        self.broadcast(VcpuEvent::Pause).await.map(|_| ())
     }
 
     /// Lets every vCPU run the guest again.
     pub async fn resume(&mut self) -> Result<(), VcpuError> {
-        self.broadcast(VcpuEvent::Resume).await?;
-        self.running = true;
-        Ok(())
+        self.resume_at().await.map(|_| ())
     }
 
+    /// Like [`Vcpus::resume`], and says when the last vCPU went back into the guest: the
+    /// owner may hear the acknowledgements much later on a busy host.
+    pub async fn resume_at(&mut self) -> Result<Instant, VcpuError> {
+        let entered = self.broadcast(VcpuEvent::Resume).await?;
+        self.running = true;
+        Ok(entered.into_iter().max().unwrap_or_else(Instant::now))
+    }
+
+    /// Pauses every vCPU and runs `work` on each right after, in the same wake-up of its
+    /// thread (one hand-off fewer than [`Vcpus::pause`] then [`Vcpus::on_each`]; on a busy
+    /// host each can cost a scheduler slice). The results come in vCPU order.
+    pub async fn pause_then<T, F>(&mut self, work: F) -> Result<Vec<T>, VcpuError>
+    where
+        T: Send + 'static,
+        F: Fn(u32, &mut VcpuFd) -> T + Send + Sync + 'static,
+    {
+        self.running = false;
+        let work = Arc::new(work);
+        let mut acks = Vec::with_capacity(self.handles.len());
+        let mut answers = Vec::with_capacity(self.handles.len());
+        for handle in &self.handles {
+            let (ack, acked) = oneshot::channel();
+            handle.send(VcpuEvent::Pause(ack))?;
+            // Queued behind the pause, so a vCPU that was running cannot run in between.
+            handle.queue(task(handle.index, work.clone(), &mut answers))?;
+            acks.push((handle.index, acked));
+        }
+        collect(acks).await?;
+        collect(answers).await
+    }
+
+    /// Sends `event` to every vCPU; the acknowledgements' instants, in vCPU order.
     async fn broadcast(
         &self,
-        event: fn(oneshot::Sender<()>) -> VcpuEvent,
-    ) -> Result<(), VcpuError> {
+        event: fn(oneshot::Sender<Instant>) -> VcpuEvent,
+    ) -> Result<Vec<Instant>, VcpuError> {
         let mut acks = Vec::with_capacity(self.handles.len());
         for handle in &self.handles {
             let (ack, acked) = oneshot::channel();
             handle.send(event(ack))?;
             acks.push((handle.index, acked));
         }
-        for (index, acked) in acks {
-            match tokio::time::timeout(ACK_DEADLINE, acked).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(VcpuError::Gone { index }),
-                Err(_) => return Err(VcpuError::Timeout { index }),
-            }
-        }
-        Ok(())
+        collect(acks).await
     }
 
     /// Runs `work` on every (paused) vCPU's thread and collects the results in vCPU order.
@@ -118,25 +142,11 @@ impl Vcpus {
         F: Fn(u32, &mut VcpuFd) -> T + Send + Sync + 'static,
     {
         let work = Arc::new(work);
-        let mut results = Vec::with_capacity(self.handles.len());
+        let mut answers = Vec::with_capacity(self.handles.len());
         for handle in &self.handles {
-            let (reply, answer) = oneshot::channel();
-            let work = work.clone();
-            let index = handle.index;
-            handle.send(VcpuEvent::Run(Box::new(move |vcpu| {
-                let _ = reply.send(work(index, vcpu));
-            })))?;
-            results.push((index, answer));
+            handle.send(task(handle.index, work.clone(), &mut answers))?;
         }
-        let mut values = Vec::with_capacity(results.len());
-        for (index, answer) in results {
-            match tokio::time::timeout(ACK_DEADLINE, answer).await {
-                Ok(Ok(value)) => values.push(value),
-                Ok(Err(_)) => return Err(VcpuError::Gone { index }),
-                Err(_) => return Err(VcpuError::Timeout { index }),
-            }
-        }
-        Ok(values)
+        collect(answers).await
     }
 
     /// Ends every vCPU thread and waits for each (bounded).
@@ -146,4 +156,30 @@ impl Vcpus {
         }
         self.running = false;
     }
+}
+
+/// `work` for vCPU `index` as an event; its result goes to the channel added to `answers`.
+fn task<T, F>(index: u32, work: Arc<F>, answers: &mut Vec<(u32, oneshot::Receiver<T>)>) -> VcpuEvent
+where
+    T: Send + 'static,
+    F: Fn(u32, &mut VcpuFd) -> T + Send + Sync + 'static,
+{
+    let (reply, answer) = oneshot::channel();
+    answers.push((index, answer));
+    VcpuEvent::Run(Box::new(move |vcpu| {
+        let _ = reply.send(work(index, vcpu));
+    }))
+}
+
+/// Waits for every vCPU's answer, each within [`ACK_DEADLINE`].
+async fn collect<T>(answers: Vec<(u32, oneshot::Receiver<T>)>) -> Result<Vec<T>, VcpuError> {
+    let mut values = Vec::with_capacity(answers.len());
+    for (index, answer) in answers {
+        match tokio::time::timeout(ACK_DEADLINE, answer).await {
+            Ok(Ok(value)) => values.push(value),
+            Ok(Err(_)) => return Err(VcpuError::Gone { index }),
+            Err(_) => return Err(VcpuError::Timeout { index }),
+        }
+    }
+    Ok(values)
 }
