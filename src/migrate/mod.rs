@@ -20,6 +20,7 @@
 
 pub mod destination;
 pub mod dirty;
+pub mod landing;
 pub mod link;
 pub mod pages;
 pub mod params;
