@@ -27,6 +27,7 @@ pub mod params;
 pub mod prefault;
 pub mod progress;
 pub mod source;
+pub mod splice;
 pub mod state;
 pub mod transport;
 pub mod uri;

@@ -1,7 +1,7 @@
 //! Byte streams between the two ferry processes: TCP (IPv4, IPv6, host names) or a UNIX socket.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::task::{Context, Poll};
 
@@ -22,6 +22,28 @@ pub trait Stream: AsyncRead + AsyncWrite + Send + Sync + Unpin {
     /// # Safety
     /// Every iovec must describe memory that may be written for the whole call.
     unsafe fn try_read_iovecs(&self, iovecs: &[libc::iovec]) -> io::Result<usize>;
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// One splice(2) of up to `len` bytes from `pipe` into the socket if it has room;
+    /// `WouldBlock` (and readiness cleared) otherwise.
+    fn try_splice_from(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize>;
+}
+
+/// splice(2) from `pipe` to `socket`, neither side blocking.
+fn splice(pipe: BorrowedFd<'_>, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the call; splice touches no memory of ours.
+    let moved = unsafe {
+        libc::splice(
+            pipe.as_raw_fd(),
+            std::ptr::null_mut(),
+            socket.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    usize::try_from(moved).map_err(|_| io::Error::last_os_error())
 }
 
 /// readv(2) on `fd`; the caller vouches for the iovecs (see [`Stream::try_read_iovecs`]).
@@ -37,6 +59,14 @@ impl Stream for TcpStream {
         TcpStream::poll_read_ready(self, cx)
     }
 
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
+    }
+
+    fn try_splice_from(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        self.try_io(Interest::WRITABLE, || splice(pipe, self, len))
+    }
+
     unsafe fn try_read_iovecs(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: passed on from our caller.
         self.try_io(Interest::READABLE, || unsafe { readv(self, iovecs) })
@@ -46,6 +76,14 @@ impl Stream for TcpStream {
 impl Stream for UnixStream {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         UnixStream::poll_read_ready(self, cx)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        UnixStream::poll_write_ready(self, cx)
+    }
+
+    fn try_splice_from(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        self.try_io(Interest::WRITABLE, || splice(pipe, self, len))
     }
 
     unsafe fn try_read_iovecs(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
