@@ -36,8 +36,8 @@ pub enum AnswerError {
 /// pages by reference needs the socket itself.
 pub struct Link {
     stream: BoxedStream,
-    /// The way guest pages go to the socket without a copy; `None` where the host has no pipe
-    /// for it, and pages are copied with writev.
+    /// The way guest pages go to the socket without a copy; `None` for TCP (see
+    /// `splices_pages`) or where the host gives no pipe, and pages are copied with writev.
     pipe: Option<PagePipe>,
     /// Set while a frame is being written; still set if that write was abandoned midway.
     torn: bool,
@@ -45,9 +45,14 @@ pub struct Link {
 
 impl Link {
     pub fn new(stream: BoxedStream) -> Self {
-        let pipe = PagePipe::new()
-            .map_err(|error| tracing::debug!(%error, "no pipe; guest pages will be copied"))
-            .ok();
+        let pipe = stream
+            .splices_pages()
+            .then(|| {
+                PagePipe::new()
+                    .map_err(|e| tracing::debug!(error = %e, "no pipe; guest pages are copied"))
+                    .ok()
+            })
+            .flatten();
         Self {
             stream,
             pipe,
