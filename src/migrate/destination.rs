@@ -3,17 +3,16 @@
 
 use std::time::Instant;
 
-use tokio::io::{AsyncWrite, ReadHalf};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::landing::{write_zero_runs, Landing, LandingError};
 use super::phases::Phases;
 use super::progress::MigrationStatus;
 use super::transport::{BoxedStream, Listener};
-use super::wire::{self, Committed, FrameBuffer, Message, PageEntry, WireError};
+use super::wire::{self, Committed, Incoming, Message, WireError};
 use super::{prefault, vmstate, Shared};
-use crate::machine::memory::{resident_pages, GuestMemory, PAGE_SIZE};
+use crate::machine::memory::PAGE_SIZE;
 use crate::runtime::Vm;
 
 /// How an incoming migration ended.
@@ -42,6 +41,17 @@ enum ReceiveError {
     Protocol(String),
     #[error("{0}")]
     Local(String),
+}
+
+impl From<LandingError> for ReceiveError {
+    fn from(error: LandingError) -> Self {
+        match error {
+            LandingError::Wire(WireError::Closed) => Self::SourceGone,
+            LandingError::Wire(error) => Self::Wire(error),
+            LandingError::Protocol(reason) => Self::Protocol(reason),
+            LandingError::Local(reason) => Self::Local(reason),
+        }
+    }
 }
 
 /// Receives the VM from the first source that connects to `listener`.
@@ -78,37 +88,37 @@ async fn accept_and_receive(
     listener: Listener,
     shared: &Shared,
 ) -> Result<bool, ReceiveError> {
-    let (stream, peer) = listener
+    let (mut stream, peer) = listener
         .accept()
         .await
         .map_err(|e| ReceiveError::Local(format!("accept failed: {e}")))?;
     drop(listener);
     let span = info_span!("migration", direction = "incoming", peer = %peer);
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let result = receive_stream(vm, &mut reader, &mut writer, shared)
+    let result = receive_stream(vm, &mut stream, shared)
         .instrument(span)
         .await;
     if let Err(error) = &result {
         // Tell the source why, so that its error-desc names the real cause.
         let notice = Message::Error(error.to_string());
-        let send = wire::write_message(&mut writer, &notice);
+        let send = wire::write_message(&mut stream, &notice);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
     }
     result
 }
 
-async fn receive_stream<W: AsyncWrite + Unpin>(
+/// Reads and answers on the one unsplit `stream`: the two never overlap, and page data is read
+/// with the socket's own readv (see [`Landing`]).
+async fn receive_stream(
     vm: &mut Vm,
-    reader: &mut ReadHalf<BoxedStream>,
-    writer: &mut W,
+    stream: &mut BoxedStream,
     shared: &Shared,
 ) -> Result<bool, ReceiveError> {
     // The migration starts when the source connects, not when this side began to wait.
     let started = Instant::now();
     shared.progress().started = Some(started);
     let memory = vm.machine.memory.clone();
-    wire::read_header(reader).await?;
-    let source = match next(reader, &mut FrameBuffer::default()).await? {
+    wire::read_header(stream).await?;
+    let source = match next(stream).await? {
         Message::Config(source) => source,
         other => {
             return Err(ReceiveError::Protocol(format!(
@@ -119,7 +129,7 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
     if let Err(mismatch) = vm.machine.description().check_source(&source) {
         return Err(ReceiveError::Mismatch(mismatch));
     }
-    wire::write_message(writer, &Message::Accept).await?;
+    wire::write_message(stream, &Message::Accept).await?;
     shared.progress().setup_time = Some(started.elapsed());
     shared.set_status(MigrationStatus::Active);
 
@@ -128,15 +138,14 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
     // Round 0's zero runs, until its first page data: then the rest of RAM is backed ahead.
     let mut zero_runs = Some(Vec::new());
     let mut _prefault = None;
-    let mut frames = FrameBuffer::default();
+    let mut landing = Landing::new(memory.clone());
     loop {
-        match next(reader, &mut frames).await? {
-            Message::Pages { entries, data } if !restored => {
+        let message = match wire::read_incoming(stream).await {
+            Ok(Incoming::Pages { entries, data_len }) if !restored => {
                 if let Some(runs) = zero_runs.take() {
                     _prefault = prefault::start(memory.clone(), runs);
                 }
-                let bytes = write_pages(&memory, &entries, data.bytes())?;
-                frames.recycle(data);
+                let bytes = landing.receive(stream, &entries, data_len).await?;
                 let zero = entries.iter().filter(|e| e.zero).count() as u64;
                 let mut progress = shared.progress();
                 progress.transferred += bytes;
@@ -144,7 +153,17 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 progress.normal += entries.len() as u64 - zero;
                 progress.bandwidth =
                     progress.transferred as f64 / started.elapsed().as_secs_f64().max(1e-6);
+                continue;
             }
+            Ok(Incoming::Pages { entries, .. }) => Message::Pages {
+                entries,
+                data: Vec::new().into(),
+            },
+            Ok(Incoming::Message(message)) => message,
+            Err(WireError::Closed) => return Err(ReceiveError::SourceGone),
+            Err(error) => return Err(error.into()),
+        };
+        match message {
             Message::Zeros(runs) if !restored => {
                 let pages = write_zero_runs(&memory, &runs)?;
                 if let Some(all) = zero_runs.as_mut() {
@@ -154,7 +173,7 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 progress.transferred += 8 + runs.len() as u64 * 16;
                 progress.duplicate += pages;
             }
-            Message::Sync if !restored => wire::write_message(writer, &Message::Synced).await?,
+            Message::Sync if !restored => wire::write_message(stream, &Message::Synced).await?,
             Message::Round(report) if report.remaining_pages > ram_pages => {
                 return Err(ReceiveError::Protocol(format!(
                     "round {} reports {} pages remaining, but RAM has {ram_pages}",
@@ -176,7 +195,7 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                     .await
                     .map_err(|e| ReceiveError::Local(e.to_string()))?;
                 phases.mark("restore");
-                wire::write_message(writer, &Message::Restored).await?;
+                wire::write_message(stream, &Message::Restored).await?;
                 phases.mark("restored");
                 tracing::debug!(%phases, "state restored (µs)");
                 restored = true;
@@ -212,7 +231,7 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
                 let committed = Committed {
                     running_us: running_since.map_or(0, |t| t.elapsed().as_micros() as u64),
                 };
-                let _ = wire::write_message(writer, &Message::Committed(committed)).await;
+                let _ = wire::write_message(stream, &Message::Committed(committed)).await;
                 phases.mark("committed");
                 tracing::debug!(%phases, running_us = committed.running_us, "commit steps (µs)");
                 return Ok(commit.run);
@@ -234,11 +253,8 @@ async fn receive_stream<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn next(
-    reader: &mut ReadHalf<BoxedStream>,
-    frames: &mut FrameBuffer,
-) -> Result<Message, ReceiveError> {
-    match wire::read_message_into(reader, frames).await {
+async fn next(stream: &mut BoxedStream) -> Result<Message, ReceiveError> {
+    match wire::read_message(stream).await {
         Err(WireError::Closed) => Err(ReceiveError::SourceGone),
         other => Ok(other?),
     }
@@ -251,71 +267,4 @@ fn describe(message: &Message) -> String {
         Message::State(sections) => format!("STATE ({} sections)", sections.len()),
         other => format!("{other:?}"),
     }
-}
-
-/// Makes every page of the runs zero; pages the host never backed already are, and stay
-/// unallocated. Returns the number of pages.
-fn write_zero_runs(memory: &GuestMemory, runs: &[(u64, u64)]) -> Result<u64, ReceiveError> {
-    let mut total = 0;
-    for &(gpa, pages) in runs {
-        let resident = resident_pages(memory, gpa, pages).ok_or_else(|| {
-            ReceiveError::Protocol(format!(
-                "zero run of {pages} pages at {gpa:#x} is outside this VM's RAM"
-            ))
-        })?;
-        for index in 0..pages {
-            if resident[(index / 64) as usize] & (1 << (index % 64)) != 0 {
-                zero_page(memory, GuestAddress(gpa + index * PAGE_SIZE))?;
-            }
-        }
-        total += pages;
-    }
-    Ok(total)
-}
-
-/// Zeroes one page unless it already is zero (reading an untouched page does not allocate it;
-/// writing would).
-fn zero_page(memory: &GuestMemory, address: GuestAddress) -> Result<(), ReceiveError> {
-    let mut current = [0u8; PAGE_SIZE as usize];
-    memory
-        .read_slice(&mut current, address)
-        .map_err(|e| ReceiveError::Local(e.to_string()))?;
-    if current.iter().any(|b| *b != 0) {
-        memory
-            .write_slice(&[0u8; PAGE_SIZE as usize], address)
-            .map_err(|e| ReceiveError::Local(e.to_string()))?;
-    }
-    Ok(())
-}
-
-/// Writes received pages into guest RAM; every address must be a RAM page.
-fn write_pages(
-    memory: &GuestMemory,
-    entries: &[PageEntry],
-    data: &[u8],
-) -> Result<u64, ReceiveError> {
-    let page_size = PAGE_SIZE as usize;
-    let mut chunks = data.chunks_exact(page_size);
-    let mut bytes = 8 + entries.len() as u64 * 8;
-    for entry in entries {
-        let address = GuestAddress(entry.gpa);
-        if memory.get_slice(address, page_size).is_err() {
-            return Err(ReceiveError::Protocol(format!(
-                "page {:#x} is outside this VM's RAM",
-                entry.gpa
-            )));
-        }
-        if entry.zero {
-            zero_page(memory, address)?;
-        } else {
-            let page = chunks
-                .next()
-                .ok_or_else(|| ReceiveError::Protocol("page data missing".into()))?;
-            memory
-                .write_slice(page, address)
-                .map_err(|e| ReceiveError::Local(e.to_string()))?;
-            bytes += PAGE_SIZE;
-        }
-    }
-    Ok(bytes)
 }

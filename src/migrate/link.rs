@@ -4,10 +4,12 @@
 use std::io::IoSlice;
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 
+use super::splice::PagePipe;
 use super::transport::BoxedStream;
 use super::wire::{self, Message, WireError};
+use crate::machine::memory::PAGE_SIZE;
 
 /// How long the source waits for the destination to answer the configuration or to restore.
 pub const ANSWER_DEADLINE: Duration = Duration::from_secs(60);
@@ -30,19 +32,30 @@ pub enum AnswerError {
     Timeout,
 }
 
+/// The connection, unsplit: the source never reads and writes at the same time, and sending
+/// pages by reference needs the socket itself.
 pub struct Link {
-    reader: ReadHalf<BoxedStream>,
-    writer: WriteHalf<BoxedStream>,
+    stream: BoxedStream,
+    /// The way guest pages go to the socket without a copy; `None` for TCP (see
+    /// `splices_pages`) or where the host gives no pipe, and pages are copied with writev.
+    pipe: Option<PagePipe>,
     /// Set while a frame is being written; still set if that write was abandoned midway.
     torn: bool,
 }
 
 impl Link {
     pub fn new(stream: BoxedStream) -> Self {
-        let (reader, writer) = tokio::io::split(stream);
+        let pipe = stream
+            .splices_pages()
+            .then(|| {
+                PagePipe::new()
+                    .map_err(|e| tracing::debug!(error = %e, "no pipe; guest pages are copied"))
+                    .ok()
+            })
+            .flatten();
         Self {
-            reader,
-            writer,
+            stream,
+            pipe,
             torn: false,
         }
     }
@@ -50,21 +63,51 @@ impl Link {
     /// Writes bytes that form whole frames.
     pub async fn write_frames(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         self.torn = true;
-        self.writer.write_all(bytes).await?;
+        self.stream.write_all(bytes).await?;
         self.torn = false;
         Ok(())
     }
 
-    /// Writes one frame given in parts (a head and its data), without joining them.
+    /// Writes a frame made of `head` and the guest pages at host addresses `pages`, which must
+    /// be whole pages of mapped guest RAM that stay mapped until this returns.
+    pub async fn write_pages_frame(
+        &mut self,
+        head: &[u8],
+        pages: &[usize],
+    ) -> Result<(), WireError> {
+        let page_size = PAGE_SIZE as usize;
+        let Some(pipe) = self.pipe.as_mut() else {
+            let parts: Vec<&[u8]> = std::iter::once(head)
+                .chain(pages.iter().map(|&host| {
+                    // SAFETY: a whole page of mapped guest RAM (our caller's promise).
+                    unsafe { std::slice::from_raw_parts(host as *const u8, page_size) }
+                }))
+                .collect();
+            return self.write_frame_vectored(&parts).await;
+        };
+        let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(pages.len());
+        for &host in pages {
+            match ranges.last_mut() {
+                Some((start, len)) if *start + *len == host => *len += page_size,
+                _ => ranges.push((host, page_size)),
+            }
+        }
+        self.torn = true;
+        self.stream.write_all(head).await?;
+        pipe.send(&self.stream, &ranges).await?;
+        self.torn = false;
+        Ok(())
+    }
+
     /// Writes a frame given as many buffers (guest pages, say) with as few system calls as the
     /// kernel allows, without copying them together first.
-    pub async fn write_frame_vectored(&mut self, parts: &[&[u8]]) -> Result<(), WireError> {
+    async fn write_frame_vectored(&mut self, parts: &[&[u8]]) -> Result<(), WireError> {
         self.torn = true;
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|part| IoSlice::new(part)).collect();
         let mut pending = &mut slices[..];
         while !pending.is_empty() {
             let batch = pending.len().min(MAX_IOVECS);
-            let written = self.writer.write_vectored(&pending[..batch]).await?;
+            let written = self.stream.write_vectored(&pending[..batch]).await?;
             if written == 0 {
                 return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
             }
@@ -81,7 +124,7 @@ impl Link {
 
     /// Waits for the destination's next message; its ERROR becomes [`AnswerError::Refused`].
     pub async fn answer(&mut self) -> Result<Message, AnswerError> {
-        match tokio::time::timeout(ANSWER_DEADLINE, wire::read_message(&mut self.reader)).await {
+        match tokio::time::timeout(ANSWER_DEADLINE, wire::read_message(&mut self.stream)).await {
             Ok(Ok(Message::Error(reason))) => Err(AnswerError::Refused(reason)),
             Ok(result) => Ok(result?),
             Err(_) => Err(AnswerError::Timeout),
@@ -92,7 +135,7 @@ impl Link {
     pub async fn destination_reason(&mut self) -> Option<String> {
         let read = async {
             loop {
-                match wire::read_message(&mut self.reader).await {
+                match wire::read_message(&mut self.stream).await {
                     Ok(Message::Error(reason)) => return Some(reason),
                     Ok(_) => continue,
                     Err(_) => return None,
@@ -111,11 +154,11 @@ impl Link {
         if !self.torn {
             let _ = tokio::time::timeout(NOTICE_DEADLINE, self.send(&notice)).await;
         }
-        let _ = tokio::time::timeout(NOTICE_DEADLINE, self.writer.shutdown()).await;
+        let _ = tokio::time::timeout(NOTICE_DEADLINE, self.stream.shutdown()).await;
     }
 
     /// Closes the connection after the last message.
     pub async fn close(mut self) {
-        let _ = tokio::time::timeout(NOTICE_DEADLINE, self.writer.shutdown()).await;
+        let _ = tokio::time::timeout(NOTICE_DEADLINE, self.stream.shutdown()).await;
     }
 }

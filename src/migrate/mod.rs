@@ -22,6 +22,7 @@
 
 pub mod destination;
 pub mod dirty;
+pub mod landing;
 pub mod link;
 pub mod logging;
 pub mod pages;
@@ -30,6 +31,7 @@ pub mod phases;
 pub mod prefault;
 pub mod progress;
 pub mod source;
+pub mod splice;
 pub mod state;
 pub mod transport;
 pub mod uri;

@@ -34,7 +34,7 @@ pub struct PageSender {
     paced: bool,
     entries: Vec<PageEntry>,
     /// Host addresses of the frame's non-zero pages, in guest memory itself: they go to the
-    /// socket from there, never copied in between.
+    /// socket from there, by reference where the host allows (see `splice`).
     pages: Vec<usize>,
     /// The PAGES frame's tag, length and page list; the pages follow it on the wire.
     head: Vec<u8>,
@@ -146,13 +146,8 @@ impl PageSender {
             let due = (stats.bytes + frame_len) as f64 / max_bandwidth as f64;
             tokio::time::sleep_until((started + Duration::from_secs_f64(due)).into()).await;
         }
-        let parts: Vec<&[u8]> = std::iter::once(self.head.as_slice())
-            .chain(self.pages.iter().map(|&host| {
-                // SAFETY: as in `send`: a whole page of mapped guest RAM, alive with `memory`.
-                unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize) }
-            }))
-            .collect();
-        link.write_frame_vectored(&parts).await?;
+        // `page` checked every address, and `memory` keeps them mapped.
+        link.write_pages_frame(&self.head, &self.pages).await?;
         let zero = self.entries.iter().filter(|e| e.zero).count() as u64;
         let count = self.entries.len() as u64;
         stats.pages += count;

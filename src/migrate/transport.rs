@@ -1,16 +1,110 @@
 //! Byte streams between the two ferry processes: TCP (IPv4, IPv6, host names) or a UNIX socket.
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::uri::MigrationUri;
 
-/// A connected migration stream of either kind.
-pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+/// A connected migration stream of either kind. Besides the byte stream, it reads straight
+/// into memory given as iovecs, which tokio's `AsyncRead` cannot do (it has no vectored read):
+/// the destination receives guest pages into guest RAM with one readv per frame.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Sync + Unpin {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// One readv(2) into `iovecs` if data is waiting; `WouldBlock` (and readiness cleared)
+    /// otherwise.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that may be written for the whole call.
+    unsafe fn try_read_iovecs(&self, iovecs: &[libc::iovec]) -> io::Result<usize>;
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Whether guest pages should go by reference ([`Stream::try_splice_from`]) rather than
+    /// be copied by writev.
+    fn splices_pages(&self) -> bool;
+
+    /// One splice(2) of up to `len` bytes from `pipe` into the socket if it has room;
+    /// `WouldBlock` (and readiness cleared) otherwise.
+    fn try_splice_from(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize>;
+}
+
+/// splice(2) from `pipe` to `socket`, neither side blocking.
+fn splice(pipe: BorrowedFd<'_>, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the call; splice touches no memory of ours.
+    let moved = unsafe {
+        libc::splice(
+            pipe.as_raw_fd(),
+            std::ptr::null_mut(),
+            socket.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    usize::try_from(moved).map_err(|_| io::Error::last_os_error())
+}
+
+/// readv(2) on `fd`; the caller vouches for the iovecs (see [`Stream::try_read_iovecs`]).
+unsafe fn readv(fd: &impl AsRawFd, iovecs: &[libc::iovec]) -> io::Result<usize> {
+    let count = iovecs.len().min(libc::c_int::MAX as usize) as libc::c_int;
+    // SAFETY: the caller guarantees the iovecs are writable; the count does not exceed them.
+    let read = unsafe { libc::readv(fd.as_raw_fd(), iovecs.as_ptr(), count) };
+    usize::try_from(read).map_err(|_| io::Error::last_os_error())
+}
+
+impl Stream for TcpStream {
+    /// Over loopback TCP, splicing measured no faster than writev on this kind of host (the
+    /// pages go as skbs of at most 17 fragments), so TCP keeps the copy.
+    fn splices_pages(&self) -> bool {
+        false
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
+    }
+
+    fn try_splice_from(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        self.try_io(Interest::WRITABLE, || splice(pipe, self, len))
+    }
+
+    unsafe fn try_read_iovecs(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: passed on from our caller.
+        self.try_io(Interest::READABLE, || unsafe { readv(self, iovecs) })
+    }
+}
+
+impl Stream for UnixStream {
+    fn splices_pages(&self) -> bool {
+        true
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        UnixStream::poll_read_ready(self, cx)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        UnixStream::poll_write_ready(self, cx)
+    }
+
+    fn try_splice_from(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        self.try_io(Interest::WRITABLE, || splice(pipe, self, len))
+    }
+
+    unsafe fn try_read_iovecs(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: passed on from our caller.
+        self.try_io(Interest::READABLE, || unsafe { readv(self, iovecs) })
+    }
+}
 
 pub type BoxedStream = Box<dyn Stream>;
 

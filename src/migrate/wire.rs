@@ -54,7 +54,7 @@ pub struct PageEntry {
 }
 
 /// The data of a PAGES frame: the frame's buffer and where the page data starts in it, so that
-/// receiving a frame neither moves the data nor allocates (see [`FrameBuffer`]).
+/// decoding a frame does not move the data.
 #[derive(Debug, Clone, Default)]
 pub struct PageData {
     buffer: Vec<u8>,
@@ -79,19 +79,17 @@ impl PartialEq for PageData {
     }
 }
 
-/// A reader's reusable frame buffer: a PAGES frame borrows it as its [`PageData`] and gives it
-/// back with [`FrameBuffer::recycle`], so megabyte frames are not allocated one by one.
-#[derive(Debug, Default)]
-pub struct FrameBuffer {
-    buffer: Vec<u8>,
-}
-
-impl FrameBuffer {
-    pub fn recycle(&mut self, data: PageData) {
-        if data.buffer.capacity() > self.buffer.capacity() {
-            self.buffer = data.buffer;
-        }
-    }
+/// A frame as the destination reads it: a PAGES frame stops after its page list, so that its
+/// page data can go from the socket straight into guest memory.
+#[derive(Debug, PartialEq)]
+pub enum Incoming {
+    /// A PAGES frame's page list; `data_len` bytes of page data follow on the stream, one page
+    /// for every entry without the zero flag, in entry order.
+    Pages {
+        entries: Vec<PageEntry>,
+        data_len: usize,
+    },
+    Message(Message),
 }
 
 /// Progress the source reports at the end of each round, so the destination's `query-migrate`
@@ -288,14 +286,35 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
 
 /// Reads one message, checking every length before allocating or using it.
 pub async fn read_message<R: AsyncRead + Unpin>(input: &mut R) -> Result<Message, WireError> {
-    read_message_into(input, &mut FrameBuffer::default()).await
+    let (tag, length) = read_frame_head(input).await?;
+    read_payload(input, tag, length).await
 }
 
-/// Like [`read_message`], reading into `frames`' buffer instead of a new one.
-pub async fn read_message_into<R: AsyncRead + Unpin>(
-    input: &mut R,
-    frames: &mut FrameBuffer,
-) -> Result<Message, WireError> {
+/// Like [`read_message`], but leaves a PAGES frame's page data on the stream for the caller.
+pub async fn read_incoming<R: AsyncRead + Unpin>(input: &mut R) -> Result<Incoming, WireError> {
+    let (tag, length) = read_frame_head(input).await?;
+    if tag != TAG_PAGES {
+        return Ok(Incoming::Message(read_payload(input, tag, length).await?));
+    }
+    let length = length as usize;
+    if length < 8 {
+        return Err(malformed("PAGES frame shorter than its header"));
+    }
+    let mut count = [0u8; 8];
+    read_exact(input, &mut count).await?;
+    let count = page_count(&count)?;
+    let entries_end = 8 + count as usize * 8;
+    if length < entries_end {
+        return Err(malformed("PAGES frame shorter than its page list"));
+    }
+    let mut words = vec![0u8; count as usize * 8];
+    read_exact(input, &mut words).await?;
+    let entries = page_list(&words)?;
+    let data_len = page_data_len(count, &entries, length)? - entries_end;
+    Ok(Incoming::Pages { entries, data_len })
+}
+
+async fn read_frame_head<R: AsyncRead + Unpin>(input: &mut R) -> Result<(u32, u32), WireError> {
     let mut head = [0u8; 8];
     read_exact(input, &mut head).await?;
     let tag = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
@@ -305,8 +324,15 @@ pub async fn read_message_into<R: AsyncRead + Unpin>(
             "frame of {length} bytes is over the {MAX_FRAME}-byte limit"
         )));
     }
-    let mut payload = std::mem::take(&mut frames.buffer);
-    payload.resize(length as usize, 0);
+    Ok((tag, length))
+}
+
+async fn read_payload<R: AsyncRead + Unpin>(
+    input: &mut R,
+    tag: u32,
+    length: u32,
+) -> Result<Message, WireError> {
+    let mut payload = vec![0u8; length as usize];
     read_exact(input, &mut payload).await?;
     decode(tag, payload)
 }
@@ -379,22 +405,20 @@ fn decode_zeros(payload: &[u8]) -> Result<Message, WireError> {
     Ok(Message::Zeros(runs))
 }
 
-fn decode_pages(payload: Vec<u8>) -> Result<Message, WireError> {
-    if payload.len() < 8 {
-        return Err(malformed("PAGES frame shorter than its header"));
-    }
-    let count = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
+/// The page count at the start of a PAGES payload (count u32, reserved u32).
+fn page_count(header: &[u8]) -> Result<u32, WireError> {
+    let count = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
     if count == 0 || count > MAX_PAGES_PER_FRAME {
         return Err(malformed(format!(
             "PAGES frame with {count} pages (1..={MAX_PAGES_PER_FRAME})"
         )));
     }
-    let entries_end = 8 + count as usize * 8;
-    if payload.len() < entries_end {
-        return Err(malformed("PAGES frame shorter than its page list"));
-    }
-    let mut entries = Vec::with_capacity(count as usize);
-    for word in payload[8..entries_end].chunks_exact(8) {
+    Ok(count)
+}
+
+fn page_list(words: &[u8]) -> Result<Vec<PageEntry>, WireError> {
+    let mut entries = Vec::with_capacity(words.len() / 8);
+    for word in words.chunks_exact(8) {
         let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
         if word & (PAGE_SIZE - 1) & !ZERO_PAGE_FLAG != 0 {
             return Err(malformed(format!("page entry {word:#x} has unknown flags")));
@@ -404,14 +428,34 @@ fn decode_pages(payload: Vec<u8>) -> Result<Message, WireError> {
             zero: word & ZERO_PAGE_FLAG != 0,
         });
     }
+    Ok(entries)
+}
+
+/// Checks that a PAGES payload of `length` bytes holds exactly the data its entries promise;
+/// returns that length.
+fn page_data_len(count: u32, entries: &[PageEntry], length: usize) -> Result<usize, WireError> {
     let with_data = entries.iter().filter(|e| !e.zero).count();
-    let expected = entries_end + with_data * PAGE_SIZE as usize;
-    if payload.len() != expected {
+    let expected = 8 + entries.len() * 8 + with_data * PAGE_SIZE as usize;
+    if length != expected {
         return Err(malformed(format!(
-            "PAGES frame of {} bytes for {count} pages ({with_data} with data) should be {expected}",
-            payload.len()
+            "PAGES frame of {length} bytes for {count} pages ({with_data} with data) should be \
+             {expected}"
         )));
     }
+    Ok(length)
+}
+
+fn decode_pages(payload: Vec<u8>) -> Result<Message, WireError> {
+    if payload.len() < 8 {
+        return Err(malformed("PAGES frame shorter than its header"));
+    }
+    let count = page_count(&payload)?;
+    let entries_end = 8 + count as usize * 8;
+    if payload.len() < entries_end {
+        return Err(malformed("PAGES frame shorter than its page list"));
+    }
+    let entries = page_list(&payload[8..entries_end])?;
+    page_data_len(count, &entries, payload.len())?;
     let data = PageData {
         buffer: payload,
         start: entries_end,

@@ -1,0 +1,175 @@
+//! On the destination: putting received pages into guest RAM. A PAGES frame's data goes from
+//! the socket straight into the guest's pages with readv, without a buffer in between: on a
+//! receiver that also has to back every page with fresh host memory, a second copy of each
+//! page was a cost the source's side of the link does not have.
+
+use std::future::poll_fn;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::transport::BoxedStream;
+use super::wire::{PageEntry, WireError};
+use crate::machine::memory::{resident_pages, GuestMemory, PAGE_SIZE};
+
+/// Linux's limit on the buffers of one readv (IOV_MAX).
+const MAX_IOVECS: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LandingError {
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("malformed stream: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+/// Receives the page data of PAGES frames, reusing its list of target ranges.
+pub struct Landing {
+    memory: GuestMemory,
+    /// Where the frame's data goes: (host address, length), adjacent pages merged.
+    ranges: Vec<(usize, usize)>,
+}
+
+impl Landing {
+    pub fn new(memory: GuestMemory) -> Self {
+        Self {
+            memory,
+            ranges: Vec::new(),
+        }
+    }
+
+    /// Reads the `data_len` bytes of page data that follow `entries` on `stream` into guest
+    /// RAM and clears the zero pages; returns the size of the frame's payload. Every address
+    /// is checked against RAM before a byte lands.
+    pub async fn receive(
+        &mut self,
+        stream: &BoxedStream,
+        entries: &[PageEntry],
+        data_len: usize,
+    ) -> Result<u64, LandingError> {
+        self.ranges.clear();
+        for entry in entries {
+            let host = self.page(entry.gpa)?;
+            if entry.zero {
+                continue;
+            }
+            match self.ranges.last_mut() {
+                Some((start, len)) if *start + *len == host => *len += PAGE_SIZE as usize,
+                _ => self.ranges.push((host, PAGE_SIZE as usize)),
+            }
+        }
+        let expected: usize = self.ranges.iter().map(|(_, len)| len).sum();
+        if expected != data_len {
+            return Err(LandingError::Protocol(format!(
+                "{data_len} bytes of page data for {expected} bytes of pages"
+            )));
+        }
+        self.read_ranges(stream).await?;
+        for entry in entries.iter().filter(|e| e.zero) {
+            zero_page(&self.memory, GuestAddress(entry.gpa))?;
+        }
+        Ok(8 + entries.len() as u64 * 8 + data_len as u64)
+    }
+
+    /// The host address of guest page `gpa`, which must lie wholly in RAM.
+    fn page(&self, gpa: u64) -> Result<usize, LandingError> {
+        let slice = self
+            .memory
+            .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
+            .map_err(|_| {
+                LandingError::Protocol(format!("page {gpa:#x} is outside this VM's RAM"))
+            })?;
+        Ok(slice.ptr_guard_mut().as_ptr() as usize)
+    }
+
+    /// Fills `ranges` from the stream, one readv per batch of data the socket holds.
+    async fn read_ranges(&self, stream: &BoxedStream) -> Result<(), LandingError> {
+        let (mut index, mut offset) = (0, 0);
+        while index < self.ranges.len() {
+            poll_fn(|cx| stream.poll_read_ready(cx))
+                .await
+                .map_err(WireError::from)?;
+            let read = match self.try_read(stream, index, offset) {
+                Ok(0) => return Err(WireError::Closed.into()),
+                Ok(read) => read,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(WireError::from(error).into()),
+            };
+            let mut left = read;
+            while left > 0 {
+                let remaining = self.ranges[index].1 - offset;
+                if left < remaining {
+                    offset += left;
+                    left = 0;
+                } else {
+                    left -= remaining;
+                    index += 1;
+                    offset = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One readv into the ranges from `ranges[index]`, `offset` bytes in, on.
+    fn try_read(
+        &self,
+        stream: &BoxedStream,
+        index: usize,
+        offset: usize,
+    ) -> std::io::Result<usize> {
+        let iovecs: Vec<libc::iovec> = self.ranges[index..]
+            .iter()
+            .take(MAX_IOVECS)
+            .enumerate()
+            .map(|(i, &(start, len))| {
+                let skip = if i == 0 { offset } else { 0 };
+                libc::iovec {
+                    iov_base: (start + skip) as *mut libc::c_void,
+                    iov_len: len - skip,
+                }
+            })
+            .collect();
+        // SAFETY: every range is whole pages of guest RAM (checked by `page`), which `memory`
+        // keeps mapped. The guest does not run while it is being received, and nothing else in
+        // this process writes those pages meanwhile.
+        unsafe { stream.try_read_iovecs(&iovecs) }
+    }
+}
+
+/// Makes every page of the runs zero; pages the host never backed already are, and stay
+/// unallocated. Returns the number of pages.
+pub fn write_zero_runs(memory: &GuestMemory, runs: &[(u64, u64)]) -> Result<u64, LandingError> {
+    let mut total = 0;
+    for &(gpa, pages) in runs {
+        let resident = resident_pages(memory, gpa, pages).ok_or_else(|| {
+            LandingError::Protocol(format!(
+                "zero run of {pages} pages at {gpa:#x} is outside this VM's RAM"
+            ))
+        })?;
+        for index in 0..pages {
+            if resident[(index / 64) as usize] & (1 << (index % 64)) != 0 {
+                zero_page(memory, GuestAddress(gpa + index * PAGE_SIZE))?;
+            }
+        }
+        total += pages;
+    }
+    Ok(total)
+}
+
+/// Zeroes one page unless it already is zero (reading an untouched page does not allocate it;
+/// writing would).
+fn zero_page(memory: &GuestMemory, address: GuestAddress) -> Result<(), LandingError> {
+    let mut current = [0u8; PAGE_SIZE as usize];
+    memory
+        .read_slice(&mut current, address)
+        .map_err(|e| LandingError::Local(e.to_string()))?;
+    if current.iter().any(|b| *b != 0) {
+        memory
+            .write_slice(&[0u8; PAGE_SIZE as usize], address)
+            .map_err(|e| LandingError::Local(e.to_string()))?;
+    }
+    Ok(())
+}
