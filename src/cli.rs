@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use crate::machine::MachineType;
 use crate::migrate::uri::Incoming;
 
+mod addr;
 mod device;
 mod disks;
 mod drive;
@@ -17,10 +18,9 @@ mod help;
 mod options;
 mod props;
 
+pub use addr::PciAddress;
 use device::DeviceArg;
-pub use device::{
-    BlockDeviceConfig, PciAddress, MAX_NUM_QUEUES, MAX_SERIAL_BYTES, SUPPORTED_DEVICES,
-};
+pub use device::{BlockDeviceConfig, MAX_NUM_QUEUES, MAX_SERIAL_BYTES, SUPPORTED_DEVICES};
 pub use drive::{DriveConfig, DriveFormat};
 pub use help::help_text;
 pub use options::parse_memory;
