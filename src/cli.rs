@@ -10,16 +10,21 @@ use std::path::PathBuf;
 use crate::machine::MachineType;
 use crate::migrate::uri::Incoming;
 
+mod addr;
 mod device;
 mod disks;
 mod drive;
+mod help;
+mod options;
 mod props;
 
+pub use addr::PciAddress;
 use device::DeviceArg;
-pub use device::{
-    BlockDeviceConfig, PciAddress, MAX_NUM_QUEUES, MAX_SERIAL_BYTES, SUPPORTED_DEVICES,
-};
+pub use device::{BlockDeviceConfig, MAX_NUM_QUEUES, MAX_SERIAL_BYTES, SUPPORTED_DEVICES};
 pub use drive::{DriveConfig, DriveFormat};
+pub use help::help_text;
+pub use options::parse_memory;
+use options::{parse_machine, parse_name, parse_path, parse_serial, parse_smp};
 
 /// Default guest RAM, as QEMU's default for x86 (128 MiB is too small for a useful Linux).
 pub const DEFAULT_MEM_MIB: u64 = 512;
@@ -184,171 +189,6 @@ where
     Ok(Action::Run(Box::new(config)))
 }
 
-fn parse_machine(option: &str, value: &str) -> Result<MachineType, UsageError> {
-    // `-machine q35,accel=kvm` is common in QEMU scripts: accept KVM, the only accelerator.
-    let mut parts = value.split(',');
-    let mut machine = None;
-    for part in parts.by_ref() {
-        match part.split_once('=') {
-            None | Some(("type", _)) => {
-                let name = part.strip_prefix("type=").unwrap_or(part);
-                machine = Some(MachineType::from_name(name).ok_or_else(|| {
-                    usage(
-                        option,
-                        format!(
-                            "unsupported machine type '{name}' (supported: {})",
-                            MachineType::supported_names()
-                        ),
-                    )
-                })?);
-            }
-            Some(("accel", "kvm")) => {}
-            Some((key, val)) => {
-                return Err(usage(option, format!("unsupported property '{key}={val}'")));
-            }
-        }
-    }
-    machine.ok_or_else(|| usage(option, "no machine type given (supported: q35)"))
-}
-
-/// `-m 512`, `-m 512M`, `-m 2G`, `-m size=1G`: MiB unless a suffix says otherwise.
-pub fn parse_memory(option: &str, value: &str) -> Result<u64, UsageError> {
-    let text = value.strip_prefix("size=").unwrap_or(value).trim();
-    let (digits, shift) = match text.char_indices().last() {
-        Some((at, unit)) if unit.is_ascii_alphabetic() => {
-            let shift = match unit.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => {
-                    return Err(usage(
-                        option,
-                        format!("bad size '{value}': the suffix must be K, M, G or T"),
-                    ))
-                }
-            };
-            (&text[..at], shift)
-        }
-        _ => (text, 20),
-    };
-    let number: u64 = digits.parse().map_err(|_| {
-        usage(
-            option,
-            format!("bad size '{value}': expected a number of MiB, or with M/G suffix"),
-        )
-    })?;
-    let bytes = number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| usage(option, format!("size '{value}' is too large")))?;
-    if bytes < MIN_MEM_MIB << 20 {
-        return Err(usage(
-            option,
-            format!("{value} is too small: at least {MIN_MEM_MIB} MiB"),
-        ));
-    }
-    if bytes % 4096 != 0 {
-        return Err(usage(
-            option,
-            format!("{value} is not a multiple of the 4 KiB page size"),
-        ));
-    }
-    Ok(bytes)
-}
-
-/// `-smp 2` or `-smp cpus=2`. The upper bound comes from KVM and is checked at start-up.
-fn parse_smp(option: &str, value: &str) -> Result<u32, UsageError> {
-    let text = value.strip_prefix("cpus=").unwrap_or(value);
-    let count: u32 = text.parse().map_err(|_| {
-        usage(
-            option,
-            format!("bad vCPU count '{value}': expected a positive integer"),
-        )
-    })?;
-    if count == 0 {
-        return Err(usage(option, "the vCPU count must be at least 1"));
-    }
-    Ok(count)
-}
-
-fn parse_path(option: &str, value: String) -> Result<PathBuf, UsageError> {
-    if value.is_empty() {
-        return Err(usage(option, "empty path"));
-    }
-    Ok(PathBuf::from(value))
-}
-
-fn parse_serial(option: &str, value: &str) -> Result<SerialTarget, UsageError> {
-    match value {
-        "stdio" => Ok(SerialTarget::Stdio),
-        "none" | "null" => Ok(SerialTarget::None),
-        _ => match value.strip_prefix("file:") {
-            Some(path) if !path.is_empty() => Ok(SerialTarget::File(PathBuf::from(path))),
-            _ => Err(usage(
-                option,
-                format!("unsupported serial backend '{value}' (use stdio, file:PATH or none)"),
-            )),
-        },
-    }
-}
-
-fn parse_name(option: &str, value: &str) -> Result<String, UsageError> {
-    // QEMU allows `-name guest=NAME,...`; only the name matters here.
-    let name = value.strip_prefix("guest=").unwrap_or(value);
-    let name = name.split(',').next().unwrap_or_default();
-    if name.is_empty() {
-        return Err(usage(option, "empty name"));
-    }
-    Ok(name.to_owned())
-}
-
-/// The text of `-help`.
-pub fn help_text() -> String {
-    format!(
-        "\
-ferry {version}: a KVM virtual machine monitor built around live migration
-
-usage: ferry [options]
-
-  -machine q35           machine type (q35 is the only one and the default)
-  -m SIZE                guest RAM: MiB, or with a suffix (512, 512M, 2G); default {mem}
-  -smp N                 number of vCPUs (1 up to what KVM allows); default 1
-  -kernel PATH           ELF vmlinux (PVH entry used when present) or bzImage;
-                         without it ferry boots its built-in test guest
-  -initrd PATH           initial ramdisk for -kernel
-  -append CMDLINE        kernel command line
-  -serial stdio|file:PATH|none
-                         where the guest's serial port (ttyS0) goes; default stdio
-  -name NAME             VM name, reported by QMP query-name
-  -S                     do not start the vCPUs until QMP 'cont'
-  -qmp unix:PATH,server,nowait
-                         QMP control socket
-  -incoming tcp:IP:PORT|unix:PATH|defer
-                         wait for a live migration instead of booting
-  -drive file=PATH,id=ID[,readonly=on|off][,direct=on|off][,format=raw][,if=none]
-                         a raw disk image for a -device (write a comma in PATH as ',,');
-                         direct=on opens it O_DIRECT; the default, off, goes through the
-                         host page cache like QEMU's cache=writeback. aio=threads|off is
-                         accepted (each disk does blocking I/O on its own thread)
-  -device virtio-blk-pci,drive=ID,addr=SLOT[.FN][,id=ID][,bus=pcie.0][,serial=S]
-                       [,num-queues=N][,multifunction=on|off]
-                         a virtio disk on pcie.0 at SLOT 0x1..0x1f, function 0..7, in hex
-                         (0x3, 0x1f.1; write 0x10, not the ambiguous 10); id defaults to
-                         virtio-blk-SS.F; serial up to {serial} bytes; num-queues 1..{queues},
-                         default 1. -device help shows this text
-  -h, -help              this text
-  -version               the version
-
-Booleans take on/off, true/false or yes/no.
-Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=ferry=debug) to see more.
-",
-        version = env!("CARGO_PKG_VERSION"),
-        mem = DEFAULT_MEM_MIB,
-        serial = MAX_SERIAL_BYTES,
-        queues = MAX_NUM_QUEUES,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,18 +237,6 @@ mod tests {
         assert_eq!(config.serial, SerialTarget::File("/tmp/s".into()));
         assert_eq!(config.name.as_deref(), Some("vm1"));
         assert!(config.start_paused);
-    }
-
-    #[test]
-    fn memory_sizes() {
-        assert_eq!(parse_memory("-m", "512").unwrap(), 512 << 20);
-        assert_eq!(parse_memory("-m", "512M").unwrap(), 512 << 20);
-        assert_eq!(parse_memory("-m", "1g").unwrap(), 1 << 30);
-        assert_eq!(parse_memory("-m", "size=64M").unwrap(), 64 << 20);
-        assert_eq!(parse_memory("-m", "65536K").unwrap(), 64 << 20);
-        for bad in ["", "abc", "12X", "1M", "-5", "99999999999999999999G"] {
-            assert!(parse_memory("-m", bad).is_err(), "{bad} accepted");
-        }
     }
 
     #[test]
@@ -543,18 +371,5 @@ mod tests {
         for option in ["-drive file=PATH,id=ID", "-device virtio-blk-pci,drive=ID"] {
             assert!(text.contains(option), "help lacks {option}");
         }
-    }
-
-    #[test]
-    fn machine_properties() {
-        assert_eq!(
-            parse_machine("-machine", "q35,accel=kvm").unwrap(),
-            MachineType::Q35
-        );
-        assert_eq!(
-            parse_machine("-machine", "type=q35").unwrap(),
-            MachineType::Q35
-        );
-        assert!(parse_machine("-machine", "q35,accel=tcg").is_err());
     }
 }

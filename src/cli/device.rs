@@ -1,7 +1,6 @@
 //! `-device`: the devices the guest sees. Only `virtio-blk-pci` exists so far.
 
-use std::fmt;
-
+use super::addr::{parse_addr, PciAddress};
 use super::props::{check_id, split, Props};
 use super::{usage, UsageError};
 
@@ -28,22 +27,6 @@ pub const MAX_SERIAL_BYTES: usize = 20;
 /// Each costs an MSI-X vector and an ioeventfd/irqfd pair, and 16 covers the vCPU counts ferry
 /// runs with.
 pub const MAX_NUM_QUEUES: u16 = 16;
-
-/// Where a PCI function sits on `pcie.0`: `addr=SLOT[.FUNCTION]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PciAddress {
-    /// 1..=31; 0 is the host bridge.
-    pub slot: u8,
-    /// 0..=7.
-    pub function: u8,
-}
-
-impl fmt::Display for PciAddress {
-    /// As lspci shows it: `03.0`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:02x}.{:x}", self.slot, self.function)
-    }
-}
 
 /// One `-device virtio-blk-pci,drive=ID,addr=N[.F][,id=ID][,bus=pcie.0][,serial=S]
 /// [,num-queues=N][,multifunction=on|off]`.
@@ -144,71 +127,6 @@ pub(super) fn parse_device(value: &str) -> Result<DeviceArg, UsageError> {
     }))
 }
 
-/// `SLOT[.FUNCTION]`. QEMU reads both numbers as hex with or without `0x`; StratoVirt reads them
-/// as hex with `0x` and as decimal without. Where the two readings differ (`addr=10`) the value is
-/// refused rather than silently read one way.
-fn parse_addr(text: &str) -> Result<PciAddress, UsageError> {
-    let (slot, function) = match text.split_once('.') {
-        Some((slot, function)) => (slot, Some(function)),
-        None => (text, None),
-    };
-    let slot = parse_addr_number(text, slot)?;
-    let function = function.map_or(Ok(0), |function| parse_addr_number(text, function))?;
-    if slot > 0x1f {
-        return Err(usage(
-            OPTION,
-            format!("addr={text}: slot {slot:#x} is out of range: pcie.0 has slots 0x1 to 0x1f"),
-        ));
-    }
-    if function > 7 {
-        return Err(usage(
-            OPTION,
-            format!(
-                "addr={text}: function {function} is out of range: a slot has functions 0 to 7"
-            ),
-        ));
-    }
-    if slot == 0 {
-        return Err(usage(
-            OPTION,
-            format!(
-                "addr={text}: slot 0 belongs to the q35 host bridge (00.0 is pcie.0 itself); use \
-                 addr=1 or above (StratoVirt's docs show addr=0, which collides with it)"
-            ),
-        ));
-    }
-    Ok(PciAddress {
-        slot: slot as u8,
-        function: function as u8,
-    })
-}
-
-fn parse_addr_number(addr: &str, text: &str) -> Result<u32, UsageError> {
-    let bad = || {
-        usage(
-            OPTION,
-            format!("addr={addr}: expected SLOT[.FUNCTION] in hex, e.g. addr=0x3 or addr=0x3.1"),
-        )
-    };
-    if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        return u32::from_str_radix(hex, 16).map_err(|_| bad());
-    }
-    let as_hex = u32::from_str_radix(text, 16).map_err(|_| bad())?;
-    if text.bytes().all(|b| b.is_ascii_digit()) {
-        let as_decimal: u32 = text.parse().map_err(|_| bad())?;
-        if as_decimal != as_hex {
-            return Err(usage(
-                OPTION,
-                format!(
-                    "addr={addr}: '{text}' is ambiguous: QEMU reads it as hex ({as_hex:#x}), \
-                     StratoVirt as decimal ({as_decimal}); write {as_hex:#x} or {as_decimal:#x}"
-                ),
-            ));
-        }
-    }
-    Ok(as_hex)
-}
-
 fn parse_serial(serial: &str) -> Result<String, UsageError> {
     if serial.is_empty() {
         return Err(usage(
@@ -253,10 +171,6 @@ mod tests {
         }
     }
 
-    fn at(slot: u8, function: u8) -> PciAddress {
-        PciAddress { slot, function }
-    }
-
     #[test]
     fn minimal_device_takes_the_defaults() {
         let arg = block("virtio-blk-pci,drive=d0,addr=0x3");
@@ -266,7 +180,10 @@ mod tests {
                 config: BlockDeviceConfig {
                     id: "virtio-blk-03.0".into(),
                     drive: "d0".into(),
-                    addr: at(3, 0),
+                    addr: PciAddress {
+                        slot: 3,
+                        function: 0,
+                    },
                     serial: None,
                     num_queues: 1,
                 },
@@ -292,7 +209,10 @@ mod tests {
                 config: BlockDeviceConfig {
                     id: "disk0".into(),
                     drive: "d0".into(),
-                    addr: at(4, 0),
+                    addr: PciAddress {
+                        slot: 4,
+                        function: 0,
+                    },
                     serial: Some("SN,1".into()),
                     num_queues: 16,
                 },
@@ -307,67 +227,6 @@ mod tests {
         let twenty = "a".repeat(MAX_SERIAL_BYTES);
         let text = format!("virtio-blk-pci,drive=d,addr=2,serial={twenty}");
         assert_eq!(block(&text).config.serial, Some(twenty));
-    }
-
-    #[test]
-    fn address_spellings() {
-        for (text, expected) in [
-            ("0x3", at(3, 0)),
-            ("0X3", at(3, 0)),
-            ("3", at(3, 0)),
-            ("03", at(3, 0)),
-            ("3.1", at(3, 1)),
-            ("0x3.0x1", at(3, 1)),
-            ("0x10", at(16, 0)),
-            ("1f", at(31, 0)),
-            ("0x1F.7", at(31, 7)),
-            ("9.07", at(9, 7)),
-        ] {
-            assert_eq!(parse_addr(text).unwrap(), expected, "{text}");
-        }
-        assert_eq!(at(0x1a, 3).to_string(), "1a.3");
-    }
-
-    #[test]
-    fn address_refusals() {
-        let cases = [
-            (
-                "0",
-                "-device: addr=0: slot 0 belongs to the q35 host bridge (00.0 is pcie.0 itself); \
-                 use addr=1 or above (StratoVirt's docs show addr=0, which collides with it)",
-            ),
-            (
-                "0x0.1",
-                "-device: addr=0x0.1: slot 0 belongs to the q35 host bridge",
-            ),
-            (
-                "0x20",
-                "-device: addr=0x20: slot 0x20 is out of range: pcie.0 has slots 0x1 to 0x1f",
-            ),
-            (
-                "3.8",
-                "-device: addr=3.8: function 8 is out of range: a slot has functions 0 to 7",
-            ),
-            (
-                "10",
-                "-device: addr=10: '10' is ambiguous: QEMU reads it as hex (0x10), StratoVirt as \
-                 decimal (10); write 0x10 or 0xa",
-            ),
-            ("3.010", "-device: addr=3.010: '010' is ambiguous"),
-            ("", "-device: addr=: expected SLOT[.FUNCTION] in hex"),
-            ("0x", "-device: addr=0x: expected SLOT[.FUNCTION]"),
-            ("3.", "-device: addr=3.: expected SLOT[.FUNCTION]"),
-            ("3.1.2", "-device: addr=3.1.2: expected SLOT[.FUNCTION]"),
-            ("slot3", "-device: addr=slot3: expected SLOT[.FUNCTION]"),
-            (
-                "0x100000000",
-                "-device: addr=0x100000000: expected SLOT[.FUNCTION]",
-            ),
-        ];
-        for (text, expected) in cases {
-            let error = parse_addr(text).unwrap_err().to_string();
-            assert!(error.starts_with(expected), "{text}: {error}");
-        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 
-use super::device::{BlockDeviceArg, PciAddress};
+use super::addr::PciAddress;
+use super::device::BlockDeviceArg;
 use super::drive::DriveConfig;
 use super::{usage, UsageError};
 

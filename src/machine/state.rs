@@ -306,9 +306,9 @@ impl Migratable for Serial {
     }
 
     fn restore_state(&mut self, state: SerialState) -> Result<(), StateError> {
-        self.restore(&state).map_err(|reason| StateError::Restore {
+        self.restore(&state).map_err(|error| StateError::Restore {
             what: "serial0".into(),
-            reason,
+            reason: error.to_string(),
         })
     }
 }

@@ -18,7 +18,7 @@ use super::uri::MigrationUri;
 use super::vmstate::{self, CpuSave};
 use super::wire::{self, Commit, Message, RoundReport};
 use super::{logging, Shared};
-use crate::machine::devices::Devices;
+use crate::machine::devices::{Devices, DiskError};
 use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
 use crate::runtime::control::Event;
 use crate::runtime::throttle::{run_throttle, THROTTLE_PERIOD};
@@ -157,7 +157,7 @@ async fn settle(
 }
 
 /// Runs disk work that waits for storage (a flush) off the runtime's threads.
-async fn on_disks(vm: &Vm, work: fn(&Devices) -> Result<(), String>) -> Result<(), SendError> {
+async fn on_disks(vm: &Vm, work: fn(&Devices) -> Result<(), DiskError>) -> Result<(), SendError> {
     let devices = vm.machine.devices.clone();
     tokio::task::spawn_blocking(move || work(&devices))
         .await

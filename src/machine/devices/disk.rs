@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 
 use super::lock;
-use super::virtio::block::{BlockDevice, QUEUE_MAX_SIZE};
+use super::virtio::block::{BlockDevice, BlockDeviceError, QUEUE_MAX_SIZE};
 use super::virtio::pci::{TransportError, VirtioBackend, VirtioPci, VirtioPciState};
 use super::virtio::worker::IoThread;
 use crate::block::{BlockError, DiskImage, LockMode};
@@ -21,11 +21,15 @@ use crate::migrate::state::{DeviceDescription, Migratable, StateError};
 const MASS_STORAGE_CLASS: u32 = 0x01_0000;
 const VIRTIO_BLOCK_TYPE: u16 = 2;
 
-/// Why a disk could not be set up.
+/// Why a disk could not be set up, or could not take part in a migration's hand-over.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
+    /// Opening the image, or taking or giving up its lock.
     #[error(transparent)]
     Image(#[from] BlockError),
+    /// Flushing what the disk completed to stable storage.
+    #[error(transparent)]
+    Device(#[from] BlockDeviceError),
     #[error("-device {id}: {source}")]
     Transport {
         id: String,
@@ -41,6 +45,8 @@ pub enum DiskError {
 }
 
 impl VirtioBackend for BlockDevice {
+    type Error = BlockDeviceError;
+
     fn device_type(&self) -> u16 {
         VIRTIO_BLOCK_TYPE
     }
@@ -65,11 +71,15 @@ impl VirtioBackend for BlockDevice {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         BlockDevice::write_config(self, offset, data)
     }
-    fn process_queue(&mut self, memory: &GuestMemory, queue: &mut Queue) -> Result<bool, String> {
-        BlockDevice::process_queue(self, memory, queue).map_err(|e| e.to_string())
+    fn process_queue(
+        &mut self,
+        memory: &GuestMemory,
+        queue: &mut Queue,
+    ) -> Result<bool, BlockDeviceError> {
+        BlockDevice::process_queue(self, memory, queue)
     }
-    fn flush(&mut self) -> Result<(), String> {
-        BlockDevice::flush(self).map_err(|e| e.to_string())
+    fn flush(&mut self) -> Result<(), BlockDeviceError> {
+        BlockDevice::flush(self)
     }
 }
 
@@ -162,36 +172,31 @@ impl Disk {
 
     /// The migration's drain: no new request is taken, none is in flight, and every completed
     /// write is on stable storage.
-    pub fn quiesce(&self) -> Result<(), String> {
+    pub fn quiesce(&self) -> Result<(), DiskError> {
         // Once quiesced the I/O thread takes nothing new, so the flush needs no lock held over it.
         lock(&self.device).quiesce();
         self.flush()
     }
 
     /// Makes what the disk completed so far durable.
-    pub fn flush(&self) -> Result<(), String> {
-        lock(&self.device)
-            .backend
-            .flush()
-            .map_err(|e| format!("disk {}: flush failed: {e}", self.config.id))
+    pub fn flush(&self) -> Result<(), DiskError> {
+        Ok(lock(&self.device).backend.flush()?)
     }
 
     /// Gives up the image's write lock so that the destination can take it.
-    pub fn release_image(&self) -> Result<(), String> {
-        lock(&self.device)
+    pub fn release_image(&self) -> Result<(), DiskError> {
+        Ok(lock(&self.device)
             .backend
             .image_mut()
-            .set_lock_mode(LockMode::Inactive)
-            .map_err(|e| e.to_string())
+            .set_lock_mode(LockMode::Inactive)?)
     }
 
     /// Takes the image's lock (again), without taking requests yet.
-    pub fn take_image(&self) -> Result<(), String> {
-        lock(&self.device)
+    pub fn take_image(&self) -> Result<(), DiskError> {
+        Ok(lock(&self.device)
             .backend
             .image_mut()
-            .set_lock_mode(LockMode::Active)
-            .map_err(|e| e.to_string())
+            .set_lock_mode(LockMode::Active)?)
     }
 
     /// Takes requests again, including those the guest queued meanwhile.
@@ -259,9 +264,9 @@ impl Migratable for DiskSection<'_> {
         let disk = self.0;
         lock(&disk.device)
             .restore(state.transport)
-            .map_err(|reason| StateError::Restore {
+            .map_err(|error| StateError::Restore {
                 what: disk.config.id.clone(),
-                reason,
+                reason: error.to_string(),
             })
     }
 }

@@ -10,9 +10,9 @@ use std::sync::Mutex;
 
 use super::pci::PciRoot;
 
-pub use disk::Disk;
+pub use disk::{Disk, DiskError};
 pub use i8042::{ResetTrigger, I8042};
-pub use serial::{Serial, SerialOutput, SerialState};
+pub use serial::{Serial, SerialError, SerialOutput, SerialState};
 
 const SERIAL_PORT_BASE: u16 = 0x3f8;
 const SERIAL_PORT_END: u16 = 0x3ff;
@@ -107,18 +107,18 @@ impl Devices {
 impl Devices {
     /// The migration's drain, once the vCPUs are paused: every disk stops taking requests and
     /// completes and flushes what it took.
-    pub fn quiesce_disks(&self) -> Result<(), String> {
+    pub fn quiesce_disks(&self) -> Result<(), DiskError> {
         let _transition = lock(&self.disk_transition);
         self.disks.iter().try_for_each(Disk::quiesce)
     }
 
     /// Makes what the disks completed so far durable, without stopping them.
-    pub fn flush_disks(&self) -> Result<(), String> {
+    pub fn flush_disks(&self) -> Result<(), DiskError> {
         self.disks.iter().try_for_each(Disk::flush)
     }
 
     /// Hands the disks' image locks over, once the destination has restored the VM.
-    pub fn release_images(&self) -> Result<(), String> {
+    pub fn release_images(&self) -> Result<(), DiskError> {
         let _transition = lock(&self.disk_transition);
         self.disks.iter().try_for_each(Disk::release_image)
     }
@@ -128,13 +128,13 @@ impl Devices {
     /// runs a request unless every image is locked, and a failure leaves no image locked for
     /// writing (the other side may then take them all). A drain still running (a cancel
     /// arrived during it) finishes first.
-    pub fn activate_disks(&self) -> Result<(), String> {
+    pub fn activate_disks(&self) -> Result<(), DiskError> {
         let _transition = lock(&self.disk_transition);
         for (taken, disk) in self.disks.iter().enumerate() {
             if let Err(error) = disk.take_image() {
                 for disk in &self.disks[..taken] {
                     if let Err(release) = disk.release_image() {
-                        tracing::error!(id = %disk.config.id, release, "cannot let go of an image");
+                        tracing::error!(id = %disk.config.id, %release, "cannot let go of an image");
                     }
                 }
                 return Err(error);
@@ -154,7 +154,7 @@ impl Devices {
             .try_for_each(Disk::quiesce)
             .and_then(|()| self.disks.iter().try_for_each(Disk::release_image));
         if let Err(error) = released {
-            tracing::error!(error, "cannot hand the disks back");
+            tracing::error!(%error, "cannot hand the disks back");
         }
     }
 }

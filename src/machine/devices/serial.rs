@@ -22,6 +22,15 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Why migrated serial state could not be put back.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("cannot create an eventfd for the serial port's interrupt: {0}")]
+    EventFd(#[source] io::Error),
+    #[error("invalid serial state: {0}")]
+    State(#[source] vm_superio::serial::Error<io::Error>),
+}
+
 /// Where the guest's serial output goes.
 pub enum SerialOutput {
     /// Standard output, flushed on every write so prompts without a newline show up.
@@ -125,7 +134,7 @@ impl Serial {
     }
 
     /// Rebuilds the UART from migrated state, keeping this side's interrupt line and output.
-    pub fn restore(&mut self, state: &SerialState) -> Result<(), String> {
+    pub fn restore(&mut self, state: &SerialState) -> Result<(), SerialError> {
         let uart_state = UartState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -138,20 +147,22 @@ impl Serial {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        let placeholder = Uart::new(
-            IrqTrigger(EventFd::new(0).map_err(|e| e.to_string())?),
-            SerialOutput::Sink,
-        );
-        let old = std::mem::replace(&mut self.uart, placeholder);
+        // Everything that can fail before the UART is taken apart fails first, so that such a
+        // failure leaves this side's interrupt line and output in place.
         let interrupt = IrqTrigger(
-            old.interrupt_evt()
+            self.uart
+                .interrupt_evt()
                 .0
                 .try_clone()
-                .map_err(|e| e.to_string())?,
+                .map_err(SerialError::EventFd)?,
         );
-        let output = old.into_writer();
+        let placeholder = Uart::new(
+            IrqTrigger(EventFd::new(0).map_err(SerialError::EventFd)?),
+            SerialOutput::Sink,
+        );
+        let output = std::mem::replace(&mut self.uart, placeholder).into_writer();
         self.uart = Uart::from_state(&uart_state, interrupt, NoEvents, output)
-            .map_err(|e| format!("invalid serial state: {e:?}"))?;
+            .map_err(SerialError::State)?;
         Ok(())
     }
 }

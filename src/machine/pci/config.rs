@@ -214,19 +214,14 @@ impl ConfigSpace {
 
     /// Puts back a snapshot taken from a function built from the same configuration; the
     /// read-only parts must match, or the two ends do not have the same device.
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), ConfigSpaceError> {
         if bytes.len() != CONFIG_SPACE_SIZE {
-            return Err(format!(
-                "config space of {} bytes, expected {CONFIG_SPACE_SIZE}",
-                bytes.len()
-            ));
+            return Err(ConfigSpaceError::Size(bytes.len()));
         }
         for (at, (&saved, &mine)) in bytes.iter().zip(self.bytes.iter()).enumerate() {
             let fixed = !self.writable[at];
             if saved & fixed != mine & fixed && !self.is_device_register(at) {
-                return Err(format!(
-                    "read-only config byte {at:#x} is {saved:#04x} on the source and {mine:#04x} here"
-                ));
+                return Err(ConfigSpaceError::ReadOnlyByte { at, saved, mine });
             }
         }
         self.bytes.copy_from_slice(bytes);
@@ -237,6 +232,18 @@ impl ConfigSpace {
     fn is_device_register(&self, at: usize) -> bool {
         (FIRST_CAPABILITY..PCI_CONFIG_END).contains(&at)
     }
+}
+
+/// Why a migrated configuration space does not fit the function it is restored into.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigSpaceError {
+    #[error("config space of {0} bytes, expected {CONFIG_SPACE_SIZE}")]
+    Size(usize),
+    #[error(
+        "read-only config byte {at:#x} is {saved:#04x} on the source and {mine:#04x} here; \
+         the two ends emulate different devices (compare their ferry versions and -device options)"
+    )]
+    ReadOnlyByte { at: usize, saved: u8, mine: u8 },
 }
 
 /// A virtio-blk function's identity, for tests.
@@ -318,6 +325,10 @@ mod tests {
             device: 0x1041,
             ..VIRTIO_BLK_IDS
         });
-        assert!(other.restore(&source.snapshot()).is_err());
+        let error = other.restore(&source.snapshot()).unwrap_err();
+        assert!(
+            matches!(error, ConfigSpaceError::ReadOnlyByte { at: DEVICE_ID, .. }),
+            "{error}"
+        );
     }
 }

@@ -230,13 +230,12 @@ impl Msix {
     }
 
     /// Puts back a saved table (the config space must be restored first) and routes it.
-    pub fn restore(&mut self, state: MsixState, config: &ConfigSpace) -> Result<(), String> {
+    pub fn restore(&mut self, state: MsixState, config: &ConfigSpace) -> Result<(), MsixError> {
         if state.entries.len() != self.entries.len() || state.pending.len() != self.pending.len() {
-            return Err(format!(
-                "{} MSI-X vectors on the source, {} here",
-                state.entries.len(),
-                self.entries.len()
-            ));
+            return Err(MsixError::VectorCount {
+                source_vectors: state.entries.len(),
+                here: self.entries.len(),
+            });
         }
         self.entries = state.entries;
         self.pending = state.pending;
@@ -246,6 +245,16 @@ impl Msix {
         self.config_written(config);
         Ok(())
     }
+}
+
+/// Why a migrated MSI-X table does not fit the function it is restored into.
+#[derive(Debug, thiserror::Error)]
+pub enum MsixError {
+    #[error(
+        "{source_vectors} MSI-X vectors on the source, {here} here; the two ends configure the \
+         device differently (compare its num-queues)"
+    )]
+    VectorCount { source_vectors: usize, here: usize },
 }
 
 #[cfg(test)]
@@ -337,6 +346,16 @@ mod tests {
         let Some((_, mut smaller)) = function(2) else {
             return;
         };
-        assert!(smaller.restore(state, &config).is_err());
+        let error = smaller.restore(state, &config).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                MsixError::VectorCount {
+                    source_vectors: 3,
+                    here: 2
+                }
+            ),
+            "{error}"
+        );
     }
 }

@@ -36,7 +36,7 @@ const MAX_ZERO_SEGMENTS: u32 = 1;
 const BOUNCE_SIZE: usize = 1 << 20;
 
 /// A failure of the queue itself (as opposed to a failed request, which the guest is told about
-/// through the request's status byte).
+/// through the request's status byte), or of the image when the VMM flushes it.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockDeviceError {
     #[error("virtio-blk {id}: the driver left the queue in a state the device cannot use")]
@@ -44,6 +44,12 @@ pub enum BlockDeviceError {
         id: String,
         #[source]
         source: virtio_queue::Error,
+    },
+    #[error("disk {id}: flush failed: {source}")]
+    Flush {
+        id: String,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -231,8 +237,13 @@ impl BlockDevice {
     }
 
     /// Makes every write the guest completed durable, for a migration's drain.
-    pub fn flush(&self) -> std::io::Result<()> {
-        self.image.flush()
+    pub fn flush(&self) -> Result<(), BlockDeviceError> {
+        self.image
+            .flush()
+            .map_err(|source| BlockDeviceError::Flush {
+                id: self.id.clone(),
+                source,
+            })
     }
 }
 

@@ -57,6 +57,8 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// What a virtio device model gives the transport.
 pub trait VirtioBackend: Send {
+    /// Why a queue could not be processed or the device could not flush.
+    type Error: std::error::Error + Send + Sync + 'static;
     /// The virtio device type (2 = block).
     fn device_type(&self) -> u16;
     /// The PCI class code the function reports.
@@ -68,9 +70,13 @@ pub trait VirtioBackend: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Handles every request `queue` holds; true if the driver must be interrupted.
-    fn process_queue(&mut self, memory: &GuestMemory, queue: &mut Queue) -> Result<bool, String>;
+    fn process_queue(
+        &mut self,
+        memory: &GuestMemory,
+        queue: &mut Queue,
+    ) -> Result<bool, Self::Error>;
     /// Makes every completed write durable (the migration's drain, and a reset).
-    fn flush(&mut self) -> Result<(), String>;
+    fn flush(&mut self) -> Result<(), Self::Error>;
 }
 
 /// The driver-visible registers of the common configuration.
@@ -212,7 +218,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             Err(error) => {
                 // A ring the device cannot parse: virtio's answer is NEEDS_RESET, and the
                 // driver decides; the VM goes on.
-                tracing::error!(device = %self.id, queue = index, error, "virtqueue broken");
+                tracing::error!(device = %self.id, queue = index, %error, "virtqueue broken");
                 self.common.status |= STATUS_NEEDS_RESET;
                 self.common.config_generation = self.common.config_generation.wrapping_add(1);
                 self.msix.trigger(self.common.msix_config);
@@ -239,7 +245,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
     fn reset(&mut self) {
         self.unregister_ioevents();
         if let Err(error) = self.backend.flush() {
-            tracing::warn!(device = %self.id, error, "flush at device reset failed");
+            tracing::warn!(device = %self.id, %error, "flush at device reset failed");
         }
         for queue in &mut self.queues {
             queue.reset();
@@ -434,6 +440,6 @@ pub enum TransportError {
 mod common;
 mod persist;
 
-pub use persist::{QueueState, VirtioPciState};
+pub use persist::{QueueState, RestoreError, VirtioPciState};
 #[cfg(test)]
 mod tests;

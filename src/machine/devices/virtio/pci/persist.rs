@@ -4,6 +4,32 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddress;
 
 use super::*;
+use crate::machine::pci::config::ConfigSpaceError;
+use crate::machine::pci::msix::MsixError;
+
+/// Why a migrated transport does not fit the function it is restored into.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(
+        "{source_queues} queues on the source, {here} here; give both ends the same num-queues"
+    )]
+    QueueCount { source_queues: usize, here: usize },
+    #[error(
+        "the guest's driver uses features {unknown:#x} that this side's device does not offer \
+         (offered here: {offered:#x}); the image's file system or direct= differs"
+    )]
+    Features { unknown: u64, offered: u64 },
+    #[error(transparent)]
+    ConfigSpace(#[from] ConfigSpaceError),
+    #[error(transparent)]
+    Msix(#[from] MsixError),
+    #[error("queue {index}: invalid {what} {value:#x}")]
+    Queue {
+        index: usize,
+        what: &'static str,
+        value: u64,
+    },
+}
 
 /// One queue as the driver configured it and as far as the device got.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,21 +80,17 @@ impl<B: VirtioBackend> VirtioPci<B> {
     }
 
     /// Puts a saved transport into this freshly built one (quiesced: the caller lets it run).
-    pub fn restore(&mut self, state: VirtioPciState) -> Result<(), String> {
+    pub fn restore(&mut self, state: VirtioPciState) -> Result<(), RestoreError> {
         if state.queues.len() != self.queues.len() {
-            return Err(format!(
-                "{} queues on the source, {} here",
-                state.queues.len(),
-                self.queues.len()
-            ));
+            return Err(RestoreError::QueueCount {
+                source_queues: state.queues.len(),
+                here: self.queues.len(),
+            });
         }
         let offered = self.backend.device_features();
         let unknown = state.common.driver_features & !offered;
         if unknown != 0 {
-            return Err(format!(
-                "the guest's driver uses features {unknown:#x} that this side's device does not \
-                 offer (offered here: {offered:#x}); the image's file system or direct= differs"
-            ));
+            return Err(RestoreError::Features { unknown, offered });
         }
         self.config.restore(&state.config_space)?;
         self.msix.restore(state.msix, &self.config)?;
@@ -82,7 +104,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             .enumerate()
         {
             let invalid =
-                |what: &str, value: u64| format!("queue {index}: invalid {what} {value:#x}");
+                |what: &'static str, value: u64| RestoreError::Queue { index, what, value };
             queue
                 .try_set_size(saved.size)
                 .map_err(|_| invalid("size", saved.size.into()))?;
