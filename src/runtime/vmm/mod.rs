@@ -213,7 +213,10 @@ impl Vmm {
     /// Answers one request; `Some` when the request ends the VM.
     async fn handle_request(&mut self, envelope: Envelope) -> Option<Ending> {
         let Envelope { request, reply } = envelope;
-        if !matches!(request, Request::QueryMigrate | Request::QueryStatus) {
+        // `query-migrate` answers from the progress record as it is; everything else, the run
+        // state included, waits for a migration that said it ended to hand the VM back, so
+        // that `completed` is never followed by a `query-status` that still says `running`.
+        if !matches!(request, Request::QueryMigrate) {
             self.settle_ended_migration().await;
         }
         let mut ending = None;
