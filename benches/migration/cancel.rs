@@ -4,7 +4,10 @@
 //! guest the longest stretch in which a vCPU did not run after the command (`ferry.blackout`:
 //! its `gap` lines, stretches over [`BLACKOUT_MS`] ms). The source runs its guest again at
 //! the latest `canceled` plus that stall after the command: that sum is the latency. The first
-//! `tick` line after `canceled` (every [`TICK_MS`] ms) shows the guest is alive. It also notes
+//! `tick` line after `canceled` (every [`TICK_MS`] ms) shows the guest is alive. The longest
+//! stall during the pre-copy before the command is printed beside it: on two cores shared by
+//! two sweeping vCPUs, two VMMs and the bench, the scheduler alone keeps a vCPU off its core
+//! for several ms at times, cancel or not. It also notes
 //! how the destination ends: ferry's README says one that never got the commit exits with
 //! status 1.
 
@@ -54,6 +57,10 @@ pub struct CancelRun {
     /// The longest stretch a vCPU did not run, of those it reported after the command
     /// (0 when none was over [`BLACKOUT_MS`]).
     pub stall_ms: Option<f64>,
+    /// The same during the pre-copy before the command: how long this host's scheduler alone
+    /// keeps a sweeping vCPU off its core (two vCPUs, two VMMs and the bench on two cores),
+    /// to read `stall_ms` against.
+    pub stall_before_ms: Option<f64>,
     /// `query-status` on the source afterwards.
     pub source_status: Option<String>,
     /// How the destination ended, and when (from the cancel).
@@ -134,13 +141,14 @@ impl CancelRun {
     pub fn one_line(&self) -> String {
         let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
         let mut line = format!(
-            "{:<12} answer {} ms, canceled {} ms, guest stalled {} ms, ticks {} ms; source {}, \
-             destination {} \
-             after {} ms; ferry's log: hang-up to dirty log off {} ms",
+            "{:<12} answer {} ms, canceled {} ms, guest stalled {} ms (before the cancel {} ms), \
+             ticks {} ms; source {}, destination {} after {} ms; ferry's log: hang-up to dirty \
+             log off {} ms",
             self.status,
             ms(self.reply_ms),
             ms(self.canceled_ms),
             ms(self.stall_ms),
+            ms(self.stall_before_ms),
             ms(self.resumed_ms),
             self.source_status.as_deref().unwrap_or("?"),
             self.destination_exit.as_deref().unwrap_or("?"),
@@ -168,6 +176,7 @@ impl CancelRun {
             "canceled_ms": self.canceled_ms,
             "resumed_ms": self.resumed_ms,
             "stall_ms": self.stall_ms,
+            "stall_before_ms": self.stall_before_ms,
             "latency_ms": self.latency_ms(),
             "source_status": self.source_status,
             "destination_exit": self.destination_exit,
@@ -207,7 +216,7 @@ impl CancelResult {
             })
         };
         println!(
-            "{:<5} {:>5}  {}  {}  {}  {}  {}",
+            "{:<5} {:>5}  {}  {}  {}  {}  {}  {}",
             self.transport.name(),
             format!(
                 "{}/{}",
@@ -217,6 +226,7 @@ impl CancelResult {
             cell(self.stats(|r| r.reply_ms)),
             cell(self.stats(|r| r.canceled_ms)),
             cell(self.stats(|r| r.stall_ms)),
+            cell(self.stats(|r| r.stall_before_ms)),
             cell(self.latency()),
             cell(self.stats(|r| r.hang_up_and_log_off_ms)),
         );
@@ -237,6 +247,7 @@ impl CancelResult {
             "reply_ms": stats(self.stats(|r| r.reply_ms)),
             "canceled_ms": stats(self.stats(|r| r.canceled_ms)),
             "stall_ms": stats(self.stats(|r| r.stall_ms)),
+            "stall_before_ms": stats(self.stats(|r| r.stall_before_ms)),
             "latency_ms": stats(self.latency()),
             "hang_up_and_dirty_log_off_ms": stats(self.stats(|r| r.hang_up_and_log_off_ms)),
             "results": self.runs.iter().map(CancelRun::to_json).collect::<Vec<_>>(),
@@ -246,18 +257,19 @@ impl CancelResult {
 
 pub fn print_header() {
     println!(
-        "{:<5} {:>5}  {:>22}  {:>22}  {:>22}  {:>22}  {:>22}",
+        "{:<5} {:>5}  {:>22}  {:>22}  {:>22}  {:>22}  {:>22}  {:>22}",
         "",
         "done",
         "answer (ms)",
         "says canceled (ms)",
         "guest stalled (ms)",
+        "stalled before (ms)",
         "latency (ms)",
         "log: to dirty log off"
     );
     let stats = format!("{:>8} {:>6} {:>6}", "median", "min", "max");
     println!(
-        "{:<5} {:>5}  {stats}  {stats}  {stats}  {stats}  {stats}",
+        "{:<5} {:>5}  {stats}  {stats}  {stats}  {stats}  {stats}  {stats}",
         "", ""
     );
 }
@@ -314,6 +326,7 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     }
 
     let mut source = Qmp::connect(&source_qmp);
+    let lines_at_migrate = pair.vms[0].lines().len();
     source.ok("migrate", Some(json!({"uri": uri})));
     let asked = Instant::now();
     let mut record = CancelRun {
@@ -387,12 +400,14 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     };
     if outcome.is_ok() {
         std::thread::sleep(GAP_SETTLE);
-        let after: Vec<GuestLine> = lines_from(&pair.vms[0], lines_before_cancel)
-            .iter()
-            .map(|l| GuestLine::parse(l))
-            .collect();
-        let longest = gaps_by_cpu(&after).into_values().flatten().max();
-        record.stall_ms = Some(longest.unwrap_or(0) as f64 / 1000.0);
+        let lines = pair.vms[0].lines();
+        let longest_ms = |lines: &[String]| {
+            let parsed: Vec<GuestLine> = lines.iter().map(|l| GuestLine::parse(l)).collect();
+            let longest = gaps_by_cpu(&parsed).into_values().flatten().max();
+            longest.unwrap_or(0) as f64 / 1000.0
+        };
+        record.stall_before_ms = Some(longest_ms(&lines[lines_at_migrate..lines_before_cancel]));
+        record.stall_ms = Some(longest_ms(&lines[lines_before_cancel..]));
     }
     record.source_status = Some(source.status());
     (record.source_log, record.hang_up_and_log_off_ms) = cancel_log(&pair.vms[0].stderr());
