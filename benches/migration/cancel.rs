@@ -1,15 +1,15 @@
 //! How long `migrate_cancel` takes to give the source its guest back: a sweeping 1 GiB guest
 //! starts migrating, and once round 0 has sent about a third of its RAM the bench cancels, then
-//! times the source's answer and its `query-migrate` saying `canceled`, and takes from the
-//! guest the longest stretch in which a vCPU did not run after the command (`ferry.blackout`:
-//! its `gap` lines, stretches over [`BLACKOUT_MS`] ms). The source runs its guest again at
-//! the latest `canceled` plus that stall after the command: that sum is the latency. The first
-//! `tick` line after `canceled` (every [`TICK_MS`] ms) shows the guest is alive. The longest
-//! stall during the pre-copy before the command is printed beside it: on two cores shared by
-//! two sweeping vCPUs, two VMMs and the bench, the scheduler alone keeps a vCPU off its core
-//! for several ms at times, cancel or not. It also notes
-//! how the destination ends: ferry's README says one that never got the commit exits with
-//! status 1.
+//! times the source's answer and its `query-migrate` saying `canceled` (ferry says it once the
+//! vCPUs run), and takes from the guest the longest stretch in which a vCPU did not run after
+//! the command (`ferry.blackout`: its `gap` lines, stretches over [`BLACKOUT_MS`] ms), and the
+//! longest during the pre-copy before it: on two cores shared by two sweeping vCPUs, two VMMs
+//! and the bench, the scheduler alone keeps a vCPU off its core for several ms at times, cancel
+//! or not. The latency is the time to `canceled`, plus the stall after the command if it was
+//! longer than any before it (then the cancel, not the host, may have held the guest). The
+//! first `tick` line after `canceled` (every [`TICK_MS`] ms) shows the guest is alive. It also
+//! notes how the destination ends: ferry's README says one that never got the commit exits
+//! with status 1.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -132,10 +132,16 @@ impl CancelRun {
         !matches!(self.status.as_str(), "canceled" | "missed")
     }
 
-    /// When the source had its guest running again, at the latest: `canceled`, then the
-    /// guest's longest stall after the command.
+    /// When the source had its guest running again: `canceled`, and then the guest's longest
+    /// stall after the command unless the host's scheduling alone stalled it as long before.
     pub fn latency_ms(&self) -> Option<f64> {
-        Some(self.canceled_ms? + self.stall_ms?)
+        let stall = self.stall_ms?;
+        let held = if stall > self.stall_before_ms? {
+            stall
+        } else {
+            0.0
+        };
+        Some(self.canceled_ms? + held)
     }
 
     pub fn one_line(&self) -> String {
