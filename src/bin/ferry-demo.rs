@@ -1,7 +1,7 @@
 //! ferry's main job, shown on the built-in guest: a live migration from one ferry process to
 //! another while the guest sweeps its memory and ticks, with the progress and the result.
 //!
-//! usage: ferry-demo [tcp|unix] [MEM_MIB]
+//! usage: `ferry-demo [tcp|unix] [MEM_MIB]`
 #![expect(
     clippy::print_stdout,
     reason = "the demo talks to the person who runs it"

@@ -1,5 +1,5 @@
 //! The state KVM holds for the VM and its vCPUs, saved and restored through
-//! [`Migratable`](crate::migrate::state::Migratable).
+//! [`Migratable`].
 //!
 //! Orders follow what was measured on this host (shared/notes/kvm-host.md §4): a vCPU is saved
 //! with its events last, and restored CPUID first, LAPIC after the special registers (APIC base)
