@@ -710,3 +710,73 @@ fn a_guest_that_cannot_converge_fails_at_the_convergence_timeout() {
     assert_source_runs(&source);
     assert!(!destination.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// With the `auto-converge` capability off, a guest that outruns the link is never held back
+/// (and fails at its convergence timeout); capabilities cannot change during a migration.
+#[test]
+fn without_auto_converge_the_guest_is_never_throttled() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Unix);
+    let source = world.fast_dirtying_source();
+    let mut qmp = source.qmp();
+    let auto_converge =
+        |state: bool| json!({"capabilities": [{"capability": "auto-converge", "state": state}]});
+    let listed = |qmp: &mut ferry::harness::Qmp| {
+        qmp.ok("query-migrate-capabilities", None)
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|c| c["capability"] == "auto-converge")
+                    .cloned()
+            })
+            .expect("auto-converge is listed")["state"]
+            .clone()
+    };
+    assert_eq!(listed(&mut qmp), true, "on by default");
+    qmp.ok("migrate-set-capabilities", Some(auto_converge(false)));
+    assert_eq!(listed(&mut qmp), false);
+    let refused = qmp.error(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]})),
+    );
+    assert!(
+        refused.contains("does not have the migration capability 'postcopy-ram'"),
+        "{refused}"
+    );
+
+    let slow = json!({"downtime-limit": 1, "max-bandwidth": 50_000_000, "convergence-timeout": 3});
+    qmp.ok("migrate-set-parameters", Some(slow));
+    let uri = world.uri();
+    let mut destination = world.destination(2, &uri, true);
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    let busy = qmp.error("migrate-set-capabilities", Some(auto_converge(true)));
+    assert!(busy.contains("a migration is in progress"), "{busy}");
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let mut rounds = 0;
+    let info = loop {
+        let info = qmp.ok("query-migrate", None);
+        if !matches!(info["status"].as_str(), Some("setup" | "active")) {
+            break info;
+        }
+        assert_eq!(
+            info["cpu-throttle-percentage"].as_u64().unwrap_or(0),
+            0,
+            "{info}"
+        );
+        rounds = rounds.max(info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0));
+        assert!(Instant::now() < deadline, "{info}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(
+        rounds >= 3,
+        "the guest outran the link for only {rounds} rounds: {info}"
+    );
+    assert_source_runs(&source);
+    assert!(!destination.wait_exit(Duration::from_secs(10)).success());
+    qmp.ok("migrate-set-capabilities", Some(auto_converge(true)));
+    assert_eq!(listed(&mut qmp), true);
+}

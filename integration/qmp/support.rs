@@ -210,6 +210,8 @@ impl FakeVm {
                 "downtime-limit": self.downtime_limit_ms,
                 "max-bandwidth": self.max_bandwidth,
             })),
+            Request::MigrateSetCapabilities(_) => Ok(json!({})),
+            Request::QueryMigrateCapabilities => Ok(json!([])),
         };
         let _ = reply.send(answer);
     }

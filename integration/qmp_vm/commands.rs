@@ -15,7 +15,7 @@ use crate::support::{
 };
 
 /// What the README lists as supported, in QEMU's spelling.
-const SUPPORTED: [&str; 18] = [
+const SUPPORTED: [&str; 20] = [
     "qmp_capabilities",
     "query-version",
     "query-commands",
@@ -34,6 +34,8 @@ const SUPPORTED: [&str; 18] = [
     "query-migrate",
     "migrate-set-parameters",
     "query-migrate-parameters",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
 ];
 
 #[test]

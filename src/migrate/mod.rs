@@ -20,6 +20,7 @@
 //! the destination never runs the guest; the destination runs it only on COMMIT, so there are
 //! never two running copies.
 
+pub mod capabilities;
 pub mod destination;
 pub mod dirty;
 pub mod landing;
@@ -43,15 +44,17 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde_json::json;
 
+use self::capabilities::Capabilities;
 use self::params::MigrationParameters;
 use self::progress::{MigrationStatus, Progress};
 use crate::runtime::control::{Event, VmHandle};
 
 /// What the migration task and the VM owner share: the progress `query-migrate` reads, the
-/// parameters `migrate-set-parameters` writes, and the event channel.
+/// parameters and capabilities the operator sets, and the event channel.
 pub struct Shared {
     progress: Mutex<Progress>,
     params: Mutex<MigrationParameters>,
+    capabilities: Mutex<Capabilities>,
     /// Set while the source's vCPUs are paused for the switchover (`finish-migrate`).
     pub switchover: AtomicBool,
     /// Whether an incoming guest runs once it has arrived (no -S, or `cont` since).
@@ -64,6 +67,7 @@ impl Shared {
         Self {
             progress: Mutex::new(Progress::new()),
             params: Mutex::new(MigrationParameters::default()),
+            capabilities: Mutex::new(Capabilities::default()),
             switchover: AtomicBool::new(false),
             autostart: AtomicBool::new(autostart),
             events,
@@ -85,6 +89,12 @@ impl Shared {
 
     pub fn params(&self) -> MutexGuard<'_, MigrationParameters> {
         self.params.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn capabilities(&self) -> MutexGuard<'_, Capabilities> {
+        self.capabilities
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn in_switchover(&self) -> bool {

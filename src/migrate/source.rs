@@ -295,7 +295,7 @@ async fn stream_guest(
         let params = *shared.params();
         let limit = Duration::from_millis(params.downtime_limit_ms);
         let throttle = vm.vcpus.throttle();
-        if round > 0 {
+        if round > 0 && shared.capabilities().auto_converge {
             throttle.set(next_throttle(
                 throttle.percent(),
                 dirty * PAGE_SIZE,

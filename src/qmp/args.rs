@@ -89,6 +89,28 @@ impl Args {
         }
     }
 
+    /// A list of objects (`migrate-set-capabilities`' `capabilities`).
+    pub(crate) fn objects(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Vec<Map<String, Value>>, CommandError> {
+        let invalid = CommandError::InvalidArgumentType {
+            name,
+            expected: "array of objects",
+        };
+        match self.map.remove(name) {
+            None => Err(CommandError::MissingArgument(name)),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    Value::Object(object) => Ok(object),
+                    _ => Err(invalid.clone()),
+                })
+                .collect(),
+            Some(_) => Err(invalid),
+        }
+    }
+
     /// A list of strings (`qmp_capabilities`' `enable`).
     pub(crate) fn optional_strings(
         &mut self,

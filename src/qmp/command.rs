@@ -30,6 +30,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "query-migrate",
     "migrate-set-parameters",
     "query-migrate-parameters",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
 ];
 
 /// QEMU's upper bound for `downtime-limit`: 2000 seconds, in milliseconds.
@@ -171,6 +173,7 @@ impl Command {
                 }))
             }
             "migrate-set-parameters" => migrate_set_parameters(arguments),
+            "migrate-set-capabilities" => migrate_set_capabilities(arguments),
             _ => Err(CommandError::CommandNotFound(name.to_owned())),
         }
     }
@@ -190,6 +193,7 @@ impl Command {
             "migrate_cancel" => Self::Vm(Request::MigrateCancel),
             "query-migrate" => Self::Vm(Request::QueryMigrate),
             "query-migrate-parameters" => Self::Vm(Request::QueryMigrateParameters),
+            "query-migrate-capabilities" => Self::Vm(Request::QueryMigrateCapabilities),
             _ => return None,
         })
     }
@@ -331,6 +335,25 @@ fn migrate_set_parameters(arguments: Map<String, Value>) -> Result<Command, Comm
             convergence_timeout_s,
         },
     )))
+}
+
+/// `migrate-set-capabilities {"capabilities": [{"capability": NAME, "state": BOOL}, ...]}`;
+/// which names exist is the migration's to judge.
+fn migrate_set_capabilities(arguments: Map<String, Value>) -> Result<Command, CommandError> {
+    let mut args = Args::new("migrate-set-capabilities", &["capabilities"], arguments)?;
+    let changes = args
+        .objects("capabilities")?
+        .into_iter()
+        .map(|item| {
+            let mut item = Args::new("capabilities", &["capability", "state"], item)?;
+            let capability = item.string("capability")?;
+            let state = item
+                .optional_bool("state")?
+                .ok_or(CommandError::MissingArgument("state"))?;
+            Ok((capability, state))
+        })
+        .collect::<Result<_, CommandError>>()?;
+    Ok(Command::Vm(Request::MigrateSetCapabilities(changes)))
 }
 
 #[cfg(test)]

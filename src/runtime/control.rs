@@ -37,6 +37,9 @@ pub enum Request {
     QueryMigrate,
     MigrateSetParameters(MigrationParameterUpdate),
     QueryMigrateParameters,
+    /// `(capability, state)` pairs, as the client listed them.
+    MigrateSetCapabilities(Vec<(String, bool)>),
+    QueryMigrateCapabilities,
 }
 
 /// The parameters of `migrate-set-parameters`; `None` leaves a parameter as it is.

@@ -100,6 +100,7 @@ fn every_listed_command_parses_and_nothing_is_listed_twice() {
     let minimal = |name: &str| match name {
         "pmemsave" => json!({"val": 0, "size": 4096, "filename": "/tmp/m"}),
         "migrate" | "migrate-incoming" => json!({"uri": "unix:/tmp/m.sock"}),
+        "migrate-set-capabilities" => json!({"capabilities": []}),
         _ => json!({}),
     };
     for name in COMMAND_NAMES {
@@ -393,4 +394,53 @@ async fn the_vm_owners_answer_is_the_reply() {
         (ErrorClass::GenericError, "the guest has shut down".into())
     );
     owner.await.unwrap();
+}
+
+#[test]
+fn migrate_set_capabilities_arguments() {
+    let set = |arguments: Value| parse(execute("migrate-set-capabilities", arguments));
+    let list = json!({"capabilities": [
+        {"capability": "auto-converge", "state": false},
+        {"capability": "xbzrle", "state": false},
+    ]});
+    assert_eq!(
+        set(list).unwrap(),
+        Command::Vm(Request::MigrateSetCapabilities(vec![
+            ("auto-converge".into(), false),
+            ("xbzrle".into(), false),
+        ]))
+    );
+    for (arguments, message) in [
+        (json!({}), "Parameter 'capabilities' is missing"),
+        (
+            json!({"capabilities": {"capability": "auto-converge"}}),
+            "Invalid parameter type for 'capabilities', expected: array of objects",
+        ),
+        (
+            json!({"capabilities": ["auto-converge"]}),
+            "Invalid parameter type for 'capabilities', expected: array of objects",
+        ),
+        (
+            json!({"capabilities": [{"capability": "auto-converge"}]}),
+            "Parameter 'state' is missing",
+        ),
+        (
+            json!({"capabilities": [{"capability": "auto-converge", "state": "on"}]}),
+            "Invalid parameter type for 'state', expected: boolean",
+        ),
+        (
+            json!({"capabilities": [{"name": "auto-converge", "state": true}]}),
+            "Parameter 'name' is unexpected; capabilities takes capability, state",
+        ),
+    ] {
+        assert_eq!(
+            desc(execute("migrate-set-capabilities", arguments.clone())),
+            message,
+            "{arguments}"
+        );
+    }
+    assert_eq!(
+        parse(json!({"execute": "query-migrate-capabilities"})).unwrap(),
+        Command::Vm(Request::QueryMigrateCapabilities)
+    );
 }

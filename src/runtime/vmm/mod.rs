@@ -265,6 +265,15 @@ impl Vmm {
                 .map(|()| json!({}))
                 .map_err(RequestError),
             Request::QueryMigrateParameters => Ok(self.migration.params().to_json()),
+            // As QEMU: capabilities hold for a whole migration, so they change between them.
+            Request::MigrateSetCapabilities(changes) => self.busy_migrating().and_then(|()| {
+                self.migration
+                    .capabilities()
+                    .update(&changes)
+                    .map(|()| json!({}))
+                    .map_err(|e| RequestError(e.to_string()))
+            }),
+            Request::QueryMigrateCapabilities => Ok(self.migration.capabilities().to_json()),
         };
         let _ = reply.send(answer);
         ending
