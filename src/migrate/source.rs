@@ -156,13 +156,11 @@ async fn settle(
     reason.map_or(Outcome::Cancelled, Outcome::Failed)
 }
 
-/// Runs disk work that waits for storage (a flush) off the runtime's threads.
-async fn on_disks(vm: &Vm, work: fn(&Devices) -> Result<(), DiskError>) -> Result<(), SendError> {
-    let devices = vm.machine.devices.clone();
-    tokio::task::spawn_blocking(move || work(&devices))
-        .await
-        .map_err(local)?
-        .map_err(local)
+/// Runs disk work that waits for storage (a flush, a drain) right here, on a thread the
+/// runtime sets aside meanwhile. Not as a task of its own: a cancel would drop the wait but not
+/// the task, which could then quiesce the disks after `settle` gave them back to the guest.
+fn on_disks(vm: &Vm, work: fn(&Devices) -> Result<(), DiskError>) -> Result<(), SendError> {
+    tokio::task::block_in_place(|| work(&vm.machine.devices)).map_err(local)
 }
 
 /// A source that has the destination's RESTORED in hand.
@@ -338,8 +336,14 @@ async fn stream_guest(
             bandwidth,
             limit,
         );
-        let elapsed = started.elapsed();
-        if decision != Decision::Switchover && params.convergence_timed_out(elapsed) {
+        let timed_out = params.convergence_timed_out(started.elapsed());
+        let decision = match decision {
+            // Out of time while rounds still shrink what already fits the limit: that is
+            // converged, not a failure.
+            Decision::AnotherRound if timed_out && expected <= limit => Decision::Switchover,
+            decision => decision,
+        };
+        if decision != Decision::Switchover && timed_out {
             return Err(SendError::Local(format!(
                 "the guest did not converge within the convergence-timeout of {} s: after {} \
                  rounds {} MiB are still dirty and the downtime would be {} ms, above the \
@@ -373,7 +377,7 @@ async fn stream_guest(
         let mut phases = Phases::start();
         let disks = !vm.machine.devices.disks.is_empty();
         if disks {
-            on_disks(vm, Devices::flush_disks).await?;
+            on_disks(vm, Devices::flush_disks)?;
         }
         phases.mark("flush");
         // A throttled vCPU stalls right before the pause would make the guest's blackout
@@ -404,7 +408,7 @@ async fn stream_guest(
         if disks {
             // Disk requests complete into guest memory: drain them before the last dirty sync
             // so that their data and used rings travel with the final pages.
-            on_disks(vm, Devices::quiesce_disks).await?;
+            on_disks(vm, Devices::quiesce_disks)?;
             phases.mark("quiesce");
         }
         tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
