@@ -31,25 +31,26 @@ pub(super) struct RunningMigration {
 impl Vmm {
     /// An outgoing migration that has reported its end may still be tidying up (its task has
     /// not handed the VM back yet); a request that arrives then waits for that, rather than
-    /// being told a migration is in progress after `query-migrate` said it was over.
-    pub(super) async fn settle_ended_migration(&mut self) {
+    /// being told a migration is in progress after `query-migrate` said it was over. `Some`
+    /// when the task could not hand the VM back (it died), which ends the VM.
+    pub(super) async fn settle_ended_migration(&mut self) -> Option<Ending> {
         let ended = matches!(
             self.migration.progress().status,
             MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
         );
         if !ended || self.status == RunStatus::InMigrate {
-            return;
+            return None;
         }
-        let Some(running) = self.running_migration.as_mut() else {
-            return;
-        };
+        let running = self.running_migration.as_mut()?;
         match tokio::time::timeout(MIGRATION_STOP_DEADLINE, &mut running.task).await {
             Ok(finished) => {
                 self.running_migration = None;
-                // An outgoing migration never ends the VM.
-                let _ = self.migration_ended(finished).await;
+                self.migration_ended(finished).await
             }
-            Err(_) => tracing::warn!("the ended migration is still tidying up"),
+            Err(_) => {
+                tracing::warn!("the ended migration is still tidying up");
+                None
+            }
         }
     }
 
@@ -172,10 +173,15 @@ impl Vmm {
                 None
             }
             MigrationResult::Incoming(destination::Outcome::Completed { run }) => {
-                if run && self.migration.autostart() {
+                // The vCPUs run already if the commit started them; only a `cont` that came
+                // after the commit's look at autostart has them still to start here. The state
+                // reported is what the vCPUs do, whatever came in between.
+                if run && !running && self.migration.autostart() {
                     if let Err(error) = self.vm_mut().vcpus.resume().await {
                         return Some(Ending::Failed(error.to_string()));
                     }
+                }
+                if self.vm_mut().vcpus.running() {
                     self.status = RunStatus::Running;
                     self.handle.emit(Event::new("RESUME", None));
                 } else {

@@ -217,7 +217,10 @@ impl Vmm {
         // state included, waits for a migration that said it ended to hand the VM back, so
         // that `completed` is never followed by a `query-status` that still says `running`.
         if !matches!(request, Request::QueryMigrate) {
-            self.settle_ended_migration().await;
+            if let Some(ending) = self.settle_ended_migration().await {
+                let _ = reply.send(Err(RequestError(format!("the VM has ended: {ending:?}"))));
+                return Some(ending);
+            }
         }
         let mut ending = None;
         let answer = match request {
