@@ -137,13 +137,13 @@ async fn receive_stream(
     let mut restored = false;
     // Round 0's zero runs, until its first page data: then the rest of RAM is backed ahead.
     let mut zero_runs = Some(Vec::new());
-    let mut _prefault = None;
+    let mut backing = None;
     let mut landing = Landing::new(memory.clone());
     loop {
         let message = match wire::read_incoming(stream).await {
             Ok(Incoming::Pages { entries, data_len }) if !restored => {
                 if let Some(runs) = zero_runs.take() {
-                    _prefault = prefault::start(memory.clone(), runs);
+                    backing = prefault::start(memory.clone(), runs);
                 }
                 let bytes = landing.receive(stream, &entries, data_len).await?;
                 let zero = entries.iter().filter(|e| e.zero).count() as u64;
@@ -155,10 +155,12 @@ async fn receive_stream(
                     progress.transferred as f64 / started.elapsed().as_secs_f64().max(1e-6);
                 continue;
             }
-            Ok(Incoming::Pages { entries, .. }) => Message::Pages {
-                entries,
-                data: Vec::new().into(),
-            },
+            Ok(Incoming::Pages { entries, .. }) => {
+                return Err(ReceiveError::Protocol(format!(
+                    "unexpected PAGES ({} pages) after the state",
+                    entries.len()
+                )));
+            }
             Ok(Incoming::Message(message)) => message,
             Err(WireError::Closed) => return Err(ReceiveError::SourceGone),
             Err(error) => return Err(error.into()),
@@ -189,6 +191,9 @@ async fn receive_stream(
                 shared.emit_pass(u64::from(report.round) + 1);
             }
             Message::State(sections) if !restored => {
+                // Every page is here: backing more RAM now would only take a core from the
+                // restore, inside the downtime.
+                drop(backing.take());
                 let mut phases = Phases::start();
                 vmstate::restore(vm, sections)
                     .instrument(info_span!("device_state"))
