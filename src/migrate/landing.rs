@@ -4,15 +4,14 @@
 //! page was a cost the source's side of the link does not have.
 
 use std::future::poll_fn;
+use std::io::IoSliceMut;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::ranges::{push_page, Cursor};
 use super::transport::BoxedStream;
 use super::wire::{PageEntry, WireError};
 use crate::machine::memory::{resident_pages, GuestMemory, PAGE_SIZE};
-
-/// Linux's limit on the buffers of one readv (IOV_MAX).
-const MAX_IOVECS: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LandingError {
@@ -54,10 +53,7 @@ impl Landing {
             if entry.zero {
                 continue;
             }
-            match self.ranges.last_mut() {
-                Some((start, len)) if *start + *len == host => *len += PAGE_SIZE as usize,
-                _ => self.ranges.push((host, PAGE_SIZE as usize)),
-            }
+            push_page(&mut self.ranges, host);
         }
         let expected: usize = self.ranges.iter().map(|(_, len)| len).sum();
         if expected != data_len {
@@ -85,57 +81,32 @@ impl Landing {
 
     /// Fills `ranges` from the stream, one readv per batch of data the socket holds.
     async fn read_ranges(&self, stream: &BoxedStream) -> Result<(), LandingError> {
-        let (mut index, mut offset) = (0, 0);
-        while index < self.ranges.len() {
+        let mut cursor = Cursor::new(&self.ranges);
+        while !cursor.is_done() {
             poll_fn(|cx| stream.poll_read_ready(cx))
                 .await
                 .map_err(WireError::from)?;
-            let read = match self.try_read(stream, index, offset) {
+            let mut buffers: Vec<IoSliceMut<'_>> = cursor
+                .iovecs()
+                .iter()
+                .map(|iovec| {
+                    // SAFETY: every range is whole pages of guest RAM (checked by `page`),
+                    // which `memory` keeps mapped. The guest does not run while it is being
+                    // received, and nothing else in this process touches those pages meanwhile.
+                    IoSliceMut::new(unsafe {
+                        std::slice::from_raw_parts_mut(iovec.iov_base.cast::<u8>(), iovec.iov_len)
+                    })
+                })
+                .collect();
+            match stream.try_read_vectored(&mut buffers) {
                 Ok(0) => return Err(WireError::Closed.into()),
-                Ok(read) => read,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Ok(read) => cursor.advance(read),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(error) => return Err(WireError::from(error).into()),
-            };
-            let mut left = read;
-            while left > 0 {
-                let remaining = self.ranges[index].1 - offset;
-                if left < remaining {
-                    offset += left;
-                    left = 0;
-                } else {
-                    left -= remaining;
-                    index += 1;
-                    offset = 0;
-                }
             }
         }
         Ok(())
-    }
-
-    /// One readv into the ranges from `ranges[index]`, `offset` bytes in, on.
-    fn try_read(
-        &self,
-        stream: &BoxedStream,
-        index: usize,
-        offset: usize,
-    ) -> std::io::Result<usize> {
-        let iovecs: Vec<libc::iovec> = self.ranges[index..]
-            .iter()
-            .take(MAX_IOVECS)
-            .enumerate()
-            .map(|(i, &(start, len))| {
-                let skip = if i == 0 { offset } else { 0 };
-                libc::iovec {
-                    iov_base: (start + skip) as *mut libc::c_void,
-                    iov_len: len - skip,
-                }
-            })
-            .collect();
-        // SAFETY: every range is whole pages of guest RAM (checked by `page`), which `memory`
-        // keeps mapped. The guest does not run while it is being received, and nothing else in
-        // this process writes those pages meanwhile.
-        unsafe { stream.try_read_iovecs(&iovecs) }
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
+use super::ranges::{push_page, MAX_IOVECS};
 use super::splice::PagePipe;
 use super::transport::BoxedStream;
 use super::wire::{self, Message, WireError};
@@ -17,8 +18,6 @@ pub const ANSWER_DEADLINE: Duration = Duration::from_secs(60);
 const NOTICE_DEADLINE: Duration = Duration::from_millis(50);
 /// How long a source whose write failed waits for the destination's reason.
 const REASON_DEADLINE: Duration = Duration::from_secs(1);
-/// Linux's limit on the buffers of one writev (IOV_MAX).
-const MAX_IOVECS: usize = 1024;
 
 /// What the destination answered, when it is not what the source wanted.
 #[derive(Debug, thiserror::Error)]
@@ -85,12 +84,9 @@ impl Link {
                 .collect();
             return self.write_frame_vectored(&parts).await;
         };
-        let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(pages.len());
+        let mut ranges = Vec::with_capacity(pages.len());
         for &host in pages {
-            match ranges.last_mut() {
-                Some((start, len)) if *start + *len == host => *len += page_size,
-                _ => ranges.push((host, page_size)),
-            }
+            push_page(&mut ranges, host);
         }
         self.torn = true;
         self.stream.write_all(head).await?;

@@ -31,6 +31,7 @@ pub mod params;
 pub mod phases;
 pub mod prefault;
 pub mod progress;
+pub mod ranges;
 pub mod source;
 pub mod splice;
 pub mod state;

@@ -13,12 +13,11 @@ use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
+use super::ranges::Cursor;
 use super::transport::BoxedStream;
 
 /// The pipe's size; the kernel caps it at fs.pipe-max-size (1 MiB by default).
 const PIPE_BYTES: libc::c_int = 1 << 20;
-/// Linux's limit on the buffers of one vmsplice (IOV_MAX).
-const MAX_IOVECS: usize = 1024;
 
 /// The pipe that pages pass through on their way to the socket.
 pub struct PagePipe {
@@ -48,24 +47,13 @@ impl PagePipe {
         stream: &BoxedStream,
         ranges: &[(usize, usize)],
     ) -> io::Result<()> {
-        let (mut index, mut offset) = (0, 0);
+        let mut cursor = Cursor::new(ranges);
         let mut in_pipe = 0usize;
-        while index < ranges.len() || in_pipe > 0 {
-            if index < ranges.len() {
-                let moved = self.fill(&ranges[index..], offset)?;
+        while !cursor.is_done() || in_pipe > 0 {
+            if !cursor.is_done() {
+                let moved = self.fill(&cursor.iovecs())?;
+                cursor.advance(moved);
                 in_pipe += moved;
-                let mut left = moved;
-                while left > 0 {
-                    let remaining = ranges[index].1 - offset;
-                    if left < remaining {
-                        offset += left;
-                        left = 0;
-                    } else {
-                        left -= remaining;
-                        index += 1;
-                        offset = 0;
-                    }
-                }
             }
             if in_pipe == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
@@ -82,21 +70,8 @@ impl PagePipe {
         Ok(())
     }
 
-    /// vmsplices as much of `ranges` (the first `offset` bytes in) as the pipe takes; 0 when it
-    /// is full.
-    fn fill(&self, ranges: &[(usize, usize)], offset: usize) -> io::Result<usize> {
-        let iovecs: Vec<libc::iovec> = ranges
-            .iter()
-            .take(MAX_IOVECS)
-            .enumerate()
-            .map(|(i, &(start, len))| {
-                let skip = if i == 0 { offset } else { 0 };
-                libc::iovec {
-                    iov_base: (start + skip) as *mut libc::c_void,
-                    iov_len: len - skip,
-                }
-            })
-            .collect();
+    /// vmsplices as much of `iovecs` as the pipe takes; 0 when it is full.
+    fn fill(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: the iovecs describe mapped guest RAM (the caller's promise), which vmsplice
         // only reads, by taking references to its pages.
         let moved = unsafe {

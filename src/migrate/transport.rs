@@ -1,6 +1,6 @@
 //! Byte streams between the two ferry processes: TCP (IPv4, IPv6, host names) or a UNIX socket.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::task::{Context, Poll};
@@ -11,17 +11,14 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use super::uri::MigrationUri;
 
 /// A connected migration stream of either kind. Besides the byte stream, it reads straight
-/// into memory given as iovecs, which tokio's `AsyncRead` cannot do (it has no vectored read):
-/// the destination receives guest pages into guest RAM with one readv per frame.
+/// into many buffers at once (tokio's `AsyncRead` has no vectored read, its concrete sockets
+/// do): the destination receives guest pages into guest RAM with one readv per frame.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Sync + Unpin {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
-    /// One readv(2) into `iovecs` if data is waiting; `WouldBlock` (and readiness cleared)
+    /// One readv into `buffers` if data is waiting; `WouldBlock` (and readiness cleared)
     /// otherwise.
-    ///
-    /// # Safety
-    /// Every iovec must describe memory that may be written for the whole call.
-    unsafe fn try_read_iovecs(&self, iovecs: &[libc::iovec]) -> io::Result<usize>;
+    fn try_read_vectored(&self, buffers: &mut [IoSliceMut<'_>]) -> io::Result<usize>;
 
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
@@ -50,14 +47,6 @@ fn splice(pipe: BorrowedFd<'_>, socket: &impl AsRawFd, len: usize) -> io::Result
     usize::try_from(moved).map_err(|_| io::Error::last_os_error())
 }
 
-/// readv(2) on `fd`; the caller vouches for the iovecs (see [`Stream::try_read_iovecs`]).
-unsafe fn readv(fd: &impl AsRawFd, iovecs: &[libc::iovec]) -> io::Result<usize> {
-    let count = iovecs.len().min(libc::c_int::MAX as usize) as libc::c_int;
-    // SAFETY: the caller guarantees the iovecs are writable; the count does not exceed them.
-    let read = unsafe { libc::readv(fd.as_raw_fd(), iovecs.as_ptr(), count) };
-    usize::try_from(read).map_err(|_| io::Error::last_os_error())
-}
-
 impl Stream for TcpStream {
     /// Over loopback TCP, splicing measured no faster than writev on this kind of host (the
     /// pages go as skbs of at most 17 fragments), so TCP keeps the copy.
@@ -77,9 +66,8 @@ impl Stream for TcpStream {
         self.try_io(Interest::WRITABLE, || splice(pipe, self, len))
     }
 
-    unsafe fn try_read_iovecs(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: passed on from our caller.
-        self.try_io(Interest::READABLE, || unsafe { readv(self, iovecs) })
+    fn try_read_vectored(&self, buffers: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        TcpStream::try_read_vectored(self, buffers)
     }
 }
 
@@ -100,9 +88,8 @@ impl Stream for UnixStream {
         self.try_io(Interest::WRITABLE, || splice(pipe, self, len))
     }
 
-    unsafe fn try_read_iovecs(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: passed on from our caller.
-        self.try_io(Interest::READABLE, || unsafe { readv(self, iovecs) })
+    fn try_read_vectored(&self, buffers: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        UnixStream::try_read_vectored(self, buffers)
     }
 }
 
