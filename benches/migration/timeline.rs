@@ -93,7 +93,6 @@ impl Timeline {
             .collect()
     }
 
-    /// The polls while the migration ran (and the one that saw it end).
     /// The last downtime estimate seen before the switchover: what ferry expected when it
     /// decided to switch over, unless the deciding round ended between two polls.
     pub fn last_expected_downtime_ms(&self) -> Option<f64> {
@@ -104,6 +103,7 @@ impl Timeline {
             .next_back()
     }
 
+    /// The polls while the migration ran (and the one that saw it end).
     fn active(&self) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(|s| s.status != "none")
     }

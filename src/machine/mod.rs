@@ -292,11 +292,6 @@ impl Machine {
             .collect(),
         }
     }
-
-    /// Turns KVM's dirty logging of guest writes on or off for every RAM slot.
-    pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), MachineError> {
-        Self::register_memory(&self.vm, &self.memory, enabled).map(|_| ())
-    }
 }
 
 fn create_devices(

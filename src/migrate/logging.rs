@@ -41,9 +41,8 @@ pub async fn start(vm: &mut Vm) -> Result<(), String> {
     if running {
         vm.vcpus.pause().await.map_err(|e| e.to_string())?;
     }
-    let result = vm
-        .machine
-        .set_dirty_logging(true)
+    let result = Machine::register_memory(&vm.machine.vm, &vm.machine.memory, true)
+        .map(|_| ())
         .map_err(|e| e.to_string());
     if running {
         vm.vcpus.resume().await.map_err(|e| e.to_string())?;
