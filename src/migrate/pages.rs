@@ -107,20 +107,24 @@ impl PageSender {
     ) -> Result<SendStats, PageError> {
         let started = Instant::now();
         let mut stats = SendStats { pages: 0, bytes: 0 };
-        for gpa in pages.iter().flat_map(RegionBitmap::addresses) {
-            let host = self.page(gpa)?;
-            // SAFETY: `page` checked that the whole page is mapped guest RAM, which `memory`
-            // keeps mapped. The guest may write it meanwhile; a page it changes after this read
-            // is dirty again and goes again in the next round (or, paused, cannot change).
-            let zero = is_zero(unsafe {
-                std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize)
-            });
-            if !zero {
-                self.pages.push(host);
-            }
-            self.entries.push(PageEntry { gpa, zero });
-            if self.entries.len() == MAX_PAGES_PER_FRAME as usize {
-                self.flush(link, shared, &mut stats, started).await?;
+        for bitmap in pages {
+            let base = self.host_base(bitmap)?;
+            for gpa in bitmap.addresses() {
+                let host = base + (gpa - bitmap.start) as usize;
+                // SAFETY: `host_base` checked that the bitmap's pages are mapped guest RAM,
+                // which `memory` keeps mapped. The guest may write a page meanwhile; a page it
+                // changes after this read is dirty again and goes again in the next round (or,
+                // paused, cannot change).
+                let zero = is_zero(unsafe {
+                    std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize)
+                });
+                if !zero {
+                    self.pages.push(host);
+                }
+                self.entries.push(PageEntry { gpa, zero });
+                if self.entries.len() == MAX_PAGES_PER_FRAME as usize {
+                    self.flush(link, shared, &mut stats, started).await?;
+                }
             }
         }
         self.flush(link, shared, &mut stats, started).await?;
@@ -174,13 +178,17 @@ impl PageSender {
 }
 
 impl PageSender {
-    /// The host address of guest page `gpa`, which must lie wholly in guest RAM.
-    fn page(&self, gpa: u64) -> Result<usize, PageError> {
+    /// The host address of the first page `bitmap` covers; all of them must lie in one
+    /// mapped region of guest RAM, so the others follow it (looked up once, not per page).
+    fn host_base(&self, bitmap: &RegionBitmap) -> Result<usize, PageError> {
         let slice = self
             .memory
-            .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
+            .get_slice(
+                GuestAddress(bitmap.start),
+                (bitmap.pages * PAGE_SIZE) as usize,
+            )
             .map_err(|e| PageError::Read {
-                gpa,
+                gpa: bitmap.start,
                 reason: e.to_string(),
             })?;
         Ok(slice.ptr_guard().as_ptr() as usize)
