@@ -20,7 +20,7 @@ const BLOCK_KEYS: &[&str] = &[
 ];
 
 /// What VIRTIO_BLK_T_GET_ID can return: VIRTIO_BLK_ID_BYTES in the virtio spec.
-pub const MAX_SERIAL_BYTES: usize = 20;
+pub const MAX_SERIAL_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
 /// The most queues a virtio-blk-pci disk may have. One I/O thread serves all of a disk's queues,
 /// so more queues add no host parallelism; they only spare guest vCPUs from sharing a queue.

@@ -19,7 +19,7 @@ use crate::migrate::state::{DeviceDescription, Migratable, StateError};
 
 /// PCI class "mass storage, SCSI", which QEMU gives virtio-blk (drivers match on the ids).
 const MASS_STORAGE_CLASS: u32 = 0x01_0000;
-const VIRTIO_BLOCK_TYPE: u16 = 2;
+const VIRTIO_BLOCK_TYPE: u16 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK as u16;
 
 /// Why a disk could not be set up, or could not take part in a migration's hand-over.
 #[derive(Debug, thiserror::Error)]

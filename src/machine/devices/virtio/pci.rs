@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_config;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -49,11 +50,12 @@ const PCI_CFG_DATA: usize = 16;
 
 pub const NO_VECTOR: u16 = 0xffff;
 
-const STATUS_FEATURES_OK: u8 = 8;
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_NEEDS_RESET: u8 = 0x40;
-const STATUS_FAILED: u8 = 0x80;
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const STATUS_FEATURES_OK: u8 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8;
+const STATUS_DRIVER_OK: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+const STATUS_NEEDS_RESET: u8 = virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+const STATUS_FAILED: u8 = virtio_config::VIRTIO_CONFIG_S_FAILED as u8;
+/// The feature bit as a mask of the 64 feature bits.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
 
 /// What a virtio device model gives the transport.
 pub trait VirtioBackend: Send {
