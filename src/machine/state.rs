@@ -176,15 +176,15 @@ impl Migratable for KvmVcpu<'_> {
     fn restore_state(&mut self, state: VcpuState) -> Result<(), StateError> {
         let fd = self.fd;
         let mut phases = Phases::start();
-        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| StateError::Restore {
-            what: "vCPU CPUID".into(),
-            reason: format!("{e:?}"),
-        })?;
         // This side built its vCPUs from the same configuration, so their CPUID is usually the
         // source's already (the configuration check compared it); setting it again costs about
         // 100 µs per vCPU here, inside the downtime.
         let current = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES);
         if current.map_or(true, |current| current.as_slice() != state.cpuid.as_slice()) {
+            let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| StateError::Restore {
+                what: "vCPU CPUID".into(),
+                reason: format!("{e:?}"),
+            })?;
             fd.set_cpuid2(&cpuid).map_err(restore_error("vCPU CPUID"))?;
         }
         phases.mark("cpuid");

@@ -5,6 +5,7 @@ pub mod config;
 pub mod msix;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use self::config::{ConfigSpace, PciIds};
@@ -70,7 +71,9 @@ struct Window {
 
 /// Bus 0 of the root complex.
 pub struct PciRoot {
-    config_address: Mutex<u32>,
+    /// The last dword written to 0xCF8. Two vCPUs racing an 0xCF8/0xCFC pair race as on real
+    /// hardware; an atomic keeps each access free of a lock.
+    config_address: AtomicU32,
     functions: BTreeMap<u8, SharedFunction>,
     windows: RwLock<Vec<Window>>,
 }
@@ -90,7 +93,7 @@ impl PciRoot {
         let bridge: SharedFunction =
             Arc::new(Mutex::new(HostBridge(ConfigSpace::new(HOST_BRIDGE_IDS))));
         Self {
-            config_address: Mutex::new(0),
+            config_address: AtomicU32::new(0),
             functions: BTreeMap::from([(0, bridge)]),
             windows: RwLock::new(Vec::new()),
         }
@@ -98,19 +101,20 @@ impl PciRoot {
 
     /// Plugs a function in; the command line has already refused duplicate addresses.
     pub fn add(&mut self, address: PciAddress, function: SharedFunction) {
-        let previous = self.functions.insert(devfn(address), function);
+        let devfn = devfn(address);
+        self.set_windows(devfn, lock(&function).config());
+        let previous = self.functions.insert(devfn, function);
         assert!(previous.is_none(), "two functions at {address:?}");
-        self.update_windows();
     }
 
     /// Handles an access to 0xCF8..=0xCFF; false if the port is not the bus's.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
         match port {
             CONFIG_ADDRESS_PORT if data.len() == 4 => {
-                data.copy_from_slice(&lock(&self.config_address).to_le_bytes());
+                data.copy_from_slice(&self.config_address.load(Ordering::Relaxed).to_le_bytes());
             }
             CONFIG_DATA_PORT..=0xcff => {
-                let address = *lock(&self.config_address);
+                let address = self.config_address.load(Ordering::Relaxed);
                 match decode_config_address(address, port) {
                     Some((bus, devfn, offset)) => self.config_read(bus, devfn, offset, data),
                     None => data.fill(0xff),
@@ -126,10 +130,11 @@ impl PciRoot {
             CONFIG_ADDRESS_PORT if data.len() == 4 => {
                 let mut word = [0; 4];
                 word.copy_from_slice(data);
-                *lock(&self.config_address) = u32::from_le_bytes(word);
+                self.config_address
+                    .store(u32::from_le_bytes(word), Ordering::Relaxed);
             }
             CONFIG_DATA_PORT..=0xcff => {
-                let address = *lock(&self.config_address);
+                let address = self.config_address.load(Ordering::Relaxed);
                 if let Some((bus, devfn, offset)) = decode_config_address(address, port) {
                     self.config_write(bus, devfn, offset, data);
                 }
