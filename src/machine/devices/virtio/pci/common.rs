@@ -125,10 +125,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if newly & STATUS_FEATURES_OK != 0 {
             let offered = self.backend.device_features();
             let wanted = self.common.driver_features;
-            if wanted & !offered != 0
-                || wanted & VIRTIO_F_VERSION_1 == 0
-                || self.common.status & STATUS_FEATURES_OK != 0
-            {
+            if wanted & !offered != 0 || wanted & VIRTIO_F_VERSION_1 == 0 {
                 tracing::warn!(
                     device = %self.id,
                     offered = format_args!("{offered:#x}"),
