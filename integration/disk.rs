@@ -8,7 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{free_port, kvm_available, kvm_lock, scratch, silent_destination, Ferry};
+use common::{
+    kvm_available, kvm_lock, migration_uri, scratch, silent_destination, Ferry, Transport,
+};
 use ferry::guest::disk::{
     check_image, last_disk_progress, write_image, DiskLine, DISK_AHEAD_BLOCKS,
 };
@@ -216,19 +218,6 @@ fn readonly_disk_reads_and_refuses_writes() {
     );
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Transport {
-    Tcp,
-    Unix,
-}
-
-fn uri(transport: Transport, dir: &Path) -> String {
-    match transport {
-        Transport::Tcp => format!("tcp:127.0.0.1:{}", free_port()),
-        Transport::Unix => format!("unix:{}", dir.join("mig.sock").display()),
-    }
-}
-
 fn migrate(source: &Ferry, uri: &str) -> Value {
     let mut qmp = source.qmp();
     qmp.ok("migrate", Some(json!({"uri": uri})));
@@ -253,7 +242,7 @@ fn migrate_during_io(transport: Transport) {
     };
     let source = start_guest("source", &disk, &dir.path().join("src.qmp"));
     wait_progress(&source, 2, 0);
-    let uri = uri(transport, dir.path());
+    let uri = migration_uri(transport, &dir.path().join("mig.sock"));
     let destination = start(
         "destination",
         &disk,
@@ -395,7 +384,7 @@ fn a_destination_that_cannot_take_the_disk_leaves_the_source_running() {
         &["-S"],
         &dir.path().join("holder.qmp"),
     );
-    let uri = uri(Transport::Unix, dir.path());
+    let uri = migration_uri(Transport::Unix, &dir.path().join("mig.sock"));
     let mut destination = start(
         "destination",
         &copy_disk,
@@ -472,7 +461,7 @@ fn disk_attribute_mismatches_are_refused_naming_them() {
             drive,
             device,
         };
-        let uri = uri(Transport::Tcp, dir.path());
+        let uri = migration_uri(Transport::Tcp, &dir.path().join("mig.sock"));
         let qmp = dir.path().join(format!("{what}.qmp"));
         let mut destination = start(
             &format!("destination ({what})"),

@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{free_port, kvm_available, kvm_lock, scratch, silent_destination, Ferry};
+use common::{free_port, kvm_available, kvm_lock, scratch, silent_destination, Ferry, Transport};
 use ferry::guest::pattern::check_dump;
 use ferry::guest::{last_sweep, slices_by_cpu, ticks, GuestLine};
 use serde_json::{json, Value};
@@ -16,12 +16,6 @@ use serde_json::{json, Value};
 const MEM_MIB: u64 = 64;
 const GUEST_APPEND: &str = "ferry.tick_ms=50";
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
-
-#[derive(Clone, Copy, Debug)]
-enum Transport {
-    Tcp,
-    Unix,
-}
 
 /// One test's world: a scratch directory, and fresh URIs and socket paths in it.
 struct World {
@@ -45,10 +39,8 @@ impl World {
     }
 
     fn uri(&mut self) -> String {
-        match self.transport {
-            Transport::Tcp => format!("tcp:127.0.0.1:{}", free_port()),
-            Transport::Unix => format!("unix:{}", self.path("mig.sock").display()),
-        }
+        let socket = self.path("mig.sock");
+        common::migration_uri(self.transport, &socket)
     }
 
     /// A source running the built-in guest (sweeping, ticking) with QMP.

@@ -46,6 +46,21 @@ pub fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// The two ways ferry migrates on one host.
+#[derive(Clone, Copy, Debug)]
+pub enum Transport {
+    Tcp,
+    Unix,
+}
+
+/// A fresh migration URI: a free loopback port, or the UNIX socket `socket`.
+pub fn migration_uri(transport: Transport, socket: &Path) -> String {
+    match transport {
+        Transport::Tcp => format!("tcp:127.0.0.1:{}", free_port()),
+        Transport::Unix => format!("unix:{}", socket.display()),
+    }
+}
+
 /// A cache directory that survives between test runs (for downloads).
 pub fn cache_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
