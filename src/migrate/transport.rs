@@ -24,11 +24,15 @@ pub trait Stream: AsyncRead + AsyncWrite + Send + Sync + Unpin {
 
     /// Whether guest pages should go by reference ([`Stream::try_splice_from`]) rather than
     /// be copied by writev.
-    fn splices_pages(&self) -> bool;
+    fn splices_pages(&self) -> bool {
+        false
+    }
 
     /// One splice(2) of up to `len` bytes from `pipe` into the socket if it has room;
-    /// `WouldBlock` (and readiness cleared) otherwise.
-    fn try_splice_from(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize>;
+    /// `WouldBlock` (and readiness cleared) otherwise. Only streams that splice pages have it.
+    fn try_splice_from(&self, _pipe: BorrowedFd<'_>, _len: usize) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// splice(2) from `pipe` to `socket`, neither side blocking.
@@ -47,23 +51,15 @@ fn splice(pipe: BorrowedFd<'_>, socket: &impl AsRawFd, len: usize) -> io::Result
     usize::try_from(moved).map_err(|_| io::Error::last_os_error())
 }
 
+/// Over loopback TCP, splicing measured no faster than writev on this kind of host (the pages
+/// go as skbs of at most 17 fragments), so TCP keeps the copy.
 impl Stream for TcpStream {
-    /// Over loopback TCP, splicing measured no faster than writev on this kind of host (the
-    /// pages go as skbs of at most 17 fragments), so TCP keeps the copy.
-    fn splices_pages(&self) -> bool {
-        false
-    }
-
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
     }
 
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_write_ready(self, cx)
-    }
-
-    fn try_splice_from(&self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-        self.try_io(Interest::WRITABLE, || splice(pipe, self, len))
     }
 
     fn try_read_vectored(&self, buffers: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
