@@ -48,7 +48,8 @@
 //! the commit its vCPUs do not run either way), so the guest can report its blackout. Every wait
 //! is bounded, and a run that goes wrong (a timeout, a harness panic) is recorded as such and
 //! its processes are killed. The exit status is 1 if a migration did not complete or a cancel
-//! left the source without its guest, 0 otherwise.
+//! left the source without its guest, or the result file lacks a figure a run should have
+//! (`migration/check.rs`; CI runs the quick mode for this), 0 otherwise.
 #![expect(
     clippy::print_stdout,
     reason = "a benchmark reports its figures on stdout"
@@ -56,6 +57,8 @@
 
 #[path = "migration/cancel.rs"]
 mod cancel;
+#[path = "migration/check.rs"]
+mod check;
 #[path = "migration/font.rs"]
 mod font;
 #[path = "migration/guest.rs"]
@@ -1545,6 +1548,7 @@ fn run() -> anyhow::Result<bool> {
     }
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_ferry"));
     let cases = options.cases();
+    let case_names: Vec<String> = cases.iter().map(Case::name).collect();
     println!(
         "ferry migration benchmark: {} case(s), {} run(s) each{}; host: {} CPUs, load {}",
         cases.len(),
@@ -1615,5 +1619,21 @@ fn run() -> anyhow::Result<bool> {
     let cancels_ok = cancels
         .iter()
         .all(|c| c.runs.iter().all(|r| !r.is_failure()));
-    Ok(results.iter().all(CaseResult::ok) && cancels_ok)
+    let transports = Transport::ALL.map(Transport::name);
+    let cancel_names: Vec<&str> = options
+        .cancel_transports()
+        .into_iter()
+        .map(Transport::name)
+        .collect();
+    let gaps = check::gaps(
+        &options.out,
+        &transports,
+        &case_names,
+        &cancel_names,
+        options.runs,
+    );
+    for gap in &gaps {
+        eprintln!("the result file is incomplete: {gap}");
+    }
+    Ok(results.iter().all(CaseResult::ok) && cancels_ok && gaps.is_empty())
 }
