@@ -102,6 +102,13 @@ pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
                 Ok(Message::Config(_))
             ));
             write_message(&mut stream, &Message::Accept).await.unwrap();
+            for reading in 0..ferry::migrate::clock::PROBES as u64 {
+                let probe = read_message(&mut stream).await;
+                assert!(matches!(probe, Ok(Message::ClockProbe)), "{probe:?}");
+                write_message(&mut stream, &Message::Clock(reading))
+                    .await
+                    .unwrap();
+            }
             if !read {
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                 return;

@@ -6,6 +6,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
+use super::clock::LocalClock;
 use super::landing::{write_zero_runs, Landing, LandingError};
 use super::phases::Phases;
 use super::progress::MigrationStatus;
@@ -115,6 +116,7 @@ async fn receive_stream(
 ) -> Result<bool, ReceiveError> {
     // The migration starts when the source connects, not when this side began to wait.
     let started = Instant::now();
+    let clock = LocalClock::start();
     shared.progress().started = Some(started);
     let memory = vm.machine.memory.clone();
     wire::read_header(stream).await?;
@@ -176,6 +178,9 @@ async fn receive_stream(
                 progress.duplicate += pages;
             }
             Message::Sync if !restored => wire::write_message(stream, &Message::Synced).await?,
+            Message::ClockProbe if !restored => {
+                wire::write_message(stream, &Message::Clock(clock.now())).await?;
+            }
             Message::Round(report) if report.remaining_pages > ram_pages => {
                 return Err(ReceiveError::Protocol(format!(
                     "round {} reports {} pages remaining, but RAM has {ram_pages}",
@@ -234,11 +239,12 @@ async fn receive_stream(
                 }
                 phases.mark("resume");
                 let committed = Committed {
-                    running_us: running_since.map_or(0, |t| t.elapsed().as_micros() as u64),
+                    running_at_ns: running_since.map(|t| clock.at(t)),
                 };
                 let _ = wire::write_message(stream, &Message::Committed(committed)).await;
                 phases.mark("committed");
-                tracing::debug!(%phases, running_us = committed.running_us, "commit steps (µs)");
+                let running_us = running_since.map(|t| t.elapsed().as_micros() as u64);
+                tracing::debug!(%phases, running_us, "commit steps (µs)");
                 return Ok(commit.run);
             }
             Message::Error(reason) => return Err(ReceiveError::SourceFailed(reason)),

@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! source                                               destination (-incoming, vCPUs paused)
-//!   | -- header "FERRYMIG" v1, CONFIG (VM description) -->|  checks it against its own
+//!   | -- header "FERRYMIG" v4, CONFIG (VM description) -->|  checks it against its own
 //!   | <------------------------ ACCEPT | ERROR(reason) ---|
+//!   | -- CLOCK_PROBE ------------------------------------>|  x4: the destination's clock
+//!   | <------------------------------- CLOCK (its time) ---|  against the source's (clock.rs)
 //!   | -- PAGES (all RAM, zero pages as markers) --------->|  round 0
 //!   | -- ROUND, PAGES (dirty since last sync) ... ------->|  rounds 1..n, guest running
 //!   |    (pause vCPUs: downtime starts)                    |
@@ -12,8 +14,9 @@
 //!   | <---------------------------------- RESTORED -------|
 //!   |    (completed: the source gives the guest up)        |
 //!   | -- COMMIT {run} ----------------------------------->|  runs the guest
-//!   | <------------------- COMMITTED {running_us} --------|
-//!   |    (downtime: from the pause request to COMMITTED, less the time the guest already ran)
+//!   | <-------------- COMMITTED {running_at_ns} ----------|
+//!   |    (downtime: from when the guest stopped to when it ran again on the destination,
+//!   |     mapped onto the source's clock)
 //! ```
 //!
 //! Until the source has RESTORED in hand, any failure or `migrate_cancel` resumes the source and
@@ -21,6 +24,7 @@
 //! never two running copies.
 
 pub mod capabilities;
+pub mod clock;
 pub mod destination;
 pub mod dirty;
 pub mod landing;

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 use vm_memory::GuestMemoryBackend;
 
+use super::clock::{self, PeerClock};
 use super::dirty::{DirtyTracker, RegionBitmap};
 use super::link::{AnswerError, Link};
 use super::pages::{PageError, PageSender};
@@ -16,7 +17,7 @@ use super::progress::MigrationStatus;
 use super::transport::connect;
 use super::uri::MigrationUri;
 use super::vmstate::{self, CpuSave};
-use super::wire::{self, Commit, Message, RoundReport};
+use super::wire::{self, Commit, Committed, Message, RoundReport};
 use super::{logging, Shared};
 use crate::machine::devices::{Devices, DiskError};
 use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
@@ -106,18 +107,22 @@ async fn settle(
     shared: &Shared,
 ) -> Outcome {
     vm.vcpus.throttle().set(0);
-    // Paused vCPUs make the change immediate; running ones go on while it is made.
-    logging::stop(vm).await;
     let error = match outcome {
+        // A guest that runs on the destination never runs here again (`cont` is refused after
+        // a completed migration): dirty logging stays on rather than take milliseconds of a
+        // core right when the destination's vCPUs start.
         Ok(CommitOutcome::Confirmed) => return Outcome::Completed,
         Ok(CommitOutcome::Unconfirmed(reason)) => {
             // The destination may be running the guest: resuming here could make two copies.
             tracing::error!(reason, "the commit is in doubt; the source stays paused");
+            logging::stop(vm).await;
             shared.finish(MigrationStatus::Failed, Some(reason.clone()));
             return Outcome::InDoubt(reason);
         }
         Err(error) => error,
     };
+    // Paused vCPUs make the change immediate; running ones go on while it is made.
+    logging::stop(vm).await;
     if let Err(disks) = vm.machine.devices.activate_disks() {
         // Another process holds an image now, and that may be the destination running the
         // guest: running it here as well could corrupt the disk.
@@ -166,7 +171,15 @@ fn on_disks(vm: &Vm, work: fn(&Devices) -> Result<(), DiskError>) -> Result<(), 
 /// A source that has the destination's RESTORED in hand.
 struct Restored {
     link: Link,
-    paused_at: Instant,
+    switchover: Switchover,
+}
+
+/// What the commit needs of the switchover to report its downtime.
+struct Switchover {
+    /// When the guest stopped: the downtime's start.
+    left_guest: Instant,
+    /// The destination's clock, on which it says when the guest ran again.
+    peer_clock: PeerClock,
     phases: Phases,
 }
 
@@ -193,11 +206,7 @@ async fn precopy(
         () = throttle => unreachable!("the throttle runs until dropped"),
     };
     match streamed {
-        Ok((paused_at, phases)) => Ok(Restored {
-            link,
-            paused_at,
-            phases,
-        }),
+        Ok(switchover) => Ok(Restored { link, switchover }),
         Err(None) => {
             tracing::debug!("cancelled; telling the destination");
             // The source need not wait for the notice to be written (a full socket buffer
@@ -227,14 +236,14 @@ async fn stream_guest(
     link: &mut Link,
     shared: &Shared,
     started: Instant,
-) -> Result<(Instant, Phases), SendError> {
+) -> Result<Switchover, SendError> {
     let setup = info_span!("setup");
-    async {
+    let peer_clock = async {
         link.write_frames(&wire::header()).await?;
         link.send(&Message::Config(Box::new(vm.machine.description())))
             .await?;
         match link.answer().await {
-            Ok(Message::Accept) => Ok(()),
+            Ok(Message::Accept) => probe_clock(link).await,
             Err(AnswerError::Refused(reason)) => Err(SendError::Refused(reason)),
             Ok(other) => Err(SendError::Protocol(format!("{other:?} instead of ACCEPT"))),
             Err(error) => Err(error.into()),
@@ -403,6 +412,13 @@ async fn stream_guest(
             Some(cpus)
         };
         phases.mark("pause");
+        // The downtime is the guest's blackout: on a busy host a vCPU thread can have been
+        // waiting for a core, its guest stopped, for milliseconds before the pause.
+        let left_guest = vm
+            .vcpus
+            .left_guest()
+            .map_or(paused_at, |l| l.min(paused_at));
+        let preempted_us = (paused_at - left_guest).as_micros() as u64;
         shared.switchover.store(true, Ordering::Release);
         shared.emit(Event::new("STOP", None));
         if disks {
@@ -440,7 +456,14 @@ async fn stream_guest(
             Message::Restored => {
                 vm.machine.devices.release_images().map_err(local)?;
                 phases.mark("release");
-                Ok((paused_at, phases))
+                if preempted_us > 0 {
+                    tracing::debug!(preempted_us, "a vCPU had left the guest before the pause");
+                }
+                Ok(Switchover {
+                    left_guest,
+                    peer_clock,
+                    phases,
+                })
             }
             other => Err(SendError::Protocol(format!(
                 "{other:?} instead of RESTORED"
@@ -459,6 +482,27 @@ enum CommitOutcome {
     Unconfirmed(String),
 }
 
+/// Reads the destination's clock [`clock::PROBES`] times and keeps the most precise reading.
+async fn probe_clock(link: &mut Link) -> Result<PeerClock, SendError> {
+    let mut best: Option<PeerClock> = None;
+    for _ in 0..clock::PROBES {
+        let sent = Instant::now();
+        link.send(&Message::ClockProbe).await?;
+        let reading = match link.answer().await? {
+            Message::Clock(reading) => reading,
+            other => return Err(SendError::Protocol(format!("{other:?} instead of CLOCK"))),
+        };
+        let probe = PeerClock::from_probe(sent, Instant::now(), reading);
+        best = Some(best.map_or(probe, |best| best.better(probe)));
+    }
+    let best = best.expect("at least one probe");
+    tracing::debug!(
+        uncertainty_us = best.uncertainty().as_micros() as u64,
+        "destination clock read"
+    );
+    Ok(best)
+}
+
 /// How long the source waits for the destination to confirm the commit.
 const COMMIT_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -470,34 +514,37 @@ async fn commit(
 ) -> Result<CommitOutcome, SendError> {
     let Restored {
         mut link,
-        paused_at,
-        mut phases,
+        switchover:
+            Switchover {
+                left_guest,
+                peer_clock,
+                mut phases,
+            },
     } = restored;
     // If the COMMIT cannot be written the destination never got it and will not run the guest,
     // so the source may safely take it back.
-    // Taken before the write: this thread may lose its core between the write and a later
-    // reading, while the destination already runs the guest.
-    let commit_started = paused_at.elapsed();
+    let commit_sent = Instant::now();
     link.send(&Message::Commit(Commit { run: was_running }))
         .await?;
     phases.mark("commit");
     let confirmation = tokio::time::timeout(COMMIT_DEADLINE, link.answer()).await;
-    let answered = paused_at.elapsed();
+    let answered = Instant::now();
     phases.mark("committed");
     link.close().await;
     // The downtime ends when the guest runs on the destination, which may be well before its
-    // COMMITTED was written; what the network adds on the way back stays in (an upper bound).
+    // COMMITTED was written, and this side may read that much later still (its thread waiting
+    // for a core): the destination says when on its clock. It cannot have run before COMMIT.
     let running = match &confirmation {
-        // It cannot have run since before this side asked it to.
-        Ok(Ok(Message::Committed(committed))) => {
-            Duration::from_micros(committed.running_us).min(answered.saturating_sub(commit_started))
-        }
-        _ => Duration::ZERO,
+        Ok(Ok(Message::Committed(Committed {
+            running_at_ns: Some(at),
+        }))) => peer_clock.local(*at).clamp(commit_sent, answered),
+        _ => answered,
     };
-    let downtime = answered.saturating_sub(running);
+    let downtime = running.saturating_duration_since(left_guest);
     tracing::debug!(
         %phases,
-        running_us = running.as_micros() as u64,
+        unread_us = answered.saturating_duration_since(running).as_micros() as u64,
+        clock_uncertainty_us = peer_clock.uncertainty().as_micros() as u64,
         downtime_us = downtime.as_micros() as u64,
         "switchover steps (µs)"
     );

@@ -16,13 +16,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::clock::PeerNanos;
 use super::state::{Section, VmDescription};
 use crate::machine::memory::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"FERRYMIG";
-/// The stream version this ferry writes and reads (3: COMMITTED says since when the guest
-/// runs).
-pub const VERSION: u32 = 3;
+/// The stream version this ferry writes and reads (4: clock probes at setup, and COMMITTED
+/// says when the guest ran again on the destination's clock).
+pub const VERSION: u32 = 4;
 /// Pages in one PAGES frame at most.
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// The largest frame any message may be: a full PAGES frame and its entries.
@@ -43,6 +44,8 @@ const TAG_ZEROS: u32 = 10;
 const TAG_SYNC: u32 = 11;
 const TAG_SYNCED: u32 = 12;
 const TAG_COMMITTED: u32 = 13;
+const TAG_CLOCK_PROBE: u32 = 14;
+const TAG_CLOCK: u32 = 15;
 /// Runs of zero pages in one ZEROS frame at most.
 pub const MAX_ZERO_RUNS: u32 = 1 << 16;
 
@@ -110,9 +113,9 @@ pub struct Commit {
 /// downtime the guest saw rather than the round trip's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Committed {
-    /// How long the guest had already been running on the destination (its last vCPU back in
-    /// the guest) when COMMITTED was written, in µs; 0 if it does not run.
-    pub running_us: u64,
+    /// When the guest ran again on the destination (its last vCPU back in the guest), on the
+    /// destination's migration clock ([`super::clock`]); `None` if it does not run.
+    pub running_at_ns: Option<PeerNanos>,
 }
 
 /// A message of the stream.
@@ -143,6 +146,10 @@ pub enum Message {
     Commit(Commit),
     /// Destination → source: the destination took the guest over.
     Committed(Committed),
+    /// Source → destination, at setup: answer CLOCK with a reading of the migration clock.
+    ClockProbe,
+    /// Destination → source: its migration clock when it answered a CLOCK_PROBE.
+    Clock(PeerNanos),
     /// Either way: the sender gives up, and says why.
     Error(String),
     /// Source → destination: the operator cancelled the migration.
@@ -260,6 +267,8 @@ pub fn encode_message(message: &Message) -> Result<Vec<u8>, WireError> {
         Message::Restored => (TAG_RESTORED, Vec::new()),
         Message::Commit(commit) => (TAG_COMMIT, json(commit)),
         Message::Committed(committed) => (TAG_COMMITTED, json(committed)),
+        Message::ClockProbe => (TAG_CLOCK_PROBE, Vec::new()),
+        Message::Clock(reading) => (TAG_CLOCK, reading.to_le_bytes().to_vec()),
         Message::Error(reason) => (TAG_ERROR, json(reason)),
         Message::Cancel => (TAG_CANCEL, Vec::new()),
     };
@@ -365,6 +374,13 @@ fn decode(tag: u32, payload: Vec<u8>) -> Result<Message, WireError> {
         TAG_RESTORED => empty(Message::Restored),
         TAG_COMMIT => Ok(Message::Commit(from_json("commit", &payload)?)),
         TAG_COMMITTED => Ok(Message::Committed(from_json("committed", &payload)?)),
+        TAG_CLOCK_PROBE => empty(Message::ClockProbe),
+        TAG_CLOCK => payload
+            .try_into()
+            .map(|reading| Message::Clock(u64::from_le_bytes(reading)))
+            .map_err(|payload: Vec<u8>| {
+                malformed(format!("CLOCK of {} bytes instead of 8", payload.len()))
+            }),
         TAG_ERROR => Ok(Message::Error(from_json("error", &payload)?)),
         TAG_CANCEL => empty(Message::Cancel),
         other => Err(malformed(format!("unknown message type {other}"))),
@@ -514,10 +530,17 @@ mod tests {
             round_trip(commit).await,
             Message::Commit(Commit { run: true })
         );
-        let committed = Message::Committed(Committed { running_us: 1234 });
+        for running_at_ns in [Some(1234), None] {
+            let committed = Message::Committed(Committed { running_at_ns });
+            assert_eq!(
+                round_trip(committed).await,
+                Message::Committed(Committed { running_at_ns })
+            );
+        }
+        assert_eq!(round_trip(Message::ClockProbe).await, Message::ClockProbe);
         assert_eq!(
-            round_trip(committed).await,
-            Message::Committed(Committed { running_us: 1234 })
+            round_trip(Message::Clock(u64::MAX - 1)).await,
+            Message::Clock(u64::MAX - 1)
         );
         let report = RoundReport {
             round: 3,

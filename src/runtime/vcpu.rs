@@ -18,6 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::run_delay::RunDelay;
 use super::throttle::Throttle;
 use super::GuestEvent;
 use crate::machine::devices::Devices;
@@ -33,7 +34,12 @@ pub type VcpuTask = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 /// a pause is acknowledged with when the vCPU left the guest, a resume with when it goes back
 /// in (the edges of the guest's blackout, for the downtime a migration reports).
 pub enum VcpuEvent {
-    Pause(oneshot::Sender<Instant>),
+    Pause {
+        ack: oneshot::Sender<Instant>,
+        /// The thread's run-queue delay just before the kick ([`RunDelay`]), to tell how long it
+        /// had been waiting for a core when the pause came.
+        waited_before: Option<Duration>,
+    },
     Resume(oneshot::Sender<Instant>),
     /// Runs the task on the paused vCPU; refused (dropped) while the vCPU runs.
     Run(VcpuTask),
@@ -131,6 +137,7 @@ impl VcpuHandle {
                     throttle,
                     resumed_at: None,
                     io_pending: false,
+                    run_delay: RunDelay::own(),
                 }
                 .run()
             })
@@ -211,6 +218,7 @@ struct VcpuThread {
     /// The last exit was port I/O or MMIO, which the guest sees done only after another
     /// `KVM_RUN`.
     io_pending: bool,
+    run_delay: Option<RunDelay>,
 }
 
 impl VcpuThread {
@@ -265,14 +273,21 @@ impl VcpuThread {
 
     fn handle_event(&mut self, event: VcpuEvent, state: RunState) -> RunState {
         match event {
-            VcpuEvent::Pause(ack) => {
+            VcpuEvent::Pause { ack, waited_before } => {
+                let mut left_guest = Instant::now();
                 if matches!(state, RunState::Running) {
+                    // Waiting for a core when the kick came, the guest had stopped already.
+                    let waited_now = self.run_delay.as_ref().and_then(RunDelay::read);
+                    if let (Some(before), Some(now)) = (waited_before, waited_now) {
+                        let waited = now.saturating_sub(before);
+                        left_guest = left_guest.checked_sub(waited).unwrap_or(left_guest);
+                    }
                     if self.io_pending {
                         self.complete_pending_io();
                     }
                     tracing::debug!(vcpu = self.index, "vCPU out of the guest");
                 }
-                let _ = ack.send(Instant::now());
+                let _ = ack.send(left_guest);
                 RunState::Paused
             }
             VcpuEvent::Resume(ack) => {

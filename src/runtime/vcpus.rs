@@ -8,6 +8,7 @@ use kvm_ioctls::VcpuFd;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
+use super::run_delay::RunDelay;
 use super::throttle::Throttle;
 use super::vcpu::{Kicker, VcpuError, VcpuEvent, VcpuHandle, ACK_DEADLINE};
 use super::GuestEvent;
@@ -16,7 +17,11 @@ use crate::machine::devices::Devices;
 /// Every vCPU thread of the VM.
 pub struct Vcpus {
     handles: Vec<VcpuHandle>,
+    /// Each thread's run-queue delay, in `handles` order.
+    run_delays: Vec<Option<RunDelay>>,
     running: bool,
+    /// When the guest stopped running at the last pause: its first vCPU to leave the guest.
+    left_guest: Option<Instant>,
     throttle: Throttle,
 }
 
@@ -41,10 +46,16 @@ impl Vcpus {
                     throttle.clone(),
                 )
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
+        let run_delays = handles
+            .iter()
+            .map(|handle| RunDelay::of_thread(handle.thread_id))
+            .collect();
         Ok(Self {
             handles,
+            run_delays,
             running: false,
+            left_guest: None,
             throttle,
         })
     }
@@ -77,12 +88,51 @@ impl Vcpus {
         self.handles.iter().map(|h| h.thread_id).collect()
     }
 
+    /// When the guest stopped at the last pause, if that pause stopped a running vCPU: the
+    /// first of them to leave the guest, which on a busy host can be before the pause (a vCPU
+    /// thread waiting for a core).
+    pub fn left_guest(&self) -> Option<Instant> {
+        self.left_guest
+    }
+
     /// Stops every vCPU outside `KVM_RUN` with pending I/O completed.
     pub async fn pause(&mut self) -> Result<(), VcpuError> {
-        // A pause once sent takes effect even if its acknowledgement is late or lost, so the
-        // vCPUs count as paused from here on: whoever resumes must not skip them.
+        let pauses = self.send_pauses(|_| Ok(()))?;
+        self.note_left_guest(pauses).await
+    }
+
+    /// Sends every vCPU a pause, then `after(vcpu)`. A pause once sent takes effect even if its
+    /// acknowledgement is late or lost, so the vCPUs count as paused from here on: whoever
+    /// resumes must not skip them.
+    fn send_pauses(
+        &mut self,
+        mut after: impl FnMut(&VcpuHandle) -> Result<(), VcpuError>,
+    ) -> Result<SentPauses, VcpuError> {
+        let mut sent = SentPauses {
+            acks: Vec::with_capacity(self.handles.len()),
+            were_running: self.running,
+        };
         self.running = false;
-        self.broadcast(VcpuEvent::Pause).await.map(|_| ())
+        self.left_guest = None;
+        for (handle, run_delay) in self.handles.iter().zip(&self.run_delays) {
+            let (ack, acked) = oneshot::channel();
+            let waited_before = run_delay.as_ref().and_then(RunDelay::read);
+            handle.send(VcpuEvent::Pause { ack, waited_before })?;
+            after(handle)?;
+            sent.acks.push((handle.index, acked));
+        }
+        Ok(sent)
+    }
+
+    /// Waits for the pauses' acknowledgements; if the vCPUs ran, the first to leave the guest
+    /// is when the guest stopped (paused vCPUs answer with when they heard the pause, which
+    /// says nothing of the guest).
+    async fn note_left_guest(&mut self, sent: SentPauses) -> Result<(), VcpuError> {
+        let left = collect(sent.acks).await?;
+        if sent.were_running {
+            self.left_guest = left.into_iter().min();
+        }
+        Ok(())
     }
 
     /// Lets every vCPU run the guest again.
@@ -106,18 +156,12 @@ impl Vcpus {
         T: Send + 'static,
         F: Fn(u32, &mut VcpuFd) -> T + Send + Sync + 'static,
     {
-        self.running = false;
         let work = Arc::new(work);
-        let mut acks = Vec::with_capacity(self.handles.len());
         let mut answers = Vec::with_capacity(self.handles.len());
-        for handle in &self.handles {
-            let (ack, acked) = oneshot::channel();
-            handle.send(VcpuEvent::Pause(ack))?;
-            // Queued behind the pause, so a vCPU that was running cannot run in between.
-            handle.queue(task(handle.index, work.clone(), &mut answers))?;
-            acks.push((handle.index, acked));
-        }
-        collect(acks).await?;
+        // Queued behind the pause, so a vCPU that was running cannot run in between.
+        let pauses = self
+            .send_pauses(|handle| handle.queue(task(handle.index, work.clone(), &mut answers)))?;
+        self.note_left_guest(pauses).await?;
         collect(answers).await
     }
 
@@ -156,6 +200,12 @@ impl Vcpus {
         }
         self.running = false;
     }
+}
+
+/// Pauses sent, awaiting their acknowledgements.
+struct SentPauses {
+    acks: Vec<(u32, oneshot::Receiver<Instant>)>,
+    were_running: bool,
 }
 
 /// `work` for vCPU `index` as an event; its result goes to the channel added to `answers`.

@@ -1,0 +1,121 @@
+//! The destination's clock as the source sees it, so that the source can place the moment the
+//! guest ran again on the destination on its own timeline, and end the downtime there.
+//!
+//! The source cannot simply time the commit's round trip: the destination writes COMMITTED
+//! after its vCPUs run the guest again, and on a busy host the source may read it milliseconds
+//! later still (its thread waits for a core the guest's vCPUs now hold). So the destination
+//! stamps its moments on its own monotonic clock, and the source maps them onto its own with
+//! an offset measured at setup, NTP-style: the probe with the shortest round trip, whose
+//! answer was stamped within half of that round trip of the probe's midpoint. No wall clock
+//! is involved, so the two hosts' clocks need not agree.
+
+use std::time::{Duration, Instant};
+
+/// How many clock probes the source sends at setup; the one with the shortest round trip is
+/// kept (a probe that waited for a core on either side is off by up to that wait).
+pub const PROBES: usize = 4;
+
+/// A moment on the destination's migration clock: nanoseconds since that side began receiving.
+pub type PeerNanos = u64;
+
+/// One probe's answer: the destination's clock reading, and when the probe left and the
+/// answer arrived here.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerClock {
+    /// The source's moment that matches `peer_ns`: the middle of the round trip.
+    local: Instant,
+    peer_ns: PeerNanos,
+    round_trip: Duration,
+}
+
+impl PeerClock {
+    pub fn from_probe(sent: Instant, answered: Instant, peer_ns: PeerNanos) -> Self {
+        let round_trip = answered.saturating_duration_since(sent);
+        Self {
+            local: sent + round_trip / 2,
+            peer_ns,
+            round_trip,
+        }
+    }
+
+    /// The more precise of two probes.
+    pub fn better(self, other: Self) -> Self {
+        if other.round_trip < self.round_trip {
+            other
+        } else {
+            self
+        }
+    }
+
+    /// How far off a mapped moment can be: half the probe's round trip.
+    pub fn uncertainty(&self) -> Duration {
+        self.round_trip / 2
+    }
+
+    /// The source's moment matching the destination's `peer_ns`.
+    pub fn local(&self, peer_ns: PeerNanos) -> Instant {
+        if peer_ns >= self.peer_ns {
+            self.local + Duration::from_nanos(peer_ns - self.peer_ns)
+        } else {
+            let before = Duration::from_nanos(self.peer_ns - peer_ns);
+            self.local.checked_sub(before).unwrap_or(self.local)
+        }
+    }
+}
+
+/// The destination's side: its migration clock.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalClock {
+    origin: Instant,
+}
+
+impl LocalClock {
+    pub fn start() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> PeerNanos {
+        self.at(Instant::now())
+    }
+
+    pub fn at(&self, moment: Instant) -> PeerNanos {
+        moment.saturating_duration_since(self.origin).as_nanos() as PeerNanos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_moment_maps_through_the_middle_of_the_round_trip() {
+        let sent = Instant::now();
+        let clock = PeerClock::from_probe(sent, sent + Duration::from_micros(100), 5_000_000);
+        assert_eq!(clock.uncertainty(), Duration::from_micros(50));
+        assert_eq!(clock.local(5_000_000), sent + Duration::from_micros(50));
+        assert_eq!(
+            clock.local(7_000_000),
+            sent + Duration::from_micros(50) + Duration::from_millis(2)
+        );
+        assert_eq!(clock.local(4_950_000), sent);
+    }
+
+    #[test]
+    fn the_shortest_round_trip_wins() {
+        let sent = Instant::now();
+        let slow = PeerClock::from_probe(sent, sent + Duration::from_millis(3), 1);
+        let fast = PeerClock::from_probe(sent, sent + Duration::from_micros(40), 2);
+        assert_eq!(slow.better(fast).peer_ns, 2);
+        assert_eq!(fast.better(slow).peer_ns, 2);
+    }
+
+    #[test]
+    fn the_local_clock_counts_from_its_start() {
+        let clock = LocalClock::start();
+        let later = Instant::now() + Duration::from_millis(1);
+        assert!(clock.at(later) >= 1_000_000);
+        assert!(clock.now() < clock.at(later));
+    }
+}
