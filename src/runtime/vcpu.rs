@@ -36,8 +36,8 @@ pub type VcpuTask = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 pub enum VcpuEvent {
     Pause {
         ack: oneshot::Sender<Instant>,
-        /// The thread's run-queue delay just before the kick ([`RunDelay`]), to tell how long it
-        /// had been waiting for a core when the pause came.
+        /// The thread's run-queue delay just before the kick ([`RunDelay`]), if it was running
+        /// or waiting for a core then: to tell how long it had waited when the pause came.
         waited_before: Option<Duration>,
     },
     Resume(oneshot::Sender<Instant>),

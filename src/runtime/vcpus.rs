@@ -116,7 +116,7 @@ impl Vcpus {
         self.left_guest = None;
         for (handle, run_delay) in self.handles.iter().zip(&self.run_delays) {
             let (ack, acked) = oneshot::channel();
-            let waited_before = run_delay.as_ref().and_then(RunDelay::read);
+            let waited_before = run_delay.as_ref().and_then(RunDelay::read_if_runnable);
             handle.send(VcpuEvent::Pause { ack, waited_before })?;
             after(handle)?;
             sent.acks.push((handle.index, acked));
