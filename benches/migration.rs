@@ -26,15 +26,20 @@
 //! (TSC gap) on each CPU. `$FERRY_BENCH_LOGS=DIR` keeps each VM's log and serial output there.
 //!
 //! For each case it prints the total time, setup time and downtime that `query-migrate`
-//! reports, the last `expected-downtime` it showed before the switchover, the blackout the guest measured (each vCPU's first `gap` report on the destination,
-//! the longest), the bytes sent, the effective bandwidth (guest RAM / total time and bytes sent
-//! / total time) next to the raw figure of the same transport, the number of rounds
-//! (`dirty-sync-count`) and whether the migration converged (completed with fewer than 30), the
-//! peak memory each ferry process used beyond its guest's RAM while migrating (from
+//! reports, the last `expected-downtime` it showed before the switchover, the blackout the
+//! guest measured (each vCPU's first `gap` report on the destination, the longest) and how far
+//! the downtime is from it, the bytes sent, the effective bandwidth (guest RAM / total time
+//! and bytes sent / total time) next to the raw figures of the same transport, the number of
+//! rounds (`dirty-sync-count`) and whether the migration converged (completed with fewer than
+//! 30), the peak memory each ferry process used beyond its guest's RAM while migrating (from
 //! `/proc/PID/smaps`, see `migration/memory.rs`), as the median, minimum and maximum of the
-//! runs. The raw figures are the median of at least five runs. Next to every figure it prints
-//! how many cores' worth of CPU other processes took meanwhile: the host has two cores, and
-//! other work on it skews the results.
+//! runs. The raw figures are the median of at least five runs; beside them, the same socket
+//! with the reader landing the bytes in memory it never touched (one run per case run): a
+//! destination's guest RAM is such memory, and on this host (a VM whose freed memory goes back
+//! to its own host) backing it costs more than the copy. It is a reference, not a ceiling:
+//! ferry's destination backs RAM on a thread of its own while it receives. Next to every figure it prints how
+//! many cores' worth of CPU other processes took meanwhile: the host has two cores, and other
+//! work on it skews the results.
 //!
 //! `migrate_cancel` is timed in runs of its own, per transport (`migration/cancel.rs`): from
 //! the command to the source saying `canceled` and its guest ticking again.
@@ -91,6 +96,8 @@ const DEFAULT_RUNS: usize = 3;
 const RAW_MIN_RUNS: usize = 5;
 /// Bytes each raw socket measurement moves.
 const RAW_BYTES: u64 = 2 << 30;
+/// Bytes each raw measurement into fresh memory moves (it takes seconds on this host).
+const FRESH_RAW_BYTES: u64 = 1 << 30;
 /// The size of every write and read of the raw measurement: about one frame of ferry's (1024
 /// pages).
 const RAW_IO_SIZE: usize = 4 << 20;
@@ -419,13 +426,19 @@ fn stats_json(stats: Option<Stats>) -> Value {
 struct RawFigures {
     transport: Transport,
     runs: Vec<f64>,
+    /// With the reader landing the bytes in memory it never touched before, as a destination
+    /// does with guest RAM: what first-touching memory costs on this host comes on top.
+    fresh_runs: Vec<f64>,
     /// Cores' worth of CPU other processes used while the runs went on.
     other_cores: Option<f64>,
 }
 
 impl RawFigures {
-    fn median(&self) -> Option<f64> {
-        Stats::of(&self.runs).map(|s| s.median)
+    fn medians(&self) -> Raw {
+        Raw {
+            socket: Stats::of(&self.runs).map(|s| s.median),
+            fresh: Stats::of(&self.fresh_runs).map(|s| s.median),
+        }
     }
 
     fn to_json(&self) -> Value {
@@ -435,14 +448,36 @@ impl RawFigures {
             "io_size": RAW_IO_SIZE,
             "gib_per_s": stats_json(Stats::of(&self.runs)),
             "runs_gib_per_s": self.runs,
+            "fresh_memory": {
+                "bytes": FRESH_RAW_BYTES,
+                "gib_per_s": stats_json(Stats::of(&self.fresh_runs)),
+                "runs_gib_per_s": self.fresh_runs,
+            },
             "other_cpu_cores": self.other_cores,
         })
     }
 }
 
-/// Moves [`RAW_BYTES`] from a memory buffer through a connected socket pair, with writes of
-/// [`RAW_IO_SIZE`] on this thread and the reader on another; returns GiB/s.
-fn raw_throughput(transport: Transport) -> anyhow::Result<f64> {
+/// The raw medians of a case's transport, GiB/s.
+#[derive(Debug, Clone, Copy, Default)]
+struct Raw {
+    socket: Option<f64>,
+    fresh: Option<f64>,
+}
+
+/// Where the raw measurement's reader puts the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landing {
+    /// One buffer, read into again and again (always resident).
+    Reused,
+    /// Memory the process never touched: each page is first touched by the read.
+    Fresh,
+}
+
+/// Moves `bytes` from a memory buffer through a connected socket pair, with writes of
+/// [`RAW_IO_SIZE`] on this thread and the reader on another, which reads into `landing`;
+/// returns GiB/s.
+fn raw_throughput(transport: Transport, bytes: u64, landing: Landing) -> anyhow::Result<f64> {
     let timeout = Some(Duration::from_secs(30));
     let (mut writer, reader): (Box<dyn Write>, Box<dyn Read + Send>) = match transport {
         Transport::Tcp => {
@@ -460,14 +495,23 @@ fn raw_throughput(transport: Transport) -> anyhow::Result<f64> {
             (Box::new(writer), Box::new(reader))
         }
     };
+    // Made before the clock starts; a zeroed allocation this large is fresh anonymous memory.
+    let mut target = match landing {
+        Landing::Reused => vec![1u8; RAW_IO_SIZE],
+        Landing::Fresh => vec![0u8; bytes as usize],
+    };
     let receiver = std::thread::spawn(move || -> std::io::Result<Instant> {
         let mut reader = reader;
-        let mut buffer = vec![1u8; RAW_IO_SIZE];
-        let mut received = 0u64;
-        while received < RAW_BYTES {
-            match reader.read(&mut buffer)? {
+        let mut received = 0usize;
+        while received < bytes as usize {
+            let at = match landing {
+                Landing::Reused => 0,
+                Landing::Fresh => received,
+            };
+            let end = (at + RAW_IO_SIZE).min(target.len());
+            match reader.read(&mut target[at..end])? {
                 0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                n => received += n as u64,
+                n => received += n,
             }
         }
         Ok(Instant::now())
@@ -475,15 +519,15 @@ fn raw_throughput(transport: Transport) -> anyhow::Result<f64> {
     let buffer = vec![0x5au8; RAW_IO_SIZE];
     let started = Instant::now();
     let mut sent = 0u64;
-    while sent < RAW_BYTES {
-        let n = (RAW_BYTES - sent).min(RAW_IO_SIZE as u64) as usize;
+    while sent < bytes {
+        let n = (bytes - sent).min(RAW_IO_SIZE as u64) as usize;
         writer.write_all(&buffer[..n])?;
         sent += n as u64;
     }
     let finished = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
-    Ok(RAW_BYTES as f64 / GIB / (finished - started).as_secs_f64())
+    Ok(bytes as f64 / GIB / (finished - started).as_secs_f64())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -529,17 +573,22 @@ struct Run {
 }
 
 /// The figures of a run the tables show, by key.
-const FIGURES: [(&str, &str); 15] = [
+const FIGURES: [(&str, &str); 17] = [
     ("total_ms", "total time (ms)"),
     ("setup_ms", "setup time (ms)"),
     ("downtime_ms", "downtime (ms)"),
     ("expected_downtime_ms", "expected-downtime, last seen (ms)"),
     ("guest_blackout_ms", "blackout the guest saw (ms)"),
+    ("downtime_error_ms", "downtime - the guest's blackout (ms)"),
     ("transferred_mib", "RAM transferred (MiB)"),
     ("ram_gib_per_s", "RAM total / total time (GiB/s)"),
     ("transferred_gib_per_s", "transferred / total time (GiB/s)"),
     ("ram_pct_of_raw", "RAM total / time, % of raw"),
     ("transferred_pct_of_raw", "transferred / time, % of raw"),
+    (
+        "transferred_pct_of_fresh_raw",
+        "transferred / time, % of raw into fresh memory",
+    ),
     ("rounds", "rounds (dirty-sync-count)"),
     (
         "pct_of_max_bandwidth",
@@ -598,10 +647,13 @@ impl Run {
     }
 
     /// One of [`FIGURES`]; the shares are of `raw` (GiB/s of the same transport).
-    fn figure(&self, key: &str, raw: Option<f64>) -> Option<f64> {
+    fn figure(&self, key: &str, raw: Raw) -> Option<f64> {
         match key {
             "other_cpu_cores" => return self.other_cores,
             "guest_blackout_ms" => return Some(self.blackout_us? as f64 / 1000.0),
+            "downtime_error_ms" => {
+                return Some(self.field(&["downtime"])? - self.blackout_us? as f64 / 1000.0)
+            }
             "expected_downtime_ms" => return self.timeline.last_expected_downtime_ms(),
             "source_overhead_mib" => return self.overhead_mib(Side::Source),
             "destination_overhead_mib" => return self.overhead_mib(Side::Destination),
@@ -611,7 +663,7 @@ impl Run {
         let per_second = |bytes: f64| (seconds > 0.0).then(|| bytes / GIB / seconds);
         let ram = || per_second(self.field(&["ram", "total"])?);
         let sent = || per_second(self.field(&["ram", "transferred"])?);
-        let share = |rate: Option<f64>| Some(rate? / raw? * 100.0);
+        let share = |rate: Option<f64>| Some(rate? / raw.socket? * 100.0);
         match key {
             "total_ms" => self.field(&["total-time"]),
             "setup_ms" => self.field(&["setup-time"]),
@@ -621,6 +673,7 @@ impl Run {
             "transferred_gib_per_s" => sent(),
             "ram_pct_of_raw" => share(ram()),
             "transferred_pct_of_raw" => share(sent()),
+            "transferred_pct_of_fresh_raw" => Some(sent()? / raw.fresh? * 100.0),
             "rounds" => self.field(&["ram", "dirty-sync-count"]),
             "pct_of_max_bandwidth" => {
                 let moving = seconds - self.field(&["setup-time"])? / 1000.0;
@@ -632,7 +685,7 @@ impl Run {
         }
     }
 
-    fn to_json(&self, raw: Option<f64>) -> Value {
+    fn to_json(&self, raw: Raw) -> Value {
         let gaps = |gaps: &[guest::Gap]| gaps.iter().map(|g| g.to_json()).collect::<Vec<_>>();
         let mut record = json!({
             "run": self.run,
@@ -663,7 +716,7 @@ impl Run {
         record
     }
 
-    fn one_line(&self, raw: Option<f64>) -> String {
+    fn one_line(&self, raw: Raw) -> String {
         if let Some(error) = &self.error {
             let first = error.lines().next().unwrap_or_default();
             return format!("{}: {first}", self.status);
@@ -674,7 +727,8 @@ impl Run {
         };
         format!(
             "{:<9} total {} ms, setup {} ms, downtime {} ms (expected {} ms, guest saw {} ms), \
-             sent {} MiB ({} GiB/s, {}% of raw{}), {} rounds{}; VMM overhead {} MiB source, {} \
+             sent {} MiB ({} GiB/s, {}% of raw, {}% of raw into fresh memory{}), {} rounds{}; \
+             VMM overhead {} MiB source, {} \
              MiB destination; other processes used {} cores",
             self.status,
             show("total_ms", 0),
@@ -689,6 +743,7 @@ impl Run {
             show("transferred_mib", 1),
             show("transferred_gib_per_s", 3),
             show("transferred_pct_of_raw", 1),
+            show("transferred_pct_of_fresh_raw", 1),
             match self.max_bandwidth {
                 Some(cap) => format!(
                     ", {}% of max-bandwidth {} MiB/s",
@@ -1045,7 +1100,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 struct CaseResult {
     case: Case,
     runs: Vec<Run>,
-    raw: Option<f64>,
+    raw: Raw,
     /// The plot of the runs, if one was drawn.
     plot: Option<PathBuf>,
 }
@@ -1097,6 +1152,23 @@ impl CaseResult {
     }
 
     /// A figure's statistics over the completed runs.
+    /// How many completed runs reported a downtime within max(1 ms, 10 %) of the blackout
+    /// their guest measured, of those where the guest measured one.
+    fn downtimes_close_to_blackout(&self) -> (usize, usize) {
+        let runs = self.runs.iter().filter(|r| r.completed());
+        let pairs: Vec<(f64, f64)> = runs
+            .filter_map(|r| {
+                let error = r.figure("downtime_error_ms", self.raw)?;
+                Some((error, r.figure("guest_blackout_ms", self.raw)?))
+            })
+            .collect();
+        let close = pairs
+            .iter()
+            .filter(|(error, blackout)| error.abs() <= (blackout * 0.1).max(1.0))
+            .count();
+        (close, pairs.len())
+    }
+
     fn stats(&self, key: &str) -> Option<Stats> {
         let values: Vec<f64> = self
             .runs
@@ -1128,7 +1200,7 @@ impl CaseResult {
             None => println!("  {label:<40} {:>10} {:>10} {:>10}", "-", "-", "-"),
         };
         for (key, label) in FIGURES {
-            let label = if key.ends_with("_pct_of_raw") {
+            let label = if key.contains("_pct_of_") && key.ends_with("raw") {
                 label.replace("raw", &format!("raw {}", self.case.transport.name()))
             } else {
                 label.to_owned()
@@ -1140,6 +1212,15 @@ impl CaseResult {
                     self.blackouts_below_threshold(),
                     blackout_ms()
                 );
+            }
+            if key == "downtime_error_ms" {
+                let (close, compared) = self.downtimes_close_to_blackout();
+                if compared > 0 {
+                    println!(
+                        "    (within max(1 ms, 10%) of the guest's blackout: {close} of {compared} \
+                         runs; downtime is in whole ms)"
+                    );
+                }
             }
         }
         if let Some(cancel) = cancel {
@@ -1184,7 +1265,8 @@ impl CaseResult {
             "runs": self.runs.len(),
             "completed_runs": self.completed(),
             "converged_runs": self.converged(),
-            "raw_gib_per_s": self.raw,
+            "raw_gib_per_s": self.raw.socket,
+            "fresh_raw_gib_per_s": self.raw.fresh,
             "raw": raw_figures,
             "plot": self.plot,
             "summary": Value::Object(summary),
@@ -1315,7 +1397,9 @@ fn decimals(key: &str) -> usize {
         "transferred_mib"
         | "ram_pct_of_raw"
         | "transferred_pct_of_raw"
+        | "transferred_pct_of_fresh_raw"
         | "guest_blackout_ms"
+        | "downtime_error_ms"
         | "source_overhead_mib"
         | "destination_overhead_mib" => 1,
         "ram_gib_per_s" | "transferred_gib_per_s" => 3,
@@ -1463,9 +1547,11 @@ fn guarded<T>(f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, String> {
 
 fn raw_section(options: &Options) -> anyhow::Result<Vec<RawFigures>> {
     println!(
-        "== raw socket throughput: {} GiB from memory in {} MiB writes, reader on another thread",
+        "== raw socket throughput: {} GiB from memory in {} MiB writes, reader on another thread \
+         (fresh: {} GiB read into memory never touched before, as a destination's guest RAM)",
         RAW_BYTES >> 30,
-        RAW_IO_SIZE >> 20
+        RAW_IO_SIZE >> 20,
+        FRESH_RAW_BYTES >> 30
     );
     let raw_runs = options.runs.max(RAW_MIN_RUNS);
     println!(
@@ -1474,27 +1560,31 @@ fn raw_section(options: &Options) -> anyhow::Result<Vec<RawFigures>> {
     );
     let mut raw = Vec::new();
     for transport in Transport::ALL {
-        let mut runs = Vec::new();
         let probe = CpuProbe::start(vec![std::process::id()]);
-        for _ in 0..raw_runs {
-            runs.push(
-                raw_throughput(transport)
-                    .with_context(|| format!("raw {} throughput", transport.name()))?,
+        let measure = |bytes, landing, runs| {
+            (0..runs)
+                .map(|_| raw_throughput(transport, bytes, landing))
+                .collect::<anyhow::Result<Vec<f64>>>()
+                .with_context(|| format!("raw {} throughput", transport.name()))
+        };
+        let runs = measure(RAW_BYTES, Landing::Reused, raw_runs)?;
+        let fresh_runs = measure(FRESH_RAW_BYTES, Landing::Fresh, options.runs)?;
+        let other_cores = probe.and_then(|p| p.other_cores());
+        for (name, runs) in [("", &runs), (" fresh", &fresh_runs)] {
+            let s = Stats::of(runs).expect("at least one run");
+            println!(
+                "{:<9} {:>10.2} {:>10.2} {:>10.2}   others {}",
+                format!("{}{name}", transport.name()),
+                s.median,
+                s.min,
+                s.max,
+                other_cores.map_or("?".into(), |c| format!("{c:.2}")),
             );
         }
-        let other_cores = probe.and_then(|p| p.other_cores());
-        let s = Stats::of(&runs).expect("at least one run");
-        println!(
-            "{:<9} {:>10.2} {:>10.2} {:>10.2}   others {}",
-            transport.name(),
-            s.median,
-            s.min,
-            s.max,
-            other_cores.map_or("?".into(), |c| format!("{c:.2}")),
-        );
         raw.push(RawFigures {
             transport,
             runs,
+            fresh_runs,
             other_cores,
         });
     }
@@ -1573,7 +1663,8 @@ fn run() -> anyhow::Result<bool> {
         let raw_median = raw
             .iter()
             .find(|r| r.transport == case.transport)
-            .and_then(RawFigures::median);
+            .map(RawFigures::medians)
+            .unwrap_or_default();
         let mut runs = Vec::new();
         for run in 1..=options.runs {
             let record = guarded(|| migrate_once(&binary, &case, run))

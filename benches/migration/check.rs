@@ -16,6 +16,7 @@ const RUN_FIGURES: &[&str] = &[
     "transferred_mib",
     "transferred_gib_per_s",
     "transferred_pct_of_raw",
+    "transferred_pct_of_fresh_raw",
     "rounds",
     "source_overhead_mib",
     "destination_overhead_mib",
@@ -49,8 +50,14 @@ pub fn gaps(
     };
     for transport in transports {
         match named("raw", "transport", transport) {
-            Some(raw) if raw["gib_per_s"]["median"].is_number() => {}
-            _ => gaps.push(format!("raw {transport}: no median throughput")),
+            Some(raw) if !raw["gib_per_s"]["median"].is_number() => {
+                gaps.push(format!("raw {transport}: no median throughput"))
+            }
+            Some(raw) if !raw["fresh_memory"]["gib_per_s"]["median"].is_number() => {
+                gaps.push(format!("raw {transport}: no median into fresh memory"))
+            }
+            Some(_) => {}
+            None => gaps.push(format!("raw {transport}: missing")),
         }
     }
     for case in cases {
