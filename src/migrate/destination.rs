@@ -29,7 +29,7 @@ pub enum Outcome {
 #[derive(Debug, thiserror::Error)]
 enum ReceiveError {
     #[error("{0}")]
-    Wire(#[from] WireError),
+    Wire(WireError),
     #[error("the source's configuration does not match this VM: {0}")]
     Mismatch(String),
     #[error("the source reported: {0}")]
@@ -44,11 +44,19 @@ enum ReceiveError {
     Local(String),
 }
 
+impl From<WireError> for ReceiveError {
+    fn from(error: WireError) -> Self {
+        match error {
+            WireError::Closed => Self::SourceGone,
+            error => Self::Wire(error),
+        }
+    }
+}
+
 impl From<LandingError> for ReceiveError {
     fn from(error: LandingError) -> Self {
         match error {
-            LandingError::Wire(WireError::Closed) => Self::SourceGone,
-            LandingError::Wire(error) => Self::Wire(error),
+            LandingError::Wire(error) => error.into(),
             LandingError::Protocol(reason) => Self::Protocol(reason),
             LandingError::Local(reason) => Self::Local(reason),
         }
@@ -164,7 +172,6 @@ async fn receive_stream(
                 )));
             }
             Ok(Incoming::Message(message)) => message,
-            Err(WireError::Closed) => return Err(ReceiveError::SourceGone),
             Err(error) => return Err(error.into()),
         };
         match message {
@@ -265,10 +272,7 @@ async fn receive_stream(
 }
 
 async fn next(stream: &mut BoxedStream) -> Result<Message, ReceiveError> {
-    match wire::read_message(stream).await {
-        Err(WireError::Closed) => Err(ReceiveError::SourceGone),
-        other => Ok(other?),
-    }
+    Ok(wire::read_message(stream).await?)
 }
 
 fn describe(message: &Message) -> String {

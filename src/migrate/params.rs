@@ -152,20 +152,19 @@ pub const NEGLIGIBLE_DOWNTIME: Duration = Duration::from_millis(2);
 /// can be sent within the downtime limit at `bandwidth` bytes per second.
 ///
 /// Fitting the limit is necessary, not sufficient: while each round still halves what is left
-/// (`previous_bytes`, what the round started with), another round is taken, since it cuts the guest's
-/// pause too. The limit is the most an operator accepts, not a goal: a guest that dirties 1 GB/s
+/// (`previous_bytes`, what the round started with), another round is taken, since it cuts the
+/// guest's pause too. The limit is the most an operator accepts, not a goal: a guest that dirties 1 GB/s
 /// would otherwise pause for as long as the limit allows.
 pub fn decide(
     round: u32,
     remaining_bytes: u64,
-    previous_bytes: Option<u64>,
+    previous_bytes: u64,
     bandwidth: f64,
     downtime_limit: Duration,
 ) -> Decision {
     let expected = expected_downtime(remaining_bytes, bandwidth);
     if expected <= downtime_limit {
-        let still_shrinking =
-            previous_bytes.is_some_and(|previous| remaining_bytes.saturating_mul(2) <= previous);
+        let still_shrinking = remaining_bytes.saturating_mul(2) <= previous_bytes;
         if expected <= NEGLIGIBLE_DOWNTIME || !still_shrinking || round >= MAX_DIRTY_ROUNDS {
             Decision::Switchover
         } else {
@@ -200,13 +199,10 @@ mod tests {
     fn remainder_within_the_limit_switches_over() {
         // 10 MiB at 1 GiB/s is ~10 ms, under 300 ms.
         assert_eq!(
-            decide(1, 10 << 20, None, GIB, Duration::from_millis(300)),
+            decide(1, 10 << 20, 10 << 20, GIB, Duration::from_millis(300)),
             Decision::Switchover
         );
-        assert_eq!(
-            decide(1, 0, None, 0.0, Duration::ZERO),
-            Decision::Switchover
-        );
+        assert_eq!(decide(1, 0, 0, 0.0, Duration::ZERO), Decision::Switchover);
     }
 
     #[test]
@@ -215,21 +211,21 @@ mod tests {
         // 64 MiB at 1 GiB/s is ~62 ms: within the limit, but down from 256 MiB.
         let remaining = 64 << 20;
         assert_eq!(
-            decide(2, remaining, Some(256 << 20), GIB, limit),
+            decide(2, remaining, 256 << 20, GIB, limit),
             Decision::AnotherRound
         );
         // Not shrinking by half any more: this is as good as it gets.
         assert_eq!(
-            decide(3, remaining, Some(100 << 20), GIB, limit),
+            decide(3, remaining, 100 << 20, GIB, limit),
             Decision::Switchover
         );
         // Negligible already, or at the cap: no more rounds.
         assert_eq!(
-            decide(3, 1 << 20, Some(256 << 20), GIB, limit),
+            decide(3, 1 << 20, 256 << 20, GIB, limit),
             Decision::Switchover
         );
         assert_eq!(
-            decide(MAX_DIRTY_ROUNDS, remaining, Some(256 << 20), GIB, limit),
+            decide(MAX_DIRTY_ROUNDS, remaining, 256 << 20, GIB, limit),
             Decision::Switchover
         );
     }
@@ -237,13 +233,16 @@ mod tests {
     #[test]
     fn remainder_over_the_limit_goes_on_until_the_cap() {
         let limit = Duration::from_millis(1);
-        assert_eq!(decide(1, 1 << 30, None, GIB, limit), Decision::AnotherRound);
         assert_eq!(
-            decide(MAX_DIRTY_ROUNDS - 1, 1 << 30, Some(1 << 30), GIB, limit),
+            decide(1, 1 << 30, 1 << 30, GIB, limit),
             Decision::AnotherRound
         );
         assert_eq!(
-            decide(MAX_DIRTY_ROUNDS, 1 << 30, Some(1 << 30), GIB, limit),
+            decide(MAX_DIRTY_ROUNDS - 1, 1 << 30, 1 << 30, GIB, limit),
+            Decision::AnotherRound
+        );
+        assert_eq!(
+            decide(MAX_DIRTY_ROUNDS, 1 << 30, 1 << 30, GIB, limit),
             Decision::ForcedSwitchover
         );
     }
@@ -251,7 +250,7 @@ mod tests {
     #[test]
     fn unknown_bandwidth_never_fits_a_nonempty_remainder() {
         assert_eq!(
-            decide(1, 4096, None, 0.0, Duration::from_secs(3600)),
+            decide(1, 4096, 4096, 0.0, Duration::from_secs(3600)),
             Decision::AnotherRound
         );
         assert_eq!(expected_downtime(4096, f64::NAN), Duration::MAX);

@@ -341,7 +341,7 @@ async fn stream_guest(
             round + 1,
             dirty * PAGE_SIZE,
             // What this round started with: did sending it leave less than half behind?
-            Some(pages * PAGE_SIZE),
+            pages * PAGE_SIZE,
             bandwidth,
             limit,
         );
