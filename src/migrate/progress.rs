@@ -120,7 +120,10 @@ impl Progress {
             // Downtimes are a few ms: truncating 1.9 ms to 1 would flatter it by half.
             let nearest = (downtime.as_micros() + 500) / 1000;
             info.insert("downtime".into(), json!(nearest as u64));
-        } else if let Some(expected) = self.expected_downtime {
+        }
+        // Kept once the migration completed (QEMU drops it): the estimate the switchover was
+        // decided on, beside the downtime it came to.
+        if let Some(expected) = self.expected_downtime {
             info.insert(
                 "expected-downtime".into(),
                 ms(expected.min(Duration::from_secs(1 << 30))),
@@ -212,6 +215,17 @@ mod tests {
             progress.downtime = Some(Duration::from_micros(us));
             assert_eq!(progress.to_json()["downtime"], ms, "{us} µs");
         }
+    }
+
+    #[test]
+    fn a_completed_migration_keeps_the_estimate_beside_the_downtime() {
+        let mut progress = Progress::start(1 << 20);
+        progress.expected_downtime = Some(Duration::from_millis(3));
+        progress.downtime = Some(Duration::from_millis(4));
+        progress.finish(MigrationStatus::Completed, None);
+        let info = progress.to_json();
+        assert_eq!(info["downtime"], 4);
+        assert_eq!(info["expected-downtime"], 3);
     }
 
     #[test]
