@@ -16,7 +16,7 @@ use super::phases::Phases;
 use super::progress::MigrationStatus;
 use super::transport::connect;
 use super::uri::MigrationUri;
-use super::vmstate::{self, CpuSave};
+use super::vmstate;
 use super::wire::{self, Commit, Committed, Message, RoundReport};
 use super::{logging, Shared};
 use crate::machine::devices::{Devices, DiskError};
@@ -399,17 +399,14 @@ async fn stream_guest(
         phases.mark("unthrottle");
         let paused_at = Instant::now();
         // Without disks nothing touches the guest once its vCPUs stop, so they save their
-        // state as they pause. Disks drain first: a request completing then writes guest
-        // memory and raises an interrupt, which the saved state must include.
-        let saved_cpus = if disks {
+        // state as they pause, while this thread reads the dirty log and sends the last
+        // pages. Disks drain first: a request completing then writes guest memory and raises
+        // an interrupt, which the saved state must include.
+        let saving_cpus = if disks {
             vm.vcpus.pause().await.map_err(local)?;
             None
         } else {
-            let cpus = vmstate::save_cpus(vm, CpuSave::Pausing)
-                .instrument(info_span!("device_state"))
-                .await
-                .map_err(local)?;
-            Some(cpus)
+            Some(vmstate::pause_and_save(vm).await.map_err(local)?)
         };
         phases.mark("pause");
         // The downtime is the guest's blackout: on a busy host a vCPU thread can have been
@@ -433,13 +430,16 @@ async fn stream_guest(
         sender.stop_pacing();
         let stats = sender.send(link, &last, shared).await?;
         phases.mark("pages");
-        let mut state = match saved_cpus {
-            Some(cpus) => cpus,
-            None => vmstate::save_cpus(vm, CpuSave::Paused)
-                .instrument(info_span!("device_state"))
-                .await
-                .map_err(local)?,
+        let cpus = async {
+            match saving_cpus {
+                Some(saving) => saving.finish(vm).await,
+                None => vmstate::save_cpus(vm).await,
+            }
         };
+        let mut state = cpus
+            .instrument(info_span!("device_state"))
+            .await
+            .map_err(local)?;
         state.extend(vmstate::save_devices(vm).map_err(local)?);
         phases.mark("save");
         let state_bytes: usize = state.iter().map(|s| s.data.len()).sum();

@@ -7,6 +7,7 @@ use super::state::{Section, Sections, StateError};
 use crate::machine::devices::disk::DiskSection;
 use crate::machine::devices::lock;
 use crate::machine::state::{migratable_msrs, KvmVcpu, KvmVm};
+use crate::runtime::vcpus::Queued;
 use crate::runtime::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,20 +24,57 @@ fn vcpu_id(index: u32) -> String {
     format!("vcpu{index}")
 }
 
-/// How the vCPUs' sections are saved: from paused vCPUs, or as they pause.
-pub enum CpuSave {
-    Paused,
-    Pausing,
+/// Saves the vCPUs of a paused VM (each on its own thread, in parallel) and then the
+/// in-kernel chips.
+pub async fn save_cpus(vm: &mut Vm) -> Result<Vec<Section>, VmStateError> {
+    let msr_list = msr_list(vm)?;
+    let saving = vm.vcpus.on_each(save_vcpu(msr_list));
+    CpuSave(saving.await?).finish(vm)
 }
 
-/// Saves the vCPUs (each on its own thread, in parallel) and then the in-kernel chips, back to
-/// back: an interrupt the chips deliver in between would be in neither. With
-/// [`CpuSave::Pausing`] the vCPUs are paused first and save themselves in the same wake-up.
-pub async fn save_cpus(vm: &mut Vm, how: CpuSave) -> Result<Vec<Section>, VmStateError> {
-    let mut phases = Phases::start();
-    let msr_list = Arc::new(migratable_msrs(&vm.machine.kvm).map_err(VmStateError::MsrList)?);
-    phases.mark("msr_list");
-    let save = move |index, fd: &mut kvm_ioctls::VcpuFd| {
+/// Pauses the vCPUs, which save themselves in the same wake-up; returns as soon as every vCPU
+/// is out of the guest, their saves still under way. [`PausedSave::finish`] collects them.
+pub async fn pause_and_save(vm: &mut Vm) -> Result<PausedSave, VmStateError> {
+    let msr_list = msr_list(vm)?;
+    Ok(PausedSave(vm.vcpus.pause_then(save_vcpu(msr_list)).await?))
+}
+
+/// The vCPUs' saves, running on their threads.
+pub struct PausedSave(Queued<Result<Section, StateError>>);
+
+impl PausedSave {
+    /// The vCPUs' sections, then the in-kernel chips'.
+    pub async fn finish(self, vm: &Vm) -> Result<Vec<Section>, VmStateError> {
+        CpuSave(self.0.collect().await?).finish(vm)
+    }
+}
+
+/// Every vCPU's saved section (or why it could not be saved).
+struct CpuSave(Vec<Result<Section, StateError>>);
+
+impl CpuSave {
+    /// Adds the in-kernel chips right after the vCPUs: an interrupt the chips deliver in
+    /// between would be in neither.
+    fn finish(self, vm: &Vm) -> Result<Vec<Section>, VmStateError> {
+        let mut phases = Phases::start();
+        let mut sections = self.0.into_iter().collect::<Result<Vec<_>, _>>()?;
+        sections.push(Section::save("kvm", &KvmVm(&vm.machine.vm))?);
+        phases.mark("kvm");
+        tracing::debug!(%phases, "chip state saved (µs)");
+        Ok(sections)
+    }
+}
+
+fn msr_list(vm: &Vm) -> Result<Arc<Vec<u32>>, VmStateError> {
+    Ok(Arc::new(
+        migratable_msrs(&vm.machine.kvm).map_err(VmStateError::MsrList)?,
+    ))
+}
+
+fn save_vcpu(
+    msr_list: Arc<Vec<u32>>,
+) -> impl Fn(u32, &mut kvm_ioctls::VcpuFd) -> Result<Section, StateError> + Send + Sync + 'static {
+    move |index, fd| {
         Section::save(
             &vcpu_id(index),
             &KvmVcpu {
@@ -44,17 +82,7 @@ pub async fn save_cpus(vm: &mut Vm, how: CpuSave) -> Result<Vec<Section>, VmStat
                 msr_list: &msr_list,
             },
         )
-    };
-    let vcpus = match how {
-        CpuSave::Paused => vm.vcpus.on_each(save).await?,
-        CpuSave::Pausing => vm.vcpus.pause_then(save).await?,
-    };
-    let mut sections = vcpus.into_iter().collect::<Result<Vec<_>, _>>()?;
-    phases.mark("vcpus");
-    sections.push(Section::save("kvm", &KvmVm(&vm.machine.vm))?);
-    phases.mark("kvm");
-    tracing::debug!(%phases, "vCPU and chip state saved (µs)");
-    Ok(sections)
+    }
 }
 
 /// Saves the emulated devices (the VM is paused).

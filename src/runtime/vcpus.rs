@@ -150,8 +150,10 @@ impl Vcpus {
 
     /// Pauses every vCPU and runs `work` on each right after, in the same wake-up of its
     /// thread (one hand-off fewer than [`Vcpus::pause`] then [`Vcpus::on_each`]; on a busy
-    /// host each can cost a scheduler slice). The results come in vCPU order.
-    pub async fn pause_then<T, F>(&mut self, work: F) -> Result<Vec<T>, VcpuError>
+    /// host each can cost a scheduler slice). Returns once every vCPU is out of the guest,
+    /// with `work` still running: the caller gets on with what needs only paused vCPUs, and
+    /// collects the results (in vCPU order) after.
+    pub async fn pause_then<T, F>(&mut self, work: F) -> Result<Queued<T>, VcpuError>
     where
         T: Send + 'static,
         F: Fn(u32, &mut VcpuFd) -> T + Send + Sync + 'static,
@@ -162,7 +164,7 @@ impl Vcpus {
         let pauses = self
             .send_pauses(|handle| handle.queue(task(handle.index, work.clone(), &mut answers)))?;
         self.note_left_guest(pauses).await?;
-        collect(answers).await
+        Ok(Queued { answers })
     }
 
     /// Sends `event` to every vCPU; the acknowledgements' instants, in vCPU order.
@@ -199,6 +201,18 @@ impl Vcpus {
             handle.finish();
         }
         self.running = false;
+    }
+}
+
+/// Work queued on the vCPU threads, its results still to come.
+pub struct Queued<T> {
+    answers: Vec<(u32, oneshot::Receiver<T>)>,
+}
+
+impl<T> Queued<T> {
+    /// Waits for every vCPU's result, in vCPU order.
+    pub async fn collect(self) -> Result<Vec<T>, VcpuError> {
+        collect(self.answers).await
     }
 }
 
