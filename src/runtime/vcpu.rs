@@ -277,8 +277,11 @@ impl VcpuThread {
                 let mut left_guest = Instant::now();
                 if matches!(state, RunState::Running) {
                     // Waiting for a core when the kick came, the guest had stopped already.
-                    let waited_now = self.run_delay.as_ref().and_then(RunDelay::read);
-                    if let (Some(before), Some(now)) = (waited_before, waited_now) {
+                    // Only a thread the owner saw runnable reads its delay again.
+                    let delays = waited_before.and_then(|before| {
+                        Some((before, self.run_delay.as_ref().and_then(RunDelay::read)?))
+                    });
+                    if let Some((before, now)) = delays {
                         let waited = now.saturating_sub(before);
                         left_guest = left_guest.checked_sub(waited).unwrap_or(left_guest);
                     }
