@@ -26,10 +26,9 @@ fn vcpu_id(index: u32) -> String {
 
 /// Saves the vCPUs of a paused VM (each on its own thread, in parallel) and then the
 /// in-kernel chips.
-pub async fn save_cpus(vm: &mut Vm) -> Result<Vec<Section>, VmStateError> {
-    let msr_list = msr_list(vm)?;
-    let saving = vm.vcpus.on_each(save_vcpu(msr_list));
-    CpuSave(saving.await?).finish(vm)
+pub async fn save_cpus(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
+    let vcpus = vm.vcpus.on_each(save_vcpu(msr_list(vm)?)).await?;
+    with_chips(vm, vcpus)
 }
 
 /// Pauses the vCPUs, which save themselves in the same wake-up; returns as soon as every vCPU
@@ -45,24 +44,22 @@ pub struct PausedSave(Queued<Result<Section, StateError>>);
 impl PausedSave {
     /// The vCPUs' sections, then the in-kernel chips'.
     pub async fn finish(self, vm: &Vm) -> Result<Vec<Section>, VmStateError> {
-        CpuSave(self.0.collect().await?).finish(vm)
+        with_chips(vm, self.0.collect().await?)
     }
 }
 
-/// Every vCPU's saved section (or why it could not be saved).
-struct CpuSave(Vec<Result<Section, StateError>>);
-
-impl CpuSave {
-    /// Adds the in-kernel chips right after the vCPUs: an interrupt the chips deliver in
-    /// between would be in neither.
-    fn finish(self, vm: &Vm) -> Result<Vec<Section>, VmStateError> {
-        let mut phases = Phases::start();
-        let mut sections = self.0.into_iter().collect::<Result<Vec<_>, _>>()?;
-        sections.push(Section::save("kvm", &KvmVm(&vm.machine.vm))?);
-        phases.mark("kvm");
-        tracing::debug!(%phases, "chip state saved (µs)");
-        Ok(sections)
-    }
+/// The vCPUs' sections and, right after them, the in-kernel chips': an interrupt the chips
+/// deliver in between would be in neither.
+fn with_chips(
+    vm: &Vm,
+    vcpus: Vec<Result<Section, StateError>>,
+) -> Result<Vec<Section>, VmStateError> {
+    let mut phases = Phases::start();
+    let mut sections = vcpus.into_iter().collect::<Result<Vec<_>, _>>()?;
+    sections.push(Section::save("kvm", &KvmVm(&vm.machine.vm))?);
+    phases.mark("kvm");
+    tracing::debug!(%phases, "chip state saved (µs)");
+    Ok(sections)
 }
 
 fn msr_list(vm: &Vm) -> Result<Arc<Vec<u32>>, VmStateError> {
