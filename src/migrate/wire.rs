@@ -162,7 +162,10 @@ pub enum WireError {
     Io(#[from] std::io::Error),
     #[error("not a ferry migration stream (bad magic {0:02x?})")]
     BadMagic([u8; 8]),
-    #[error("the stream is version {0}; this ferry speaks version {VERSION}")]
+    #[error(
+        "the stream is version {0}; this ferry speaks version {VERSION}: run the same ferry \
+         release on both sides"
+    )]
     Version(u32),
     #[error("malformed stream: {0}")]
     Malformed(String),
