@@ -1,14 +1,16 @@
 //! A disk as the VM has it: a `-drive` image behind a virtio-blk-pci function, with its I/O
 //! thread, and what a migration does to it (drain, state, the image lock's hand-over).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 
 use super::lock;
-use super::virtio::block::{BlockDevice, BlockDeviceError, QUEUE_MAX_SIZE};
-use super::virtio::pci::{TransportError, VirtioBackend, VirtioPci, VirtioPciState};
+use super::virtio::block::{BlockDevice, BlockDeviceError, BlockRegisters, QUEUE_MAX_SIZE};
+use super::virtio::pci::{
+    DeviceRegisters, TransportError, VirtioBackend, VirtioDevice, VirtioPci, VirtioPciState,
+};
 use super::virtio::worker::IoThread;
 use crate::block::{BlockError, DiskImage, LockMode};
 use crate::cli::{BlockDeviceConfig, DriveConfig};
@@ -44,8 +46,21 @@ pub enum DiskError {
     },
 }
 
+impl DeviceRegisters for BlockRegisters {
+    fn device_features(&self) -> u64 {
+        BlockRegisters::device_features(self)
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        BlockRegisters::read_config(self, offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        BlockRegisters::write_config(self, offset, data)
+    }
+}
+
 impl VirtioBackend for BlockDevice {
     type Error = BlockDeviceError;
+    type Registers = BlockRegisters;
 
     fn device_type(&self) -> u16 {
         VIRTIO_BLOCK_TYPE
@@ -59,17 +74,11 @@ impl VirtioBackend for BlockDevice {
     fn queue_max_size(&self) -> u16 {
         QUEUE_MAX_SIZE
     }
-    fn device_features(&self) -> u64 {
-        BlockDevice::device_features(self)
+    fn registers(&self) -> BlockRegisters {
+        BlockDevice::registers(self)
     }
     fn set_acked_features(&mut self, features: u64) {
         BlockDevice::set_acked_features(self, features)
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        BlockDevice::read_config(self, offset, data)
-    }
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        BlockDevice::write_config(self, offset, data)
     }
     fn process_queue(
         &mut self,
@@ -88,7 +97,7 @@ pub struct Disk {
     pub config: BlockDeviceConfig,
     pub drive: DriveConfig,
     size: u64,
-    device: Arc<Mutex<VirtioPci<BlockDevice>>>,
+    device: VirtioDevice<BlockDevice>,
     io: IoThread,
 }
 
@@ -112,15 +121,15 @@ impl Disk {
         let image = DiskImage::open(drive, mode)?;
         let size = image.size();
         let backend = BlockDevice::new(image, config);
-        let mut device = VirtioPci::new(&config.id, backend, multifunction, bars, router, memory)
+        let transport = VirtioPci::new(&config.id, backend, multifunction, bars, router, memory)
             .map_err(|source| DiskError::Transport {
-            id: config.id.clone(),
-            source,
-        })?;
+                id: config.id.clone(),
+                source,
+            })?;
+        let device = VirtioDevice::new(transport);
         if incoming {
             device.quiesce();
         }
-        let device = Arc::new(Mutex::new(device));
         let io = IoThread::spawn(format!("iothread {}", config.id), device.clone()).map_err(
             |source| DiskError::Thread {
                 id: config.id.clone(),
@@ -146,7 +155,7 @@ impl Disk {
     }
 
     pub fn function(&self) -> SharedFunction {
-        self.device.clone()
+        self.device.transport().clone()
     }
 
     /// What both ends of a migration must agree on: where the disk is, what it says it is,
@@ -173,35 +182,33 @@ impl Disk {
     /// The migration's drain: no new request is taken, none is in flight, and every completed
     /// write is on stable storage.
     pub fn quiesce(&self) -> Result<(), DiskError> {
-        // Once quiesced the I/O thread takes nothing new, so the flush needs no lock held over it.
-        lock(&self.device).quiesce();
+        self.device.quiesce();
         self.flush()
     }
 
     /// Makes what the disk completed so far durable.
     pub fn flush(&self) -> Result<(), DiskError> {
-        Ok(lock(&self.device).backend.flush()?)
+        Ok(self.device.flush()?)
     }
 
     /// Gives up the image's write lock so that the destination can take it.
     pub fn release_image(&self) -> Result<(), DiskError> {
-        Ok(lock(&self.device)
-            .backend
-            .image_mut()
-            .set_lock_mode(LockMode::Inactive)?)
+        self.set_lock_mode(LockMode::Inactive)
     }
 
     /// Takes the image's lock (again), without taking requests yet.
     pub fn take_image(&self) -> Result<(), DiskError> {
-        Ok(lock(&self.device)
-            .backend
-            .image_mut()
-            .set_lock_mode(LockMode::Active)?)
+        self.set_lock_mode(LockMode::Active)
+    }
+
+    fn set_lock_mode(&self, mode: LockMode) -> Result<(), DiskError> {
+        let mut engine = lock(self.device.engine());
+        Ok(engine.backend_mut().image_mut().set_lock_mode(mode)?)
     }
 
     /// Takes requests again, including those the guest queued meanwhile.
     pub fn resume(&self) {
-        lock(&self.device).unquiesce();
+        self.device.unquiesce();
         self.io.kick();
     }
 
@@ -226,7 +233,7 @@ fn on_off(value: bool) -> &'static str {
 impl Drop for Disk {
     fn drop(&mut self) {
         // What the guest saw completed is on stable storage when ferry exits.
-        if let Err(error) = lock(&self.device).backend.flush() {
+        if let Err(error) = self.device.flush() {
             tracing::warn!(id = %self.config.id, %error, "flush at exit failed");
         }
     }
@@ -248,21 +255,20 @@ impl Migratable for DiskSection<'_> {
 
     fn save_state(&self) -> Result<DiskState, StateError> {
         let disk = self.0;
-        let device = lock(&disk.device);
-        if !device.is_quiesced() {
+        if !disk.device.is_drained() {
             return Err(StateError::Save {
                 what: disk.config.id.clone(),
                 reason: "the disk was not drained".into(),
             });
         }
         Ok(DiskState {
-            transport: device.save(),
+            transport: lock(disk.device.transport()).save(),
         })
     }
 
     fn restore_state(&mut self, state: DiskState) -> Result<(), StateError> {
         let disk = self.0;
-        lock(&disk.device)
+        lock(disk.device.transport())
             .restore(state.transport)
             .map_err(|error| StateError::Restore {
                 what: disk.config.id.clone(),

@@ -125,22 +125,14 @@ impl BlockDevice {
         self.acked_features & bit(feature) != 0
     }
 
-    /// Reads the configuration space; bytes past [`CONFIG_SIZE`] read as zero.
-    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| config.get(at).copied())
-                .unwrap_or(0);
+    /// The features and configuration space, which the transport answers the driver from
+    /// without waiting for a request in progress: none of them changes once the image is open.
+    pub fn registers(&self) -> BlockRegisters {
+        BlockRegisters {
+            id: self.id.clone(),
+            features: self.device_features(),
+            config: self.config_bytes(),
         }
-    }
-
-    /// Writes to the configuration space. Only `wce` is writable, and only with
-    /// VIRTIO_BLK_F_CONFIG_WCE, which the device does not offer, so every write is dropped.
-    pub fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::debug!(id = %self.id, offset, len = data.len(), "ignored virtio-blk config write");
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
@@ -244,6 +236,36 @@ impl BlockDevice {
                 id: self.id.clone(),
                 source,
             })
+    }
+}
+
+/// What a driver reads and writes of a virtio-blk device outside its queues.
+pub struct BlockRegisters {
+    id: String,
+    features: u64,
+    config: [u8; CONFIG_SIZE],
+}
+
+impl BlockRegisters {
+    pub fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    /// Reads the configuration space; bytes past [`CONFIG_SIZE`] read as zero.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|at| self.config.get(at).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    /// Writes to the configuration space. Only `wce` is writable, and only with
+    /// VIRTIO_BLK_F_CONFIG_WCE, which the device does not offer, so every write is dropped.
+    pub fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(id = %self.id, offset, len = data.len(), "ignored virtio-blk config write");
     }
 }
 

@@ -5,8 +5,15 @@
 //! Queue notifications reach the device's I/O thread through ioeventfds (KVM signals them
 //! without leaving the kernel, so the notifying vCPU never waits for the disk); a notification
 //! that arrives before they are registered is forwarded to the same eventfd by hand.
+//!
+//! A function is two halves under two locks: the transport registers ([`VirtioPci`], what the
+//! vCPUs read and write) and the [`Engine`] (the live queues and the backend, which the I/O
+//! thread holds for a batch of requests). Register accesses take only the first, so a vCPU never
+//! waits for storage; the few that change what the engine does (DRIVER_OK, a queue changed while
+//! running, a status that stops the device) take the engine's lock briefly, and a reset, which
+//! flushes, is left to the I/O thread. Locks are taken in the order transport, then engine.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use serde::{Deserialize, Serialize};
@@ -57,20 +64,28 @@ const STATUS_FAILED: u8 = virtio_config::VIRTIO_CONFIG_S_FAILED as u8;
 /// The feature bit as a mask of the 64 feature bits.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
 
+/// The device-specific registers: answered in the vCPU's exit, so they must not touch storage.
+pub trait DeviceRegisters: Send {
+    fn device_features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+}
+
 /// What a virtio device model gives the transport.
 pub trait VirtioBackend: Send {
     /// Why a queue could not be processed or the device could not flush.
     type Error: std::error::Error + Send + Sync + 'static;
+    type Registers: DeviceRegisters;
     /// The virtio device type (2 = block).
     fn device_type(&self) -> u16;
     /// The PCI class code the function reports.
     fn pci_class(&self) -> u32;
     fn queue_count(&self) -> u16;
     fn queue_max_size(&self) -> u16;
-    fn device_features(&self) -> u64;
+    /// The registers the transport answers from, taken once when the function is built.
+    fn registers(&self) -> Self::Registers;
+    /// What the driver accepted; the engine is told at DRIVER_OK (and after a restore).
     fn set_acked_features(&mut self, features: u64);
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Handles every request `queue` holds; true if the driver must be interrupted.
     fn process_queue(
         &mut self,
@@ -93,12 +108,14 @@ pub struct CommonState {
     pub queue_select: u16,
 }
 
-/// A virtio device on the PCI bus.
+/// The transport half of a virtio device on the PCI bus: the registers a vCPU reaches.
 pub struct VirtioPci<B: VirtioBackend> {
     id: String,
     config: ConfigSpace,
     msix: Msix,
     common: CommonState,
+    /// The queues as the driver sets them up; the engine takes copies at DRIVER_OK, and its
+    /// own copies hold where in the rings the device is.
     queues: Vec<Queue>,
     vectors: Vec<u16>,
     notifiers: Vec<EventFd>,
@@ -106,11 +123,14 @@ pub struct VirtioPci<B: VirtioBackend> {
     pci_cfg: usize,
     /// Where the notifiers are registered with KVM, if they are.
     ioevents_at: Option<u64>,
-    /// While set (a migration's drain, or an incoming VM not yet committed) no request is taken.
-    quiesced: bool,
+    registers: B::Registers,
+    /// The driver wrote status 0 and the I/O thread has not finished the reset (it flushes):
+    /// status reads back unchanged, which tells the driver to wait, and its writes are dropped.
+    reset_pending: bool,
+    /// Tells the I/O thread that a reset is pending.
+    reset_event: EventFd,
+    engine: Arc<Mutex<Engine<B>>>,
     router: Arc<GsiRouter>,
-    memory: GuestMemory,
-    pub backend: B,
 }
 
 impl<B: VirtioBackend> VirtioPci<B> {
@@ -162,14 +182,19 @@ impl<B: VirtioBackend> VirtioPci<B> {
             Some(NOTIFY_MULTIPLIER),
         );
         let pci_cfg = add_pci_cfg_capability(&mut config);
-        let queues = (0..queue_count)
-            .map(|_| Queue::new(backend.queue_max_size()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TransportError::Queue(format!("{e:?}")))?;
+        let new_queues = || {
+            (0..queue_count)
+                .map(|_| Queue::new(backend.queue_max_size()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TransportError::Queue(format!("{e:?}")))
+        };
+        let queues = new_queues()?;
+        let live_queues = new_queues()?;
+        let new_event = || EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd);
         let notifiers = (0..queue_count)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(TransportError::EventFd)?;
+            .map(|_| new_event())
+            .collect::<Result<Vec<_>, _>>()?;
+        let registers = backend.registers();
         Ok(Self {
             id: id.to_owned(),
             config,
@@ -183,10 +208,11 @@ impl<B: VirtioBackend> VirtioPci<B> {
             notifiers,
             pci_cfg,
             ioevents_at: None,
-            quiesced: false,
+            registers,
+            reset_pending: false,
+            reset_event: new_event()?,
+            engine: Arc::new(Mutex::new(Engine::new(id, live_queues, backend, memory))),
             router,
-            memory,
-            backend,
         })
     }
 
@@ -195,32 +221,29 @@ impl<B: VirtioBackend> VirtioPci<B> {
         self.notifiers.iter().map(EventFd::try_clone).collect()
     }
 
+    /// A copy of the eventfd that announces a reset, for the I/O thread to wait on.
+    pub fn reset_event(&self) -> std::io::Result<EventFd> {
+        self.reset_event.try_clone()
+    }
+
     /// Whether the device takes requests: the driver finished its setup with features both
-    /// sides agreed on, and neither side gave up on the device.
+    /// sides agreed on, neither side gave up on the device, and no reset is under way.
     fn active(&self) -> bool {
         let status = self.common.status;
         status & (STATUS_DRIVER_OK | STATUS_FEATURES_OK) == STATUS_DRIVER_OK | STATUS_FEATURES_OK
             && status & (STATUS_FAILED | STATUS_NEEDS_RESET) == 0
+            && !self.reset_pending
     }
 
-    /// Processes queue `index` unless the device is stopped; the I/O thread calls this.
-    pub fn process(&mut self, index: usize) {
-        if self.quiesced || !self.active() {
-            return;
-        }
-        let Some(queue) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !queue.ready() || !queue.is_valid(&self.memory) {
-            return;
-        }
-        match self.backend.process_queue(&self.memory, queue) {
-            Ok(true) => self.msix.trigger(self.vectors[index]),
-            Ok(false) => {}
-            Err(error) => {
-                // A ring the device cannot parse: virtio's answer is NEEDS_RESET, and the
+    /// Acts on what the engine made of a batch of requests: the I/O thread calls this after
+    /// letting go of the engine.
+    fn deliver(&mut self, index: usize, outcome: Outcome) {
+        match outcome {
+            Outcome::Idle => {}
+            Outcome::Interrupt => self.msix.trigger(self.vectors[index]),
+            Outcome::Broken => {
+                // virtio's answer to a ring the device cannot parse is NEEDS_RESET, and the
                 // driver decides; the VM goes on.
-                tracing::error!(device = %self.id, queue = index, %error, "virtqueue broken");
                 self.common.status |= STATUS_NEEDS_RESET;
                 self.common.config_generation = self.common.config_generation.wrapping_add(1);
                 self.msix.trigger(self.common.msix_config);
@@ -228,27 +251,33 @@ impl<B: VirtioBackend> VirtioPci<B> {
         }
     }
 
-    /// Stops taking requests. The I/O thread handles requests under the same lock, so once
-    /// this returns none is in flight; their results are in guest memory (marked dirty).
-    pub fn quiesce(&mut self) {
-        self.quiesced = true;
-    }
-
-    /// Takes requests again; the caller then has the I/O thread look at every queue, since
-    /// notifications that came meanwhile were not acted on.
-    pub fn unquiesce(&mut self) {
-        self.quiesced = false;
-    }
-
-    pub fn is_quiesced(&self) -> bool {
-        self.quiesced
-    }
-
-    fn reset(&mut self) {
-        self.unregister_ioevents();
-        if let Err(error) = self.backend.flush() {
-            tracing::warn!(device = %self.id, %error, "flush at device reset failed");
+    /// The driver wrote status 0. A device that never got past status 0 has nothing in the
+    /// engine to undo; any other waits for the I/O thread, since the reset flushes.
+    fn request_reset(&mut self) {
+        if self.reset_pending {
+            return;
         }
+        if self.common.status == 0 {
+            self.reset_registers();
+            return;
+        }
+        self.reset_pending = true;
+        self.unregister_ioevents();
+        if let Err(error) = self.reset_event.write(1) {
+            tracing::error!(device = %self.id, %error, "cannot hand a reset to the I/O thread");
+        }
+        tracing::debug!(device = %self.id, "virtio reset requested");
+    }
+
+    /// Ends a reset once the engine has been reset: status reads 0 from now on.
+    fn finish_reset(&mut self) {
+        self.reset_pending = false;
+        self.reset_registers();
+        tracing::debug!(device = %self.id, "virtio reset");
+    }
+
+    fn reset_registers(&mut self) {
+        self.unregister_ioevents();
         for queue in &mut self.queues {
             queue.reset();
         }
@@ -258,8 +287,6 @@ impl<B: VirtioBackend> VirtioPci<B> {
             config_generation: self.common.config_generation,
             ..Default::default()
         };
-        self.backend.set_acked_features(0);
-        tracing::debug!(device = %self.id, "virtio reset");
     }
 
     fn register_ioevents(&mut self) {
@@ -402,7 +429,7 @@ impl<B: VirtioBackend> PciFunction for VirtioPci<B> {
             // With MSI-X there is nothing for the ISR to report.
             (VIRTIO_BAR, ISR_OFFSET..DEVICE_OFFSET) => {}
             (VIRTIO_BAR, DEVICE_OFFSET..NOTIFY_OFFSET) => {
-                self.backend.read_config(offset - DEVICE_OFFSET, data)
+                self.registers.read_config(offset - DEVICE_OFFSET, data)
             }
             _ => {}
         }
@@ -413,7 +440,7 @@ impl<B: VirtioBackend> PciFunction for VirtioPci<B> {
             (MSIX_BAR, _) => self.msix.bar_write(offset, data),
             (VIRTIO_BAR, COMMON_OFFSET..ISR_OFFSET) => self.common_write(offset, data),
             (VIRTIO_BAR, DEVICE_OFFSET..NOTIFY_OFFSET) => {
-                self.backend.write_config(offset - DEVICE_OFFSET, data);
+                self.registers.write_config(offset - DEVICE_OFFSET, data);
             }
             (VIRTIO_BAR, NOTIFY_OFFSET..) => {
                 let index = ((offset - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
@@ -440,8 +467,10 @@ pub enum TransportError {
 }
 
 mod common;
+mod engine;
 mod persist;
 
+pub use engine::{Engine, Outcome, VirtioDevice};
 pub use persist::{QueueState, RestoreError, VirtioPciState};
 #[cfg(test)]
 mod tests;

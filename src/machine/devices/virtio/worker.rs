@@ -1,14 +1,15 @@
 //! The I/O thread of one virtio device: it waits on the queues' notifiers (ioeventfds) and
-//! handles requests, so the vCPU that notified never waits for the disk.
+//! handles requests, so the vCPU that notified never waits for the disk, and it carries out
+//! the resets the driver asks for, which flush.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::pci::{VirtioBackend, VirtioPci};
+use super::pci::{VirtioBackend, VirtioDevice};
 use crate::machine::devices::lock;
 
 /// A running I/O thread; dropping it stops and joins the thread.
@@ -21,16 +22,19 @@ pub struct IoThread {
 impl IoThread {
     pub fn spawn<B: VirtioBackend + 'static>(
         name: String,
-        device: Arc<Mutex<VirtioPci<B>>>,
+        device: VirtioDevice<B>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
-        let notifiers = lock(&device).notifiers()?;
+        let (notifiers, reset) = {
+            let transport = lock(device.transport());
+            (transport.notifiers()?, transport.reset_event()?)
+        };
         let thread_wake = wake.try_clone()?;
         let thread_stop = stop.clone();
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(&device, &notifiers, &thread_wake, &thread_stop))?;
+            .spawn(move || run(&device, &notifiers, &reset, &thread_wake, &thread_stop))?;
         Ok(Self {
             stop,
             wake,
@@ -55,13 +59,18 @@ impl Drop for IoThread {
     }
 }
 
+/// Where the queues' notifiers start among the polled descriptors.
+const FIRST_QUEUE: usize = 2;
+
 fn run<B: VirtioBackend>(
-    device: &Mutex<VirtioPci<B>>,
+    device: &VirtioDevice<B>,
     notifiers: &[EventFd],
+    reset: &EventFd,
     wake: &EventFd,
     stop: &AtomicBool,
 ) {
-    let mut fds: Vec<libc::pollfd> = std::iter::once(wake)
+    let mut fds: Vec<libc::pollfd> = [wake, reset]
+        .into_iter()
         .chain(notifiers)
         .map(|fd| libc::pollfd {
             fd: fd.as_raw_fd(),
@@ -87,11 +96,16 @@ fn run<B: VirtioBackend>(
         if everything {
             let _ = wake.read();
         }
-        for (index, pollfd) in fds[1..].iter().enumerate() {
+        // Before the queues: requests after a reset wait for the driver to set it up again.
+        if fds[1].revents != 0 {
+            let _ = reset.read();
+            device.complete_reset();
+        }
+        for (index, pollfd) in fds[FIRST_QUEUE..].iter().enumerate() {
             if everything || pollfd.revents != 0 {
                 // Reading resets the counter: the queue is looked at in full below.
                 let _ = notifiers[index].read();
-                lock(device).process(index);
+                device.process(index);
             }
         }
     }

@@ -389,7 +389,7 @@ fn features_and_config_space() {
     assert_eq!(features & bit(blk::VIRTIO_BLK_F_RO), 0);
 
     let mut config = [0u8; CONFIG_SIZE + 4];
-    device.read_config(0, &mut config);
+    device.registers().read_config(0, &mut config);
     let u32_at = |at: usize| u32::from_le_bytes(config[at..at + 4].try_into().unwrap());
     assert_eq!(u64::from_le_bytes(config[0..8].try_into().unwrap()), 128);
     assert_eq!(u32_at(12), 254, "seg_max");
@@ -399,19 +399,20 @@ fn features_and_config_space() {
     assert_eq!(config[56], 1, "write_zeroes_may_unmap");
     assert_eq!(&config[CONFIG_SIZE..], &[0; 4]);
     let mut capacity_high = [0xffu8; 4];
-    device.read_config(4, &mut capacity_high);
+    device.registers().read_config(4, &mut capacity_high);
     assert_eq!(capacity_high, [0; 4]);
 }
 
 #[test]
 fn config_writes_are_ignored() {
-    let mut s = setup(false, false);
+    let s = setup(false, false);
     let mut before = [0u8; CONFIG_SIZE];
-    s.device.read_config(0, &mut before);
-    s.device.write_config(32, &[1]);
-    s.device.write_config(0, &[0xff; 8]);
+    let mut registers = s.device.registers();
+    registers.read_config(0, &mut before);
+    registers.write_config(32, &[1]);
+    registers.write_config(0, &[0xff; 8]);
     let mut after = [0u8; CONFIG_SIZE];
-    s.device.read_config(0, &mut after);
+    registers.read_config(0, &mut after);
     assert_eq!(before, after);
 }
 

@@ -1,7 +1,10 @@
 //! The virtio common configuration registers: feature negotiation, device status, and the
-//! queue selected for setup.
+//! queue selected for setup. Reads never touch the engine; writes do only where they change
+//! what it does.
 
 use virtio_queue::QueueT;
+
+use crate::machine::devices::lock;
 
 use super::*;
 
@@ -11,7 +14,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
         let select = self.common.device_feature_select;
         let value: u64 = match offset {
             0x00 => self.common.device_feature_select.into(),
-            0x04 if select < 2 => (self.backend.device_features() >> (32 * select)) & 0xffff_ffff,
+            0x04 if select < 2 => (self.registers.device_features() >> (32 * select)) & 0xffff_ffff,
             0x04 => 0,
             0x08 => self.common.driver_feature_select.into(),
             0x0c if self.common.driver_feature_select < 2 => {
@@ -48,6 +51,11 @@ impl<B: VirtioBackend> VirtioPci<B> {
     }
 
     pub(super) fn common_write(&mut self, offset: u64, data: &[u8]) {
+        if self.reset_pending {
+            // virtio 1.x 2.4: the driver waits for status 0 before it touches the device again.
+            tracing::debug!(device = %self.id, offset, "register write during a reset dropped");
+            return;
+        }
         let mut bytes = [0u8; 8];
         let len = data.len().min(8);
         bytes[..len].copy_from_slice(&data[..len]);
@@ -68,40 +76,42 @@ impl<B: VirtioBackend> VirtioPci<B> {
             0x10 => self.common.msix_config = self.checked_vector(value as u16),
             0x14 => self.set_status(value as u8),
             0x16 => self.common.queue_select = value as u16,
-            0x18 => {
-                if let Some(queue) = self.queues.get_mut(select) {
-                    queue.set_size(value as u16);
-                }
-            }
+            0x18 => self.queue_write(select, |queue| queue.set_size(value as u16)),
             0x1a => {
                 let vector = self.checked_vector(value as u16);
                 if let Some(slot) = self.vectors.get_mut(select) {
                     *slot = vector;
                 }
             }
-            0x1c => {
-                if let Some(queue) = self.queues.get_mut(select) {
-                    queue.set_ready(value & 1 == 1);
-                }
-            }
+            0x1c => self.queue_write(select, |queue| queue.set_ready(value & 1 == 1)),
             0x20..=0x37 => {
-                if let Some(queue) = self.queues.get_mut(select) {
-                    let low = (offset & 4 == 0).then_some(value as u32);
-                    let high = if offset & 4 != 0 {
-                        Some(value as u32)
-                    } else if len == 8 {
-                        Some((value >> 32) as u32)
-                    } else {
-                        None
-                    };
-                    match offset & !7 {
-                        0x20 => queue.set_desc_table_address(low, high),
-                        0x28 => queue.set_avail_ring_address(low, high),
-                        _ => queue.set_used_ring_address(low, high),
-                    }
-                }
+                let low = (offset & 4 == 0).then_some(value as u32);
+                let high = if offset & 4 != 0 {
+                    Some(value as u32)
+                } else if len == 8 {
+                    Some((value >> 32) as u32)
+                } else {
+                    None
+                };
+                self.queue_write(select, |queue| match offset & !7 {
+                    0x20 => queue.set_desc_table_address(low, high),
+                    0x28 => queue.set_avail_ring_address(low, high),
+                    _ => queue.set_used_ring_address(low, high),
+                });
             }
             _ => tracing::debug!(device = %self.id, offset, "write to a read-only virtio register"),
+        }
+    }
+
+    /// Changes the driver's view of queue `index`, and the engine's once it has the queues
+    /// (after DRIVER_OK), as a driver may change a queue of a running device.
+    fn queue_write(&mut self, index: usize, change: impl Fn(&mut Queue)) {
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
+        change(queue);
+        if self.common.status & STATUS_DRIVER_OK != 0 {
+            lock(&self.engine).change_queue(index, change);
         }
     }
 
@@ -117,13 +127,14 @@ impl<B: VirtioBackend> VirtioPci<B> {
 
     fn set_status(&mut self, status: u8) {
         if status == 0 {
-            self.reset();
+            self.request_reset();
             return;
         }
+        let was_active = self.active();
         let newly = status & !self.common.status;
         let mut status = status;
         if newly & STATUS_FEATURES_OK != 0 {
-            let offered = self.backend.device_features();
+            let offered = self.registers.device_features();
             let wanted = self.common.driver_features;
             if wanted & !offered != 0 || wanted & VIRTIO_F_VERSION_1 == 0 {
                 tracing::warn!(
@@ -133,13 +144,15 @@ impl<B: VirtioBackend> VirtioPci<B> {
                     "driver asked for features the device does not offer, or not VERSION_1"
                 );
                 status &= !STATUS_FEATURES_OK;
-            } else {
-                self.backend.set_acked_features(wanted);
             }
         }
         self.common.status = status;
-        if newly & STATUS_DRIVER_OK != 0 && self.active() {
+        let active = self.active();
+        if newly & STATUS_DRIVER_OK != 0 && active {
             self.activate();
+        } else if active != was_active {
+            // The driver gave up on the device (FAILED), or took back a NEEDS_RESET.
+            lock(&self.engine).set_running(active);
         }
     }
 
@@ -150,6 +163,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
         for queue in &mut self.queues {
             queue.set_event_idx(event_idx);
         }
+        lock(&self.engine).start(&self.queues, self.common.driver_features);
         self.register_ioevents();
         tracing::debug!(device = %self.id, features = format_args!("{:#x}", self.common.driver_features), "virtio device activated");
         // Requests the driver queued before DRIVER_OK are looked at now.

@@ -4,6 +4,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddress;
 
 use super::*;
+use crate::machine::devices::lock;
 use crate::machine::pci::config::ConfigSpaceError;
 use crate::machine::pci::msix::MsixError;
 
@@ -54,8 +55,50 @@ pub struct VirtioPciState {
     pub queues: Vec<QueueState>,
 }
 
+impl QueueState {
+    /// `queue`'s setup and position, with its MSI-X vector.
+    pub(super) fn of(queue: &Queue, vector: u16) -> Self {
+        Self {
+            size: queue.size(),
+            ready: queue.ready(),
+            vector,
+            desc_table: queue.desc_table(),
+            avail_ring: queue.avail_ring(),
+            used_ring: queue.used_ring(),
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+            event_idx: queue.event_idx_enabled(),
+        }
+    }
+
+    /// Sets a freshly reset `queue` up as described (all but the vector); on a value the queue
+    /// refuses, says which and what it was.
+    pub(super) fn apply(&self, queue: &mut Queue) -> Result<(), (&'static str, u64)> {
+        queue
+            .try_set_size(self.size)
+            .map_err(|_| ("size", self.size.into()))?;
+        queue
+            .try_set_desc_table_address(GuestAddress(self.desc_table))
+            .map_err(|_| ("descriptor table address", self.desc_table))?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.avail_ring))
+            .map_err(|_| ("available ring address", self.avail_ring))?;
+        queue
+            .try_set_used_ring_address(GuestAddress(self.used_ring))
+            .map_err(|_| ("used ring address", self.used_ring))?;
+        queue.set_next_avail(self.next_avail);
+        queue.set_next_used(self.next_used);
+        queue.set_event_idx(self.event_idx);
+        queue.set_ready(self.ready);
+        Ok(())
+    }
+}
+
 impl<B: VirtioBackend> VirtioPci<B> {
+    /// The transport's state, with each queue's position taken from the engine (which waits
+    /// for a batch under way: callers quiesce first).
     pub fn save(&self) -> VirtioPciState {
+        let engine = lock(&self.engine);
         VirtioPciState {
             config_space: self.config.snapshot(),
             msix: self.msix.save(),
@@ -64,16 +107,14 @@ impl<B: VirtioBackend> VirtioPci<B> {
                 .queues
                 .iter()
                 .zip(&self.vectors)
-                .map(|(q, &vector)| QueueState {
-                    size: q.size(),
-                    ready: q.ready(),
-                    vector,
-                    desc_table: q.desc_table(),
-                    avail_ring: q.avail_ring(),
-                    used_ring: q.used_ring(),
-                    next_avail: q.next_avail(),
-                    next_used: q.next_used(),
-                    event_idx: q.event_idx_enabled(),
+                .enumerate()
+                .map(|(index, (queue, &vector))| {
+                    let (next_avail, next_used) = engine.position(index);
+                    QueueState {
+                        next_avail,
+                        next_used,
+                        ..QueueState::of(queue, vector)
+                    }
                 })
                 .collect(),
         }
@@ -87,7 +128,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
                 here: self.queues.len(),
             });
         }
-        let offered = self.backend.device_features();
+        let offered = self.registers.device_features();
         let unknown = state.common.driver_features & !offered;
         if unknown != 0 {
             return Err(RestoreError::Features { unknown, offered });
@@ -100,34 +141,25 @@ impl<B: VirtioBackend> VirtioPci<B> {
             .queues
             .iter_mut()
             .zip(&mut self.vectors)
-            .zip(state.queues)
+            .zip(&state.queues)
             .enumerate()
         {
-            let invalid =
-                |what: &'static str, value: u64| RestoreError::Queue { index, what, value };
-            queue
-                .try_set_size(saved.size)
-                .map_err(|_| invalid("size", saved.size.into()))?;
-            queue
-                .try_set_desc_table_address(GuestAddress(saved.desc_table))
-                .map_err(|_| invalid("descriptor table address", saved.desc_table))?;
-            queue
-                .try_set_avail_ring_address(GuestAddress(saved.avail_ring))
-                .map_err(|_| invalid("available ring address", saved.avail_ring))?;
-            queue
-                .try_set_used_ring_address(GuestAddress(saved.used_ring))
-                .map_err(|_| invalid("used ring address", saved.used_ring))?;
             if saved.vector != NO_VECTOR && saved.vector >= vector_count {
-                return Err(invalid("MSI-X vector", saved.vector.into()));
+                return Err(RestoreError::Queue {
+                    index,
+                    what: "MSI-X vector",
+                    value: saved.vector.into(),
+                });
             }
-            queue.set_next_avail(saved.next_avail);
-            queue.set_next_used(saved.next_used);
-            queue.set_event_idx(saved.event_idx);
-            queue.set_ready(saved.ready);
+            queue.reset();
+            saved
+                .apply(queue)
+                .map_err(|(what, value)| RestoreError::Queue { index, what, value })?;
             *vector = saved.vector;
         }
-        self.backend.set_acked_features(self.common.driver_features);
-        if self.active() {
+        let active = self.active();
+        lock(&self.engine).restore(&state.queues, self.common.driver_features, active)?;
+        if active {
             self.register_ioevents();
         }
         Ok(())

@@ -9,6 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::*;
 use crate::block::{DiskImage, LockMode};
 use crate::cli::{BlockDeviceConfig, DriveConfig, DriveFormat, PciAddress};
+use crate::machine::devices::lock;
 use crate::machine::devices::virtio::block::BlockDevice;
 use crate::machine::interrupts::router_on_a_test_vm;
 use crate::machine::pci::config::{BAR0, COMMAND_MEMORY};
@@ -21,16 +22,26 @@ const VIRTIO_F_EVENT_IDX: u64 = 1 << 29;
 const VIRTIO_BLK_T_OUT: u32 = 1;
 
 struct Fixture {
-    device: VirtioPci<BlockDevice>,
+    device: VirtioDevice<BlockDevice>,
     memory: GuestMemory,
     image: tempfile::NamedTempFile,
 }
 
+fn test_memory() -> GuestMemory {
+    GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+}
+
+/// A function for `backend` on a fresh VM, or `None` without /dev/kvm outside CI.
+fn function<B: VirtioBackend>(backend: B, memory: GuestMemory) -> Option<VirtioDevice<B>> {
+    let router = router_on_a_test_vm()?;
+    let mut bars = BarAllocator::new((0xc000_0000, 0xc100_0000), (1 << 36, 1 << 37));
+    let transport = VirtioPci::new("disk0", backend, false, &mut bars, router, memory).unwrap();
+    Some(VirtioDevice::new(transport))
+}
+
 /// A virtio-blk function on a fresh VM, or `None` without /dev/kvm outside CI.
 fn fixture(memory: Option<GuestMemory>, image: Option<tempfile::NamedTempFile>) -> Option<Fixture> {
-    let router = router_on_a_test_vm()?;
-    let memory =
-        memory.unwrap_or_else(|| GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let memory = memory.unwrap_or_else(test_memory);
     let image = image.unwrap_or_else(|| {
         let file = tempfile::NamedTempFile::new().unwrap();
         file.as_file().set_len(1 << 20).unwrap();
@@ -55,10 +66,7 @@ fn fixture(memory: Option<GuestMemory>, image: Option<tempfile::NamedTempFile>) 
     };
     // Each fixture stands for its own process, so the images do not lock each other out.
     let disk = DiskImage::open(&drive, LockMode::Inactive).unwrap();
-    let backend = BlockDevice::new(disk, &config);
-    let mut bars = BarAllocator::new((0xc000_0000, 0xc100_0000), (1 << 36, 1 << 37));
-    let device =
-        VirtioPci::new("disk0", backend, false, &mut bars, router, memory.clone()).unwrap();
+    let device = function(BlockDevice::new(disk, &config), memory.clone())?;
     Some(Fixture {
         device,
         memory,
@@ -66,24 +74,33 @@ fn fixture(memory: Option<GuestMemory>, image: Option<tempfile::NamedTempFile>) 
     })
 }
 
-fn write(device: &mut VirtioPci<BlockDevice>, offset: u64, value: u64, len: usize) {
-    device.bar_write(VIRTIO_BAR, offset, &value.to_le_bytes()[..len]);
+/// A vCPU's write to BAR4.
+fn write<B: VirtioBackend>(device: &VirtioDevice<B>, offset: u64, value: u64, len: usize) {
+    lock(device.transport()).bar_write(VIRTIO_BAR, offset, &value.to_le_bytes()[..len]);
 }
 
-fn read(device: &mut VirtioPci<BlockDevice>, offset: u64, len: usize) -> u64 {
+/// A vCPU's read of BAR4.
+fn read<B: VirtioBackend>(device: &VirtioDevice<B>, offset: u64, len: usize) -> u64 {
     let mut data = [0u8; 8];
-    device.bar_read(VIRTIO_BAR, offset, &mut data[..len]);
+    lock(device.transport()).bar_read(VIRTIO_BAR, offset, &mut data[..len]);
     u64::from_le_bytes(data)
 }
 
-fn status(device: &mut VirtioPci<BlockDevice>) -> u8 {
+fn status<B: VirtioBackend>(device: &VirtioDevice<B>) -> u8 {
     read(device, 0x14, 1) as u8
 }
 
-/// What a driver does up to FEATURES_OK; returns whether the device kept FEATURES_OK.
-fn negotiate(device: &mut VirtioPci<BlockDevice>, features: u64) -> bool {
-    device.config_write(0x04, &COMMAND_MEMORY.to_le_bytes());
+/// What a driver does to reset the device, with the test standing in for the I/O thread.
+fn reset<B: VirtioBackend>(device: &VirtioDevice<B>) {
     write(device, 0x14, 0, 1);
+    device.complete_reset();
+    assert_eq!(status(device), 0, "reset done");
+}
+
+/// What a driver does up to FEATURES_OK; returns whether the device kept FEATURES_OK.
+fn negotiate<B: VirtioBackend>(device: &VirtioDevice<B>, features: u64) -> bool {
+    lock(device.transport()).config_write(0x04, &COMMAND_MEMORY.to_le_bytes());
+    reset(device);
     write(device, 0x14, 1 | 2, 1);
     for select in 0..2 {
         write(device, 0x08, select, 4);
@@ -93,7 +110,7 @@ fn negotiate(device: &mut VirtioPci<BlockDevice>, features: u64) -> bool {
     status(device) & 8 != 0
 }
 
-fn set_up_queue(device: &mut VirtioPci<BlockDevice>) {
+fn set_up_queue<B: VirtioBackend>(device: &VirtioDevice<B>) {
     write(device, 0x16, 0, 2);
     write(device, 0x18, QUEUE_SIZE.into(), 2);
     write(device, 0x1a, 0, 2);
@@ -153,10 +170,10 @@ fn sector_of(image: &tempfile::NamedTempFile, sector: u64) -> Vec<u8> {
 
 #[test]
 fn features_settle_at_features_ok() {
-    let Some(mut fixture) = fixture(None, None) else {
+    let Some(fixture) = fixture(None, None) else {
         return;
     };
-    let device = &mut fixture.device;
+    let device = &fixture.device;
     assert!(!negotiate(device, 1 << 63), "a feature the device lacks");
     assert!(!negotiate(device, 0), "no VERSION_1");
     assert!(negotiate(device, VIRTIO_F_VERSION_1));
@@ -167,22 +184,27 @@ fn features_settle_at_features_ok() {
     // An out-of-range MSI-X vector reads back as NO_VECTOR.
     write(device, 0x10, 99, 2);
     assert_eq!(read(device, 0x10, 2), u64::from(NO_VECTOR));
-    // Reset clears everything the driver set.
+    // Reset clears everything the driver set, once the I/O thread has done its part; until
+    // then status reads as it was and the driver's writes are dropped.
     write(device, 0x14, 0, 1);
+    assert_eq!(status(device), 1 | 2 | 8);
+    write(device, 0x14, 1, 1);
+    assert_eq!(status(device), 1 | 2 | 8);
+    device.complete_reset();
     assert_eq!(status(device), 0);
     assert_eq!(read(device, 0x0c, 4), 0);
 }
 
 #[test]
 fn requests_left_in_the_ring_are_handled_by_the_restored_device() {
-    let Some(mut source) = fixture(None, None) else {
+    let Some(source) = fixture(None, None) else {
         return;
     };
     assert!(negotiate(
-        &mut source.device,
+        &source.device,
         VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX
     ));
-    set_up_queue(&mut source.device);
+    set_up_queue(&source.device);
     queue_write(&source.memory, 0, 1, 0xa1);
     source.device.process(0);
     assert_eq!(used_index(&source.memory), 1);
@@ -198,17 +220,19 @@ fn requests_left_in_the_ring_are_handled_by_the_restored_device() {
         "a quiesced device takes nothing"
     );
 
-    let state = source.device.save();
+    let state = lock(source.device.transport()).save();
     let bytes = postcard::to_stdvec(&state).unwrap();
     let state: VirtioPciState = postcard::from_bytes(&bytes).unwrap();
     // The destination: the same guest memory (as migrated) and the same image, a fresh device.
-    let Some(mut destination) = fixture(Some(source.memory.clone()), Some(source.image)) else {
+    let Some(destination) = fixture(Some(source.memory.clone()), Some(source.image)) else {
         return;
     };
     destination.device.quiesce();
-    destination.device.restore(state.clone()).unwrap();
-    assert_eq!(destination.device.save(), state);
-    let notify_bar = destination.device.config().read_u32(BAR0 + 16);
+    let mut transport = lock(destination.device.transport());
+    transport.restore(state.clone()).unwrap();
+    assert_eq!(transport.save(), state);
+    let notify_bar = transport.config().read_u32(BAR0 + 16);
+    drop(transport);
     assert_ne!(notify_bar, 0, "BAR4 restored");
     destination.device.unquiesce();
     destination.device.process(0);
@@ -225,12 +249,13 @@ fn requests_left_in_the_ring_are_handled_by_the_restored_device() {
 
 #[test]
 fn a_restore_refuses_features_this_side_lacks() {
-    let Some(mut fixture) = fixture(None, None) else {
+    let Some(fixture) = fixture(None, None) else {
         return;
     };
-    let mut state = fixture.device.save();
+    let mut transport = lock(fixture.device.transport());
+    let mut state = transport.save();
     state.common.driver_features = VIRTIO_F_VERSION_1 | 1 << 63;
-    let error = fixture.device.restore(state).unwrap_err();
+    let error = transport.restore(state).unwrap_err();
     assert!(
         matches!(error, RestoreError::Features { unknown, .. } if unknown == 1 << 63),
         "{error}"
@@ -240,10 +265,10 @@ fn a_restore_refuses_features_this_side_lacks() {
 
 #[test]
 fn the_pci_cfg_window_reaches_the_common_configuration() {
-    let Some(mut fixture) = fixture(None, None) else {
+    let Some(fixture) = fixture(None, None) else {
         return;
     };
-    let device = &mut fixture.device;
+    let mut device = lock(fixture.device.transport());
     let cap = device.pci_cfg;
     let mut header = [0u8; 4];
     device.config_read(cap, &mut header);
@@ -264,5 +289,10 @@ fn the_pci_cfg_window_reaches_the_common_configuration() {
     device.config_write(cap + PCI_CFG_OFFSET, &0x14u32.to_le_bytes());
     device.config_write(cap + PCI_CFG_LENGTH, &1u32.to_le_bytes());
     device.config_write(cap + PCI_CFG_DATA, &[1, 0, 0, 0]);
-    assert_eq!(status(device), 1, "ACKNOWLEDGE written through the window");
+    drop(device);
+    assert_eq!(
+        status(&fixture.device),
+        1,
+        "ACKNOWLEDGE written through the window"
+    );
 }
