@@ -296,3 +296,5 @@ fn the_pci_cfg_window_reaches_the_common_configuration() {
         "ACKNOWLEDGE written through the window"
     );
 }
+
+mod busy_engine;
