@@ -470,7 +470,8 @@ mod common;
 mod engine;
 mod persist;
 
-pub use engine::{Engine, Outcome, VirtioDevice};
+use engine::Outcome;
+pub use engine::{Engine, VirtioDevice};
 pub use persist::{QueueState, RestoreError, VirtioPciState};
 #[cfg(test)]
 mod tests;

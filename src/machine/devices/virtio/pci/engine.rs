@@ -7,7 +7,7 @@ use crate::machine::devices::lock;
 
 /// What a batch of requests asks of the transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(super) enum Outcome {
     Idle,
     /// The driver must be interrupted on the queue's vector.
     Interrupt,
@@ -45,7 +45,7 @@ impl<B: VirtioBackend> Engine<B> {
     }
 
     /// Handles every request queue `index` holds, unless the device is stopped.
-    pub fn process(&mut self, index: usize) -> Outcome {
+    fn process(&mut self, index: usize) -> Outcome {
         if self.quiesced || !self.running {
             return Outcome::Idle;
         }
