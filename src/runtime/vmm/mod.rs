@@ -256,6 +256,7 @@ impl Vmm {
             Request::MigrateIncoming { uri } => self.migrate_incoming(&uri).await,
             Request::MigrateCancel => {
                 if let Some(running) = &self.running_migration {
+                    tracing::debug!("migrate_cancel: stopping the migration");
                     running.cancel.cancel();
                 }
                 Ok(json!({}))
