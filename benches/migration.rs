@@ -896,6 +896,11 @@ impl Pair {
     }
 
     fn keep_logs(&self, prefix: &Path) {
+        if let Some(dir) = prefix.parent() {
+            if let Err(error) = std::fs::create_dir_all(dir) {
+                eprintln!("cannot create {}: {error}", dir.display());
+            }
+        }
         for vm in &self.vms {
             let path = PathBuf::from(format!("{}-{}.log", prefix.display(), vm.name));
             let text = format!(

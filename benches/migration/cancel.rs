@@ -1,6 +1,6 @@
 //! How long `migrate_cancel` takes to give the source its guest back: a sweeping 1 GiB guest
 //! starts migrating, and once round 0 has sent about a third of its RAM the bench cancels, then
-//! times the source's answer and its `query-migrate` saying `canceled` (ferry says it once the
+//! times the source's answer and its `MIGRATION` event saying `canceled` (ferry sends it once the
 //! vCPUs run), and takes from the guest the longest stretch in which a vCPU did not run after
 //! the command (`ferry.blackout`: its `gap` lines, stretches over [`BLACKOUT_MS`] ms), and the
 //! longest during the pre-copy before it: on two cores shared by two sweeping vCPUs, two VMMs
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry::guest::{gaps_by_cpu, GuestLine};
-use ferry::harness::{Ferry, Qmp};
+use ferry::harness::{Ferry, NoEvent, Qmp};
 use serde_json::{json, Value};
 
 use crate::{migration_uri, Pair, Stats, Transport, SMP};
@@ -50,7 +50,7 @@ pub struct CancelRun {
     pub at_dirty_sync_count: Option<u64>,
     /// From sending `migrate_cancel` to its answer.
     pub reply_ms: Option<f64>,
-    /// ... to the first `query-migrate` that said `canceled` (polled every 2 ms).
+    /// ... to the `MIGRATION` event that said `canceled` (`query-migrate` then says it too).
     pub canceled_ms: Option<f64>,
     /// ... to the first `tick` line that arrived after that: the guest runs on the source.
     pub resumed_ms: Option<f64>,
@@ -74,7 +74,8 @@ pub struct CancelRun {
 }
 
 /// The source's log: ferry's info lines, and the cancel path's debug lines.
-const LOG_FILTER: &str = "ferry=info,ferry::migrate::source=debug,ferry::migrate::logging=debug";
+const LOG_FILTER: &str = "ferry=info,ferry::runtime::vmm=debug,ferry::migrate::source=debug,\
+                          ferry::migrate::logging=debug";
 
 /// Seconds since midnight of a log line's timestamp (`2026-01-01T12:34:56.789012Z ...`).
 fn log_seconds(line: &str) -> Option<f64> {
@@ -87,13 +88,33 @@ fn log_seconds(line: &str) -> Option<f64> {
     Some(hours * 3600.0 + minutes * 60.0 + seconds)
 }
 
+/// Waits for the guest's first `tick` line after line `skip`; the milliseconds since `since`.
+fn wait_for_tick(vm: &Ferry, skip: usize, since: Instant) -> Result<f64, (&'static str, String)> {
+    loop {
+        let ticked = lines_from(vm, skip)
+            .iter()
+            .any(|l| matches!(GuestLine::parse(l), GuestLine::Tick { .. }));
+        if ticked {
+            return Ok(ms_since(since));
+        }
+        if since.elapsed() > RESUME_DEADLINE {
+            return Err((
+                "not-resumed",
+                format!("canceled but no tick within {RESUME_DEADLINE:?}"),
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
 /// The source's log lines of the cancel path, and the milliseconds from its start to the dirty
 /// log being off.
 fn cancel_log(stderr: &str) -> (Vec<String>, Option<f64>) {
     let lines: Vec<String> = stderr
         .lines()
         .filter(|l| {
-            l.contains("cancelled; telling the destination")
+            l.contains("migrate_cancel: stopping")
+                || l.contains("cancelled; telling the destination")
                 || l.contains("dirty logging")
                 || l.contains("migration cancelled")
         })
@@ -370,39 +391,34 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     if reply.get("return").is_none() {
         bail!("migrate_cancel failed: {reply}");
     }
-    let mut seen_canceled_at_line = None;
-    let outcome = loop {
-        if seen_canceled_at_line.is_none() {
-            let info = source.ok("query-migrate", None);
-            match info["status"].as_str().unwrap_or("?") {
-                "canceled" => {
-                    record.canceled_ms = Some(ms_since(cancelled));
-                    seen_canceled_at_line = Some(pair.vms[0].lines().len());
-                }
-                "setup" | "active" => {}
-                other => break Err(("not-canceled", format!("the migration ended {other}"))),
+    // The MIGRATION event is read the moment it arrives; polling `query-migrate` would add up
+    // to a poll interval to every figure.
+    let ended = source.next_event(RESUME_DEADLINE, |e| {
+        e["event"] == "MIGRATION"
+            && !matches!(e["data"]["status"].as_str(), Some("setup" | "active"))
+    });
+    // An event that came before the answer was read with it.
+    let ended_ms = ms_since(cancelled).max(record.reply_ms.unwrap_or(0.0));
+    let outcome = match ended.as_ref().map(|e| e["data"]["status"].as_str()) {
+        Ok(Some("canceled")) => {
+            record.canceled_ms = Some(ended_ms);
+            let seen_canceled_at_line = pair.vms[0].lines().len();
+            let status = source.ok("query-migrate", None)["status"].clone();
+            if status != "canceled" {
+                bail!("the MIGRATION event said canceled but query-migrate says {status}");
             }
+            wait_for_tick(&pair.vms[0], seen_canceled_at_line, cancelled)
+                .map(|resumed| record.resumed_ms = Some(resumed))
         }
-        if let Some(skip) = seen_canceled_at_line {
-            let ticked = lines_from(&pair.vms[0], skip)
-                .iter()
-                .any(|l| matches!(GuestLine::parse(l), GuestLine::Tick { .. }));
-            if ticked {
-                record.resumed_ms = Some(ms_since(cancelled));
-                break Ok(());
-            }
-        }
-        if cancelled.elapsed() > RESUME_DEADLINE {
-            break Err((
-                if seen_canceled_at_line.is_some() {
-                    "not-resumed"
-                } else {
-                    "not-canceled"
-                },
-                format!("not canceled and ticking within {RESUME_DEADLINE:?}"),
-            ));
-        }
-        std::thread::sleep(POLL);
+        Ok(other) => Err((
+            "not-canceled",
+            format!("the migration ended {}", other.unwrap_or("?")),
+        )),
+        Err(NoEvent::TimedOut) => Err((
+            "not-canceled",
+            format!("no MIGRATION event ending the migration within {RESUME_DEADLINE:?}"),
+        )),
+        Err(NoEvent::Closed) => Err(("error", "the source closed QMP".to_owned())),
     };
     if outcome.is_ok() {
         std::thread::sleep(GAP_SETTLE);

@@ -5,4 +5,4 @@ mod process;
 mod qmp;
 
 pub use process::Ferry;
-pub use qmp::Qmp;
+pub use qmp::{NoEvent, Qmp};

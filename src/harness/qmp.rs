@@ -7,6 +7,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// Why [`Qmp::next_event`] returned without the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoEvent {
+    TimedOut,
+    Closed,
+}
+use NoEvent::{Closed, TimedOut};
+
 /// A QMP client written against QEMU's protocol, with a deadline on every read.
 pub struct Qmp {
     reader: BufReader<UnixStream>,
@@ -86,35 +94,48 @@ impl Qmp {
         timeout: Duration,
         matches: impl Fn(&Value) -> bool,
     ) -> Value {
+        match self.next_event(timeout, matches) {
+            Ok(event) => event,
+            Err(Closed) => panic!("QMP closed while waiting for {what}"),
+            Err(TimedOut) => panic!("no {what} event within {timeout:?}; saw {:?}", self.events),
+        }
+    }
+
+    /// The first event satisfying `matches`, seen before or arriving within `timeout`; an
+    /// arriving one is returned as soon as it is read, so its arrival can be timed.
+    pub fn next_event(
+        &mut self,
+        timeout: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Result<Value, NoEvent> {
         if let Some(index) = self.events.iter().position(&matches) {
-            return self.events.remove(index);
+            return Ok(self.events.remove(index));
         }
         let deadline = Instant::now() + timeout;
-        loop {
+        let found = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no {what} event within {timeout:?}; saw {:?}",
-                self.events
-            );
+            if left.is_zero() {
+                break Err(TimedOut);
+            }
             self.reader.get_ref().set_read_timeout(Some(left)).unwrap();
             let mut line = String::new();
             match self.reader.read_line(&mut line) {
-                Ok(0) => panic!("QMP closed while waiting for {what}"),
+                Ok(0) => break Err(Closed),
                 Ok(_) => {
                     let message: Value = serde_json::from_str(&line).unwrap();
                     if matches(&message) {
-                        self.reader
-                            .get_ref()
-                            .set_read_timeout(Some(Duration::from_secs(30)))
-                            .unwrap();
-                        return message;
+                        break Ok(message);
                     }
                     self.events.push(message);
                 }
                 Err(_) => continue,
             }
-        }
+        };
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        found
     }
 
     pub fn status(&mut self) -> String {
