@@ -31,19 +31,28 @@ pub const ACK_DEADLINE: Duration = Duration::from_secs(2);
 pub type VcpuTask = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 /// What the owner asks of a vCPU thread. Each carries the channel its acknowledgement goes on;
-/// a pause is acknowledged with when the vCPU left the guest, a resume with when it goes back
-/// in (the edges of the guest's blackout, for the downtime a migration reports).
+/// a pause is acknowledged with what tells when the vCPU left the guest, a resume with when it
+/// goes back in (the edges of the guest's blackout, for the downtime a migration reports).
 pub enum VcpuEvent {
     Pause {
-        ack: oneshot::Sender<Instant>,
-        /// The thread's run-queue delay just before the kick ([`RunDelay`]), if it was running
-        /// or waiting for a core then: to tell how long it had waited when the pause came.
-        waited_before: Option<Duration>,
+        ack: oneshot::Sender<PauseAck>,
+        /// The owner saw the thread running or waiting for a core: it may have left the guest
+        /// before the pause, and its run-queue delay tells how long before.
+        measure: bool,
     },
     Resume(oneshot::Sender<Instant>),
     /// Runs the task on the paused vCPU; refused (dropped) while the vCPU runs.
     Run(VcpuTask),
     Finish,
+}
+
+/// A vCPU's answer to a pause.
+#[derive(Debug, Clone, Copy)]
+pub struct PauseAck {
+    /// When the thread heard the pause.
+    pub at: Instant,
+    /// Its run-queue delay then ([`RunDelay`]), if it was asked to measure and ran the guest.
+    pub run_delay: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,24 +282,19 @@ impl VcpuThread {
 
     fn handle_event(&mut self, event: VcpuEvent, state: RunState) -> RunState {
         match event {
-            VcpuEvent::Pause { ack, waited_before } => {
-                let mut left_guest = Instant::now();
+            VcpuEvent::Pause { ack, measure } => {
+                let at = Instant::now();
+                let mut run_delay = None;
                 if matches!(state, RunState::Running) {
-                    // Waiting for a core when the kick came, the guest had stopped already.
-                    // Only a thread the owner saw runnable reads its delay again.
-                    let delays = waited_before.and_then(|before| {
-                        Some((before, self.run_delay.as_ref().and_then(RunDelay::read)?))
-                    });
-                    if let Some((before, now)) = delays {
-                        let waited = now.saturating_sub(before);
-                        left_guest = left_guest.checked_sub(waited).unwrap_or(left_guest);
+                    if measure {
+                        run_delay = self.run_delay.as_ref().and_then(RunDelay::read);
                     }
                     if self.io_pending {
                         self.complete_pending_io();
                     }
                     tracing::debug!(vcpu = self.index, "vCPU out of the guest");
                 }
-                let _ = ack.send(left_guest);
+                let _ = ack.send(PauseAck { at, run_delay });
                 RunState::Paused
             }
             VcpuEvent::Resume(ack) => {

@@ -2,7 +2,7 @@
 //! each acknowledged within a deadline.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
 use tokio::sync::mpsc::UnboundedSender;
@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::run_delay::RunDelay;
 use super::throttle::Throttle;
-use super::vcpu::{Kicker, VcpuError, VcpuEvent, VcpuHandle, ACK_DEADLINE};
+use super::vcpu::{Kicker, PauseAck, VcpuError, VcpuEvent, VcpuHandle, ACK_DEADLINE};
 use super::GuestEvent;
 use crate::machine::devices::Devices;
 
@@ -20,8 +20,9 @@ pub struct Vcpus {
     /// Each thread's run-queue delay, in `handles` order.
     run_delays: Vec<Option<RunDelay>>,
     running: bool,
-    /// When the guest stopped running at the last pause: its first vCPU to leave the guest.
-    left_guest: Option<Instant>,
+    /// When each vCPU left the guest at the last pause, in vCPU order; empty unless that pause
+    /// stopped running vCPUs.
+    left_guest: Vec<Instant>,
     throttle: Throttle,
 }
 
@@ -55,7 +56,7 @@ impl Vcpus {
             handles,
             run_delays,
             running: false,
-            left_guest: None,
+            left_guest: Vec::new(),
             throttle,
         })
     }
@@ -88,11 +89,11 @@ impl Vcpus {
         self.handles.iter().map(|h| h.thread_id).collect()
     }
 
-    /// When the guest stopped at the last pause, if that pause stopped a running vCPU: the
-    /// first of them to leave the guest, which on a busy host can be before the pause (a vCPU
-    /// thread waiting for a core).
-    pub fn left_guest(&self) -> Option<Instant> {
-        self.left_guest
+    /// When each vCPU left the guest at the last pause, in vCPU order, if that pause stopped
+    /// running vCPUs; on a busy host that can be before the pause (a vCPU thread waiting for a
+    /// core).
+    pub fn left_guest(&self) -> &[Instant] {
+        &self.left_guest
     }
 
     /// Stops every vCPU outside `KVM_RUN` with pending I/O completed.
@@ -113,24 +114,47 @@ impl Vcpus {
             were_running: self.running,
         };
         self.running = false;
-        self.left_guest = None;
+        self.left_guest.clear();
         for (handle, run_delay) in self.handles.iter().zip(&self.run_delays) {
             let (ack, acked) = oneshot::channel();
-            let waited_before = run_delay.as_ref().and_then(RunDelay::read_if_runnable);
-            handle.send(VcpuEvent::Pause { ack, waited_before })?;
+            let before = run_delay.as_ref().and_then(RunDelay::read_if_runnable);
+            let read_at = Instant::now();
+            handle.send(VcpuEvent::Pause {
+                ack,
+                measure: before.is_some(),
+            })?;
+            // The kernel adds a wait to the delay when the wait ends: a thread still waiting at
+            // the kick has its whole wait counted against `before`. But if this thread waited
+            // for a core between the read and the kick, the vCPU may have got its core and run
+            // the guest meanwhile; a read after the kick leaves out what it waited before that.
+            let baseline = match before {
+                Some(_) if read_at.elapsed() > STALE_DELAY_READ => {
+                    run_delay.as_ref().and_then(RunDelay::read)
+                }
+                before => before,
+            };
             after(handle)?;
-            sent.acks.push((handle.index, acked));
+            sent.acks.push((handle.index, acked, baseline));
         }
         Ok(sent)
     }
 
-    /// Waits for the pauses' acknowledgements; if the vCPUs ran, the first to leave the guest
-    /// is when the guest stopped (paused vCPUs answer with when they heard the pause, which
-    /// says nothing of the guest).
+    /// Waits for the pauses' acknowledgements and, if the vCPUs ran, notes when each left the
+    /// guest (paused vCPUs answer with when they heard the pause, which says nothing of the
+    /// guest).
     async fn note_left_guest(&mut self, sent: SentPauses) -> Result<(), VcpuError> {
-        let left = collect(sent.acks).await?;
+        let (receivers, baselines): (Vec<_>, Vec<_>) = sent
+            .acks
+            .into_iter()
+            .map(|(index, acked, baseline)| ((index, acked), baseline))
+            .unzip();
+        let acks = collect(receivers).await?;
         if sent.were_running {
-            self.left_guest = left.into_iter().min();
+            self.left_guest = acks
+                .iter()
+                .zip(baselines)
+                .map(|(ack, baseline)| left_guest(ack, baseline))
+                .collect();
         }
         Ok(())
     }
@@ -140,12 +164,12 @@ impl Vcpus {
         self.resume_at().await.map(|_| ())
     }
 
-    /// Like [`Vcpus::resume`], and says when the last vCPU went back into the guest: the
-    /// owner may hear the acknowledgements much later on a busy host.
-    pub async fn resume_at(&mut self) -> Result<Instant, VcpuError> {
+    /// Like [`Vcpus::resume`], and says when each vCPU went back into the guest, in vCPU
+    /// order: the owner may hear the acknowledgements much later on a busy host.
+    pub async fn resume_at(&mut self) -> Result<Vec<Instant>, VcpuError> {
         let entered = self.broadcast(VcpuEvent::Resume).await?;
         self.running = true;
-        Ok(entered.into_iter().max().unwrap_or_else(Instant::now))
+        Ok(entered)
     }
 
     /// Pauses every vCPU and runs `work` on each right after, in the same wake-up of its
@@ -216,10 +240,24 @@ impl<T> Queued<T> {
     }
 }
 
-/// Pauses sent, awaiting their acknowledgements.
+/// Pauses sent, awaiting their acknowledgements, each with the run-queue delay its vCPU's
+/// wait is counted from.
 struct SentPauses {
-    acks: Vec<(u32, oneshot::Receiver<Instant>)>,
+    acks: Vec<(u32, oneshot::Receiver<PauseAck>, Option<Duration>)>,
     were_running: bool,
+}
+
+/// Longer than reading a delay and sending a kick take: the owner's thread was preempted.
+const STALE_DELAY_READ: Duration = Duration::from_micros(50);
+
+/// When a vCPU left the guest: as it heard the pause, less what it had waited for a core since
+/// `baseline`.
+fn left_guest(ack: &PauseAck, baseline: Option<Duration>) -> Instant {
+    let waited = match (baseline, ack.run_delay) {
+        (Some(before), Some(now)) => now.saturating_sub(before),
+        _ => Duration::ZERO,
+    };
+    ack.at.checked_sub(waited).unwrap_or(ack.at)
 }
 
 /// `work` for vCPU `index` as an event; its result goes to the channel added to `answers`.
@@ -246,4 +284,40 @@ async fn collect<T>(answers: Vec<(u32, oneshot::Receiver<T>)>) -> Result<Vec<T>,
         }
     }
     Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(run_delay: Option<u64>) -> PauseAck {
+        PauseAck {
+            at: Instant::now(),
+            run_delay: run_delay.map(Duration::from_micros),
+        }
+    }
+
+    #[test]
+    fn a_vcpu_left_the_guest_when_its_last_wait_for_a_core_began() {
+        let paused = ack(Some(13_000));
+        let left = left_guest(&paused, Some(Duration::from_micros(10_000)));
+        assert_eq!(paused.at - left, Duration::from_micros(3_000));
+    }
+
+    #[test]
+    fn without_both_readings_a_vcpu_left_the_guest_at_the_pause() {
+        let unmeasured = ack(None);
+        assert_eq!(left_guest(&unmeasured, Some(Duration::ZERO)), unmeasured.at);
+        let halted = ack(Some(5_000));
+        assert_eq!(left_guest(&halted, None), halted.at);
+    }
+
+    #[test]
+    fn a_baseline_read_after_the_wait_was_counted_gives_no_wait() {
+        let paused = ack(Some(5_000));
+        assert_eq!(
+            left_guest(&paused, Some(Duration::from_micros(6_000))),
+            paused.at
+        );
+    }
 }
