@@ -85,9 +85,37 @@ impl LocalClock {
     }
 }
 
+/// The downtime: the longest any vCPU was out of the guest, from when it left the guest here
+/// (`left`) to when it went back in on the destination (`entered`, mapped onto this clock),
+/// both in vCPU order. Each vCPU is a thread of the guest's own that measures its own gap; the
+/// first to stop and the last to start again may be different vCPUs, neither of which missed
+/// that whole stretch. `None` if the two lists do not pair up.
+pub fn longest_blackout(left: &[Instant], entered: &[Instant]) -> Option<Duration> {
+    if left.len() != entered.len() {
+        return None;
+    }
+    left.iter()
+        .zip(entered)
+        .map(|(&left, &entered)| entered.saturating_duration_since(left))
+        .max()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_blackout_is_the_longest_of_any_one_vcpu() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        // vCPU 0 stopped first and came back first; vCPU 1 stopped 3 ms later and came back
+        // last: neither was out for the 7 ms from the first stop to the last start.
+        let left = [t, t + ms(3)];
+        let entered = [t + ms(4), t + ms(7)];
+        assert_eq!(longest_blackout(&left, &entered), Some(ms(4)));
+        assert_eq!(longest_blackout(&left, &entered[..1]), None);
+        assert_eq!(longest_blackout(&[], &[]), None);
+    }
 
     #[test]
     fn a_peer_moment_maps_through_the_middle_of_the_round_trip() {

@@ -230,10 +230,10 @@ async fn receive_stream(
                 // source is told, and the source learns since when: on a busy host this side
                 // may hear its vCPUs' acknowledgements well after they run the guest, and that
                 // is not downtime.
-                let mut running_since = None;
+                let mut running_since = Vec::new();
                 if commit.run && shared.autostart() {
                     match vm.vcpus.resume_at().await {
-                        Ok(entered) => running_since = Some(entered),
+                        Ok(entered) => running_since = entered,
                         Err(error) => {
                             // Whatever ran stops again, and the source gets its disks back.
                             let _ = vm.vcpus.pause().await;
@@ -246,11 +246,14 @@ async fn receive_stream(
                 }
                 phases.mark("resume");
                 let committed = Committed {
-                    running_at_ns: running_since.map(|t| clock.at(t)),
+                    vcpus_running_at_ns: running_since.iter().map(|&t| clock.at(t)).collect(),
                 };
                 let _ = wire::write_message(stream, &Message::Committed(committed)).await;
                 phases.mark("committed");
-                let running_us = running_since.map(|t| t.elapsed().as_micros() as u64);
+                let running_us = running_since
+                    .iter()
+                    .max()
+                    .map(|t| t.elapsed().as_micros() as u64);
                 tracing::debug!(%phases, running_us, "commit steps (µs)");
                 return Ok(commit.run);
             }

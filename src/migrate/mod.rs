@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! source                                               destination (-incoming, vCPUs paused)
-//!   | -- header "FERRYMIG" v4, CONFIG (VM description) -->|  checks it against its own
+//!   | -- header "FERRYMIG" v5, CONFIG (VM description) -->|  checks it against its own
 //!   | <------------------------ ACCEPT | ERROR(reason) ---|
 //!   | -- CLOCK_PROBE ------------------------------------>|  x4: the destination's clock
 //!   | <------------------------------- CLOCK (its time) ---|  against the source's (clock.rs)
@@ -14,9 +14,9 @@
 //!   | <---------------------------------- RESTORED -------|
 //!   |    (completed: the source gives the guest up)        |
 //!   | -- COMMIT {run} ----------------------------------->|  runs the guest
-//!   | <-------------- COMMITTED {running_at_ns} ----------|
-//!   |    (downtime: from when the guest stopped to when it ran again on the destination,
-//!   |     mapped onto the source's clock)
+//!   | <---------- COMMITTED {vcpus_running_at_ns} -------|
+//!   |    (downtime: the longest any vCPU was out of the guest, from when it stopped here to
+//!   |     when it ran again on the destination, mapped onto the source's clock)
 //! ```
 //!
 //! Until the source has RESTORED in hand, any failure or `migrate_cancel` resumes the source and

@@ -17,7 +17,7 @@ use super::progress::MigrationStatus;
 use super::transport::connect;
 use super::uri::MigrationUri;
 use super::vmstate;
-use super::wire::{self, Commit, Committed, Message, RoundReport};
+use super::wire::{self, Commit, Message, RoundReport};
 use super::{logging, Shared};
 use crate::machine::devices::{Devices, DiskError};
 use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
@@ -176,8 +176,8 @@ struct Restored {
 
 /// What the commit needs of the switchover to report its downtime.
 struct Switchover {
-    /// When the guest stopped: the downtime's start.
-    left_guest: Instant,
+    /// When each vCPU left the guest, in vCPU order: where the downtime starts.
+    left_guest: Vec<Instant>,
     /// The destination's clock, on which it says when the guest ran again.
     peer_clock: PeerClock,
     phases: Phases,
@@ -411,11 +411,13 @@ async fn stream_guest(
         phases.mark("pause");
         // The downtime is the guest's blackout: on a busy host a vCPU thread can have been
         // waiting for a core, its guest stopped, for milliseconds before the pause.
-        let left_guest = vm
-            .vcpus
-            .left_guest()
-            .map_or(paused_at, |l| l.min(paused_at));
-        let preempted_us = (paused_at - left_guest).as_micros() as u64;
+        let left_guest: Vec<Instant> = match vm.vcpus.left_guest() {
+            // A paused guest's downtime is the switchover's.
+            [] => vec![paused_at; vm.vcpus.count()],
+            left => left.iter().map(|&l| l.min(paused_at)).collect(),
+        };
+        let first_left = left_guest.iter().min().copied().unwrap_or(paused_at);
+        let preempted_us = (paused_at - first_left).as_micros() as u64;
         shared.switchover.store(true, Ordering::Release);
         shared.emit(Event::new("STOP", None));
         if disks {
@@ -534,13 +536,20 @@ async fn commit(
     // The downtime ends when the guest runs on the destination, which may be well before its
     // COMMITTED was written, and this side may read that much later still (its thread waiting
     // for a core): the destination says when on its clock. It cannot have run before COMMIT.
-    let running = match &confirmation {
-        Ok(Ok(Message::Committed(Committed {
-            running_at_ns: Some(at),
-        }))) => peer_clock.local(*at).clamp(commit_sent, answered),
-        _ => answered,
+    let entered: Vec<Instant> = match &confirmation {
+        Ok(Ok(Message::Committed(committed))) => committed
+            .vcpus_running_at_ns
+            .iter()
+            .map(|&at| peer_clock.local(at).clamp(commit_sent, answered))
+            .collect(),
+        _ => Vec::new(),
     };
-    let downtime = running.saturating_duration_since(left_guest);
+    // A destination that keeps the guest paused (it was paused here) ends it at its answer.
+    let downtime = clock::longest_blackout(&left_guest, &entered).unwrap_or_else(|| {
+        let first_left = left_guest.iter().min().copied().unwrap_or(commit_sent);
+        answered.saturating_duration_since(first_left)
+    });
+    let running = entered.iter().max().copied().unwrap_or(answered);
     tracing::debug!(
         %phases,
         unread_us = answered.saturating_duration_since(running).as_micros() as u64,

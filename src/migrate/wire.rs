@@ -21,9 +21,9 @@ use super::state::{Section, VmDescription};
 use crate::machine::memory::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"FERRYMIG";
-/// The stream version this ferry writes and reads (4: clock probes at setup, and COMMITTED
-/// says when the guest ran again on the destination's clock).
-pub const VERSION: u32 = 4;
+/// The stream version this ferry writes and reads (5: COMMITTED says when each vCPU ran again
+/// on the destination's clock, which clock probes at setup relate to the source's).
+pub const VERSION: u32 = 5;
 /// Pages in one PAGES frame at most.
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// The largest frame any message may be: a full PAGES frame and its entries.
@@ -111,11 +111,11 @@ pub struct Commit {
 
 /// The destination's confirmation of the commit, with what the source needs to report the
 /// downtime the guest saw rather than the round trip's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Committed {
-    /// When the guest ran again on the destination (its last vCPU back in the guest), on the
-    /// destination's migration clock ([`super::clock`]); `None` if it does not run.
-    pub running_at_ns: Option<PeerNanos>,
+    /// When each vCPU went back into the guest on the destination, in vCPU order, on the
+    /// destination's migration clock ([`super::clock`]); empty if the guest does not run.
+    pub vcpus_running_at_ns: Vec<PeerNanos>,
 }
 
 /// A message of the stream.
@@ -533,11 +533,13 @@ mod tests {
             round_trip(commit).await,
             Message::Commit(Commit { run: true })
         );
-        for running_at_ns in [Some(1234), None] {
-            let committed = Message::Committed(Committed { running_at_ns });
+        for vcpus_running_at_ns in [vec![1234, 1240], vec![]] {
+            let committed = Committed {
+                vcpus_running_at_ns,
+            };
             assert_eq!(
-                round_trip(committed).await,
-                Message::Committed(Committed { running_at_ns })
+                round_trip(Message::Committed(committed.clone())).await,
+                Message::Committed(committed)
             );
         }
         assert_eq!(round_trip(Message::ClockProbe).await, Message::ClockProbe);
