@@ -195,6 +195,10 @@ async fn receive_stream(
                 )));
             }
             Message::Round(report) if !restored => {
+                // Round 0 brought every page that holds data; later rounds write pages already
+                // backed, and the thread would only take a core from the receiver and, at the
+                // switchover, from the restore and the guest.
+                drop(backing.take());
                 {
                     let mut progress = shared.progress();
                     progress.remaining_pages = report.remaining_pages;
@@ -207,7 +211,7 @@ async fn receive_stream(
                 // restore, inside the downtime.
                 drop(backing.take());
                 let mut phases = Phases::start();
-                vmstate::restore(vm, sections)
+                vmstate::restore(vm, sections, &clock)
                     .instrument(info_span!("device_state"))
                     .await
                     .map_err(|e| ReceiveError::Local(e.to_string()))?;
