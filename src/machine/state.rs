@@ -18,6 +18,8 @@ use crate::machine::devices::{Serial, SerialState, I8042};
 use crate::migrate::phases::Phases;
 use crate::migrate::state::{FeatureWord, Migratable, StateError};
 
+mod timers;
+
 /// MSRs that KVM saves and restores but leaves out of its index list (measured on this host):
 /// the MTRRs, TSC_AUX and SPEC_CTRL.
 const MSRS_MISSING_FROM_INDEX_LIST: &[u32] = &[

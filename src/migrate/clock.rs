@@ -52,6 +52,17 @@ impl PeerClock {
         self.round_trip / 2
     }
 
+    /// The destination's moment matching the source's `moment`.
+    pub fn peer(&self, moment: Instant) -> PeerNanos {
+        if moment >= self.local {
+            let after = (moment - self.local).as_nanos() as PeerNanos;
+            self.peer_ns.saturating_add(after)
+        } else {
+            let before = (self.local - moment).as_nanos() as PeerNanos;
+            self.peer_ns.saturating_sub(before)
+        }
+    }
+
     /// The source's moment matching the destination's `peer_ns`.
     pub fn local(&self, peer_ns: PeerNanos) -> Instant {
         if peer_ns >= self.peer_ns {
@@ -82,6 +93,11 @@ impl LocalClock {
 
     pub fn at(&self, moment: Instant) -> PeerNanos {
         moment.saturating_duration_since(self.origin).as_nanos() as PeerNanos
+    }
+
+    /// How long ago `moment` of this clock was.
+    pub fn since(&self, moment: PeerNanos) -> Duration {
+        Duration::from_nanos(self.now().saturating_sub(moment))
     }
 }
 
@@ -128,6 +144,9 @@ mod tests {
             sent + Duration::from_micros(50) + Duration::from_millis(2)
         );
         assert_eq!(clock.local(4_950_000), sent);
+        let later = sent + Duration::from_millis(3);
+        assert_eq!(clock.local(clock.peer(later)), later);
+        assert_eq!(clock.peer(sent), 4_950_000);
     }
 
     #[test]

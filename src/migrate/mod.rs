@@ -39,6 +39,7 @@ pub mod ranges;
 pub mod source;
 pub mod splice;
 pub mod state;
+pub mod transit;
 pub mod transport;
 pub mod uri;
 pub mod vmstate;

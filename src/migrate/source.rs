@@ -434,8 +434,8 @@ async fn stream_guest(
         phases.mark("pages");
         let cpus = async {
             match saving_cpus {
-                Some(saving) => saving.finish(vm).await,
-                None => vmstate::save_cpus(vm).await,
+                Some(saving) => saving.finish(vm, &peer_clock).await,
+                None => vmstate::save_cpus(vm, &peer_clock).await,
             }
         };
         let mut state = cpus

@@ -1,9 +1,12 @@
 //! The state of a whole paused VM, part by part, as the sections of a STATE message.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use super::clock::{LocalClock, PeerClock};
 use super::phases::Phases;
-use super::state::{Section, Sections, StateError};
+use super::state::{Migratable, Section, Sections, StateError};
+use super::transit::{self, SavedAt};
 use crate::machine::devices::disk::DiskSection;
 use crate::machine::devices::lock;
 use crate::machine::state::{migratable_msrs, KvmVcpu, KvmVm};
@@ -25,10 +28,10 @@ fn vcpu_id(index: u32) -> String {
 }
 
 /// Saves the vCPUs of a paused VM (each on its own thread, in parallel) and then the
-/// in-kernel chips.
-pub async fn save_cpus(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
+/// in-kernel chips, with when each was saved on the destination's clock (`peer`).
+pub async fn save_cpus(vm: &Vm, peer: &PeerClock) -> Result<Vec<Section>, VmStateError> {
     let vcpus = vm.vcpus.on_each(save_vcpu(msr_list(vm)?)).await?;
-    with_chips(vm, vcpus)
+    with_chips(vm, vcpus, peer)
 }
 
 /// Pauses the vCPUs, which save themselves in the same wake-up; returns as soon as every vCPU
@@ -38,26 +41,37 @@ pub async fn pause_and_save(vm: &mut Vm) -> Result<PausedSave, VmStateError> {
     Ok(PausedSave(vm.vcpus.pause_then(save_vcpu(msr_list)).await?))
 }
 
+/// A vCPU's section and when it was saved.
+type SavedVcpu = Result<(Section, Instant), StateError>;
+
 /// The vCPUs' saves, running on their threads.
-pub struct PausedSave(Queued<Result<Section, StateError>>);
+pub struct PausedSave(Queued<SavedVcpu>);
 
 impl PausedSave {
-    /// The vCPUs' sections, then the in-kernel chips'.
-    pub async fn finish(self, vm: &Vm) -> Result<Vec<Section>, VmStateError> {
-        with_chips(vm, self.0.collect().await?)
+    /// The vCPUs' sections, then the in-kernel chips', then when they were saved.
+    pub async fn finish(self, vm: &Vm, peer: &PeerClock) -> Result<Vec<Section>, VmStateError> {
+        with_chips(vm, self.0.collect().await?, peer)
     }
 }
 
-/// The vCPUs' sections and, right after them, the in-kernel chips': an interrupt the chips
-/// deliver in between would be in neither.
+/// The vCPUs' sections and, right after them, the in-kernel chips' (an interrupt the chips
+/// deliver in between would be in neither), and when each was saved.
 fn with_chips(
     vm: &Vm,
-    vcpus: Vec<Result<Section, StateError>>,
+    vcpus: Vec<SavedVcpu>,
+    peer: &PeerClock,
 ) -> Result<Vec<Section>, VmStateError> {
     let mut phases = Phases::start();
-    let mut sections = vcpus.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let (mut sections, vcpus_saved_at): (Vec<_>, Vec<_>) = vcpus
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
     sections.push(Section::save("kvm", &KvmVm(&vm.machine.vm))?);
+    let chips_saved_at = Instant::now();
     phases.mark("kvm");
+    let saved_at = SavedAt::mapped(&vcpus_saved_at, chips_saved_at, peer);
+    sections.push(Section::save(transit::SECTION_ID, &saved_at)?);
     tracing::debug!(%phases, "chip state saved (µs)");
     Ok(sections)
 }
@@ -70,15 +84,16 @@ fn msr_list(vm: &Vm) -> Result<Arc<Vec<u32>>, VmStateError> {
 
 fn save_vcpu(
     msr_list: Arc<Vec<u32>>,
-) -> impl Fn(u32, &mut kvm_ioctls::VcpuFd) -> Result<Section, StateError> + Send + Sync + 'static {
+) -> impl Fn(u32, &mut kvm_ioctls::VcpuFd) -> SavedVcpu + Send + Sync + 'static {
     move |index, fd| {
-        Section::save(
+        let section = Section::save(
             &vcpu_id(index),
             &KvmVcpu {
                 fd,
                 msr_list: &msr_list,
             },
-        )
+        )?;
+        Ok((section, Instant::now()))
     }
 }
 
@@ -96,24 +111,36 @@ pub fn save_devices(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
 }
 
 /// Restores every part of the (paused) VM from `sections`, which must hold exactly its parts.
-pub async fn restore(vm: &Vm, sections: Vec<Section>) -> Result<(), VmStateError> {
+/// Clocks and timers run on by the time since the source saved them (on `clock`).
+pub async fn restore(
+    vm: &Vm,
+    sections: Vec<Section>,
+    clock: &LocalClock,
+) -> Result<(), VmStateError> {
     let mut phases = Phases::start();
     let mut sections = Sections::new(sections)?;
+    let saved_at = sections.take(transit::SECTION_ID)?.decode::<SavedAt>()?;
     // VM-wide chips first: the vCPUs' LAPICs and timers are restored against them.
-    sections.take("kvm")?.restore(&mut KvmVm(&vm.machine.vm))?;
+    let mut chips = sections.take("kvm")?.decode::<KvmVm>()?;
+    chips.age(clock.since(saved_at.chips_ns));
+    KvmVm(&vm.machine.vm).restore_state(chips)?;
     phases.mark("kvm");
     let vcpu_sections: Vec<Section> = (0..vm.machine.vcpu_count)
         .map(|i| sections.take(&vcpu_id(i)))
         .collect::<Result<_, _>>()?;
     let vcpu_sections = Arc::new(vcpu_sections);
     let msr_list: Arc<[u32]> = Arc::from([]);
+    let clock = *clock;
     let results = vm
         .vcpus
         .on_each(move |index, fd| {
-            vcpu_sections[index as usize].restore(&mut KvmVcpu {
+            let mut state = vcpu_sections[index as usize].decode::<KvmVcpu>()?;
+            state.age(saved_at.vcpu_age(index, &clock)?);
+            KvmVcpu {
                 fd,
                 msr_list: &msr_list,
-            })
+            }
+            .restore_state(state)
         })
         .await?;
     results.into_iter().collect::<Result<Vec<()>, _>>()?;

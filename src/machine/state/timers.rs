@@ -1,0 +1,144 @@
+//! Saved state whose clocks should have gone on running: between a source's save and a
+//! destination's restore, a real LAPIC timer counts down and a real clock advances. KVM restores
+//! both as they were at the save (the timer from its saved current count), so a guest would
+//! find every timer late by the time its state spent in transit, and its clock behind by it.
+
+use std::time::Duration;
+
+use kvm_bindings::kvm_lapic_state;
+
+use super::{VcpuState, VmChipState};
+
+/// Register offsets in the LAPIC page.
+const LVT_TIMER: usize = 0x320;
+const INITIAL_COUNT: usize = 0x380;
+const CURRENT_COUNT: usize = 0x390;
+const DIVIDE_CONFIG: usize = 0x3e0;
+/// LVT timer mode bits 17-18; 2 is TSC-deadline, whose deadline is an absolute TSC value.
+const TIMER_MODE_SHIFT: u32 = 17;
+const TSC_DEADLINE_MODE: u32 = 2;
+/// KVM's LAPIC bus runs at 1 GHz unless a VMM changes it (KVM_CAP_X86_APIC_BUS_CYCLES_NS,
+/// which ferry leaves alone): one count per nanosecond before the divider.
+const BUS_CYCLE_NS: u64 = 1;
+
+impl VcpuState {
+    /// Counts the LAPIC timer down by `elapsed`. A timer that would have expired meanwhile is
+    /// left one count from expiry, so the guest gets its interrupt as soon as it runs.
+    pub fn age(&mut self, elapsed: Duration) {
+        let lapic = &mut self.lapic;
+        let mode = (read(lapic, LVT_TIMER) >> TIMER_MODE_SHIFT) & 3;
+        let current = read(lapic, CURRENT_COUNT);
+        if mode == TSC_DEADLINE_MODE || current == 0 || read(lapic, INITIAL_COUNT) == 0 {
+            return;
+        }
+        let counts = elapsed.as_nanos() / u128::from(BUS_CYCLE_NS * divisor(lapic));
+        let left = u128::from(current).saturating_sub(counts).max(1);
+        write(lapic, CURRENT_COUNT, left as u32);
+    }
+}
+
+impl VmChipState {
+    /// Moves KVM's clock (the guest's kvmclock) on by `elapsed`.
+    pub fn age(&mut self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.clock.clock = self.clock.clock.saturating_add(nanos);
+    }
+}
+
+/// The timer's divider from the divide configuration register (bits 0, 1 and 3).
+fn divisor(lapic: &kvm_lapic_state) -> u64 {
+    let config = read(lapic, DIVIDE_CONFIG);
+    let code = (config & 3) | ((config & 8) >> 1);
+    1 << ((code + 1) & 7)
+}
+
+fn read(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+    u32::from_le_bytes(bytes)
+}
+
+fn write(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
+    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+        lapic.regs[offset + i] = byte as _;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lapic(mode: u32, divide_config: u32, initial: u32, current: u32) -> kvm_lapic_state {
+        let mut lapic = kvm_lapic_state::default();
+        write(&mut lapic, LVT_TIMER, 0x20 | (mode << TIMER_MODE_SHIFT));
+        write(&mut lapic, DIVIDE_CONFIG, divide_config);
+        write(&mut lapic, INITIAL_COUNT, initial);
+        write(&mut lapic, CURRENT_COUNT, current);
+        lapic
+    }
+
+    fn aged(lapic: kvm_lapic_state, elapsed: Duration) -> u32 {
+        let mut state = VcpuState {
+            cpuid: Vec::new(),
+            mp_state: Default::default(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Box::default(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic,
+            msrs: Vec::new(),
+            events: Default::default(),
+        };
+        state.age(elapsed);
+        read(&state.lapic, CURRENT_COUNT)
+    }
+
+    #[test]
+    fn a_periodic_timer_counts_down_by_the_time_in_transit() {
+        // Divide by 1 (0b1011): one count per ns.
+        let timer = lapic(1, 0b1011, 10_000_000, 6_000_000);
+        assert_eq!(aged(timer, Duration::from_millis(2)), 4_000_000);
+    }
+
+    #[test]
+    fn the_divider_slows_the_count() {
+        // Divide by 16 (0b0011).
+        let timer = lapic(0, 0b0011, 1_000_000, 1_000_000);
+        assert_eq!(aged(timer, Duration::from_micros(160)), 990_000);
+        assert_eq!(divisor(&lapic(0, 0b0000, 1, 1)), 2);
+        assert_eq!(divisor(&lapic(0, 0b1010, 1, 1)), 128);
+    }
+
+    #[test]
+    fn a_timer_that_expired_in_transit_fires_at_once() {
+        let timer = lapic(0, 0b1011, 1_000_000, 500);
+        assert_eq!(aged(timer, Duration::from_millis(1)), 1);
+    }
+
+    #[test]
+    fn stopped_and_tsc_deadline_timers_are_left_alone() {
+        assert_eq!(
+            aged(lapic(0, 0b1011, 1_000, 0), Duration::from_millis(1)),
+            0
+        );
+        let deadline = lapic(TSC_DEADLINE_MODE, 0b1011, 0, 0);
+        assert_eq!(aged(deadline, Duration::from_millis(1)), 0);
+    }
+
+    #[test]
+    fn the_clock_moves_on() {
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: 5,
+            ..Default::default()
+        };
+        let mut chips = VmChipState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock,
+        };
+        chips.age(Duration::from_nanos(7));
+        assert_eq!(chips.clock.clock, 12);
+    }
+}
