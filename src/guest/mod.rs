@@ -85,8 +85,10 @@
 //!   CPU's own measurement of the blackout: from its last reading on the source to its
 //!   first on the destination. On this project's PVM host, ring-3 `rdtsc` reads the host's
 //!   TSC itself (no offset: a guest sees the host's uptime), which both ferry processes
-//!   share, so the figure is the true blackout: ferry's `downtime` plus a few ms (until the
-//!   vCPU runs again). Where KVM applies the migrated TSC (VT-x/SVM), the time between the
+//!   share, so the figure is the true blackout, including any time the host keeps the vCPU
+//!   off its core right after it runs again. A CPU that halts between ticks measures how
+//!   late its next tick came instead, so a stop it slept through shows only if a tick was
+//!   due in it. Where KVM applies the migrated TSC (VT-x/SVM), the time between the
 //!   source's saving the vCPU state (after the final pages) and the destination's restoring
 //!   it would not show.
 //!
