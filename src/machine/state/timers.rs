@@ -76,8 +76,8 @@ mod tests {
         lapic
     }
 
-    fn aged(lapic: kvm_lapic_state, elapsed: Duration) -> u32 {
-        let mut state = VcpuState {
+    fn empty_state() -> VcpuState {
+        VcpuState {
             cpuid: Vec::new(),
             mp_state: Default::default(),
             regs: Default::default(),
@@ -85,9 +85,16 @@ mod tests {
             xsave: Box::default(),
             xcrs: Default::default(),
             debugregs: Default::default(),
-            lapic,
+            lapic: Default::default(),
             msrs: Vec::new(),
             events: Default::default(),
+        }
+    }
+
+    fn aged(lapic: kvm_lapic_state, elapsed: Duration) -> u32 {
+        let mut state = VcpuState {
+            lapic,
+            ..empty_state()
         };
         state.age(elapsed);
         read(&state.lapic, CURRENT_COUNT)
@@ -123,6 +130,51 @@ mod tests {
         );
         let deadline = lapic(TSC_DEADLINE_MODE, 0b1011, 0, 0);
         assert_eq!(aged(deadline, Duration::from_millis(1)), 0);
+    }
+
+    /// KVM restores a timer from the current count it is given: the count this module ages.
+    #[test]
+    fn kvm_restarts_a_timer_from_the_aged_count() {
+        let kvm = match kvm_ioctls::Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(_) if std::env::var("CI").as_deref() != Ok("true") => return,
+            Err(error) => panic!("CI=true needs /dev/kvm: {error}"),
+        };
+        let vcpu_with_lapic = || {
+            let vm = kvm.create_vm().unwrap();
+            vm.create_irq_chip().unwrap();
+            let vcpu = vm.create_vcpu(0).unwrap();
+            (vm, vcpu)
+        };
+        let second = 1_000_000_000;
+        let (_source_vm, source) = vcpu_with_lapic();
+        let mut armed = source.get_lapic().unwrap();
+        // Software-enabled, periodic, divide by 1, one second.
+        write(&mut armed, 0xf0, 0x1ff);
+        write(&mut armed, LVT_TIMER, 0x20 | (1 << TIMER_MODE_SHIFT));
+        write(&mut armed, DIVIDE_CONFIG, 0b1011);
+        write(&mut armed, INITIAL_COUNT, second);
+        write(&mut armed, CURRENT_COUNT, second);
+        source.set_lapic(&armed).unwrap();
+        let saved = source.get_lapic().unwrap();
+        let count = read(&saved, CURRENT_COUNT);
+        assert!(count > second / 2 && count <= second, "{count}");
+
+        let transit = Duration::from_millis(100);
+        let mut state = VcpuState {
+            lapic: saved,
+            ..empty_state()
+        };
+        state.age(transit);
+        let (_destination_vm, destination) = vcpu_with_lapic();
+        destination.set_lapic(&state.lapic).unwrap();
+        let restored = read(&destination.get_lapic().unwrap(), CURRENT_COUNT);
+        let expected = count - transit.as_nanos() as u32;
+        // Restoring and reading back take microseconds; the host may add a few ms.
+        assert!(
+            restored <= expected && restored > expected - 20_000_000,
+            "saved {count}, aged by {transit:?}, restored {restored}"
+        );
     }
 
     #[test]
