@@ -129,6 +129,10 @@ impl Vcpus {
             // the guest meanwhile; a read after the kick leaves out what it waited before that.
             let baseline = match before {
                 Some(_) if read_at.elapsed() > STALE_DELAY_READ => {
+                    tracing::debug!(
+                        vcpu = handle.index,
+                        "run-queue delay read again after the kick"
+                    );
                     run_delay.as_ref().and_then(RunDelay::read)
                 }
                 before => before,
@@ -153,7 +157,18 @@ impl Vcpus {
             self.left_guest = acks
                 .iter()
                 .zip(baselines)
-                .map(|(ack, baseline)| left_guest(ack, baseline))
+                .enumerate()
+                .map(|(index, (ack, baseline))| {
+                    let left = left_guest(ack, baseline);
+                    if left < ack.at {
+                        tracing::debug!(
+                            vcpu = index,
+                            waited_us = (ack.at - left).as_micros() as u64,
+                            "vCPU was waiting for a core when the pause came"
+                        );
+                    }
+                    left
+                })
                 .collect();
         }
         Ok(())
