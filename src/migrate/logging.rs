@@ -9,7 +9,7 @@
 //! a migration must not start and then have logging turned off under it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use tokio::sync::oneshot;
@@ -33,22 +33,25 @@ impl PendingSwitch {
     }
 }
 
-/// Turns logging on, with the vCPUs out of the guest for the change.
-pub async fn start(vm: &mut Vm) -> Result<(), String> {
+/// Turns logging on, with the vCPUs out of the guest for the change; says how long pausing
+/// them took (zero if they were paused already), a measure of what a switchover's pause costs.
+pub async fn start(vm: &mut Vm) -> Result<Duration, String> {
     vm.dirty_log.settle().await;
     let started = Instant::now();
     let running = vm.vcpus.running();
     if running {
         vm.vcpus.pause().await.map_err(|e| e.to_string())?;
     }
+    let pause = started.elapsed();
     let result = Machine::register_memory(&vm.machine.vm, &vm.machine.memory, true)
-        .map(|_| ())
+        .map(|_| pause)
         .map_err(|e| e.to_string());
     if running {
         vm.vcpus.resume().await.map_err(|e| e.to_string())?;
     }
     tracing::debug!(
         us = started.elapsed().as_micros() as u64,
+        pause_us = pause.as_micros() as u64,
         "dirty logging on"
     );
     result

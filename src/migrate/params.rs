@@ -149,7 +149,8 @@ pub enum Decision {
 pub const NEGLIGIBLE_DOWNTIME: Duration = Duration::from_millis(2);
 
 /// Decides, after dirty round `round` (1 for the first dirty round), whether `remaining_bytes`
-/// can be sent within the downtime limit at `bandwidth` bytes per second.
+/// can be sent within the downtime limit at `bandwidth` bytes per second, beside the
+/// switchover's own cost (`fixed`, [`SwitchoverCost`]).
 ///
 /// Fitting the limit is necessary, not sufficient: while each round still halves what is left
 /// (`previous_bytes`, what the round started with), another round is taken, since it cuts the
@@ -160,12 +161,14 @@ pub fn decide(
     remaining_bytes: u64,
     previous_bytes: u64,
     bandwidth: f64,
+    fixed: Duration,
     downtime_limit: Duration,
 ) -> Decision {
-    let expected = expected_downtime(remaining_bytes, bandwidth);
-    if expected <= downtime_limit {
+    let sending = expected_downtime(remaining_bytes, bandwidth);
+    if sending.saturating_add(fixed) <= downtime_limit {
+        // Another round can shrink only the sending, not the fixed cost.
         let still_shrinking = remaining_bytes.saturating_mul(2) <= previous_bytes;
-        if expected <= NEGLIGIBLE_DOWNTIME || !still_shrinking || round >= MAX_DIRTY_ROUNDS {
+        if sending <= NEGLIGIBLE_DOWNTIME || !still_shrinking || round >= MAX_DIRTY_ROUNDS {
             Decision::Switchover
         } else {
             Decision::AnotherRound
@@ -174,6 +177,26 @@ pub fn decide(
         Decision::ForcedSwitchover
     } else {
         Decision::AnotherRound
+    }
+}
+
+/// What a switchover costs besides sending the last pages, from what was measured before it:
+/// `expected-downtime` is this plus the remainder's sending time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SwitchoverCost {
+    /// Pausing the vCPUs (measured when dirty logging was turned on). The destination's
+    /// restore wakes each vCPU thread the same way, so it counts twice.
+    pub pause: Duration,
+    /// Reading the dirty log, as the last round's read took.
+    pub sync: Duration,
+    /// A round trip to the destination (the clock probes' shortest): the state and its answer,
+    /// then the commit, until the destination runs the guest.
+    pub round_trip: Duration,
+}
+
+impl SwitchoverCost {
+    pub fn total(&self) -> Duration {
+        self.pause * 2 + self.sync + self.round_trip * 3 / 2
     }
 }
 
@@ -199,10 +222,20 @@ mod tests {
     fn remainder_within_the_limit_switches_over() {
         // 10 MiB at 1 GiB/s is ~10 ms, under 300 ms.
         assert_eq!(
-            decide(1, 10 << 20, 10 << 20, GIB, Duration::from_millis(300)),
+            decide(
+                1,
+                10 << 20,
+                10 << 20,
+                GIB,
+                Duration::ZERO,
+                Duration::from_millis(300)
+            ),
             Decision::Switchover
         );
-        assert_eq!(decide(1, 0, 0, 0.0, Duration::ZERO), Decision::Switchover);
+        assert_eq!(
+            decide(1, 0, 0, 0.0, Duration::ZERO, Duration::ZERO),
+            Decision::Switchover
+        );
     }
 
     #[test]
@@ -211,21 +244,49 @@ mod tests {
         // 64 MiB at 1 GiB/s is ~62 ms: within the limit, but down from 256 MiB.
         let remaining = 64 << 20;
         assert_eq!(
-            decide(2, remaining, 256 << 20, GIB, limit),
+            decide(2, remaining, 256 << 20, GIB, Duration::ZERO, limit),
             Decision::AnotherRound
         );
         // Not shrinking by half any more: this is as good as it gets.
         assert_eq!(
-            decide(3, remaining, 100 << 20, GIB, limit),
+            decide(3, remaining, 100 << 20, GIB, Duration::ZERO, limit),
             Decision::Switchover
         );
         // Negligible already, or at the cap: no more rounds.
         assert_eq!(
-            decide(3, 1 << 20, 256 << 20, GIB, limit),
+            decide(3, 1 << 20, 256 << 20, GIB, Duration::ZERO, limit),
             Decision::Switchover
         );
         assert_eq!(
-            decide(MAX_DIRTY_ROUNDS, remaining, 256 << 20, GIB, limit),
+            decide(
+                MAX_DIRTY_ROUNDS,
+                remaining,
+                256 << 20,
+                GIB,
+                Duration::ZERO,
+                limit
+            ),
+            Decision::Switchover
+        );
+    }
+
+    #[test]
+    fn the_fixed_cost_counts_against_the_limit_but_not_as_shrinkable() {
+        let limit = Duration::from_millis(10);
+        let cost = SwitchoverCost {
+            pause: Duration::from_millis(2),
+            sync: Duration::from_millis(1),
+            round_trip: Duration::from_millis(2),
+        };
+        assert_eq!(cost.total(), Duration::from_millis(8));
+        // 4 MiB at 1 GiB/s is ~4 ms: with the 8 ms the switchover costs, over 10 ms.
+        assert_eq!(
+            decide(1, 4 << 20, 4 << 20, GIB, cost.total(), limit),
+            Decision::AnotherRound
+        );
+        // 1 MiB (~1 ms) fits beside it, and is negligible whatever the fixed part.
+        assert_eq!(
+            decide(1, 1 << 20, 64 << 20, GIB, cost.total(), limit),
             Decision::Switchover
         );
     }
@@ -234,15 +295,29 @@ mod tests {
     fn remainder_over_the_limit_goes_on_until_the_cap() {
         let limit = Duration::from_millis(1);
         assert_eq!(
-            decide(1, 1 << 30, 1 << 30, GIB, limit),
+            decide(1, 1 << 30, 1 << 30, GIB, Duration::ZERO, limit),
             Decision::AnotherRound
         );
         assert_eq!(
-            decide(MAX_DIRTY_ROUNDS - 1, 1 << 30, 1 << 30, GIB, limit),
+            decide(
+                MAX_DIRTY_ROUNDS - 1,
+                1 << 30,
+                1 << 30,
+                GIB,
+                Duration::ZERO,
+                limit
+            ),
             Decision::AnotherRound
         );
         assert_eq!(
-            decide(MAX_DIRTY_ROUNDS, 1 << 30, 1 << 30, GIB, limit),
+            decide(
+                MAX_DIRTY_ROUNDS,
+                1 << 30,
+                1 << 30,
+                GIB,
+                Duration::ZERO,
+                limit
+            ),
             Decision::ForcedSwitchover
         );
     }
@@ -250,7 +325,14 @@ mod tests {
     #[test]
     fn unknown_bandwidth_never_fits_a_nonempty_remainder() {
         assert_eq!(
-            decide(1, 4096, 4096, 0.0, Duration::from_secs(3600)),
+            decide(
+                1,
+                4096,
+                4096,
+                0.0,
+                Duration::ZERO,
+                Duration::from_secs(3600)
+            ),
             Decision::AnotherRound
         );
         assert_eq!(expected_downtime(4096, f64::NAN), Duration::MAX);

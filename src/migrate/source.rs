@@ -11,7 +11,7 @@ use super::clock::{self, PeerClock};
 use super::dirty::{DirtyTracker, RegionBitmap};
 use super::link::{AnswerError, Link};
 use super::pages::{PageError, PageSender};
-use super::params::{decide, expected_downtime, next_throttle, Decision};
+use super::params::{decide, expected_downtime, next_throttle, Decision, SwitchoverCost};
 use super::phases::Phases;
 use super::progress::MigrationStatus;
 use super::transport::connect;
@@ -253,7 +253,12 @@ async fn stream_guest(
     .await?;
 
     let memory = vm.machine.memory.clone();
-    logging::start(vm).await.map_err(local)?;
+    let pause = logging::start(vm).await.map_err(local)?;
+    let mut cost = SwitchoverCost {
+        pause,
+        sync: Duration::ZERO,
+        round_trip: peer_clock.uncertainty() * 2,
+    };
     // Round 0 sends everything, so what ferry wrote before now needs no record.
     for region in memory.iter() {
         take_vmm_dirty_bitmap(region);
@@ -296,7 +301,9 @@ async fn stream_guest(
         if stats.bytes >= 1 << 20 || bandwidth == 0.0 {
             bandwidth = stats.bytes as f64 / round_time.as_secs_f64().max(1e-6);
         }
+        let sync_started = Instant::now();
         let dirty = tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
+        cost.sync = sync_started.elapsed();
         let since_sync = last_sync.elapsed();
         last_sync = Instant::now();
         let params = *shared.params();
@@ -310,7 +317,7 @@ async fn stream_guest(
                 params.throttle,
             ));
         }
-        let expected = expected_downtime(dirty * PAGE_SIZE, bandwidth);
+        let expected = expected_downtime(dirty * PAGE_SIZE, bandwidth).saturating_add(cost.total());
         {
             let mut progress = shared.progress();
             progress.dirty_sync_count += 1;
@@ -343,6 +350,7 @@ async fn stream_guest(
             // What this round started with: did sending it leave less than half behind?
             pages * PAGE_SIZE,
             bandwidth,
+            cost.total(),
             limit,
         );
         let timed_out = params.convergence_timed_out(started.elapsed());
@@ -550,8 +558,15 @@ async fn commit(
         answered.saturating_duration_since(first_left)
     });
     let running = entered.iter().max().copied().unwrap_or(answered);
+    // Each vCPU's blackout, for reading beside the guest's own measures of them.
+    let vcpus_us: Vec<u64> = left_guest
+        .iter()
+        .zip(&entered)
+        .map(|(&left, &entered)| entered.saturating_duration_since(left).as_micros() as u64)
+        .collect();
     tracing::debug!(
         %phases,
+        ?vcpus_us,
         unread_us = answered.saturating_duration_since(running).as_micros() as u64,
         clock_uncertainty_us = peer_clock.uncertainty().as_micros() as u64,
         downtime_us = downtime.as_micros() as u64,
