@@ -165,8 +165,12 @@ pub fn decide(
     downtime_limit: Duration,
 ) -> Decision {
     let sending = expected_downtime(remaining_bytes, bandwidth);
-    if sending.saturating_add(fixed) <= downtime_limit {
-        // Another round can shrink only the sending, not the fixed cost.
+    // Rounds shrink only the sending. A fixed cost over the limit by itself (a limit of a few
+    // ms, or a pause measured while the host was busy) must not keep a guest with nothing
+    // left to send from ever switching over.
+    let fits = sending.saturating_add(fixed) <= downtime_limit
+        || (fixed > downtime_limit && sending <= NEGLIGIBLE_DOWNTIME);
+    if fits {
         let still_shrinking = remaining_bytes.saturating_mul(2) <= previous_bytes;
         if sending <= NEGLIGIBLE_DOWNTIME || !still_shrinking || round >= MAX_DIRTY_ROUNDS {
             Decision::Switchover
@@ -288,6 +292,22 @@ mod tests {
         assert_eq!(
             decide(1, 1 << 20, 64 << 20, GIB, cost.total(), limit),
             Decision::Switchover
+        );
+    }
+
+    #[test]
+    fn a_fixed_cost_over_the_limit_alone_does_not_stop_a_switchover() {
+        let limit = Duration::from_millis(1);
+        let fixed = Duration::from_millis(5);
+        assert_eq!(decide(1, 0, 0, GIB, fixed, limit), Decision::Switchover);
+        assert_eq!(
+            decide(1, 64 << 10, 64 << 20, GIB, fixed, limit),
+            Decision::Switchover
+        );
+        // What rounds can still shrink, they shrink.
+        assert_eq!(
+            decide(1, 64 << 20, 256 << 20, GIB, fixed, limit),
+            Decision::AnotherRound
         );
     }
 
