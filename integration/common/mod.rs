@@ -117,9 +117,13 @@ pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
             while let Ok(Ok(message)) =
                 tokio::time::timeout_at(deadline, read_message(&mut stream)).await
             {
-                if message == Message::Sync {
-                    write_message(&mut stream, &Message::Synced).await.unwrap();
-                }
+                let answer = match message {
+                    Message::Sync => Message::Synced,
+                    // The source reads the clock again before its switchover.
+                    Message::ClockProbe => Message::Clock(u64::MAX / 2),
+                    _ => continue,
+                };
+                write_message(&mut stream, &answer).await.unwrap();
             }
         });
     });

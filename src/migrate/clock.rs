@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 /// How many clock probes the source sends at setup; the one with the shortest round trip is
 /// kept (a probe that waited for a core on either side is off by up to that wait).
 pub const PROBES: usize = 4;
+/// How many the source sends again right before the switchover: each costs the guest a round
+/// trip's worth of dirtying that the downtime then sends.
+pub const SWITCHOVER_PROBES: usize = 2;
 
 /// A moment on the destination's migration clock: nanoseconds since that side began receiving.
 pub type PeerNanos = u64;

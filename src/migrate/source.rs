@@ -243,7 +243,7 @@ async fn stream_guest(
         link.send(&Message::Config(Box::new(vm.machine.description())))
             .await?;
         match link.answer().await {
-            Ok(Message::Accept) => probe_clock(link).await,
+            Ok(Message::Accept) => probe_clock(link, clock::PROBES).await,
             Err(AnswerError::Refused(reason)) => Err(SendError::Refused(reason)),
             Ok(other) => Err(SendError::Protocol(format!("{other:?} instead of ACCEPT"))),
             Err(error) => Err(error.into()),
@@ -363,13 +363,14 @@ async fn stream_guest(
         if decision != Decision::Switchover && timed_out {
             return Err(SendError::Local(format!(
                 "the guest did not converge within the convergence-timeout of {} s: after {} \
-                 rounds {} MiB are still dirty and the downtime would be {} ms, above the \
-                 downtime-limit of {} ms; raise downtime-limit, max-cpu-throttle or \
-                 convergence-timeout",
+                 rounds {} MiB are still dirty and the downtime would be {} ms ({} ms of it \
+                 the switchover's own cost), above the downtime-limit of {} ms; raise \
+                 downtime-limit, max-cpu-throttle or convergence-timeout",
                 params.convergence_timeout_s,
                 round + 1,
                 (dirty * PAGE_SIZE) >> 20,
                 expected.as_millis(),
+                cost.total().as_millis(),
                 params.downtime_limit_ms
             )));
         }
@@ -387,6 +388,10 @@ async fn stream_guest(
         }
     }
 
+    // Two hosts' clocks drift apart over a long migration, and the offset measured at setup
+    // now places the guest's clocks and timers on the destination: measure it again while the
+    // guest still runs.
+    let peer_clock = probe_clock(link, clock::SWITCHOVER_PROBES).await?;
     let switchover = info_span!("switchover");
     async {
         // What the disks wrote so far goes to stable storage while the guest still runs, so
@@ -492,10 +497,10 @@ enum CommitOutcome {
     Unconfirmed(String),
 }
 
-/// Reads the destination's clock [`clock::PROBES`] times and keeps the most precise reading.
-async fn probe_clock(link: &mut Link) -> Result<PeerClock, SendError> {
+/// Reads the destination's clock `probes` times and keeps the most precise reading.
+async fn probe_clock(link: &mut Link, probes: usize) -> Result<PeerClock, SendError> {
     let mut best: Option<PeerClock> = None;
-    for _ in 0..clock::PROBES {
+    for _ in 0..probes.max(1) {
         let sent = Instant::now();
         link.send(&Message::ClockProbe).await?;
         let reading = match link.answer().await? {
