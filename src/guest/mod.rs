@@ -88,9 +88,9 @@
 //!   share, so the figure is the true blackout, including any time the host keeps the vCPU
 //!   off its core right after it runs again. A CPU that halts between ticks measures how
 //!   late its next tick came instead, so a stop it slept through shows only if a tick was
-//!   due in it. Where KVM applies the migrated TSC (VT-x/SVM), the time between the
-//!   source's saving the vCPU state (after the final pages) and the destination's restoring
-//!   it would not show.
+//!   due in it. Where KVM applies the migrated TSC (VT-x/SVM), ferry moves it on by the
+//!   time the state spent in transit, so the figure means the same there (not verified on
+//!   such a host).
 //!
 //! - `disk …` (with `disk`, from the BSP): see [Disk](#disk).
 //!

@@ -207,8 +207,7 @@ async fn receive_stream(
                 shared.emit_pass(u64::from(report.round) + 1);
             }
             Message::State(sections) if !restored => {
-                // Every page is here: backing more RAM now would only take a core from the
-                // restore, inside the downtime.
+                // Stopped at round 0's report already; this covers a stream without one.
                 drop(backing.take());
                 let mut phases = Phases::start();
                 vmstate::restore(vm, sections, &clock)

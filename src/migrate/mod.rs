@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! source                                               destination (-incoming, vCPUs paused)
-//!   | -- header "FERRYMIG" v5, CONFIG (VM description) -->|  checks it against its own
+//!   | -- header "FERRYMIG" v6, CONFIG (VM description) -->|  checks it against its own
 //!   | <------------------------ ACCEPT | ERROR(reason) ---|
 //!   | -- CLOCK_PROBE ------------------------------------>|  x4: the destination's clock
 //!   | <------------------------------- CLOCK (its time) ---|  against the source's (clock.rs)

@@ -31,19 +31,27 @@ impl SavedAt {
         }
     }
 
-    /// How long vCPU `index`'s state has been in transit, on the destination.
-    pub fn vcpu_age(&self, index: u32, clock: &LocalClock) -> Result<Duration, StateError> {
-        let at = self
-            .vcpus_ns
+    /// Checks that the source saved as many vCPUs as this side has.
+    pub fn check(&self, vcpus: u32) -> Result<(), StateError> {
+        if self.vcpus_ns.len() == vcpus as usize {
+            return Ok(());
+        }
+        Err(StateError::Restore {
+            what: SECTION_ID.into(),
+            reason: format!(
+                "the source saved {} vCPUs and this VM has {vcpus}; the configuration check \
+                 should have refused this pair: run the same ferry release on both sides",
+                self.vcpus_ns.len()
+            ),
+        })
+    }
+
+    /// How long vCPU `index`'s state has been in transit, on the destination ([`Self::check`]
+    /// first: an index beyond the list counts as no time).
+    pub fn vcpu_age(&self, index: u32, clock: &LocalClock) -> Duration {
+        self.vcpus_ns
             .get(index as usize)
-            .ok_or_else(|| StateError::Restore {
-                what: SECTION_ID.into(),
-                reason: format!(
-                    "no save time for vCPU {index} (the source sent {})",
-                    self.vcpus_ns.len()
-                ),
-            })?;
-        Ok(clock.since(*at))
+            .map_or(Duration::ZERO, |&at| clock.since(at))
     }
 }
 

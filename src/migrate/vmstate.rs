@@ -120,6 +120,7 @@ pub async fn restore(
     let mut phases = Phases::start();
     let mut sections = Sections::new(sections)?;
     let saved_at = sections.take(transit::SECTION_ID)?.decode::<SavedAt>()?;
+    saved_at.check(vm.machine.vcpu_count)?;
     // VM-wide chips first: the vCPUs' LAPICs and timers are restored against them.
     let mut chips = sections.take("kvm")?.decode::<KvmVm>()?;
     chips.age(clock.since(saved_at.chips_ns));
@@ -135,7 +136,8 @@ pub async fn restore(
         .vcpus
         .on_each(move |index, fd| {
             let mut state = vcpu_sections[index as usize].decode::<KvmVcpu>()?;
-            state.age(saved_at.vcpu_age(index, &clock)?);
+            // The guest's TSC runs at the rate KVM gives this vCPU; unknown, it is left as saved.
+            state.age(saved_at.vcpu_age(index, &clock), fd.get_tsc_khz().ok());
             KvmVcpu {
                 fd,
                 msr_list: &msr_list,

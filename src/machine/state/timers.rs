@@ -1,7 +1,10 @@
 //! Saved state whose clocks should have gone on running: between a source's save and a
-//! destination's restore, a real LAPIC timer counts down and a real clock advances. KVM restores
-//! both as they were at the save (the timer from its saved current count), so a guest would
-//! find every timer late by the time its state spent in transit, and its clock behind by it.
+//! destination's restore, a real LAPIC timer counts down and a real TSC and clock advance. KVM
+//! restores all three as they were at the save (the timer from its saved current count), so a
+//! guest would find every timer late by the time its state spent in transit, and its clocks
+//! behind by it. (On this project's PVM host the guest reads the host's TSC directly whatever
+//! KVM is told; where KVM applies a TSC offset, VT-x or SVM, the moved-on TSC is the one the
+//! guest reads, and its TSC-deadline timers fire when they would have.)
 
 use std::time::Duration;
 
@@ -21,10 +24,21 @@ const TSC_DEADLINE_MODE: u32 = 2;
 /// which ferry leaves alone): one count per nanosecond before the divider.
 const BUS_CYCLE_NS: u64 = 1;
 
+/// The TSC's MSR.
+const MSR_IA32_TSC: u32 = 0x10;
+
 impl VcpuState {
-    /// Counts the LAPIC timer down by `elapsed`. A timer that would have expired meanwhile is
-    /// left one count from expiry, so the guest gets its interrupt as soon as it runs.
-    pub fn age(&mut self, elapsed: Duration) {
+    /// Moves the vCPU's clocks on by `elapsed`: the TSC at `tsc_khz` (if known) and the LAPIC
+    /// timer, which a timer that would have expired meanwhile leaves one count from expiry, so
+    /// the guest gets its interrupt as soon as it runs (a periodic one then keeps that phase).
+    pub fn age(&mut self, elapsed: Duration, tsc_khz: Option<u32>) {
+        if let Some(khz) = tsc_khz {
+            let cycles = elapsed.as_nanos() * u128::from(khz) / 1_000_000;
+            let cycles = u64::try_from(cycles).unwrap_or(u64::MAX);
+            for msr in self.msrs.iter_mut().filter(|m| m.index == MSR_IA32_TSC) {
+                msr.data = msr.data.saturating_add(cycles);
+            }
+        }
         let lapic = &mut self.lapic;
         let mode = (read(lapic, LVT_TIMER) >> TIMER_MODE_SHIFT) & 3;
         let current = read(lapic, CURRENT_COUNT);
@@ -96,7 +110,7 @@ mod tests {
             lapic,
             ..empty_state()
         };
-        state.age(elapsed);
+        state.age(elapsed, None);
         read(&state.lapic, CURRENT_COUNT)
     }
 
@@ -165,7 +179,7 @@ mod tests {
             lapic: saved,
             ..empty_state()
         };
-        state.age(transit);
+        state.age(transit, None);
         let (_destination_vm, destination) = vcpu_with_lapic();
         destination.set_lapic(&state.lapic).unwrap();
         let restored = read(&destination.get_lapic().unwrap(), CURRENT_COUNT);
@@ -175,6 +189,32 @@ mod tests {
             restored <= expected && restored > expected - 20_000_000,
             "saved {count}, aged by {transit:?}, restored {restored}"
         );
+    }
+
+    #[test]
+    fn the_tsc_moves_on_at_its_frequency() {
+        let mut state = empty_state();
+        state.msrs = vec![
+            kvm_bindings::kvm_msr_entry {
+                index: MSR_IA32_TSC,
+                data: 1_000,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_msr_entry {
+                index: 0x6e0,
+                data: 7,
+                ..Default::default()
+            },
+        ];
+        // 2 ms at 2.6 GHz.
+        state.age(Duration::from_millis(2), Some(2_600_000));
+        assert_eq!(state.msrs[0].data, 1_000 + 5_200_000);
+        assert_eq!(
+            state.msrs[1].data, 7,
+            "a TSC deadline is a moment, not a count"
+        );
+        state.age(Duration::from_millis(2), None);
+        assert_eq!(state.msrs[0].data, 1_000 + 5_200_000);
     }
 
     #[test]
