@@ -112,13 +112,14 @@ impl Vcpus {
         let mut sent = SentPauses {
             acks: Vec::with_capacity(self.handles.len()),
             were_running: self.running,
+            read_again: Vec::new(),
         };
         self.running = false;
         self.left_guest.clear();
         for (handle, run_delay) in self.handles.iter().zip(&self.run_delays) {
             let (ack, acked) = oneshot::channel();
-            let before = run_delay.as_ref().and_then(RunDelay::read_if_runnable);
             let read_at = Instant::now();
+            let before = run_delay.as_ref().and_then(RunDelay::read_if_runnable);
             handle.send(VcpuEvent::Pause {
                 ack,
                 measure: before.is_some(),
@@ -129,10 +130,7 @@ impl Vcpus {
             // the guest meanwhile; a read after the kick leaves out what it waited before that.
             let baseline = match before {
                 Some(_) if read_at.elapsed() > STALE_DELAY_READ => {
-                    tracing::debug!(
-                        vcpu = handle.index,
-                        "run-queue delay read again after the kick"
-                    );
+                    sent.read_again.push(handle.index);
                     run_delay.as_ref().and_then(RunDelay::read)
                 }
                 before => before,
@@ -153,6 +151,10 @@ impl Vcpus {
             .map(|(index, acked, baseline)| ((index, acked), baseline))
             .unzip();
         let acks = collect(receivers).await?;
+        if !sent.read_again.is_empty() {
+            // Logged here, not between the kicks, which it would hold up.
+            tracing::debug!(vcpus = ?sent.read_again, "run-queue delay read again after the kick");
+        }
         if sent.were_running {
             self.left_guest = acks
                 .iter()
@@ -260,6 +262,8 @@ impl<T> Queued<T> {
 struct SentPauses {
     acks: Vec<(u32, oneshot::Receiver<PauseAck>, Option<Duration>)>,
     were_running: bool,
+    /// The vCPUs whose delay was read again after the kick.
+    read_again: Vec<u32>,
 }
 
 /// Longer than reading a delay and sending a kick take: the owner's thread was preempted.
