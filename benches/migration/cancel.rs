@@ -393,22 +393,31 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     }
     // The MIGRATION event is read the moment it arrives; polling `query-migrate` would add up
     // to a poll interval to every figure.
-    let ended = source.next_event(RESUME_DEADLINE, |e| {
+    let ends_it = |e: &Value| {
         e["event"] == "MIGRATION"
             && !matches!(e["data"]["status"].as_str(), Some("setup" | "active"))
-    });
-    // An event that came before the answer was read with it.
-    let ended_ms = ms_since(cancelled).max(record.reply_ms.unwrap_or(0.0));
+    };
+    // One that came before the answer was read with it: it arrived by then.
+    let came_with_the_answer = source.events.iter().any(ends_it);
+    let ended = source.next_event(RESUME_DEADLINE, ends_it);
+    let ended_ms = match record.reply_ms {
+        Some(reply) if came_with_the_answer => reply,
+        _ => ms_since(cancelled),
+    };
     let outcome = match ended.as_ref().map(|e| e["data"]["status"].as_str()) {
         Ok(Some("canceled")) => {
             record.canceled_ms = Some(ended_ms);
             let seen_canceled_at_line = pair.vms[0].lines().len();
             let status = source.ok("query-migrate", None)["status"].clone();
-            if status != "canceled" {
-                bail!("the MIGRATION event said canceled but query-migrate says {status}");
+            if status == "canceled" {
+                wait_for_tick(&pair.vms[0], seen_canceled_at_line, cancelled)
+                    .map(|resumed| record.resumed_ms = Some(resumed))
+            } else {
+                Err((
+                    "error",
+                    format!("the MIGRATION event said canceled but query-migrate says {status}"),
+                ))
             }
-            wait_for_tick(&pair.vms[0], seen_canceled_at_line, cancelled)
-                .map(|resumed| record.resumed_ms = Some(resumed))
         }
         Ok(other) => Err((
             "not-canceled",
