@@ -104,19 +104,18 @@ impl LocalClock {
     }
 }
 
-/// The downtime: the longest any vCPU was out of the guest, from when it left the guest here
-/// (`left`) to when it went back in on the destination (`entered`, mapped onto this clock),
-/// both in vCPU order. Each vCPU is a thread of the guest's own that measures its own gap; the
-/// first to stop and the last to start again may be different vCPUs, neither of which missed
-/// that whole stretch. `None` if the two lists do not pair up.
-pub fn longest_blackout(left: &[Instant], entered: &[Instant]) -> Option<Duration> {
-    if left.len() != entered.len() {
-        return None;
-    }
-    left.iter()
-        .zip(entered)
-        .map(|(&left, &entered)| entered.saturating_duration_since(left))
-        .max()
+/// How long each vCPU was out of the guest, from when it left the guest here (`left`) to when
+/// it went back in on the destination (`entered`, mapped onto this clock), both in vCPU order;
+/// `None` if the two lists do not pair up. The downtime is the longest: each vCPU is a thread
+/// of the guest's own that measures its own gap, and the first to stop and the last to start
+/// again may be different vCPUs, neither of which missed that whole stretch.
+pub fn blackouts(left: &[Instant], entered: &[Instant]) -> Option<Vec<Duration>> {
+    (left.len() == entered.len()).then(|| {
+        left.iter()
+            .zip(entered)
+            .map(|(&left, &entered)| entered.saturating_duration_since(left))
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -131,6 +130,8 @@ mod tests {
         // last: neither was out for the 7 ms from the first stop to the last start.
         let left = [t, t + ms(3)];
         let entered = [t + ms(4), t + ms(7)];
+        let longest_blackout =
+            |left: &[Instant], entered: &[Instant]| blackouts(left, entered)?.into_iter().max();
         assert_eq!(longest_blackout(&left, &entered), Some(ms(4)));
         assert_eq!(longest_blackout(&left, &entered[..1]), None);
         assert_eq!(longest_blackout(&[], &[]), None);

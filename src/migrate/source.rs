@@ -557,18 +557,15 @@ async fn commit(
             .collect(),
         _ => Vec::new(),
     };
+    let blackouts = clock::blackouts(&left_guest, &entered).unwrap_or_default();
     // A destination that keeps the guest paused (it was paused here) ends it at its answer.
-    let downtime = clock::longest_blackout(&left_guest, &entered).unwrap_or_else(|| {
+    let downtime = blackouts.iter().max().copied().unwrap_or_else(|| {
         let first_left = left_guest.iter().min().copied().unwrap_or(commit_sent);
         answered.saturating_duration_since(first_left)
     });
     let running = entered.iter().max().copied().unwrap_or(answered);
     // Each vCPU's blackout, for reading beside the guest's own measures of them.
-    let vcpus_us: Vec<u64> = left_guest
-        .iter()
-        .zip(&entered)
-        .map(|(&left, &entered)| entered.saturating_duration_since(left).as_micros() as u64)
-        .collect();
+    let vcpus_us: Vec<u128> = blackouts.iter().map(Duration::as_micros).collect();
     tracing::debug!(
         %phases,
         ?vcpus_us,
