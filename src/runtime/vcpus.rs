@@ -111,6 +111,7 @@ impl Vcpus {
     ) -> Result<SentPauses, VcpuError> {
         let mut sent = SentPauses {
             acks: Vec::with_capacity(self.handles.len()),
+            baselines: Vec::with_capacity(self.handles.len()),
             were_running: self.running,
             read_again: Vec::new(),
         };
@@ -136,7 +137,8 @@ impl Vcpus {
                 before => before,
             };
             after(handle)?;
-            sent.acks.push((handle.index, acked, baseline));
+            sent.acks.push((handle.index, acked));
+            sent.baselines.push(baseline);
         }
         Ok(sent)
     }
@@ -145,12 +147,7 @@ impl Vcpus {
     /// guest (paused vCPUs answer with when they heard the pause, which says nothing of the
     /// guest).
     async fn note_left_guest(&mut self, sent: SentPauses) -> Result<(), VcpuError> {
-        let (receivers, baselines): (Vec<_>, Vec<_>) = sent
-            .acks
-            .into_iter()
-            .map(|(index, acked, baseline)| ((index, acked), baseline))
-            .unzip();
-        let acks = collect(receivers).await?;
+        let acks = collect(sent.acks).await?;
         if !sent.read_again.is_empty() {
             // Logged here, not between the kicks, which it would hold up.
             tracing::debug!(vcpus = ?sent.read_again, "run-queue delay read again after the kick");
@@ -158,7 +155,7 @@ impl Vcpus {
         if sent.were_running {
             self.left_guest = acks
                 .iter()
-                .zip(baselines)
+                .zip(sent.baselines)
                 .enumerate()
                 .map(|(index, (ack, baseline))| {
                     let left = left_guest(ack, baseline);
@@ -257,10 +254,11 @@ impl<T> Queued<T> {
     }
 }
 
-/// Pauses sent, awaiting their acknowledgements, each with the run-queue delay its vCPU's
-/// wait is counted from.
+/// Pauses sent, awaiting their acknowledgements.
 struct SentPauses {
-    acks: Vec<(u32, oneshot::Receiver<PauseAck>, Option<Duration>)>,
+    acks: Vec<(u32, oneshot::Receiver<PauseAck>)>,
+    /// Each vCPU's run-queue delay its wait is counted from, in the same order.
+    baselines: Vec<Option<Duration>>,
     were_running: bool,
     /// The vCPUs whose delay was read again after the kick.
     read_again: Vec<u32>,
