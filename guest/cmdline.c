@@ -5,7 +5,7 @@
  * warning line and is otherwise ignored. Runs in ring 3 (BSP).
  *
  *   ferry.run=tick,sweep,tsc   workloads (default: all three); `disk` and the
- *                              actions `reset`, `triplefault` and `echo` may be added
+ *                              actions `reset`, `triplefault`, `poweroff` and `echo` may be added
  *   ferry.tick_ms=N            LAPIC timer period in ms (default 1000)
  *   ferry.idle=hlt|poll        what a CPU with nothing to do does between ticks:
  *                              halt (as an idle OS does, leaving the host core
@@ -64,7 +64,7 @@ static uint32_t parse_run(const char *s, size_t len)
 		{ "tick", RUN_TICK },	{ "sweep", RUN_SWEEP },
 		{ "tsc", RUN_TSC },	{ "reset", RUN_RESET },
 		{ "triplefault", RUN_TRIPLEFAULT }, { "echo", RUN_ECHO },
-		{ "disk", RUN_DISK },
+		{ "disk", RUN_DISK },	{ "poweroff", RUN_POWEROFF },
 	};
 	char buf[WORD_MAX];
 	uint32_t run = 0, i;

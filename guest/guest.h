@@ -159,6 +159,7 @@ struct hvm_memmap_entry {
 #define RUN_TRIPLEFAULT (1u << 4)
 #define RUN_ECHO (1u << 5)
 #define RUN_DISK (1u << 6)
+#define RUN_POWEROFF (1u << 7)
 #define RUN_DEFAULT (RUN_TICK | RUN_SWEEP | RUN_TSC)
 
 struct config {
@@ -179,6 +180,7 @@ struct boot {
 	uint32_t memmap_entries;
 	uint32_t expected_cpus; /* from ACPI or the MP table, 0 if neither */
 	uint64_t rsdp_paddr;	/* from hvm_start_info, may be 0 */
+	uint16_t sleep_port;	/* the FADT's sleep control register (I/O), 0 if none */
 	uint64_t ram_bytes;	/* sum of the RAM entries */
 	uint64_t free_start;	/* first byte the guest itself does not use */
 	uint32_t ncpus;		/* CPUs that came online (set in ring 3) */
@@ -218,7 +220,7 @@ void halt_forever(void) __attribute__((noreturn));
 uint64_t map_uncached(uint64_t addr, uint64_t len, uint64_t pages);
 
 /* smp.c */
-uint32_t find_cpus(void);
+uint32_t find_cpus(void); /* also finds boot.sleep_port */
 void start_aps(void);
 
 /* cmdline.c */

@@ -113,7 +113,8 @@ static void scan_bios_area(uint64_t start, uint64_t end, const struct mp_floatin
 	}
 }
 
-static bool madt_cpus(const struct acpi_rsdp *rsdp)
+/* The table the XSDT (or RSDT) lists with signature `sig`, NULL if none. */
+static const struct acpi_header *acpi_table(const struct acpi_rsdp *rsdp, const char *sig)
 {
 	const struct acpi_header *root, *t;
 	uint32_t i, n, width;
@@ -126,19 +127,47 @@ static bool madt_cpus(const struct acpi_rsdp *rsdp)
 	for (i = 0; i < n; i++) {
 		const uint8_t *entry = (const uint8_t *)(root + 1) + i * width;
 		uint64_t paddr = width == 8 ? *(const uint64_t *)entry : *(const uint32_t *)entry;
-		const uint8_t *e, *end;
 
 		t = (const void *)paddr;
-		if (!sig_is(t->signature, "APIC", 4))
-			continue;
-		e = (const uint8_t *)t + MADT_ENTRIES_OFFSET;
-		end = (const uint8_t *)t + t->length;
-		for (; e + 2 <= end && e[1] >= 2; e += e[1])
-			if (e[0] == MADT_LOCAL_APIC && (*(const uint32_t *)(e + 4) & MADT_CPU_ENABLED))
-				add_ap(e[3]);
-		return true;
+		if (sig_is(t->signature, sig, 4))
+			return t;
 	}
-	return false;
+	return NULL;
+}
+
+static bool madt_cpus(const struct acpi_rsdp *rsdp)
+{
+	const struct acpi_header *t = acpi_table(rsdp, "APIC");
+	const uint8_t *e, *end;
+
+	if (!t)
+		return false;
+	e = (const uint8_t *)t + MADT_ENTRIES_OFFSET;
+	end = (const uint8_t *)t + t->length;
+	for (; e + 2 <= end && e[1] >= 2; e += e[1])
+		if (e[0] == MADT_LOCAL_APIC && (*(const uint32_t *)(e + 4) & MADT_CPU_ENABLED))
+			add_ap(e[3]);
+	return true;
+}
+
+/*
+ * The FADT's SLEEP_CONTROL_REG (ACPI 6.x, 5.2.9): a Generic Address Structure
+ * at offset 244 of a table that long; only one in system I/O space is used.
+ */
+#define FADT_SLEEP_CONTROL 244
+#define GAS_SYSTEM_IO 1
+
+static uint16_t fadt_sleep_port(const struct acpi_rsdp *rsdp)
+{
+	const struct acpi_header *t = acpi_table(rsdp, "FACP");
+	const uint8_t *gas;
+
+	if (!t || t->length < FADT_SLEEP_CONTROL + 12)
+		return 0;
+	gas = (const uint8_t *)t + FADT_SLEEP_CONTROL;
+	if (gas[0] != GAS_SYSTEM_IO)
+		return 0;
+	return (uint16_t)*(const uint64_t *)(gas + 4);
 }
 
 static bool mp_cpus(const struct mp_floating *f)
@@ -177,6 +206,8 @@ uint32_t find_cpus(void)
 	scan_bios_area(0xe0000, 0x100000, &mp, &rsdp);
 	if (!mp && !rsdp)
 		scan_bios_area(0x9fc00, 0xa0000, &mp, &rsdp); /* last KiB of base memory */
+	if (rsdp)
+		boot.sleep_port = fadt_sleep_port(rsdp);
 	if (rsdp && madt_cpus(rsdp))
 		return nr_aps + 1;
 	if (mp && mp_cpus(mp))

@@ -353,6 +353,20 @@ static void do_actions(void)
 		lapic_delay_us(1000000);
 		print("warning: reset through port 0x64 did nothing");
 	}
+	if (boot.cfg.run & RUN_POWEROFF) {
+		/*
+		 * As Linux powers off a hardware-reduced ACPI machine: SLP_EN with
+		 * the sleep type of \_S5, which is 5 in ferry's DSDT.
+		 */
+		if (!boot.sleep_port) {
+			print("warning: the FADT has no sleep control register");
+		} else {
+			print("powering off through port 0x%x", boot.sleep_port);
+			outb(boot.sleep_port, (5 << 2) | (1 << 5));
+			lapic_delay_us(1000000);
+			print("warning: still running after the power-off");
+		}
+	}
 	if (boot.cfg.run & RUN_TRIPLEFAULT) {
 		print("triple-faulting");
 		__asm__ volatile("int $0x80" : : "D"((uint64_t)SYS_TRIPLE_FAULT) : "memory");

@@ -149,12 +149,16 @@ fn an_idle_guest_that_halts_leaves_the_host_idle() {
 }
 
 #[test]
-fn guest_reset_and_triple_fault_end_the_vm_cleanly() {
+fn guest_reset_triple_fault_and_power_off_end_the_vm_cleanly() {
     if !kvm_available() {
         return;
     }
     let _lock = kvm_lock();
-    for (action, line) in [("reset", "resetting"), ("triplefault", "triple-faulting")] {
+    for (action, line) in [
+        ("reset", "resetting"),
+        ("triplefault", "triple-faulting"),
+        ("poweroff", "powering off through port 0x600"),
+    ] {
         let append = format!("ferry.run={action}");
         let mut vm = common::start(action, &["-append", &append], None);
         let status = vm.wait_exit(Duration::from_secs(60));

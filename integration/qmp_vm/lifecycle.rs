@@ -126,15 +126,24 @@ fn system_reset_announces_reset_and_shutdown_then_ferry_exits() {
 }
 
 /// A guest reset (the i8042 reset line, or a triple fault) ends the VM as QEMU's `-no-reboot`
-/// does: SHUTDOWN with `guest: true` and reason `guest-reset`, no RESET.
+/// does: SHUTDOWN with `guest: true` and reason `guest-reset`, no RESET. A guest's power-off
+/// (ACPI's sleep control register, as Linux writes it) ends it with reason `guest-shutdown`.
 #[test]
-fn a_guest_reset_is_announced_as_a_guest_shutdown() {
+fn a_guest_reset_or_power_off_is_announced_as_a_guest_shutdown() {
     if !kvm_available() {
         return;
     }
     let _lock = kvm_lock();
     let mut world = World::new();
-    for (action, said) in [("reset", "resetting"), ("triplefault", "triple-faulting")] {
+    for (action, said, reason) in [
+        ("reset", "resetting", "guest-reset"),
+        ("triplefault", "triple-faulting", "guest-reset"),
+        (
+            "poweroff",
+            "powering off through port 0x600",
+            "guest-shutdown",
+        ),
+    ] {
         // -S, so that the clients are connected and subscribed before the guest can reset.
         let append = format!("ferry.run={action}");
         let mut vm = world.start_with(action, &append, &["-S"]);
@@ -143,7 +152,7 @@ fn a_guest_reset_is_announced_as_a_guest_shutdown() {
         watcher.ok("qmp_capabilities", json!({}));
         assert_eq!(qmp.status(), "prelaunch");
         assert_eq!(qmp.ok("cont", json!({})), json!({}));
-        let expected = json!({"guest": true, "reason": "guest-reset"});
+        let expected = json!({"guest": true, "reason": reason});
         for client in [&mut qmp, &mut watcher] {
             client.event("RESUME", Duration::from_secs(5));
             let shutdown = client.event("SHUTDOWN", BOOT);

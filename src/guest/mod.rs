@@ -23,7 +23,7 @@
 //!
 //! | key | meaning | default |
 //! |---|---|---|
-//! | `ferry.run=LIST` | comma-separated: `tick`, `sweep`, `tsc`, `disk` (see [Disk](#disk)); actions `reset`, `triplefault`; `echo` (the BSP prints each line it receives on the UART as `echo: LINE`) | `tick,sweep,tsc` |
+//! | `ferry.run=LIST` | comma-separated: `tick`, `sweep`, `tsc`, `disk` (see [Disk](#disk)); actions `reset`, `poweroff` (through ACPI's sleep control register), `triplefault`; `echo` (the BSP prints each line it receives on the UART as `echo: LINE`) | `tick,sweep,tsc` |
 //! | `ferry.tick_ms=N` | LAPIC timer period in ms (N > 0) | 1000 |
 //! | `ferry.idle=hlt\|poll` | what a vCPU with nothing left to do does between ticks: halt until the next interrupt, as an idle OS does (the host core is free), or spin in ring 3 | poll |
 //! | `ferry.sweep_mb=N` | cap on each CPU's total slice size, MiB (0 = no cap) | no cap |

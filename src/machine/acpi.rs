@@ -3,8 +3,9 @@
 //!
 //! The FADT declares a hardware-reduced platform, as Cloud Hypervisor and Firecracker do: ferry
 //! emulates no PM1 event/control blocks, PM timer or GPEs, so there is no SCI, no FACS, and
-//! nothing for the guest to find missing. Resets keep going through the i8042 (the FADT has no
-//! reset register, so Linux falls back to the keyboard controller).
+//! nothing for the guest to find missing. The guest powers off through the FADT's sleep control
+//! register and the DSDT's `\_S5` (`devices/power.rs`). Resets keep going through the i8042
+//! (the FADT has no reset register, so Linux falls back to the keyboard controller).
 //!
 //! Everything lives in `layout::ACPI_TABLES_START..ACPI_TABLES_END`, RSDP first (16-byte aligned,
 //! inside the 0xE0000..0x100000 range a guest scans when no one hands it the address):
@@ -16,10 +17,11 @@
 //! ```
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name,
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
     ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
@@ -33,6 +35,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::{Immutable, IntoBytes};
 
+use super::devices::power::{SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, SOFT_OFF_SLEEP_TYPE};
 use super::layout::{
     mmio64_window, ACPI_TABLES_END, ACPI_TABLES_START, IOAPIC_START, LAPIC_START, MMIO32_END,
     MMIO32_START, PCIE_ECAM_SIZE, PCIE_ECAM_START, PCIE_LAST_BUS,
@@ -112,6 +115,17 @@ pub fn build(vcpus: u32, layout: &[RamRange]) -> Result<Tables, AcpiError> {
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
+    let byte_port = |port: u16| {
+        GAS::new(
+            GasSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            port.into(),
+        )
+    };
+    fadt.sleep_control_reg = byte_port(SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = byte_port(SLEEP_STATUS_PORT);
     let fadt = fadt.finalize();
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     for addr in [fadt_addr, madt_addr, mcfg_addr] {
@@ -194,8 +208,9 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// The namespace: the PCIe root bridge, COM1, and the motherboard resources that reserve the
-/// ECAM (Linux accepts an MCFG region only if firmware reserves it).
+/// The namespace: the PCIe root bridge, COM1, the motherboard resources that reserve the ECAM
+/// (Linux accepts an MCFG region only if firmware reserves it) and the sleep registers, and the
+/// sleep type of soft-off.
 fn dsdt(layout: &[RamRange]) -> Vec<u8> {
     let window64 = mmio64_window(layout);
     let bus_range = AddressSpace::<u16>::new_bus_number(0, u16::from(PCIE_LAST_BUS));
@@ -244,7 +259,8 @@ fn dsdt(layout: &[RamRange]) -> Vec<u8> {
     let com1 = Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
 
     let ecam = Memory32Fixed::new(true, PCIE_ECAM_START as u32, PCIE_ECAM_SIZE as u32);
-    let mres_resources = ResourceTemplate::new(vec![&ecam]);
+    let sleep_ports = IO::new(SLEEP_CONTROL_PORT, SLEEP_CONTROL_PORT, 1, 2);
+    let mres_resources = ResourceTemplate::new(vec![&ecam, &sleep_ports]);
     let mres_hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
     let mres_uid = Name::new("_UID".into(), &0u32);
     let mres_crs = Name::new("_CRS".into(), &mres_resources);
@@ -260,6 +276,9 @@ fn dsdt(layout: &[RamRange]) -> Vec<u8> {
         OEM_REVISION,
     );
     dsdt.append_slice(&to_bytes(&system_bus));
+    // SLP_TYPa and SLP_TYPb; a hardware-reduced platform uses the first.
+    let soft_off = Package::new(vec![&SOFT_OFF_SLEEP_TYPE, &SOFT_OFF_SLEEP_TYPE]);
+    dsdt.append_slice(&to_bytes(&Name::new("_S5_".into(), &soft_off)));
     dsdt.as_slice().to_vec()
 }
 
@@ -499,6 +518,28 @@ mod tests {
 
     /// The DSDT carries the resource descriptors the guest needs, in their encoded form
     /// (ACPI 6.5, 6.4.3 and 6.4.2).
+    #[test]
+    fn the_guest_powers_off_through_the_sleep_registers_and_s5() {
+        let tables = build(1, &ram_layout(256 << 20)).unwrap();
+        let found = walk(&tables);
+        let fadt = find(&found, b"FACP");
+        // SLEEP_CONTROL_REG and SLEEP_STATUS_REG: byte-wide registers in system I/O space.
+        for (offset, port) in [(244, SLEEP_CONTROL_PORT), (256, SLEEP_STATUS_PORT)] {
+            let mut gas = vec![1, 8, 0, 1];
+            gas.extend_from_slice(&u64::from(port).to_le_bytes());
+            assert_eq!(&fadt[offset..offset + 12], gas, "GAS at {offset}");
+        }
+        let dsdt = find(&found, b"DSDT");
+        // Name (_S5, Package (2) { 5, 5 }), at the root of the namespace.
+        let s5 = [0x08, b'_', b'S', b'5', b'_', 0x12, 6, 2, 0x0a, 5, 0x0a, 5];
+        assert!(contains(dsdt, &s5), "\\_S5");
+        let [low, high] = SLEEP_CONTROL_PORT.to_le_bytes();
+        assert!(
+            contains(dsdt, &[0x47, 1, low, high, low, high, 1, 2]),
+            "the sleep registers reserved as a motherboard resource"
+        );
+    }
+
     #[test]
     fn dsdt_describes_root_bridge_uart_and_ecam_reservation() {
         let layout = ram_layout(6 << 30);

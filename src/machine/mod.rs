@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::boot::KernelImage;
 use self::cpu::HostQuirks;
-use self::devices::{Devices, Disk, ResetTrigger, Serial, SerialOutput, I8042};
+use self::devices::{Devices, Disk, ResetTrigger, Serial, SerialOutput, SleepControl, I8042};
 use self::interrupts::GsiRouter;
 use self::memory::{GuestMemory, RamRange};
 use self::pci::{BarAllocator, PciRoot};
@@ -352,7 +352,8 @@ fn create_devices(
     }
     Ok(Devices {
         serial: Mutex::new(Serial::new(interrupt, output)),
-        i8042: Mutex::new(I8042::new(ResetTrigger(guest_events))),
+        i8042: Mutex::new(I8042::new(ResetTrigger(guest_events.clone()))),
+        sleep: SleepControl::new(guest_events),
         pci,
         disks,
         disk_transition: Mutex::new(()),

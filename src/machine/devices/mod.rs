@@ -3,15 +3,18 @@
 
 pub mod disk;
 pub mod i8042;
+pub mod power;
 pub mod serial;
 pub mod virtio;
 
 use std::sync::Mutex;
 
 use super::pci::PciRoot;
+use power::{SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 
 pub use disk::{Disk, DiskError};
 pub use i8042::{ResetTrigger, I8042};
+pub use power::SleepControl;
 pub use serial::{Serial, SerialError, SerialOutput, SerialState};
 
 const SERIAL_PORT_BASE: u16 = 0x3f8;
@@ -23,6 +26,8 @@ const I8042_COMMAND_PORT: u16 = 0x64;
 pub struct Devices {
     pub serial: Mutex<Serial>,
     pub i8042: Mutex<I8042>,
+    /// ACPI's sleep registers: the guest's power-off.
+    pub sleep: SleepControl,
     /// `pcie.0`: the host bridge and every PCI function, their config space and BARs.
     pub pci: PciRoot,
     /// The virtio-blk-pci disks, in command-line order (they are also functions on `pci`).
@@ -45,6 +50,7 @@ impl Devices {
             I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
                 data[0] = lock(&self.i8042).read((port - I8042_DATA_PORT) as u8);
             }
+            SLEEP_STATUS_PORT if data.len() == 1 => data[0] = self.sleep.read_status(),
             _ => {
                 tracing::trace!(
                     port = format_args!("{port:#x}"),
@@ -68,6 +74,9 @@ impl Devices {
             I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
                 lock(&self.i8042).write((port - I8042_DATA_PORT) as u8, data[0]);
             }
+            SLEEP_CONTROL_PORT if data.len() == 1 => self.sleep.write_control(data[0]),
+            // Writing WAK_STS back clears it; it never reads set.
+            SLEEP_STATUS_PORT if data.len() == 1 => {}
             _ => {
                 tracing::trace!(
                     port = format_args!("{port:#x}"),
