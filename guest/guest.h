@@ -39,6 +39,7 @@
 #define VEC_TIMER 0x20
 #define VEC_WAKE 0x21 /* BSP -> APs: `go` is set */
 #define VEC_DISK 0x30 /* virtio-blk queue 0, MSI-X entry 0, to the BSP */
+#define VEC_POWER 0x31 /* ACPI power button (IOAPIC pin 5), to the BSP */
 #define VEC_SYSCALL 0x80 /* `int $0x80` from ring 3, request in %rdi */
 #define VEC_SPURIOUS 0xff
 
@@ -212,6 +213,7 @@ void timer_isr(void);
 void spurious_isr(void);
 void wake_isr(void);
 void disk_isr(void);
+void power_isr(void);
 
 /* setup.c */
 void cpu_setup(struct cpu *c);
@@ -243,6 +245,7 @@ void gap_note(void); /* blackout: a TSC reading on this CPU (print.c calls it) *
 /* disk.c: the disk workload (BSP only) */
 #define DISK_MEM_BYTES (28 * PAGE_SIZE) /* RAM it needs (disk.h: DMEM_PAGES), reserved before fill and slices */
 extern volatile uint64_t disk_irqs; /* written by disk_isr only */
+extern volatile uint64_t power_presses; /* written by power_isr only */
 void disk_setup(uint64_t mem);
 void disk_poll(void);
 

@@ -167,6 +167,7 @@ static void build_idt(void)
 	set_gate(VEC_TIMER, timer_isr, 0);
 	set_gate(VEC_WAKE, wake_isr, 0);
 	set_gate(VEC_DISK, disk_isr, 0);
+	set_gate(VEC_POWER, power_isr, 0);
 	set_gate(VEC_SPURIOUS, spurious_isr, 0);
 	/* Ring 3 may `int $0x80` (trap.c). */
 	set_gate(VEC_SYSCALL, (void (*)(void))(isr_stubs + 16 * VEC_SYSCALL), 3);
@@ -239,6 +240,28 @@ static void alloc_stacks(struct cpu *c)
 	ap_stack_top[c->index] = c->kstack_top - 16;
 }
 
+/*
+ * IOAPIC pin 5, where ferry's ACPI Generic Event Device signals the power
+ * button (its _CRS: edge, active high), to VEC_POWER on this CPU. Linux
+ * learns the pin from the DSDT; this guest reads no AML and knows it.
+ */
+#define IOAPIC_BASE 0xfec00000
+#define IOAPIC_REDIRECTION(pin) (0x10 + 2 * (pin))
+#define POWER_BUTTON_PIN 5
+
+static void ioapic_write(uint32_t reg, uint32_t value)
+{
+	*(volatile uint32_t *)(uint64_t)IOAPIC_BASE = reg;
+	*(volatile uint32_t *)(uint64_t)(IOAPIC_BASE + 0x10) = value;
+}
+
+static void route_power_button(const struct cpu *c)
+{
+	/* Fixed delivery, physical destination, edge, active high, unmasked. */
+	ioapic_write(IOAPIC_REDIRECTION(POWER_BUTTON_PIN) + 1, c->apic_id << 24);
+	ioapic_write(IOAPIC_REDIRECTION(POWER_BUTTON_PIN), VEC_POWER);
+}
+
 void bsp_main(uint32_t start_info)
 {
 	struct cpu *c = &cpus[0];
@@ -256,6 +279,7 @@ void bsp_main(uint32_t start_info)
 	c->index = 0;
 	alloc_stacks(c);
 	cpu_setup(c);
+	route_power_button(c);
 	c->online = 1;
 
 	/*

@@ -344,6 +344,25 @@ static void bsp_report(void)
 
 /* ---- actions (BSP) ------------------------------------------------------ */
 
+volatile uint64_t power_presses;
+
+/*
+ * As Linux powers off a hardware-reduced ACPI machine: SLP_EN with the sleep
+ * type of \_S5, which is 5 in ferry's DSDT, to the FADT's sleep control
+ * register.
+ */
+static void power_off(void)
+{
+	if (!boot.sleep_port) {
+		print("warning: the FADT has no sleep control register");
+		return;
+	}
+	print("powering off through port 0x%x", boot.sleep_port);
+	outb(boot.sleep_port, (5 << 2) | (1 << 5));
+	lapic_delay_us(1000000);
+	print("warning: still running after the power-off");
+}
+
 static void do_actions(void)
 {
 	if (boot.cfg.run & RUN_RESET) {
@@ -353,20 +372,8 @@ static void do_actions(void)
 		lapic_delay_us(1000000);
 		print("warning: reset through port 0x64 did nothing");
 	}
-	if (boot.cfg.run & RUN_POWEROFF) {
-		/*
-		 * As Linux powers off a hardware-reduced ACPI machine: SLP_EN with
-		 * the sleep type of \_S5, which is 5 in ferry's DSDT.
-		 */
-		if (!boot.sleep_port) {
-			print("warning: the FADT has no sleep control register");
-		} else {
-			print("powering off through port 0x%x", boot.sleep_port);
-			outb(boot.sleep_port, (5 << 2) | (1 << 5));
-			lapic_delay_us(1000000);
-			print("warning: still running after the power-off");
-		}
-	}
+	if (boot.cfg.run & RUN_POWEROFF)
+		power_off();
 	if (boot.cfg.run & RUN_TRIPLEFAULT) {
 		print("triple-faulting");
 		__asm__ volatile("int $0x80" : : "D"((uint64_t)SYS_TRIPLE_FAULT) : "memory");
@@ -491,6 +498,11 @@ static void poll(struct cpu *c)
 		}
 	}
 
+	if (c->index == 0 && power_presses) {
+		power_presses = 0;
+		print("power button");
+		power_off();
+	}
 	if (c->index == 0 && (run & RUN_ECHO))
 		poll_input();
 	if (c->index == 0 && (run & RUN_DISK))

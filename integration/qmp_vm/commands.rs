@@ -501,14 +501,6 @@ fn migration_queries_parameters_and_refusals() {
     let (_, desc) = qmp.error("migrate-incoming", json!({"uri": "tcp:127.0.0.1:1"}));
     assert!(desc.contains("-incoming defer"), "{desc}");
 
-    // system_powerdown: no ACPI power button; refused with the reason, the VM runs on.
-    let (class, desc) = qmp.error("system_powerdown", json!({}));
-    assert_eq!(class, "GenericError");
-    assert!(
-        desc.contains("ACPI") && desc.contains("quit"),
-        "system_powerdown: {desc}"
-    );
-
     assert_eq!(qmp.status(), "running");
     let events = qmp.events_for(Duration::from_millis(200));
     assert!(events.is_empty(), "{:?}", names(&events));

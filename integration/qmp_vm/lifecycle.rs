@@ -1,5 +1,5 @@
-//! How a VM begins (`-S`, `prelaunch`, `cont`) and ends (`quit`, `system_reset`, a guest
-//! reset), as QMP clients see it.
+//! How a VM begins (`-S`, `prelaunch`, `cont`) and ends (`quit`, `system_reset`,
+//! `system_powerdown`, a guest reset or power-off), as QMP clients see it.
 
 use std::time::Duration;
 
@@ -178,6 +178,51 @@ fn a_guest_reset_or_power_off_is_announced_as_a_guest_shutdown() {
             vm.context()
         );
     }
+}
+
+/// `system_powerdown` presses the ACPI power button, as in QEMU: POWERDOWN at once, and a guest
+/// that answers the button by powering off (the built-in one does, as Linux with logind does)
+/// ends the VM with SHUTDOWN `guest-shutdown`. A paused guest sees the press when it runs.
+#[test]
+fn system_powerdown_presses_the_power_button() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new();
+    let mut vm = world.running("powerdown", &[]);
+    let mut qmp = connect(&vm, "qmp");
+    assert_eq!(qmp.ok("qmp_capabilities", json!({})), json!({}));
+    assert_eq!(qmp.ok("stop", json!({})), json!({}));
+    qmp.event("STOP", Duration::from_secs(5));
+    assert_eq!(qmp.ok("system_powerdown", json!({})), json!({}));
+    qmp.event("POWERDOWN", Duration::from_secs(5));
+    std::thread::sleep(QUIET);
+    assert_eq!(qmp.status(), "paused");
+    assert!(
+        !vm.lines().iter().any(|l| l == "power button"),
+        "a paused guest saw the button\n{}",
+        vm.context()
+    );
+    assert_eq!(qmp.ok("cont", json!({})), json!({}));
+    let shutdown = qmp.event("SHUTDOWN", BOOT);
+    assert_eq!(
+        shutdown["data"],
+        json!({"guest": true, "reason": "guest-shutdown"}),
+        "{shutdown}"
+    );
+    qmp.until_closed(Duration::from_secs(10));
+    assert_clean_exit(&mut vm, "system_powerdown");
+    let lines = vm.lines();
+    let pressed = lines.iter().position(|l| l == "power button");
+    let powered_off = lines
+        .iter()
+        .position(|l| l == "powering off through port 0x600");
+    assert!(
+        matches!((pressed, powered_off), (Some(p), Some(o)) if p < o),
+        "the guest did not answer the button\n{}",
+        vm.context()
+    );
 }
 
 /// SIGTERM and SIGINT end the VM like `quit`, announced with QEMU's reason `host-signal`.

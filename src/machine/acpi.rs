@@ -4,7 +4,8 @@
 //! The FADT declares a hardware-reduced platform, as Cloud Hypervisor and Firecracker do: ferry
 //! emulates no PM1 event/control blocks, PM timer or GPEs, so there is no SCI, no FACS, and
 //! nothing for the guest to find missing. The guest powers off through the FADT's sleep control
-//! register and the DSDT's `\_S5` (`devices/power.rs`). Resets keep going through the i8042
+//! register and the DSDT's `\_S5`; `system_powerdown` presses a control-method power button
+//! through a Generic Event Device (`devices/power.rs`). Resets keep going through the i8042
 //! (the FADT has no reset register, so Linux falls back to the keyboard controller).
 //!
 //! Everything lives in `layout::ACPI_TABLES_START..ACPI_TABLES_END`, RSDP first (16-byte aligned,
@@ -17,8 +18,8 @@
 //! ```
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
-    ResourceTemplate, Scope, IO,
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Method, Name,
+    Notify, Package, Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -35,7 +36,9 @@ use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::{Immutable, IntoBytes};
 
-use super::devices::power::{SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, SOFT_OFF_SLEEP_TYPE};
+use super::devices::power::{
+    POWER_BUTTON_GSI, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, SOFT_OFF_SLEEP_TYPE,
+};
 use super::layout::{
     mmio64_window, ACPI_TABLES_END, ACPI_TABLES_START, IOAPIC_START, LAPIC_START, MMIO32_END,
     MMIO32_START, PCIE_ECAM_SIZE, PCIE_ECAM_START, PCIE_LAST_BUS,
@@ -111,7 +114,8 @@ pub fn build(vcpus: u32, layout: &[RamRange]) -> Result<Tables, AcpiError> {
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
-        // No fixed-feature buttons: ferry has neither a power nor a sleep button.
+        // No fixed-feature buttons: the power button is a control-method device, and there
+        // is no sleep button.
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
@@ -202,6 +206,9 @@ impl Placer {
     }
 }
 
+/// The notification a power button device gets when pressed (ACPI 6.5, 4.8.3.1.1.2).
+const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
+
 fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     let mut bytes = Vec::new();
     table.to_aml_bytes(&mut bytes);
@@ -209,8 +216,8 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
 }
 
 /// The namespace: the PCIe root bridge, COM1, the motherboard resources that reserve the ECAM
-/// (Linux accepts an MCFG region only if firmware reserves it) and the sleep registers, and the
-/// sleep type of soft-off.
+/// (Linux accepts an MCFG region only if firmware reserves it) and the sleep registers, the
+/// power button and the event device that presses it, and the sleep type of soft-off.
 fn dsdt(layout: &[RamRange]) -> Vec<u8> {
     let window64 = mmio64_window(layout);
     let bus_range = AddressSpace::<u16>::new_bus_number(0, u16::from(PCIE_LAST_BUS));
@@ -266,7 +273,23 @@ fn dsdt(layout: &[RamRange]) -> Vec<u8> {
     let mres_crs = Name::new("_CRS".into(), &mres_resources);
     let mres = Device::new("MRES".into(), vec![&mres_hid, &mres_uid, &mres_crs]);
 
-    let system_bus = Scope::new("\\_SB_".into(), vec![&pci0, &com1, &mres]);
+    let pwrb_hid = Name::new("_HID".into(), &EISAName::new("PNP0C0C"));
+    let pwrb_uid = Name::new("_UID".into(), &0u32);
+    let pwrb = Device::new("PWRB".into(), vec![&pwrb_hid, &pwrb_uid]);
+
+    // The Generic Event Device has one event, the power button: its handler needs no register
+    // to tell which event fired.
+    let ged_hid = Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = Name::new("_UID".into(), &0u32);
+    let ged_irq = Interrupt::new(true, true, false, false, POWER_BUTTON_GSI);
+    let ged_resources = ResourceTemplate::new(vec![&ged_irq]);
+    let ged_crs = Name::new("_CRS".into(), &ged_resources);
+    let pwrb_path = Path::new("\\_SB_.PWRB");
+    let press = Notify::new(&pwrb_path, &NOTIFY_BUTTON_PRESSED);
+    let ged_evt = Method::new("_EVT".into(), 1, true, vec![&press]);
+    let ged = Device::new("GED0".into(), vec![&ged_hid, &ged_uid, &ged_crs, &ged_evt]);
+
+    let system_bus = Scope::new("\\_SB_".into(), vec![&pci0, &com1, &mres, &pwrb, &ged]);
     let mut dsdt = Sdt::new(
         *b"DSDT",
         36,
@@ -519,7 +542,7 @@ mod tests {
     /// The DSDT carries the resource descriptors the guest needs, in their encoded form
     /// (ACPI 6.5, 6.4.3 and 6.4.2).
     #[test]
-    fn the_guest_powers_off_through_the_sleep_registers_and_s5() {
+    fn the_guest_powers_off_through_the_sleep_registers_and_s5_and_has_a_power_button() {
         let tables = build(1, &ram_layout(256 << 20)).unwrap();
         let found = walk(&tables);
         let fadt = find(&found, b"FACP");
@@ -533,6 +556,19 @@ mod tests {
         // Name (_S5, Package (2) { 5, 5 }), at the root of the namespace.
         let s5 = [0x08, b'_', b'S', b'5', b'_', 0x12, 6, 2, 0x0a, 5, 0x0a, 5];
         assert!(contains(dsdt, &s5), "\\_S5");
+        // The power button (PNP0C0C) and the event device (ACPI0013) whose interrupt, an edge
+        // on POWER_BUTTON_GSI, runs _EVT: Notify (\\_SB.PWRB, 0x80).
+        let mut button = vec![0x0c];
+        button.extend_from_slice(&0x0c0c_d041u32.to_le_bytes());
+        assert!(contains(dsdt, &button), "PNP0C0C");
+        assert!(contains(dsdt, b"\x0dACPI0013\x00"), "ACPI0013");
+        let irq = [0x89, 6, 0, 0x03, 1, POWER_BUTTON_GSI as u8, 0, 0, 0];
+        assert!(contains(dsdt, &irq), "the event device's interrupt");
+        assert!(contains(dsdt, b"_EVT"), "_EVT");
+        assert!(
+            contains(dsdt, b"\x86\x5c\x2e_SB_PWRB\x0a\x80"),
+            "Notify (\\_SB.PWRB, 0x80)"
+        );
         let [low, high] = SLEEP_CONTROL_PORT.to_le_bytes();
         assert!(
             contains(dsdt, &[0x47, 1, low, high, low, high, 1, 2]),

@@ -28,7 +28,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::boot::KernelImage;
 use self::cpu::HostQuirks;
-use self::devices::{Devices, Disk, ResetTrigger, Serial, SerialOutput, SleepControl, I8042};
+use self::devices::{
+    Devices, Disk, PowerButton, ResetTrigger, Serial, SerialOutput, SleepControl, I8042,
+};
 use self::interrupts::GsiRouter;
 use self::memory::{GuestMemory, RamRange};
 use self::pci::{BarAllocator, PciRoot};
@@ -320,6 +322,9 @@ fn create_devices(
     let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
     vm.register_irqfd(&interrupt, devices::serial::SERIAL_GSI)
         .map_err(kvm_error("connect the serial port's interrupt"))?;
+    let power_interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+    vm.register_irqfd(&power_interrupt, devices::power::POWER_BUTTON_GSI)
+        .map_err(kvm_error("connect the power button's interrupt"))?;
     let mut pci = PciRoot::new();
     let window64 = layout::mmio64_window(layout);
     let mut bars = BarAllocator::new(
@@ -354,6 +359,7 @@ fn create_devices(
         serial: Mutex::new(Serial::new(interrupt, output)),
         i8042: Mutex::new(I8042::new(ResetTrigger(guest_events.clone()))),
         sleep: SleepControl::new(guest_events),
+        power_button: PowerButton::new(power_interrupt),
         pci,
         disks,
         disk_transition: Mutex::new(()),

@@ -14,7 +14,7 @@ use power::{SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 
 pub use disk::{Disk, DiskError};
 pub use i8042::{ResetTrigger, I8042};
-pub use power::SleepControl;
+pub use power::{PowerButton, SleepControl};
 pub use serial::{Serial, SerialError, SerialOutput, SerialState};
 
 const SERIAL_PORT_BASE: u16 = 0x3f8;
@@ -28,6 +28,8 @@ pub struct Devices {
     pub i8042: Mutex<I8042>,
     /// ACPI's sleep registers: the guest's power-off.
     pub sleep: SleepControl,
+    /// ACPI's power button: `system_powerdown`.
+    pub power_button: PowerButton,
     /// `pcie.0`: the host bridge and every PCI function, their config space and BARs.
     pub pci: PciRoot,
     /// The virtio-blk-pci disks, in command-line order (they are also functions on `pci`).

@@ -1,10 +1,19 @@
-//! The sleep control and status registers of ferry's hardware-reduced ACPI platform (ACPI 6.5,
-//! sections 4.8.3.7 and 4.8.3.8): how a guest powers the machine off. The FADT points at them
-//! and the DSDT's `\_S5` gives the sleep type of soft-off; Linux's `poweroff` ends by writing
-//! that type with SLP_EN to the control register. Without them a guest's power-off only halts
-//! its CPUs, and the VM stays there with no guest left.
+//! ACPI power on ferry's hardware-reduced platform: the sleep control and status registers
+//! (ACPI 6.5, sections 4.8.3.7 and 4.8.3.8), through which a guest powers the machine off, and
+//! the power button that `system_powerdown` presses.
+//!
+//! The FADT points at the sleep registers and the DSDT's `\_S5` gives the sleep type of
+//! soft-off; Linux's `poweroff` ends by writing that type with SLP_EN to the control register.
+//! Without them a guest's power-off only halts its CPUs, and the VM stays there with no guest
+//! left.
+//!
+//! A hardware-reduced platform has no fixed power button; as in Cloud Hypervisor, the button is
+//! a control-method device (`PNP0C0C`) that a Generic Event Device (`ACPI0013`) notifies when
+//! its interrupt fires. Linux's button driver turns the notification into a KEY_POWER press,
+//! which systemd-logind or acpid answer by shutting down.
 
 use tokio::sync::mpsc::UnboundedSender;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::runtime::GuestEvent;
 
@@ -49,6 +58,28 @@ impl SleepControl {
     /// WAK_STS never reads set: ferry's guests power off but never sleep and wake.
     pub fn read_status(&self) -> u8 {
         0
+    }
+}
+
+/// The Generic Event Device's interrupt: an ISA IRQ no other device of the machine uses, edge
+/// triggered, active high, on the IOAPIC pin of the same number.
+pub const POWER_BUTTON_GSI: u32 = 5;
+
+/// The power button: a press is one edge on [`POWER_BUTTON_GSI`].
+pub struct PowerButton {
+    interrupt: EventFd,
+}
+
+impl PowerButton {
+    /// `interrupt` is an irqfd of [`POWER_BUTTON_GSI`].
+    pub fn new(interrupt: EventFd) -> Self {
+        Self { interrupt }
+    }
+
+    /// Presses the button. A paused guest sees the press when it runs again: KVM's IOAPIC
+    /// keeps the edge, and migrates it with the rest of the interrupt controller's state.
+    pub fn press(&self) -> std::io::Result<()> {
+        self.interrupt.write(1)
     }
 }
 

@@ -238,11 +238,7 @@ impl Vmm {
                 ending = Some(self.host_shutdown("host-qmp-system-reset"));
                 Ok(json!({}))
             }
-            Request::SystemPowerdown => Err(RequestError(
-                "system_powerdown needs an ACPI power button, which this machine does not have; \
-                 use 'quit'"
-                    .into(),
-            )),
+            Request::SystemPowerdown => self.system_powerdown(),
             Request::QueryCpusFast => Ok(self.query_cpus_fast()),
             Request::Pmemsave { addr, size, path } => {
                 let memory = self.memory.clone();
@@ -312,6 +308,37 @@ impl Vmm {
             })
             .collect();
         Value::Array(cpus)
+    }
+
+    /// Presses the ACPI power button, as QEMU does: the guest decides whether and how to shut
+    /// down, and a paused guest sees the press when it runs again.
+    fn system_powerdown(&mut self) -> Result<Value, RequestError> {
+        self.busy_migrating()?;
+        match self.status {
+            RunStatus::Running | RunStatus::Paused | RunStatus::Prelaunch => {}
+            RunStatus::InMigrate => {
+                return Err(RequestError(
+                    "this VM is waiting for an incoming migration; it has no guest to power down \
+                     yet"
+                    .into(),
+                ))
+            }
+            other => {
+                return Err(RequestError(format!(
+                    "cannot power down a VM in state '{}'",
+                    other.name()
+                )))
+            }
+        }
+        self.vm_mut()
+            .machine
+            .devices
+            .power_button
+            .press()
+            .map_err(|e| RequestError(format!("cannot press the power button: {e}")))?;
+        tracing::info!("power button pressed");
+        self.handle.emit(Event::new("POWERDOWN", None));
+        Ok(json!({}))
     }
 
     async fn stop(&mut self) -> Result<Value, RequestError> {
