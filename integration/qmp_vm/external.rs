@@ -179,6 +179,8 @@ fn stratovirt_migration_guide(uri: &str) {
     let destination = world.start("destination", &["-incoming", uri]);
     let mut dst_qmp = connect(&destination, "dst");
     assert_eq!(dst_qmp.status(), "inmigrate");
+    let (_, desc) = dst_qmp.error("system_powerdown", json!({}));
+    assert!(desc.contains("incoming migration"), "{desc}");
 
     let mut ncat = Ncat::start(source.qmp_path.as_deref().unwrap());
     let greeting = ncat.next(Duration::from_secs(15)).expect("a greeting");

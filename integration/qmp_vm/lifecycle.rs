@@ -49,6 +49,13 @@ fn prelaunch_runs_nothing_until_cont() {
         qmp.ok("query-migrate", json!({})),
         json!({"status": "none"})
     );
+    // No guest yet to answer a power button, and nothing keeps the press for later.
+    let (class, desc) = qmp.error("system_powerdown", json!({}));
+    assert_eq!(class, "GenericError");
+    assert!(
+        desc.contains("not started") && desc.contains("quit"),
+        "{desc}"
+    );
 
     assert_eq!(qmp.ok("cont", json!({})), json!({}));
     qmp.event("RESUME", Duration::from_secs(5));

@@ -539,8 +539,8 @@ mod tests {
         haystack.windows(needle.len()).any(|w| w == needle)
     }
 
-    /// The DSDT carries the resource descriptors the guest needs, in their encoded form
-    /// (ACPI 6.5, 6.4.3 and 6.4.2).
+    /// The FADT points at the sleep registers, and the DSDT names soft-off's sleep type and
+    /// the power button with the event device that presses it.
     #[test]
     fn the_guest_powers_off_through_the_sleep_registers_and_s5_and_has_a_power_button() {
         let tables = build(1, &ram_layout(256 << 20)).unwrap();
@@ -576,6 +576,8 @@ mod tests {
         );
     }
 
+    /// The DSDT carries the resource descriptors the guest needs, in their encoded form
+    /// (ACPI 6.5, 6.4.3 and 6.4.2).
     #[test]
     fn dsdt_describes_root_bridge_uart_and_ecam_reservation() {
         let layout = ram_layout(6 << 30);

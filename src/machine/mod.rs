@@ -288,6 +288,13 @@ impl Machine {
                     id: "i8042".into(),
                     attributes: attributes(&[("ports", "0x60,0x64")]),
                 },
+                // A guest's power-off goes where its FADT says; a destination without these
+                // would leave it spinning on a port nothing answers.
+                DeviceDescription {
+                    kind: "acpi-power".into(),
+                    id: "acpi-power".into(),
+                    attributes: attributes(&[("sleep-ports", "0x600,0x601"), ("button-irq", "5")]),
+                },
             ]
             .into_iter()
             .chain(self.devices.disks.iter().map(Disk::description))

@@ -52,6 +52,7 @@ impl Devices {
             I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
                 data[0] = lock(&self.i8042).read((port - I8042_DATA_PORT) as u8);
             }
+            SLEEP_CONTROL_PORT if data.len() == 1 => data[0] = self.sleep.read_control(),
             SLEEP_STATUS_PORT if data.len() == 1 => data[0] = self.sleep.read_status(),
             _ => {
                 tracing::trace!(

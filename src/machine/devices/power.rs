@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::runtime::GuestEvent;
 
-/// SLEEP_CONTROL_REG, one byte in I/O space (QEMU's q35 puts its ACPI PM registers here too).
+/// SLEEP_CONTROL_REG, one byte in I/O space, in a range QEMU's q35 also gives to ACPI.
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
 /// SLEEP_STATUS_REG, the byte after it.
 pub const SLEEP_STATUS_PORT: u16 = 0x601;
@@ -59,6 +59,11 @@ impl SleepControl {
     pub fn read_status(&self) -> u8 {
         0
     }
+
+    /// No sleep is ever under way to read back.
+    pub fn read_control(&self) -> u8 {
+        0
+    }
 }
 
 /// The Generic Event Device's interrupt: an ISA IRQ no other device of the machine uses, edge
@@ -76,8 +81,10 @@ impl PowerButton {
         Self { interrupt }
     }
 
-    /// Presses the button. A paused guest sees the press when it runs again: KVM's IOAPIC
-    /// keeps the edge, and migrates it with the rest of the interrupt controller's state.
+    /// Presses the button. The edge reaches a vCPU's LAPIC at once if the guest has routed
+    /// the IOAPIC pin, so a paused guest sees it when it runs again (a migration carries it
+    /// in the LAPIC's state); on a pin the guest has not set up yet (early boot) it is lost,
+    /// as a press on Cloud Hypervisor's button is: nothing latches it.
     pub fn press(&self) -> std::io::Result<()> {
         self.interrupt.write(1)
     }

@@ -311,11 +311,19 @@ impl Vmm {
     }
 
     /// Presses the ACPI power button, as QEMU does: the guest decides whether and how to shut
-    /// down, and a paused guest sees the press when it runs again.
+    /// down, and a paused guest sees the press when it runs again. A guest that never ran has
+    /// no button driver to see it, and nothing would keep the press for later.
     fn system_powerdown(&mut self) -> Result<Value, RequestError> {
         self.busy_migrating()?;
         match self.status {
-            RunStatus::Running | RunStatus::Paused | RunStatus::Prelaunch => {}
+            RunStatus::Running | RunStatus::Paused => {}
+            RunStatus::Prelaunch => {
+                return Err(RequestError(
+                    "the guest has not started, so it cannot answer the power button; use 'quit' \
+                     to end the VM, or 'cont' and press it once the guest runs"
+                        .into(),
+                ))
+            }
             RunStatus::InMigrate => {
                 return Err(RequestError(
                     "this VM is waiting for an incoming migration; it has no guest to power down \
