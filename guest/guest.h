@@ -39,7 +39,8 @@
 #define VEC_TIMER 0x20
 #define VEC_WAKE 0x21 /* BSP -> APs: `go` is set */
 #define VEC_DISK 0x30 /* virtio-blk queue 0, MSI-X entry 0, to the BSP */
-#define VEC_POWER 0x31 /* ACPI power button (IOAPIC pin 5), to the BSP */
+#define VEC_POWER 0x31 /* ACPI power button (IOAPIC pin 23), to the BSP */
+#define GED_EVENT_PORT 0x602 /* ferry's ACPI event register: bit 0, a press */
 #define VEC_SYSCALL 0x80 /* `int $0x80` from ring 3, request in %rdi */
 #define VEC_SPURIOUS 0xff
 

@@ -62,16 +62,25 @@ disk_isr:
 	iretq
 
 /*
- * The ACPI power button (ferry's Generic Event Device interrupt, an edge on
- * IOAPIC pin 5, sent to the BSP): count the press for ring 3, which powers
- * off, then EOI. An edge needs no EOI at the IOAPIC.
+ * The ACPI power button (ferry's Generic Event Device, a level interrupt on
+ * IOAPIC pin 23, sent to the BSP). As the device's _EVT does for Linux: read
+ * the event register and write the press back, which drops the line, before
+ * the EOI (a line still high would interrupt again at once). Ring 3 sees the
+ * count and powers off.
  */
 	.globl power_isr
 power_isr:
 	push %rax
+	push %rdx
+	mov $GED_EVENT_PORT, %dx
+	inb %dx, %al
+	test $1, %al
+	jz 1f
 	incq power_presses(%rip)
-	mov $(LAPIC_BASE + 0xb0), %eax
+	outb %al, %dx
+1:	mov $(LAPIC_BASE + 0xb0), %eax
 	movl $0, (%rax)
+	pop %rdx
 	pop %rax
 	iretq
 

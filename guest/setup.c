@@ -241,13 +241,15 @@ static void alloc_stacks(struct cpu *c)
 }
 
 /*
- * IOAPIC pin 5, where ferry's ACPI Generic Event Device signals the power
- * button (its _CRS: edge, active high), to VEC_POWER on this CPU. Linux
- * learns the pin from the DSDT; this guest reads no AML and knows it.
+ * IOAPIC pin 23, where ferry's ACPI Generic Event Device signals the power
+ * button (its _CRS: level, active high), to VEC_POWER on this CPU. Linux
+ * learns the pin from the DSDT; this guest reads no AML and knows it. A
+ * press made before this (the line already high) arrives once it is set.
  */
 #define IOAPIC_BASE 0xfec00000
 #define IOAPIC_REDIRECTION(pin) (0x10 + 2 * (pin))
-#define POWER_BUTTON_PIN 5
+#define IOAPIC_LEVEL (1u << 15)
+#define POWER_BUTTON_PIN 23
 
 static void ioapic_write(uint32_t reg, uint32_t value)
 {
@@ -257,9 +259,9 @@ static void ioapic_write(uint32_t reg, uint32_t value)
 
 static void route_power_button(const struct cpu *c)
 {
-	/* Fixed delivery, physical destination, edge, active high, unmasked. */
+	/* Fixed delivery, physical destination, level, active high, unmasked. */
 	ioapic_write(IOAPIC_REDIRECTION(POWER_BUTTON_PIN) + 1, c->apic_id << 24);
-	ioapic_write(IOAPIC_REDIRECTION(POWER_BUTTON_PIN), VEC_POWER);
+	ioapic_write(IOAPIC_REDIRECTION(POWER_BUTTON_PIN), IOAPIC_LEVEL | VEC_POWER);
 }
 
 void bsp_main(uint32_t start_info)

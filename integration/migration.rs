@@ -169,6 +169,36 @@ fn memory_identity(transport: Transport) {
     assert_no_tsc_errors(&destination);
 }
 
+/// A power button press the guest has not taken yet (its source is paused) goes with it: the
+/// guest powers off on the destination once it runs there, not on the source.
+#[test]
+fn a_pending_power_button_press_migrates_with_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Unix);
+    let source = world.source(2);
+    let mut qmp = source.qmp();
+    qmp.ok("stop", None);
+    assert_eq!(qmp.ok("system_powerdown", None), json!({}));
+    let uri = world.uri();
+    let mut destination = world.destination(2, &uri, true);
+    migrate(&source, &uri);
+    assert_eq!(destination.qmp().status(), "paused");
+    destination.qmp().ok("cont", None);
+    destination.wait_line("the press", Duration::from_secs(30), |l| {
+        l == "power button"
+    });
+    let status = destination.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", destination.context());
+    assert!(
+        !source.lines().iter().any(|l| l == "power button"),
+        "the source's guest took the press\n{}",
+        source.context()
+    );
+}
+
 #[test]
 fn memory_is_identical_after_migration_over_tcp() {
     memory_identity(Transport::Tcp);

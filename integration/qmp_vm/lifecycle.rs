@@ -49,14 +49,6 @@ fn prelaunch_runs_nothing_until_cont() {
         qmp.ok("query-migrate", json!({})),
         json!({"status": "none"})
     );
-    // No guest yet to answer a power button, and nothing keeps the press for later.
-    let (class, desc) = qmp.error("system_powerdown", json!({}));
-    assert_eq!(class, "GenericError");
-    assert!(
-        desc.contains("not started") && desc.contains("quit"),
-        "{desc}"
-    );
-
     assert_eq!(qmp.ok("cont", json!({})), json!({}));
     qmp.event("RESUME", Duration::from_secs(5));
     assert_eq!(
@@ -228,6 +220,37 @@ fn system_powerdown_presses_the_power_button() {
     assert!(
         matches!((pressed, powered_off), (Some(p), Some(o)) if p < o),
         "the guest did not answer the button\n{}",
+        vm.context()
+    );
+}
+
+/// A press before the guest has even started waits for it: the guest routes the button's
+/// interrupt as it boots, takes the press and powers off.
+#[test]
+fn a_power_button_press_before_the_guest_starts_waits_for_it() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new();
+    let mut vm = world.start("early-press", &["-S"]);
+    let mut qmp = connect(&vm, "qmp");
+    assert_eq!(qmp.ok("qmp_capabilities", json!({})), json!({}));
+    assert_eq!(qmp.status(), "prelaunch");
+    assert_eq!(qmp.ok("system_powerdown", json!({})), json!({}));
+    qmp.event("POWERDOWN", Duration::from_secs(5));
+    assert_eq!(qmp.ok("cont", json!({})), json!({}));
+    let shutdown = qmp.event("SHUTDOWN", BOOT);
+    assert_eq!(
+        shutdown["data"],
+        json!({"guest": true, "reason": "guest-shutdown"}),
+        "{shutdown}"
+    );
+    qmp.until_closed(Duration::from_secs(10));
+    assert_clean_exit(&mut vm, "an early press");
+    assert!(
+        vm.lines().iter().any(|l| l == "power button"),
+        "{}",
         vm.context()
     );
 }

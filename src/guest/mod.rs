@@ -15,7 +15,7 @@
 //! `struct hvm_start_info` (command line, memory map). It finds the CPUs in
 //! ACPI's MADT, else in the Intel MP table, else by broadcasting INIT-SIPI-SIPI
 //! and counting who answers. The AP trampoline is copied to 0x10000. It routes
-//! ferry's ACPI power button (IOAPIC pin 5) to the BSP, which prints `power button`
+//! ferry's ACPI power button (IOAPIC pin 23) to the BSP, which prints `power button`
 //! and powers off through the FADT's sleep control register when it is pressed.
 //!
 //! # Command line

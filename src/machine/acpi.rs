@@ -18,8 +18,9 @@
 //! ```
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Method, Name,
-    Notify, Package, Path, ResourceTemplate, Scope, IO,
+    AddressSpace, AddressSpaceCacheable, And, Device, EISAName, Equal, Field, FieldAccessType,
+    FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method, Name,
+    Notify, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store, IO, ZERO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -37,7 +38,8 @@ use vm_memory::{Bytes, GuestAddress};
 use zerocopy::{Immutable, IntoBytes};
 
 use super::devices::power::{
-    POWER_BUTTON_GSI, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, SOFT_OFF_SLEEP_TYPE,
+    GED_EVENT_PORT, POWER_BUTTON_EVENT, POWER_BUTTON_GSI, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
+    SOFT_OFF_SLEEP_TYPE,
 };
 use super::layout::{
     mmio64_window, ACPI_TABLES_END, ACPI_TABLES_START, IOAPIC_START, LAPIC_START, MMIO32_END,
@@ -266,8 +268,8 @@ fn dsdt(layout: &[RamRange]) -> Vec<u8> {
     let com1 = Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
 
     let ecam = Memory32Fixed::new(true, PCIE_ECAM_START as u32, PCIE_ECAM_SIZE as u32);
-    let sleep_ports = IO::new(SLEEP_CONTROL_PORT, SLEEP_CONTROL_PORT, 1, 2);
-    let mres_resources = ResourceTemplate::new(vec![&ecam, &sleep_ports]);
+    let power_ports = IO::new(SLEEP_CONTROL_PORT, SLEEP_CONTROL_PORT, 1, 3);
+    let mres_resources = ResourceTemplate::new(vec![&ecam, &power_ports]);
     let mres_hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
     let mres_uid = Name::new("_UID".into(), &0u32);
     let mres_crs = Name::new("_CRS".into(), &mres_resources);
@@ -277,17 +279,42 @@ fn dsdt(layout: &[RamRange]) -> Vec<u8> {
     let pwrb_uid = Name::new("_UID".into(), &0u32);
     let pwrb = Device::new("PWRB".into(), vec![&pwrb_hid, &pwrb_uid]);
 
-    // The Generic Event Device has one event, the power button: its handler needs no register
-    // to tell which event fired.
+    // The Generic Event Device: a level interrupt held while a press waits, and _EVT, which
+    // reads the event register, acknowledges the press (the line drops) and notifies the button.
     let ged_hid = Name::new("_HID".into(), &"ACPI0013");
     let ged_uid = Name::new("_UID".into(), &0u32);
-    let ged_irq = Interrupt::new(true, true, false, false, POWER_BUTTON_GSI);
+    let ged_irq = Interrupt::new(true, false, false, false, POWER_BUTTON_GSI);
     let ged_resources = ResourceTemplate::new(vec![&ged_irq]);
     let ged_crs = Name::new("_CRS".into(), &ged_resources);
+    let event_port = u32::from(GED_EVENT_PORT);
+    let ged_region = OpRegion::new("GDST".into(), OpRegionSpace::SystemIO, &event_port, &1u8);
+    let ged_field = Field::new(
+        "GDST".into(),
+        FieldAccessType::Byte,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let events = Path::new("GDAT");
+    let read_events = Store::new(&Local(0), &events);
+    let pressed_bit = And::new(&ZERO, &Local(0), &POWER_BUTTON_EVENT);
+    let pressed = Equal::new(&pressed_bit, &POWER_BUTTON_EVENT);
+    let acknowledge = Store::new(&events, &POWER_BUTTON_EVENT);
     let pwrb_path = Path::new("\\_SB_.PWRB");
-    let press = Notify::new(&pwrb_path, &NOTIFY_BUTTON_PRESSED);
-    let ged_evt = Method::new("_EVT".into(), 1, true, vec![&press]);
-    let ged = Device::new("GED0".into(), vec![&ged_hid, &ged_uid, &ged_crs, &ged_evt]);
+    let notify = Notify::new(&pwrb_path, &NOTIFY_BUTTON_PRESSED);
+    let on_press = If::new(&pressed, vec![&acknowledge, &notify]);
+    let ged_evt = Method::new("_EVT".into(), 1, true, vec![&read_events, &on_press]);
+    let ged = Device::new(
+        "GED0".into(),
+        vec![
+            &ged_hid,
+            &ged_uid,
+            &ged_crs,
+            &ged_region,
+            &ged_field,
+            &ged_evt,
+        ],
+    );
 
     let system_bus = Scope::new("\\_SB_".into(), vec![&pci0, &com1, &mres, &pwrb, &ged]);
     let mut dsdt = Sdt::new(
@@ -556,23 +583,29 @@ mod tests {
         // Name (_S5, Package (2) { 5, 5 }), at the root of the namespace.
         let s5 = [0x08, b'_', b'S', b'5', b'_', 0x12, 6, 2, 0x0a, 5, 0x0a, 5];
         assert!(contains(dsdt, &s5), "\\_S5");
-        // The power button (PNP0C0C) and the event device (ACPI0013) whose interrupt, an edge
-        // on POWER_BUTTON_GSI, runs _EVT: Notify (\\_SB.PWRB, 0x80).
+        // The power button (PNP0C0C) and the event device (ACPI0013) whose interrupt, a level
+        // on POWER_BUTTON_GSI, runs _EVT: acknowledge, then Notify (\\_SB.PWRB, 0x80).
         let mut button = vec![0x0c];
         button.extend_from_slice(&0x0c0c_d041u32.to_le_bytes());
         assert!(contains(dsdt, &button), "PNP0C0C");
         assert!(contains(dsdt, b"\x0dACPI0013\x00"), "ACPI0013");
-        let irq = [0x89, 6, 0, 0x03, 1, POWER_BUTTON_GSI as u8, 0, 0, 0];
+        // Consumer, level, active high, exclusive.
+        let irq = [0x89, 6, 0, 0x01, 1, POWER_BUTTON_GSI as u8, 0, 0, 0];
         assert!(contains(dsdt, &irq), "the event device's interrupt");
         assert!(contains(dsdt, b"_EVT"), "_EVT");
+        // OperationRegion (GDST, SystemIO, the event port, 1).
+        let mut region = vec![0x5b, 0x80, b'G', b'D', b'S', b'T', 1, 0x0b];
+        region.extend_from_slice(&GED_EVENT_PORT.to_le_bytes());
+        region.push(0x01); // One
+        assert!(contains(dsdt, &region), "the event register");
         assert!(
             contains(dsdt, b"\x86\x5c\x2e_SB_PWRB\x0a\x80"),
             "Notify (\\_SB.PWRB, 0x80)"
         );
         let [low, high] = SLEEP_CONTROL_PORT.to_le_bytes();
         assert!(
-            contains(dsdt, &[0x47, 1, low, high, low, high, 1, 2]),
-            "the sleep registers reserved as a motherboard resource"
+            contains(dsdt, &[0x47, 1, low, high, low, high, 1, 3]),
+            "the sleep and event registers reserved as a motherboard resource"
         );
     }
 

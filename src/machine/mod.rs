@@ -293,7 +293,11 @@ impl Machine {
                 DeviceDescription {
                     kind: "acpi-power".into(),
                     id: "acpi-power".into(),
-                    attributes: attributes(&[("sleep-ports", "0x600,0x601"), ("button-irq", "5")]),
+                    attributes: attributes(&[
+                        ("sleep-ports", "0x600,0x601"),
+                        ("event-port", "0x602"),
+                        ("button-gsi", "23"),
+                    ]),
                 },
             ]
             .into_iter()
@@ -304,7 +308,7 @@ impl Machine {
 }
 
 fn create_devices(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     config: &Config,
     guest_events: UnboundedSender<GuestEvent>,
     router: &Arc<GsiRouter>,
@@ -329,9 +333,6 @@ fn create_devices(
     let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
     vm.register_irqfd(&interrupt, devices::serial::SERIAL_GSI)
         .map_err(kvm_error("connect the serial port's interrupt"))?;
-    let power_interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
-    vm.register_irqfd(&power_interrupt, devices::power::POWER_BUTTON_GSI)
-        .map_err(kvm_error("connect the power button's interrupt"))?;
     let mut pci = PciRoot::new();
     let window64 = layout::mmio64_window(layout);
     let mut bars = BarAllocator::new(
@@ -366,7 +367,7 @@ fn create_devices(
         serial: Mutex::new(Serial::new(interrupt, output)),
         i8042: Mutex::new(I8042::new(ResetTrigger(guest_events.clone()))),
         sleep: SleepControl::new(guest_events),
-        power_button: PowerButton::new(power_interrupt),
+        power_button: Mutex::new(PowerButton::new(Arc::clone(vm))),
         pci,
         disks,
         disk_transition: Mutex::new(()),

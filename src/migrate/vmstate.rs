@@ -103,6 +103,7 @@ pub fn save_devices(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
     let mut sections = vec![
         Section::save("serial0", &*lock(&devices.serial))?,
         Section::save("i8042", &*lock(&devices.i8042))?,
+        Section::save("acpi-ged", &*lock(&devices.power_button))?,
     ];
     for disk in &devices.disks {
         sections.push(Section::save(&disk.section_id(), &DiskSection(disk))?);
@@ -154,6 +155,9 @@ pub async fn restore(
     sections
         .take("i8042")?
         .restore(&mut *lock(&devices.i8042))?;
+    sections
+        .take("acpi-ged")?
+        .restore(&mut *lock(&devices.power_button))?;
     for disk in &devices.disks {
         sections
             .take(&disk.section_id())?

@@ -21,10 +21,11 @@ use super::state::{Section, VmDescription};
 use crate::machine::memory::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"FERRYMIG";
-/// The stream version this ferry writes and reads (6: STATE says when each part was saved;
-/// 5: COMMITTED says when each vCPU ran again; both on the destination's clock, which clock
-/// probes relate to the source's).
-pub const VERSION: u32 = 6;
+/// The stream version this ferry writes and reads (7: STATE has the ACPI power button, whose
+/// press may wait for the guest; 6: STATE says when each part was saved; 5: COMMITTED says when
+/// each vCPU ran again; both on the destination's clock, which clock probes relate to the
+/// source's).
+pub const VERSION: u32 = 7;
 /// Pages in one PAGES frame at most.
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// The largest frame any message may be: a full PAGES frame and its entries.

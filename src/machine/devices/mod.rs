@@ -10,7 +10,7 @@ pub mod virtio;
 use std::sync::Mutex;
 
 use super::pci::PciRoot;
-use power::{SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
+use power::{GED_EVENT_PORT, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 
 pub use disk::{Disk, DiskError};
 pub use i8042::{ResetTrigger, I8042};
@@ -29,7 +29,7 @@ pub struct Devices {
     /// ACPI's sleep registers: the guest's power-off.
     pub sleep: SleepControl,
     /// ACPI's power button: `system_powerdown`.
-    pub power_button: PowerButton,
+    pub power_button: Mutex<PowerButton>,
     /// `pcie.0`: the host bridge and every PCI function, their config space and BARs.
     pub pci: PciRoot,
     /// The virtio-blk-pci disks, in command-line order (they are also functions on `pci`).
@@ -54,6 +54,7 @@ impl Devices {
             }
             SLEEP_CONTROL_PORT if data.len() == 1 => data[0] = self.sleep.read_control(),
             SLEEP_STATUS_PORT if data.len() == 1 => data[0] = self.sleep.read_status(),
+            GED_EVENT_PORT if data.len() == 1 => data[0] = lock(&self.power_button).read_events(),
             _ => {
                 tracing::trace!(
                     port = format_args!("{port:#x}"),
@@ -80,6 +81,7 @@ impl Devices {
             SLEEP_CONTROL_PORT if data.len() == 1 => self.sleep.write_control(data[0]),
             // Writing WAK_STS back clears it; it never reads set.
             SLEEP_STATUS_PORT if data.len() == 1 => {}
+            GED_EVENT_PORT if data.len() == 1 => lock(&self.power_button).acknowledge(data[0]),
             _ => {
                 tracing::trace!(
                     port = format_args!("{port:#x}"),

@@ -9,11 +9,17 @@
 //!
 //! A hardware-reduced platform has no fixed power button; as in Cloud Hypervisor, the button is
 //! a control-method device (`PNP0C0C`) that a Generic Event Device (`ACPI0013`) notifies when
-//! its interrupt fires. Linux's button driver turns the notification into a KEY_POWER press,
-//! which systemd-logind or acpid answer by shutting down.
+//! its interrupt fires: the event device's `_EVT` reads and acknowledges its event register,
+//! then notifies the button. Linux's button driver turns the notification into a KEY_POWER
+//! press, which systemd-logind or acpid answer by shutting down.
 
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
-use vmm_sys_util::eventfd::EventFd;
+
+use crate::migrate::state::{Migratable, StateError};
 
 use crate::runtime::GuestEvent;
 
@@ -66,27 +72,78 @@ impl SleepControl {
     }
 }
 
-/// The Generic Event Device's interrupt: an ISA IRQ no other device of the machine uses, edge
-/// triggered, active high, on the IOAPIC pin of the same number.
-pub const POWER_BUTTON_GSI: u32 = 5;
+/// The Generic Event Device's interrupt: an IOAPIC pin no other device uses, outside the ISA
+/// range so that no legacy trigger mode applies; level triggered, active high.
+pub const POWER_BUTTON_GSI: u32 = 23;
+/// The Generic Event Device's event register, one byte: [`POWER_BUTTON_EVENT`] reads set while
+/// a press waits for the guest; writing it back acknowledges the press.
+pub const GED_EVENT_PORT: u16 = 0x602;
+pub const POWER_BUTTON_EVENT: u8 = 1;
 
-/// The power button: a press is one edge on [`POWER_BUTTON_GSI`].
+/// The power button. A press is latched, as QEMU's PM1 status latches one: the interrupt line
+/// stays asserted until the guest acknowledges it, so a press the guest cannot take yet (early
+/// boot, the pin still masked, the VM paused or migrating) reaches it once it can.
 pub struct PowerButton {
-    interrupt: EventFd,
+    vm: Arc<VmFd>,
+    pressed: bool,
 }
 
 impl PowerButton {
-    /// `interrupt` is an irqfd of [`POWER_BUTTON_GSI`].
-    pub fn new(interrupt: EventFd) -> Self {
-        Self { interrupt }
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self { vm, pressed: false }
     }
 
-    /// Presses the button. The edge reaches a vCPU's LAPIC at once if the guest has routed
-    /// the IOAPIC pin, so a paused guest sees it when it runs again (a migration carries it
-    /// in the LAPIC's state); on a pin the guest has not set up yet (early boot) it is lost,
-    /// as a press on Cloud Hypervisor's button is: nothing latches it.
-    pub fn press(&self) -> std::io::Result<()> {
-        self.interrupt.write(1)
+    pub fn press(&mut self) -> Result<(), kvm_ioctls::Error> {
+        self.pressed = true;
+        self.vm.set_irq_line(POWER_BUTTON_GSI, true)
+    }
+
+    pub fn read_events(&self) -> u8 {
+        if self.pressed {
+            POWER_BUTTON_EVENT
+        } else {
+            0
+        }
+    }
+
+    pub fn acknowledge(&mut self, events: u8) {
+        if events & POWER_BUTTON_EVENT == 0 || !self.pressed {
+            return;
+        }
+        self.pressed = false;
+        if let Err(error) = self.vm.set_irq_line(POWER_BUTTON_GSI, false) {
+            // The guest will be interrupted again and find no event; nothing is lost.
+            tracing::warn!(%error, "cannot lower the power button's interrupt");
+        }
+    }
+}
+
+/// What migrates: whether a press waits for the guest.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct PowerButtonState {
+    pub pressed: bool,
+}
+
+impl Migratable for PowerButton {
+    const KIND: &'static str = "acpi-ged";
+    const VERSION: u32 = 1;
+    type State = PowerButtonState;
+
+    fn save_state(&self) -> Result<PowerButtonState, StateError> {
+        Ok(PowerButtonState {
+            pressed: self.pressed,
+        })
+    }
+
+    fn restore_state(&mut self, state: PowerButtonState) -> Result<(), StateError> {
+        self.pressed = state.pressed;
+        // KVM keeps a line's level outside the interrupt controller's saved state.
+        self.vm
+            .set_irq_line(POWER_BUTTON_GSI, state.pressed)
+            .map_err(|error| StateError::Restore {
+                what: "the power button".into(),
+                reason: error.to_string(),
+            })
     }
 }
 

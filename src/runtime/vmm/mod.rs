@@ -311,19 +311,12 @@ impl Vmm {
     }
 
     /// Presses the ACPI power button, as QEMU does: the guest decides whether and how to shut
-    /// down, and a paused guest sees the press when it runs again. A guest that never ran has
-    /// no button driver to see it, and nothing would keep the press for later.
+    /// down. The press waits for a guest that cannot take it yet (paused, not started, still
+    /// booting).
     fn system_powerdown(&mut self) -> Result<Value, RequestError> {
         self.busy_migrating()?;
         match self.status {
-            RunStatus::Running | RunStatus::Paused => {}
-            RunStatus::Prelaunch => {
-                return Err(RequestError(
-                    "the guest has not started, so it cannot answer the power button; use 'quit' \
-                     to end the VM, or 'cont' and press it once the guest runs"
-                        .into(),
-                ))
-            }
+            RunStatus::Running | RunStatus::Paused | RunStatus::Prelaunch => {}
             RunStatus::InMigrate => {
                 return Err(RequestError(
                     "this VM is waiting for an incoming migration; it has no guest to power down \
@@ -338,10 +331,7 @@ impl Vmm {
                 )))
             }
         }
-        self.vm_mut()
-            .machine
-            .devices
-            .power_button
+        crate::machine::devices::lock(&self.vm_mut().machine.devices.power_button)
             .press()
             .map_err(|e| RequestError(format!("cannot press the power button: {e}")))?;
         tracing::info!("power button pressed");
