@@ -609,6 +609,58 @@ mod tests {
         );
     }
 
+    /// ACPICA, the AML interpreter Linux itself uses, loads the DSDT, and the event device's
+    /// handler, with a press in its register, notifies the power button; `\\_S5` evaluates
+    /// (`acpiexec`, from Debian's acpica-tools; under `CI=true` a missing one fails the test).
+    #[test]
+    fn acpica_loads_the_dsdt_and_runs_the_power_button_handler() {
+        let found = std::process::Command::new("acpiexec").arg("-v").output();
+        if found.is_err() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "acpiexec is missing; CI=true requires this test to run (apt-get install \
+                 acpica-tools)"
+            );
+            eprintln!("SKIPPED: acpiexec is missing; the DSDT was not run through ACPICA");
+            return;
+        }
+        let tables = build(2, &ram_layout(256 << 20)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dsdt.aml");
+        std::fs::write(&path, find(&walk(&tables), b"DSDT")).unwrap();
+        // acpiexec simulates the I/O port as memory, which its init file writes.
+        let pressed = dir.path().join("pressed");
+        std::fs::write(&pressed, format!("\\_SB.GED0.GDAT {POWER_BUTTON_EVENT}\n")).unwrap();
+        let commands =
+            format!("execute \\_SB.GED0._EVT {POWER_BUTTON_GSI}; evaluate \\_S5_; namespace");
+        let output = std::process::Command::new("acpiexec")
+            .arg("-fi")
+            .arg(&pressed)
+            .arg("-b")
+            .arg(&commands)
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{text}");
+        assert!(
+            text.contains("Received a Device Notify on [PWRB]") && text.contains("Value 0x80"),
+            "_EVT did not notify the button\n{text}"
+        );
+        assert!(text.contains("Evaluation of \\_S5_ returned"), "{text}");
+        for name in ["PCI0", "COM1", "MRES", "PWRB", "GED0", "GDAT"] {
+            assert!(
+                text.contains(name),
+                "{name} missing from the namespace\n{text}"
+            );
+        }
+        for error in ["ACPI Error", "ACPI Exception", "failed with status", "AE_"] {
+            assert!(!text.contains(error), "{error}\n{text}");
+        }
+    }
+
     /// The DSDT carries the resource descriptors the guest needs, in their encoded form
     /// (ACPI 6.5, 6.4.3 and 6.4.2).
     #[test]
