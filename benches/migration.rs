@@ -34,9 +34,9 @@
 //! 30), the peak memory each ferry process used beyond its guest's RAM while migrating (from
 //! `/proc/PID/smaps`, see `migration/memory.rs`), as the median, minimum and maximum of the
 //! runs. The raw figures are the median of at least five runs; beside them, the same socket
-//! with the reader landing the bytes in memory it never touched (one run per case run): a
-//! destination's guest RAM is such memory, and on this host (a VM whose freed memory goes back
-//! to its own host) backing it costs more than the copy. It is a reference, not a ceiling:
+//! with the reader landing the bytes in memory it never touched, on transparent huge pages as
+//! guest RAM is (one run per case run): a destination's guest RAM is such memory, and on this
+//! host (a VM whose freed memory goes back to its own host) backing it costs more than the copy. It is a reference, not a ceiling:
 //! ferry's destination backs RAM on a thread of its own while it receives. Next to every figure it prints how
 //! many cores' worth of CPU other processes took meanwhile: the host has two cores, and other
 //! work on it skews the results.
@@ -498,7 +498,11 @@ fn raw_throughput(transport: Transport, bytes: u64, landing: Landing) -> anyhow:
     // Made before the clock starts; a zeroed allocation this large is fresh anonymous memory.
     let mut target = match landing {
         Landing::Reused => vec![1u8; RAW_IO_SIZE],
-        Landing::Fresh => vec![0u8; bytes as usize],
+        Landing::Fresh => {
+            let fresh = vec![0u8; bytes as usize];
+            prefer_huge_pages(&fresh);
+            fresh
+        }
     };
     let receiver = std::thread::spawn(move || -> std::io::Result<Instant> {
         let mut reader = reader;
@@ -528,6 +532,19 @@ fn raw_throughput(transport: Transport, bytes: u64, landing: Landing) -> anyhow:
         .join()
         .map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
     Ok(bytes as f64 / GIB / (finished - started).as_secs_f64())
+}
+
+/// Backs `memory` the way ferry backs guest RAM (transparent huge pages), so that landing in
+/// it costs what landing in a destination's RAM does.
+fn prefer_huge_pages(memory: &[u8]) {
+    let page = 4096;
+    let start = (memory.as_ptr() as usize).next_multiple_of(page);
+    let end = (memory.as_ptr() as usize + memory.len()) / page * page;
+    if end > start {
+        // SAFETY: the range lies within `memory`'s allocation, page-aligned; MADV_HUGEPAGE
+        // changes how the kernel backs it, never its contents.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1562,7 +1579,8 @@ fn guarded<T>(f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, String> {
 fn raw_section(options: &Options) -> anyhow::Result<Vec<RawFigures>> {
     println!(
         "== raw socket throughput: {} GiB from memory in {} MiB writes, reader on another thread \
-         (fresh: {} GiB read into memory never touched before, as a destination's guest RAM)",
+         (fresh: {} GiB read into memory never touched before, on huge pages, as a \
+         destination's guest RAM)",
         RAW_BYTES >> 30,
         RAW_IO_SIZE >> 20,
         FRESH_RAW_BYTES >> 30
