@@ -81,8 +81,10 @@ pub const GED_EVENT_PORT: u16 = 0x602;
 pub const POWER_BUTTON_EVENT: u8 = 1;
 
 /// The power button. A press is latched, as QEMU's PM1 status latches one: the interrupt line
-/// stays asserted until the guest acknowledges it, so a press the guest cannot take yet (early
-/// boot, the pin still masked, the VM paused or migrating) reaches it once it can.
+/// stays asserted until the guest's event handler acknowledges it, so a press made while the
+/// VM is paused, not yet started or migrating, or before the guest unmasks the pin, reaches the
+/// handler once it runs. (Linux's GED driver may take it before userspace can act on it, and
+/// that press is then spent, as on QEMU.)
 pub struct PowerButton {
     vm: Arc<VmFd>,
     pressed: bool,
@@ -94,8 +96,10 @@ impl PowerButton {
     }
 
     pub fn press(&mut self) -> Result<(), kvm_ioctls::Error> {
+        // Latched only once the line is up: a press QMP reports as failed never arrives later.
+        self.vm.set_irq_line(POWER_BUTTON_GSI, true)?;
         self.pressed = true;
-        self.vm.set_irq_line(POWER_BUTTON_GSI, true)
+        Ok(())
     }
 
     pub fn read_events(&self) -> u8 {
@@ -110,10 +114,11 @@ impl PowerButton {
         if events & POWER_BUTTON_EVENT == 0 || !self.pressed {
             return;
         }
-        self.pressed = false;
-        if let Err(error) = self.vm.set_irq_line(POWER_BUTTON_GSI, false) {
-            // The guest will be interrupted again and find no event; nothing is lost.
-            tracing::warn!(%error, "cannot lower the power button's interrupt");
+        // The press stays latched if the line cannot drop, so that the register and the line
+        // agree (KVM refuses only without an in-kernel irqchip, which ferry always has).
+        match self.vm.set_irq_line(POWER_BUTTON_GSI, false) {
+            Ok(()) => self.pressed = false,
+            Err(error) => tracing::warn!(%error, "cannot lower the power button's interrupt"),
         }
     }
 }
@@ -137,7 +142,8 @@ impl Migratable for PowerButton {
 
     fn restore_state(&mut self, state: PowerButtonState) -> Result<(), StateError> {
         self.pressed = state.pressed;
-        // KVM keeps a line's level outside the interrupt controller's saved state.
+        // KVM's per-source level of the line is not in the saved IOAPIC; raising it again
+        // keeps KVM consistent, so that the acknowledgement's lowering acts on it.
         self.vm
             .set_irq_line(POWER_BUTTON_GSI, state.pressed)
             .map_err(|error| StateError::Restore {

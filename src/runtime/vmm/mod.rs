@@ -311,8 +311,8 @@ impl Vmm {
     }
 
     /// Presses the ACPI power button, as QEMU does: the guest decides whether and how to shut
-    /// down. The press waits for a guest that cannot take it yet (paused, not started, still
-    /// booting).
+    /// down. The press waits for the guest's event handler (a paused or not yet started guest
+    /// takes it when it runs).
     fn system_powerdown(&mut self) -> Result<Value, RequestError> {
         self.busy_migrating()?;
         match self.status {
