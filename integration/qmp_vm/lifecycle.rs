@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::client::{names, Client};
-use crate::common::{kvm_available, kvm_lock};
+use crate::common::{kvm_available, kvm_lock, Ferry};
 use crate::support::{
     assert_clean_exit, assert_no_panic, assert_quiet, assert_runs, connect, World, BOOT, QUIET,
 };
@@ -204,14 +204,20 @@ fn system_powerdown_presses_the_power_button() {
         vm.context()
     );
     assert_eq!(qmp.ok("cont", json!({})), json!({}));
+    assert_powered_off_by_the_button(&mut qmp, &mut vm, "system_powerdown");
+}
+
+/// The guest took the press and powered off: SHUTDOWN `guest-shutdown`, a clean exit, and the
+/// guest's own lines in that order.
+fn assert_powered_off_by_the_button(qmp: &mut Client, vm: &mut Ferry, what: &str) {
     let shutdown = qmp.event("SHUTDOWN", BOOT);
     assert_eq!(
         shutdown["data"],
         json!({"guest": true, "reason": "guest-shutdown"}),
-        "{shutdown}"
+        "{what}: {shutdown}"
     );
     qmp.until_closed(Duration::from_secs(10));
-    assert_clean_exit(&mut vm, "system_powerdown");
+    assert_clean_exit(vm, what);
     let lines = vm.lines();
     let pressed = lines.iter().position(|l| l == "power button");
     let powered_off = lines
@@ -219,7 +225,7 @@ fn system_powerdown_presses_the_power_button() {
         .position(|l| l == "powering off through port 0x600");
     assert!(
         matches!((pressed, powered_off), (Some(p), Some(o)) if p < o),
-        "the guest did not answer the button\n{}",
+        "{what}: the guest did not answer the button\n{}",
         vm.context()
     );
 }
@@ -240,19 +246,7 @@ fn a_power_button_press_before_the_guest_starts_waits_for_it() {
     assert_eq!(qmp.ok("system_powerdown", json!({})), json!({}));
     qmp.event("POWERDOWN", Duration::from_secs(5));
     assert_eq!(qmp.ok("cont", json!({})), json!({}));
-    let shutdown = qmp.event("SHUTDOWN", BOOT);
-    assert_eq!(
-        shutdown["data"],
-        json!({"guest": true, "reason": "guest-shutdown"}),
-        "{shutdown}"
-    );
-    qmp.until_closed(Duration::from_secs(10));
-    assert_clean_exit(&mut vm, "an early press");
-    assert!(
-        vm.lines().iter().any(|l| l == "power button"),
-        "{}",
-        vm.context()
-    );
+    assert_powered_off_by_the_button(&mut qmp, &mut vm, "an early press");
 }
 
 /// SIGTERM and SIGINT end the VM like `quit`, announced with QEMU's reason `host-signal`.
