@@ -16,7 +16,7 @@ const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_IA32_TSC: u32 = 0x10;
+pub(crate) const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
@@ -169,11 +169,16 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), Cp
 }
 
 fn set_lvt_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
-    let mut bytes = [0u8; 4];
-    for (byte, reg) in bytes.iter_mut().zip(&regs[offset..offset + 4]) {
-        *byte = *reg as u8;
-    }
-    let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    let value = (lapic_reg(regs, offset) & !0x700) | (mode << 8);
+    set_lapic_reg(regs, offset, value);
+}
+
+/// The 32-bit LAPIC register at `offset` of KVM's register page.
+pub(crate) fn lapic_reg(regs: &[std::os::raw::c_char], offset: usize) -> u32 {
+    u32::from_le_bytes(std::array::from_fn(|i| regs[offset + i] as u8))
+}
+
+pub(crate) fn set_lapic_reg(regs: &mut [std::os::raw::c_char], offset: usize, value: u32) {
     for (reg, byte) in regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
         *reg = byte as std::os::raw::c_char;
     }

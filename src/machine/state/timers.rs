@@ -11,6 +11,7 @@ use std::time::Duration;
 use kvm_bindings::kvm_lapic_state;
 
 use super::{VcpuState, VmChipState};
+use crate::machine::cpu::{lapic_reg, set_lapic_reg, MSR_IA32_TSC};
 
 /// Register offsets in the LAPIC page.
 const LVT_TIMER: usize = 0x320;
@@ -23,9 +24,6 @@ const TSC_DEADLINE_MODE: u32 = 2;
 /// KVM's LAPIC bus runs at 1 GHz unless a VMM changes it (KVM_CAP_X86_APIC_BUS_CYCLES_NS,
 /// which ferry leaves alone): one count per nanosecond before the divider.
 const BUS_CYCLE_NS: u64 = 1;
-
-/// The TSC's MSR.
-const MSR_IA32_TSC: u32 = 0x10;
 
 impl VcpuState {
     /// Moves the vCPU's clocks on by `elapsed`: the TSC at `tsc_khz` (if known) and the LAPIC
@@ -40,14 +38,14 @@ impl VcpuState {
             }
         }
         let lapic = &mut self.lapic;
-        let mode = (read(lapic, LVT_TIMER) >> TIMER_MODE_SHIFT) & 3;
-        let current = read(lapic, CURRENT_COUNT);
-        if mode == TSC_DEADLINE_MODE || current == 0 || read(lapic, INITIAL_COUNT) == 0 {
+        let mode = (lapic_reg(&lapic.regs, LVT_TIMER) >> TIMER_MODE_SHIFT) & 3;
+        let current = lapic_reg(&lapic.regs, CURRENT_COUNT);
+        if mode == TSC_DEADLINE_MODE || current == 0 || lapic_reg(&lapic.regs, INITIAL_COUNT) == 0 {
             return;
         }
         let counts = elapsed.as_nanos() / u128::from(BUS_CYCLE_NS * divisor(lapic));
         let left = u128::from(current).saturating_sub(counts).max(1);
-        write(lapic, CURRENT_COUNT, left as u32);
+        set_lapic_reg(&mut lapic.regs, CURRENT_COUNT, left as u32);
     }
 }
 
@@ -61,20 +59,9 @@ impl VmChipState {
 
 /// The timer's divider from the divide configuration register (bits 0, 1 and 3).
 fn divisor(lapic: &kvm_lapic_state) -> u64 {
-    let config = read(lapic, DIVIDE_CONFIG);
+    let config = lapic_reg(&lapic.regs, DIVIDE_CONFIG);
     let code = (config & 3) | ((config & 8) >> 1);
     1 << ((code + 1) & 7)
-}
-
-fn read(lapic: &kvm_lapic_state, offset: usize) -> u32 {
-    let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
-    u32::from_le_bytes(bytes)
-}
-
-fn write(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
-    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
-        lapic.regs[offset + i] = byte as _;
-    }
 }
 
 #[cfg(test)]
@@ -83,10 +70,14 @@ mod tests {
 
     fn lapic(mode: u32, divide_config: u32, initial: u32, current: u32) -> kvm_lapic_state {
         let mut lapic = kvm_lapic_state::default();
-        write(&mut lapic, LVT_TIMER, 0x20 | (mode << TIMER_MODE_SHIFT));
-        write(&mut lapic, DIVIDE_CONFIG, divide_config);
-        write(&mut lapic, INITIAL_COUNT, initial);
-        write(&mut lapic, CURRENT_COUNT, current);
+        set_lapic_reg(
+            &mut lapic.regs,
+            LVT_TIMER,
+            0x20 | (mode << TIMER_MODE_SHIFT),
+        );
+        set_lapic_reg(&mut lapic.regs, DIVIDE_CONFIG, divide_config);
+        set_lapic_reg(&mut lapic.regs, INITIAL_COUNT, initial);
+        set_lapic_reg(&mut lapic.regs, CURRENT_COUNT, current);
         lapic
     }
 
@@ -111,7 +102,7 @@ mod tests {
             ..empty_state()
         };
         state.age(elapsed, None);
-        read(&state.lapic, CURRENT_COUNT)
+        lapic_reg(&state.lapic.regs, CURRENT_COUNT)
     }
 
     #[test]
@@ -164,14 +155,14 @@ mod tests {
         let (_source_vm, source) = vcpu_with_lapic();
         let mut armed = source.get_lapic().unwrap();
         // Software-enabled, periodic, divide by 1, one second.
-        write(&mut armed, 0xf0, 0x1ff);
-        write(&mut armed, LVT_TIMER, 0x20 | (1 << TIMER_MODE_SHIFT));
-        write(&mut armed, DIVIDE_CONFIG, 0b1011);
-        write(&mut armed, INITIAL_COUNT, second);
-        write(&mut armed, CURRENT_COUNT, second);
+        set_lapic_reg(&mut armed.regs, 0xf0, 0x1ff);
+        set_lapic_reg(&mut armed.regs, LVT_TIMER, 0x20 | (1 << TIMER_MODE_SHIFT));
+        set_lapic_reg(&mut armed.regs, DIVIDE_CONFIG, 0b1011);
+        set_lapic_reg(&mut armed.regs, INITIAL_COUNT, second);
+        set_lapic_reg(&mut armed.regs, CURRENT_COUNT, second);
         source.set_lapic(&armed).unwrap();
         let saved = source.get_lapic().unwrap();
-        let count = read(&saved, CURRENT_COUNT);
+        let count = lapic_reg(&saved.regs, CURRENT_COUNT);
         assert!(count > second / 2 && count <= second, "{count}");
 
         let transit = Duration::from_millis(100);
@@ -182,7 +173,7 @@ mod tests {
         state.age(transit, None);
         let (_destination_vm, destination) = vcpu_with_lapic();
         destination.set_lapic(&state.lapic).unwrap();
-        let restored = read(&destination.get_lapic().unwrap(), CURRENT_COUNT);
+        let restored = lapic_reg(&destination.get_lapic().unwrap().regs, CURRENT_COUNT);
         let expected = count - transit.as_nanos() as u32;
         // Restoring and reading back take microseconds; the host may add a few ms.
         assert!(
