@@ -500,7 +500,9 @@ fn raw_throughput(transport: Transport, bytes: u64, landing: Landing) -> anyhow:
         Landing::Reused => vec![1u8; RAW_IO_SIZE],
         Landing::Fresh => {
             let fresh = vec![0u8; bytes as usize];
-            prefer_huge_pages(&fresh);
+            // Backed as ferry backs guest RAM, so that landing in it costs what landing in a
+            // destination's RAM does; a host without THP leaves it on small pages, as ferry.
+            let _ = ferry::machine::memory::advise_huge_pages(&fresh);
             fresh
         }
     };
@@ -532,19 +534,6 @@ fn raw_throughput(transport: Transport, bytes: u64, landing: Landing) -> anyhow:
         .join()
         .map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
     Ok(bytes as f64 / GIB / (finished - started).as_secs_f64())
-}
-
-/// Backs `memory` the way ferry backs guest RAM (transparent huge pages), so that landing in
-/// it costs what landing in a destination's RAM does.
-fn prefer_huge_pages(memory: &[u8]) {
-    let page = 4096;
-    let start = (memory.as_ptr() as usize).next_multiple_of(page);
-    let end = (memory.as_ptr() as usize + memory.len()) / page * page;
-    if end > start {
-        // SAFETY: the range lies within `memory`'s allocation, page-aligned; MADV_HUGEPAGE
-        // changes how the kernel backs it, never its contents.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -129,17 +129,32 @@ pub fn create_guest_memory(layout: &[RamRange]) -> Result<GuestMemory, MemoryErr
 /// speed.
 fn prefer_huge_pages(memory: &GuestMemory) {
     for region in memory.iter() {
-        let len = region.len() as usize;
-        // SAFETY: the range is the region's own mapping, which `memory` keeps; MADV_HUGEPAGE
-        // changes how the kernel backs it, never its contents.
-        let result = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
-        if result != 0 {
-            tracing::debug!(
-                gpa = region.start_addr().0,
-                error = %std::io::Error::last_os_error(),
-                "guest RAM stays on small pages"
-            );
+        // SAFETY: the range is the region's own mapping, which `memory` keeps mapped, and it
+        // was only just created: no vCPU or device writes it while the slice lives.
+        let slice = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) };
+        if let Err(error) = advise_huge_pages(slice) {
+            tracing::debug!(gpa = region.start_addr().0, %error, "guest RAM stays on small pages");
         }
+    }
+}
+
+/// Asks for transparent huge pages under the whole pages of `memory` (the benchmark's stand-in
+/// for a destination's RAM backs itself the same way).
+pub fn advise_huge_pages(memory: &[u8]) -> std::io::Result<()> {
+    let page = PAGE_SIZE as usize;
+    let start = (memory.as_ptr() as usize).next_multiple_of(page);
+    let end = (memory.as_ptr() as usize + memory.len()) / page * page;
+    if end <= start {
+        return Ok(());
+    }
+    // SAFETY: the range lies within `memory`, page-aligned; MADV_HUGEPAGE changes how the kernel
+    // backs it, never its contents.
+    let result =
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
