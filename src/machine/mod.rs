@@ -28,6 +28,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::boot::KernelImage;
 use self::cpu::HostQuirks;
+use self::devices::power::{
+    GED_EVENT_PORT, POWER_BUTTON_GSI, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
+};
 use self::devices::{
     Devices, Disk, PowerButton, ResetTrigger, Serial, SerialOutput, SleepControl, I8042,
 };
@@ -294,9 +297,12 @@ impl Machine {
                     kind: "acpi-power".into(),
                     id: "acpi-power".into(),
                     attributes: attributes(&[
-                        ("sleep-ports", "0x600,0x601"),
-                        ("event-port", "0x602"),
-                        ("button-gsi", "23"),
+                        (
+                            "sleep-ports",
+                            &format!("{SLEEP_CONTROL_PORT:#x},{SLEEP_STATUS_PORT:#x}"),
+                        ),
+                        ("event-port", &format!("{GED_EVENT_PORT:#x}")),
+                        ("button-gsi", &POWER_BUTTON_GSI.to_string()),
                     ]),
                 },
             ]

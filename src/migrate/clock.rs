@@ -50,6 +50,11 @@ impl PeerClock {
         }
     }
 
+    /// The round trip of the probe the offset came from.
+    pub fn round_trip(&self) -> Duration {
+        self.round_trip
+    }
+
     /// How far off a mapped moment can be: half the probe's round trip.
     pub fn uncertainty(&self) -> Duration {
         self.round_trip / 2

@@ -257,7 +257,7 @@ async fn stream_guest(
     let mut cost = SwitchoverCost {
         pause,
         sync: Duration::ZERO,
-        round_trip: peer_clock.uncertainty() * 2,
+        round_trip: peer_clock.round_trip(),
     };
     // Round 0 sends everything, so what ferry wrote before now needs no record.
     for region in memory.iter() {
