@@ -317,7 +317,8 @@ async fn stream_guest(
                 params.throttle,
             ));
         }
-        let expected = expected_downtime(dirty * PAGE_SIZE, bandwidth).saturating_add(cost.total());
+        let fixed = cost.total();
+        let expected = expected_downtime(dirty * PAGE_SIZE, bandwidth).saturating_add(fixed);
         {
             let mut progress = shared.progress();
             progress.dirty_sync_count += 1;
@@ -350,7 +351,7 @@ async fn stream_guest(
             // What this round started with: did sending it leave less than half behind?
             pages * PAGE_SIZE,
             bandwidth,
-            cost.total(),
+            fixed,
             limit,
         );
         let timed_out = params.convergence_timed_out(started.elapsed());
@@ -370,7 +371,7 @@ async fn stream_guest(
                 round + 1,
                 (dirty * PAGE_SIZE) >> 20,
                 expected.as_millis(),
-                cost.total().as_millis(),
+                fixed.as_millis(),
                 params.downtime_limit_ms
             )));
         }

@@ -120,7 +120,11 @@ impl Vcpus {
         for (handle, run_delay) in self.handles.iter().zip(&self.run_delays) {
             let (ack, acked) = oneshot::channel();
             let read_at = Instant::now();
-            let before = run_delay.as_ref().and_then(RunDelay::read_if_runnable);
+            // Paused vCPUs left the guest long ago: no /proc read for them.
+            let before = run_delay
+                .as_ref()
+                .filter(|_| sent.were_running)
+                .and_then(RunDelay::read_if_runnable);
             handle.send(VcpuEvent::Pause {
                 ack,
                 measure: before.is_some(),
