@@ -22,7 +22,6 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use tokio::sync::mpsc::UnboundedSender;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,7 +38,7 @@ use self::memory::{GuestMemory, RamRange};
 use self::pci::{BarAllocator, PciRoot};
 use crate::cli::{Config, SerialTarget};
 use crate::migrate::state::{DeviceDescription, VmDescription};
-use crate::runtime::GuestEvent;
+use crate::runtime::GuestEvents;
 
 /// Where KVM keeps its real-mode TSS and identity map: three pages just below the BIOS ROM.
 const TSS_ADDRESS: usize = 0xfffb_d000;
@@ -133,6 +132,8 @@ pub struct Machine {
     pub quirks: HostQuirks,
     /// The CPUID the guest sees on vCPU 0, for the migration configuration check.
     pub cpuid: CpuId,
+    /// What the devices tell the owner; a switchover asks it whether the guest ended the VM.
+    pub guest_events: GuestEvents,
 }
 
 impl Machine {
@@ -140,7 +141,7 @@ impl Machine {
     /// (an incoming migration brings all of that), loads the kernel.
     pub fn new(
         config: &Config,
-        guest_events: UnboundedSender<GuestEvent>,
+        guest_events: GuestEvents,
         boot: bool,
     ) -> Result<Self, MachineError> {
         let kvm = Kvm::new().map_err(MachineError::OpenKvm)?;
@@ -175,7 +176,7 @@ impl Machine {
         let devices = Arc::new(create_devices(
             &vm,
             config,
-            guest_events,
+            guest_events.clone(),
             &router,
             &memory,
             &layout,
@@ -206,6 +207,7 @@ impl Machine {
             machine_type: config.machine,
             quirks,
             cpuid,
+            guest_events,
         };
         if boot {
             machine.load_kernel(config)?;
@@ -316,7 +318,7 @@ impl Machine {
 fn create_devices(
     vm: &Arc<VmFd>,
     config: &Config,
-    guest_events: UnboundedSender<GuestEvent>,
+    guest_events: GuestEvents,
     router: &Arc<GsiRouter>,
     memory: &GuestMemory,
     layout: &[RamRange],

@@ -59,6 +59,11 @@ enum SendError {
     Timeout,
     #[error("{0}")]
     Local(String),
+    #[error(
+        "the guest ended the VM (a power-off, a reset or a vCPU that cannot go on) as the \
+         switchover began; the VM ends on the source, and the destination does not run it"
+    )]
+    GuestEnded,
 }
 
 impl From<AnswerError> for SendError {
@@ -423,6 +428,12 @@ async fn stream_guest(
             Some(vmstate::pause_and_save(vm).await.map_err(local)?)
         };
         phases.mark("pause");
+        // A paused guest asks for nothing more, so this answer is final: a guest that already
+        // asked to end the VM (its event still on the way to the owner) must not live on in
+        // the destination.
+        if vm.machine.guest_events.ended_by_guest() {
+            return Err(SendError::GuestEnded);
+        }
         // The downtime is the guest's blackout: on a busy host a vCPU thread can have been
         // waiting for a core, its guest stopped, for milliseconds before the pause.
         let left_guest: Vec<Instant> = match vm.vcpus.left_guest() {

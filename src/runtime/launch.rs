@@ -5,13 +5,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::console::{spawn_stdin_reader, RawTerminal};
 use super::control::VmHandle;
 use super::vcpu::install_kick_handler;
 use super::vmm::{Ending, Vmm};
+use super::GuestEvents;
 use crate::cli::{Config, SerialTarget};
 use crate::machine::Machine;
 use crate::migrate::transport::Listener;
@@ -23,7 +23,7 @@ const QMP_DRAIN_DEADLINE: Duration = Duration::from_secs(1);
 /// Runs the VM that `config` describes until it ends, and says how ferry should exit.
 pub async fn launch(config: Config) -> anyhow::Result<ExitCode> {
     install_kick_handler()?;
-    let (guest_tx, guest_rx) = mpsc::unbounded_channel();
+    let (guest_tx, guest_rx) = GuestEvents::channel();
     let machine = match Machine::new(&config, guest_tx.clone(), config.incoming.is_none()) {
         Ok(machine) => machine,
         Err(error) if error.is_usage() => {

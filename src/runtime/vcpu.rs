@@ -14,13 +14,12 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::run_delay::RunDelay;
 use super::throttle::Throttle;
-use super::GuestEvent;
+use super::{GuestEvent, GuestEvents};
 use crate::machine::devices::Devices;
 use std::sync::Arc;
 
@@ -127,7 +126,7 @@ impl VcpuHandle {
         index: u32,
         vcpu: VcpuFd,
         devices: Arc<Devices>,
-        guest_events: UnboundedSender<GuestEvent>,
+        guest_events: GuestEvents,
         throttle: Throttle,
     ) -> Result<Self, VcpuError> {
         let (events, receiver) = mpsc::channel();
@@ -219,7 +218,7 @@ struct VcpuThread {
     index: u32,
     vcpu: VcpuFd,
     devices: Arc<Devices>,
-    guest_events: UnboundedSender<GuestEvent>,
+    guest_events: GuestEvents,
     events: Receiver<VcpuEvent>,
     throttle: Throttle,
     /// Set by a resume until the guest's first exit, for a debug line.
@@ -379,7 +378,7 @@ impl VcpuThread {
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
                 tracing::info!(vcpu = self.index, "guest triple fault");
-                let _ = self.guest_events.send(GuestEvent::TripleFault);
+                self.guest_events.send(GuestEvent::TripleFault);
                 return RunState::Paused;
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
@@ -387,7 +386,7 @@ impl VcpuThread {
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => GuestEvent::Reset,
                     _ => GuestEvent::Poweroff,
                 };
-                let _ = self.guest_events.send(event);
+                self.guest_events.send(event);
                 return RunState::Paused;
             }
             Ok(exit) => {
@@ -431,7 +430,7 @@ impl VcpuThread {
                 "{reason}"
             );
         }
-        let _ = self.guest_events.send(GuestEvent::Crashed(reason));
+        self.guest_events.send(GuestEvent::Crashed(reason));
         RunState::Paused
     }
 }

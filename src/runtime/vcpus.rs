@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
 use super::run_delay::RunDelay;
 use super::throttle::Throttle;
 use super::vcpu::{Kicker, PauseAck, VcpuError, VcpuEvent, VcpuHandle, ACK_DEADLINE};
-use super::GuestEvent;
+use super::GuestEvents;
 use crate::machine::devices::Devices;
 
 /// Every vCPU thread of the VM.
@@ -31,7 +30,7 @@ impl Vcpus {
     pub fn spawn(
         vcpus: Vec<VcpuFd>,
         devices: Arc<Devices>,
-        guest_events: UnboundedSender<GuestEvent>,
+        guest_events: GuestEvents,
     ) -> Result<Self, VcpuError> {
         let throttle = Throttle::default();
         let handles = vcpus

@@ -1,21 +1,19 @@
 //! The i8042 keyboard controller, present so that a guest reset through it (`reboot=k`, the
 //! 0xFE command) ends the VM.
 
-use tokio::sync::mpsc::UnboundedSender;
 use vm_superio::{I8042Device, Trigger};
 
-use crate::runtime::GuestEvent;
+use crate::runtime::{GuestEvent, GuestEvents};
 
 /// Tells the VM owner that the guest asked for a reset.
 #[derive(Debug, Clone)]
-pub struct ResetTrigger(pub UnboundedSender<GuestEvent>);
+pub struct ResetTrigger(pub GuestEvents);
 
 impl Trigger for ResetTrigger {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
-        // The owner may already be gone during teardown; nothing is left to reset then.
-        let _ = self.0.send(GuestEvent::Reset);
+        self.0.send(GuestEvent::Reset);
         Ok(())
     }
 }

@@ -17,11 +17,10 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc::UnboundedSender;
 
 use crate::migrate::state::{Migratable, StateError};
 
-use crate::runtime::GuestEvent;
+use crate::runtime::{GuestEvent, GuestEvents};
 
 /// SLEEP_CONTROL_REG, one byte in I/O space, in a range QEMU's q35 also gives to ACPI.
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
@@ -36,11 +35,11 @@ const SLEEP_ENABLE: u8 = 1 << 5;
 
 /// Turns the guest's write of soft-off into the owner's power-off.
 pub struct SleepControl {
-    guest_events: UnboundedSender<GuestEvent>,
+    guest_events: GuestEvents,
 }
 
 impl SleepControl {
-    pub fn new(guest_events: UnboundedSender<GuestEvent>) -> Self {
+    pub fn new(guest_events: GuestEvents) -> Self {
         Self { guest_events }
     }
 
@@ -50,8 +49,7 @@ impl SleepControl {
         }
         let sleep_type = (value & SLEEP_TYPE_MASK) >> SLEEP_TYPE_SHIFT;
         if sleep_type == SOFT_OFF_SLEEP_TYPE {
-            // The owner may already be gone during teardown; nothing is left to power off then.
-            let _ = self.guest_events.send(GuestEvent::Poweroff);
+            self.guest_events.send(GuestEvent::Poweroff);
         } else {
             // The DSDT names no other sleep state, so a guest that enters one guessed it.
             tracing::warn!(
@@ -161,7 +159,7 @@ mod tests {
         SleepControl,
         tokio::sync::mpsc::UnboundedReceiver<GuestEvent>,
     ) {
-        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let (sender, receiver) = GuestEvents::channel();
         (SleepControl::new(sender), receiver)
     }
 

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::control::{Envelope, Event, Request, RequestError, VmHandle};
 use super::vcpus::Vcpus;
-use super::{GuestEvent, Vm};
+use super::{GuestEvent, GuestEvents, Vm};
 use crate::cli::Config;
 use crate::machine::memory::GuestMemory;
 use crate::machine::Machine;
@@ -97,7 +97,7 @@ impl Vmm {
         mut machine: Machine,
         config: &Config,
         handle: VmHandle,
-        guest_events: mpsc::UnboundedSender<GuestEvent>,
+        guest_events: GuestEvents,
         shutdown: CancellationToken,
     ) -> Result<Self, VmmError> {
         let vcpu_fds = std::mem::take(&mut machine.vcpus);
