@@ -19,6 +19,9 @@
 //!
 //! A case named `...-cap256m` is `fill50` at 1 GiB with `max-bandwidth` set to 256 MiB/s: its
 //! bytes sent over the time after setup, as a share of the cap, shows whether the cap holds.
+//! A case named `...-1conn` is `fill50` with the `multifd` capability off: every page goes over
+//! the control connection, where by default they travel over `multifd-channels` (2) connections
+//! of their own.
 //!
 //! A guest that does not know a workload's option (it prints `warning: unknown option`) makes
 //! its case `unsupported`, which is reported and skipped, not failed. Every guest also gets
@@ -217,6 +220,8 @@ struct Case {
     mem_mib: u64,
     /// `max-bandwidth` in MiB/s, if the case sets one.
     cap_mib_per_s: Option<u64>,
+    /// The `multifd` capability off: every page over the control connection.
+    one_connection: bool,
 }
 
 impl Case {
@@ -226,7 +231,7 @@ impl Case {
             self.transport.name(),
             self.workload.name(),
             self.mem_mib >> 10,
-            self.cap_suffix()
+            self.suffix()
         )
     }
 
@@ -236,13 +241,14 @@ impl Case {
             self.transport.name(),
             self.workload.name(),
             self.mem_mib >> 10,
-            self.cap_suffix()
+            self.suffix()
         )
     }
 
-    fn cap_suffix(&self) -> String {
-        self.cap_mib_per_s
-            .map_or(String::new(), |cap| format!("-cap{cap}m"))
+    fn suffix(&self) -> String {
+        let cap = self.cap_mib_per_s.map(|cap| format!("-cap{cap}m"));
+        let one = self.one_connection.then(|| "-1conn".to_owned());
+        cap.into_iter().chain(one).collect()
     }
 
     fn max_bandwidth(&self) -> Option<u64> {
@@ -355,6 +361,7 @@ impl Options {
                         workload,
                         mem_mib,
                         cap_mib_per_s: None,
+                        one_connection: false,
                     });
                 }
             }
@@ -368,7 +375,20 @@ impl Options {
                     workload: Workload::Fill(50),
                     mem_mib: 1024,
                     cap_mib_per_s: Some(CAPPED_MIB_PER_S),
+                    one_connection: false,
                 });
+            }
+            // What the page connections (multifd, on by default) gain over one connection.
+            for &mem_mib in all_sizes {
+                for transport in Transport::ALL {
+                    cases.push(Case {
+                        transport,
+                        workload: Workload::Fill(50),
+                        mem_mib,
+                        cap_mib_per_s: None,
+                        one_connection: true,
+                    });
+                }
             }
         }
         cases.retain(|case| self.wanted(&case.name()));
@@ -992,6 +1012,13 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
         source.ok(
             "migrate-set-parameters",
             Some(json!({"max-bandwidth": cap})),
+        );
+    }
+    if case.one_connection {
+        let multifd = json!([{"capability": "multifd", "state": false}]);
+        source.ok(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": multifd})),
         );
     }
     let load_before = load_average();

@@ -129,8 +129,10 @@ fn assert_no_tsc_errors(vm: &Ferry) {
 }
 
 /// The source migrates a sweeping two-vCPU guest to a paused destination: both sides' RAM is
-/// byte-identical, the pattern is intact, and the sweeps go on after `cont`.
-fn memory_identity(transport: Transport) {
+/// byte-identical, the pattern is intact, and the sweeps go on after `cont`. With `channels`,
+/// the pages travel over that many connections of their own (`multifd`); without, `multifd` is
+/// off and everything goes over the one connection.
+fn memory_identity(transport: Transport, channels: Option<u64>) {
     if !kvm_available() {
         return;
     }
@@ -142,7 +144,27 @@ fn memory_identity(transport: Transport) {
     });
     let uri = world.uri();
     let destination = world.destination(2, &uri, true);
+    let mut qmp = source.qmp();
+    let multifd = json!([{"capability": "multifd", "state": channels.is_some()}]);
+    qmp.ok(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": multifd})),
+    );
+    if let Some(channels) = channels {
+        let parameters = json!({"multifd-channels": channels});
+        qmp.ok("migrate-set-parameters", Some(parameters));
+        let listed = qmp.ok("query-migrate-parameters", None);
+        assert_eq!(listed["multifd-channels"], channels, "{listed}");
+    }
     let info = migrate(&source, &uri);
+    let log = destination.stderr();
+    match channels {
+        Some(channels) => {
+            let accepted = format!("page connections accepted lanes={channels}");
+            assert!(log.contains(&accepted), "{log}");
+        }
+        None => assert!(!log.contains("page connections accepted"), "{log}"),
+    }
     assert!(info["ram"]["transferred"].as_u64().unwrap() > 0, "{info}");
     assert!(info.get("downtime").is_some(), "{info}");
     assert_eq!(source.qmp().status(), "postmigrate");
@@ -200,13 +222,23 @@ fn a_pending_power_button_press_migrates_with_the_guest() {
 }
 
 #[test]
-fn memory_is_identical_after_migration_over_tcp() {
-    memory_identity(Transport::Tcp);
+fn memory_is_identical_after_migration_over_three_tcp_page_connections() {
+    memory_identity(Transport::Tcp, Some(3));
 }
 
 #[test]
-fn memory_is_identical_after_migration_over_unix() {
-    memory_identity(Transport::Unix);
+fn memory_is_identical_after_migration_over_two_unix_page_connections() {
+    memory_identity(Transport::Unix, Some(2));
+}
+
+#[test]
+fn memory_is_identical_after_migration_over_one_tcp_connection() {
+    memory_identity(Transport::Tcp, None);
+}
+
+#[test]
+fn memory_is_identical_after_migration_over_one_unix_connection() {
+    memory_identity(Transport::Unix, None);
 }
 
 /// A running destination takes over: its first tick follows the source's last on every vCPU,

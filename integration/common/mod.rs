@@ -102,9 +102,31 @@ pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
                 Ok(Message::Config(_))
             ));
             write_message(&mut stream, &Message::Accept).await.unwrap();
+            let mut next = read_message(&mut stream).await;
+            // Page connections, if the source opens any, are taken as the control one is.
+            let mut lanes = Vec::new();
+            if let Ok(Message::Lanes(offer)) = next {
+                listener.set_nonblocking(true).unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                for _ in 0..offer.count {
+                    let (mut lane, _) = listener.accept().await.unwrap();
+                    read_header(&mut lane).await.unwrap();
+                    let hello = read_message(&mut lane).await;
+                    assert!(matches!(hello, Ok(Message::Lane(_))), "{hello:?}");
+                    if read {
+                        tokio::spawn(async move { while read_message(&mut lane).await.is_ok() {} });
+                    } else {
+                        lanes.push(lane);
+                    }
+                }
+                write_message(&mut stream, &Message::Accept).await.unwrap();
+                next = read_message(&mut stream).await;
+            }
             for reading in 0..ferry::migrate::clock::PROBES as u64 {
-                let probe = read_message(&mut stream).await;
-                assert!(matches!(probe, Ok(Message::ClockProbe)), "{probe:?}");
+                if reading > 0 {
+                    next = read_message(&mut stream).await;
+                }
+                assert!(matches!(next, Ok(Message::ClockProbe)), "{next:?}");
                 write_message(&mut stream, &Message::Clock(reading))
                     .await
                     .unwrap();

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 const AUTO_CONVERGE: &str = "auto-converge";
 const EVENTS: &str = "events";
+const MULTIFD: &str = "multifd";
 /// QEMU's other capabilities, in its order.
 const ABSENT: &[&str] = &[
     "xbzrle",
@@ -21,7 +22,6 @@ const ABSENT: &[&str] = &[
     "release-ram",
     "return-path",
     "pause-before-switchover",
-    "multifd",
     "dirty-bitmaps",
     "postcopy-blocktime",
     "late-block-activate",
@@ -48,12 +48,15 @@ pub enum CapabilityError {
 pub struct Capabilities {
     /// Hold the vCPUs back when rounds stop shrinking (the throttle parameters say how hard).
     pub auto_converge: bool,
+    /// Pages travel over `multifd-channels` connections of their own (see `lanes`).
+    pub multifd: bool,
 }
 
 impl Default for Capabilities {
     fn default() -> Self {
         Self {
             auto_converge: true,
+            multifd: true,
         }
     }
 }
@@ -65,6 +68,7 @@ impl Capabilities {
         for (name, state) in changes {
             match (name.as_str(), *state) {
                 (AUTO_CONVERGE, state) => updated.auto_converge = state,
+                (MULTIFD, state) => updated.multifd = state,
                 (EVENTS, true) => {}
                 (EVENTS, false) => return Err(CapabilityError::EventsOff),
                 (absent, false) if ABSENT.contains(&absent) => {}
@@ -80,7 +84,11 @@ impl Capabilities {
 
     /// The `query-migrate-capabilities` answer: every capability with its state.
     pub fn to_json(self) -> Value {
-        let known = [(AUTO_CONVERGE, self.auto_converge), (EVENTS, true)];
+        let known = [
+            (AUTO_CONVERGE, self.auto_converge),
+            (EVENTS, true),
+            (MULTIFD, self.multifd),
+        ];
         let absent = ABSENT.iter().map(|name| (*name, false));
         known
             .into_iter()
@@ -111,7 +119,7 @@ mod tests {
             listed[0],
             json!({"capability": "auto-converge", "state": false})
         );
-        assert_eq!(listed.as_array().unwrap().len(), 2 + ABSENT.len());
+        assert_eq!(listed.as_array().unwrap().len(), 3 + ABSENT.len());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The destination side: accept one source, check its configuration, take its pages and state,
 //! and run the guest only when the source commits.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -8,6 +9,7 @@ use tracing::{info, info_span, Instrument};
 
 use super::clock::LocalClock;
 use super::landing::{write_zero_runs, Landing, LandingError};
+use super::lanes::DestinationLanes;
 use super::phases::Phases;
 use super::progress::MigrationStatus;
 use super::transport::{BoxedStream, Listener};
@@ -67,7 +69,7 @@ impl From<LandingError> for ReceiveError {
 pub async fn receive(
     vm: &mut Vm,
     listener: Listener,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     cancel: CancellationToken,
 ) -> Outcome {
     let result = tokio::select! {
@@ -95,15 +97,14 @@ pub async fn receive(
 async fn accept_and_receive(
     vm: &mut Vm,
     listener: Listener,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> Result<bool, ReceiveError> {
     let (mut stream, peer) = listener
         .accept()
         .await
         .map_err(|e| ReceiveError::Local(format!("accept failed: {e}")))?;
-    drop(listener);
     let span = info_span!("migration", direction = "incoming", peer = %peer);
-    let result = receive_stream(vm, &mut stream, shared)
+    let result = receive_stream(vm, &mut stream, listener, shared)
         .instrument(span)
         .await;
     if let Err(error) = &result {
@@ -120,7 +121,8 @@ async fn accept_and_receive(
 async fn receive_stream(
     vm: &mut Vm,
     stream: &mut BoxedStream,
-    shared: &Shared,
+    listener: Listener,
+    shared: &Arc<Shared>,
 ) -> Result<bool, ReceiveError> {
     // The migration starts when the source connects, not when this side began to wait.
     let started = Instant::now();
@@ -145,24 +147,26 @@ async fn receive_stream(
 
     let ram_pages: u64 = vm.machine.layout.iter().map(|r| r.size / PAGE_SIZE).sum();
     let mut restored = false;
-    // Round 0's zero runs, until its first page data: then the rest of RAM is backed ahead.
+    // Round 0's zero runs, until its first page data or SYNC: then the rest of RAM is backed
+    // ahead.
     let mut zero_runs = Some(Vec::new());
     let mut backing = None;
     let mut landing = Landing::new(memory.clone());
+    // Kept until the source says whether it opens page connections of its own (right after
+    // ACCEPT), so that no other source can connect meanwhile.
+    let mut listener = Some(listener);
+    let mut lanes: Option<DestinationLanes> = None;
+    // Marks every lane must have passed: one per SYNC and one before the state.
+    let mut marks = 0;
     loop {
         let message = match wire::read_incoming(stream).await {
             Ok(Incoming::Pages { entries, data_len }) if !restored => {
+                drop(listener.take());
                 if let Some(runs) = zero_runs.take() {
                     backing = prefault::start(memory.clone(), runs);
                 }
                 let bytes = landing.receive(stream, &entries, data_len).await?;
-                let zero = entries.iter().filter(|e| e.zero).count() as u64;
-                let mut progress = shared.progress();
-                progress.transferred += bytes;
-                progress.duplicate += zero;
-                progress.normal += entries.len() as u64 - zero;
-                progress.bandwidth =
-                    progress.transferred as f64 / started.elapsed().as_secs_f64().max(1e-6);
+                shared.progress().count_landed(bytes, &entries);
                 continue;
             }
             Ok(Incoming::Pages { entries, .. }) => {
@@ -171,7 +175,18 @@ async fn receive_stream(
                     entries.len()
                 )));
             }
-            Ok(Incoming::Message(message)) => message,
+            Ok(Incoming::Message(Message::Lanes(offer))) if listener.is_some() => {
+                let listener = listener.take().expect("checked above");
+                let accepted = DestinationLanes::accept(&listener, offer, &memory, shared).await;
+                lanes = Some(accepted.map_err(|e| ReceiveError::Local(e.to_string()))?);
+                info!(lanes = offer.count, "page connections accepted");
+                wire::write_message(stream, &Message::Accept).await?;
+                continue;
+            }
+            Ok(Incoming::Message(message)) => {
+                drop(listener.take());
+                message
+            }
             Err(error) => return Err(error.into()),
         };
         match message {
@@ -184,7 +199,14 @@ async fn receive_stream(
                 progress.transferred += 8 + runs.len() as u64 * 16;
                 progress.duplicate += pages;
             }
-            Message::Sync if !restored => wire::write_message(stream, &Message::Synced).await?,
+            Message::Sync if !restored => {
+                if let Some(runs) = zero_runs.take() {
+                    backing = prefault::start(memory.clone(), runs);
+                }
+                marks += 1;
+                lanes_reached(&mut lanes, marks).await?;
+                wire::write_message(stream, &Message::Synced).await?;
+            }
             Message::ClockProbe if !restored => {
                 wire::write_message(stream, &Message::Clock(clock.now())).await?;
             }
@@ -209,6 +231,8 @@ async fn receive_stream(
             Message::State(sections) if !restored => {
                 // Stopped at round 0's report already; this covers a stream without one.
                 drop(backing.take());
+                marks += 1;
+                lanes_reached(&mut lanes, marks).await?;
                 let mut phases = Phases::start();
                 vmstate::restore(vm, sections, &clock)
                     .instrument(info_span!("device_state"))
@@ -274,6 +298,21 @@ async fn receive_stream(
                 )));
             }
         }
+    }
+}
+
+/// Waits for every lane (if the source opened any) to land everything before its `mark`-th
+/// mark.
+async fn lanes_reached(
+    lanes: &mut Option<DestinationLanes>,
+    mark: u64,
+) -> Result<(), ReceiveError> {
+    match lanes {
+        Some(lanes) => lanes
+            .reached(mark)
+            .await
+            .map_err(|e| ReceiveError::Local(e.to_string())),
+        None => Ok(()),
     }
 }
 

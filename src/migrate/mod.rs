@@ -3,14 +3,23 @@
 //!
 //! ```text
 //! source                                               destination (-incoming, vCPUs paused)
-//!   | -- header "FERRYMIG" v6, CONFIG (VM description) -->|  checks it against its own
+//!   | -- header "FERRYMIG" v8, CONFIG (VM description) -->|  checks it against its own
 //!   | <------------------------ ACCEPT | ERROR(reason) ---|
+//!   | -- LANES {count, session} ------------------------->|  with `multifd` (on by default):
+//!   | == header, LANE {index, session} on each of count   |  connections of its own for the
+//!   |    more connections ===============================>|  pages (lanes.rs)
+//!   | <------------------------------------- ACCEPT -------|
 //!   | -- CLOCK_PROBE ------------------------------------>|  x4: the destination's clock
 //!   | <------------------------------- CLOCK (its time) ---|  against the source's (clock.rs)
-//!   | -- PAGES (all RAM, zero pages as markers) --------->|  round 0
-//!   | -- ROUND, PAGES (dirty since last sync) ... ------->|  rounds 1..n, guest running
+//!   | -- ZEROS (pages never touched), SYNC -------------->|  round 0; backs the rest of RAM
+//!   | <-------------------------------------- SYNCED -----|
+//!   | == PAGES (all other RAM, zero pages as markers) ===>|  on the lanes (or this link)
+//!   | -- SYNC (after a mark on every lane) -------------->|  waits for every lane's mark
+//!   | <-------------------------------------- SYNCED -----|
+//!   | -- ROUND, PAGES (dirty since last sync), SYNC ...-->|  rounds 1..n, guest running
 //!   |    (pause vCPUs: downtime starts)                    |
-//!   | -- PAGES (last dirty pages), STATE (sections) ----->|  restores every part
+//!   | == PAGES (last dirty pages), marks ================>|
+//!   | -- STATE (sections) ------------------------------->|  every lane's mark, then restores
 //!   | <---------------------------------- RESTORED -------|
 //!   |    (completed: the source gives the guest up)        |
 //!   | -- COMMIT {run} ----------------------------------->|  runs the guest
@@ -28,6 +37,7 @@ pub mod clock;
 pub mod destination;
 pub mod dirty;
 pub mod landing;
+pub mod lanes;
 pub mod link;
 pub mod logging;
 pub mod pages;

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty::RegionBitmap;
-use super::link::Link;
+use super::lanes::{LaneError, SourceLanes};
+use super::link::{AnswerError, Link};
 use super::wire::{self, Message, PageEntry, WireError, MAX_PAGES_PER_FRAME, MAX_ZERO_RUNS};
 use super::Shared;
 use crate::machine::memory::{resident_bitmap, GuestMemory, PAGE_SIZE};
@@ -24,6 +25,12 @@ pub enum PageError {
     Wire(#[from] WireError),
     #[error("cannot read guest page {gpa:#x}: {reason}")]
     Read { gpa: u64, reason: String },
+    #[error("{0}")]
+    Lane(#[from] LaneError),
+    #[error("{0}")]
+    Answer(#[from] AnswerError),
+    #[error("{0:?} instead of SYNCED")]
+    Unexpected(Message),
 }
 
 /// Turns dirty bitmaps into PAGES frames, reusing its buffers from round to round.
@@ -38,6 +45,8 @@ pub struct PageSender {
     pages: Vec<usize>,
     /// The PAGES frame's tag, length and page list; the pages follow it on the wire.
     head: Vec<u8>,
+    /// Extra connections that carry the frames instead of the control link, if any.
+    lanes: Option<SourceLanes>,
 }
 
 impl PageSender {
@@ -49,7 +58,23 @@ impl PageSender {
             entries: Vec::with_capacity(capacity),
             pages: Vec::with_capacity(capacity),
             head: Vec::with_capacity(capacity * 8 + 16),
+            lanes: None,
         }
+    }
+
+    /// Sends every frame from now on over `lanes`, in turn.
+    pub fn use_lanes(&mut self, lanes: SourceLanes) {
+        self.lanes = Some(lanes);
+    }
+
+    /// Everything sent so far reaches the destination before what the control link sends
+    /// next: with lanes, a mark on each, which the destination waits for at the next SYNC or
+    /// STATE.
+    pub async fn mark(&mut self) -> Result<(), PageError> {
+        if let Some(lanes) = self.lanes.as_mut() {
+            lanes.mark().await?;
+        }
+        Ok(())
     }
 
     /// Sends at full speed from now on, whatever `max-bandwidth` says.
@@ -92,6 +117,14 @@ impl PageSender {
             progress.remaining_pages = progress.remaining_pages.saturating_sub(pages);
         }
         let zero_pages: u64 = runs.iter().map(|(_, count)| count).sum();
+        // The destination has every zero run before any data: it backs the rest of RAM
+        // ahead of the pages once it answers. (Every SYNC follows a mark on the lanes.)
+        self.mark().await?;
+        link.send(&Message::Sync).await?;
+        match link.answer().await? {
+            Message::Synced => {}
+            other => return Err(PageError::Unexpected(other)),
+        }
         let mut stats = self.send(link, &present, shared).await?;
         stats.pages += zero_pages;
         stats.bytes += zero_bytes;
@@ -151,7 +184,15 @@ impl PageSender {
             tokio::time::sleep_until((started + Duration::from_secs_f64(due)).into()).await;
         }
         // `page` checked every address, and `memory` keeps them mapped.
-        link.write_pages_frame(&self.head, &self.pages).await?;
+        match self.lanes.as_mut() {
+            Some(lanes) => {
+                let capacity = MAX_PAGES_PER_FRAME as usize;
+                let head = std::mem::replace(&mut self.head, Vec::with_capacity(capacity * 8 + 16));
+                let pages = std::mem::replace(&mut self.pages, Vec::with_capacity(capacity));
+                lanes.send_frame(head, pages).await?;
+            }
+            None => link.write_pages_frame(&self.head, &self.pages).await?,
+        }
         let zero = self.entries.iter().filter(|e| e.zero).count() as u64;
         let count = self.entries.len() as u64;
         stats.pages += count;

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::wire::MAX_LANES;
 use crate::runtime::control::MigrationParameterUpdate;
 
 /// QEMU's default `downtime-limit`.
@@ -25,6 +26,9 @@ pub struct MigrationParameters {
     /// ferry's own: give up (the source runs on) if the guest has not converged after this
     /// many seconds; 0 waits as long as it takes.
     pub convergence_timeout_s: u64,
+    /// Connections that carry the pages when the `multifd` capability is on (QEMU's default
+    /// is 2 as well).
+    pub multifd_channels: u32,
 }
 
 impl Default for MigrationParameters {
@@ -34,6 +38,7 @@ impl Default for MigrationParameters {
             max_bandwidth: 0,
             throttle: ThrottleParameters::default(),
             convergence_timeout_s: 0,
+            multifd_channels: 2,
         }
     }
 }
@@ -86,6 +91,7 @@ impl MigrationParameters {
             "cpu-throttle-increment": self.throttle.increment,
             "max-cpu-throttle": self.throttle.max,
             "convergence-timeout": self.convergence_timeout_s,
+            "multifd-channels": self.multifd_channels,
         })
     }
 
@@ -114,6 +120,15 @@ impl MigrationParameters {
                 self.throttle.max,
             )?,
         };
+        let channels = match update.multifd_channels {
+            None => self.multifd_channels,
+            Some(c) if (1..=u64::from(MAX_LANES)).contains(&c) => c as u32,
+            Some(c) => {
+                return Err(format!(
+                    "multifd-channels must be 1 to {MAX_LANES}, not {c}"
+                ))
+            }
+        };
         let (downtime_limit_ms, max_bandwidth) = (update.downtime_limit_ms, update.max_bandwidth);
         if let Some(limit) = downtime_limit_ms {
             if limit > MAX_DOWNTIME_LIMIT_MS {
@@ -129,6 +144,7 @@ impl MigrationParameters {
         if let Some(timeout) = update.convergence_timeout_s {
             self.convergence_timeout_s = timeout;
         }
+        self.multifd_channels = channels;
         self.throttle = throttle;
         Ok(())
     }
@@ -391,8 +407,20 @@ mod tests {
             params.downtime_limit_ms, 5,
             "a refused update changes nothing"
         );
+        for channels in [0, u64::from(MAX_LANES) + 1] {
+            let bad = MigrationParameterUpdate {
+                multifd_channels: Some(channels),
+                ..update(Some(7), None)
+            };
+            assert!(params
+                .update(&bad)
+                .unwrap_err()
+                .contains("multifd-channels"));
+            assert_eq!(params.downtime_limit_ms, 5);
+        }
         let throttle = MigrationParameterUpdate {
             cpu_throttle_initial: Some(30),
+            multifd_channels: Some(3),
             ..update(None, None)
         };
         params.update(&throttle).unwrap();
@@ -405,6 +433,7 @@ mod tests {
                 "cpu-throttle-increment": 10,
                 "max-cpu-throttle": 99,
                 "convergence-timeout": 0,
+                "multifd-channels": 3,
             })
         );
     }

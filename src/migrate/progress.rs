@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use super::wire::PageEntry;
 use crate::machine::memory::PAGE_SIZE;
 
 /// QEMU's migration states (the subset ferry goes through).
@@ -67,6 +68,18 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Counts a PAGES frame the destination landed (`bytes` on the wire); the bandwidth is the
+    /// whole migration's so far.
+    pub fn count_landed(&mut self, bytes: u64, entries: &[PageEntry]) {
+        let zero = entries.iter().filter(|e| e.zero).count() as u64;
+        self.transferred += bytes;
+        self.duplicate += zero;
+        self.normal += entries.len() as u64 - zero;
+        if let Some(started) = self.started {
+            self.bandwidth = self.transferred as f64 / started.elapsed().as_secs_f64().max(1e-6);
+        }
+    }
+
     pub fn new() -> Self {
         Self {
             status: MigrationStatus::None,

@@ -1,5 +1,7 @@
 //! The source side: pre-copy rounds with the guest running, the switchover, and the commit.
 
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -9,6 +11,7 @@ use vm_memory::GuestMemoryBackend;
 
 use super::clock::{self, PeerClock};
 use super::dirty::{DirtyTracker, RegionBitmap};
+use super::lanes::SourceLanes;
 use super::link::{AnswerError, Link};
 use super::pages::{PageError, PageSender};
 use super::params::{decide, expected_downtime, next_throttle, Decision, SwitchoverCost};
@@ -17,7 +20,7 @@ use super::progress::MigrationStatus;
 use super::transport::connect;
 use super::uri::MigrationUri;
 use super::vmstate;
-use super::wire::{self, Commit, Message, RoundReport};
+use super::wire::{self, Commit, LaneOffer, Message, RoundReport};
 use super::{logging, Shared};
 use crate::machine::devices::{Devices, DiskError};
 use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
@@ -206,7 +209,7 @@ async fn precopy(
     let mut link = Link::new(stream);
     let throttle = run_throttle(vm.vcpus.throttle().clone(), vm.vcpus.kicker());
     let streamed = tokio::select! {
-        result = stream_guest(vm, &mut link, shared, started) => result.map_err(Some),
+        result = stream_guest(vm, uri, &mut link, shared, started) => result.map_err(Some),
         () = cancel.cancelled() => Err(None),
         () = throttle => unreachable!("the throttle runs until dropped"),
     };
@@ -222,7 +225,7 @@ async fn precopy(
         Err(Some(error)) => {
             // A destination that gave up says why before it hangs up; prefer its reason.
             let error = match error {
-                SendError::Wire(_) | SendError::Pages(PageError::Wire(_)) => {
+                SendError::Wire(_) | SendError::Pages(PageError::Wire(_) | PageError::Lane(_)) => {
                     match link.destination_reason().await {
                         Some(reason) => SendError::DestinationFailed(reason),
                         None => error,
@@ -238,26 +241,36 @@ async fn precopy(
 
 async fn stream_guest(
     vm: &mut Vm,
+    uri: &MigrationUri,
     link: &mut Link,
     shared: &Shared,
     started: Instant,
 ) -> Result<Switchover, SendError> {
-    let setup = info_span!("setup");
+    let memory = vm.machine.memory.clone();
+    let mut sender = PageSender::new(memory.clone());
+    let multifd = shared.capabilities().multifd;
+    let channels = shared.params().multifd_channels;
     let peer_clock = async {
         link.write_frames(&wire::header()).await?;
         link.send(&Message::Config(Box::new(vm.machine.description())))
             .await?;
-        match link.answer().await {
-            Ok(Message::Accept) => probe_clock(link, clock::PROBES).await,
-            Err(AnswerError::Refused(reason)) => Err(SendError::Refused(reason)),
-            Ok(other) => Err(SendError::Protocol(format!("{other:?} instead of ACCEPT"))),
-            Err(error) => Err(error.into()),
+        accepted(link).await?;
+        if multifd {
+            let offer = LaneOffer {
+                count: channels,
+                session: RandomState::new().build_hasher().finish(),
+            };
+            link.send(&Message::Lanes(offer)).await?;
+            let lanes = SourceLanes::open(uri, offer, &memory)
+                .await
+                .map_err(|e| SendError::Pages(e.into()))?;
+            accepted(link).await?;
+            sender.use_lanes(lanes);
         }
+        probe_clock(link, clock::PROBES).await
     }
-    .instrument(setup)
+    .instrument(info_span!("setup"))
     .await?;
-
-    let memory = vm.machine.memory.clone();
     let pause = logging::start(vm).await.map_err(local)?;
     let mut cost = SwitchoverCost {
         pause,
@@ -275,7 +288,6 @@ async fn stream_guest(
         progress.dirty_sync_count = 1;
     }
     shared.set_status(MigrationStatus::Active);
-    let mut sender = PageSender::new(memory.clone());
     let mut bandwidth = 0.0;
     let mut last_sync = Instant::now();
     for round in 0u32.. {
@@ -297,6 +309,7 @@ async fn stream_guest(
         };
         // Bytes in socket buffers are not at the destination yet: wait until it has them all,
         // so that bandwidth and the downtime estimate count its side too.
+        sender.mark().await?;
         link.send(&Message::Sync).await?;
         match link.answer().await? {
             Message::Synced => {}
@@ -456,6 +469,7 @@ async fn stream_guest(
         phases.mark("sync");
         sender.stop_pacing();
         let stats = sender.send(link, &last, shared).await?;
+        sender.mark().await?;
         phases.mark("pages");
         let cpus = async {
             match saving_cpus {
@@ -507,6 +521,16 @@ enum CommitOutcome {
     Confirmed,
     /// The destination did not confirm: it may or may not run the guest.
     Unconfirmed(String),
+}
+
+/// Waits for the destination's ACCEPT (of the configuration, or of the page connections).
+async fn accepted(link: &mut Link) -> Result<(), SendError> {
+    match link.answer().await {
+        Ok(Message::Accept) => Ok(()),
+        Err(AnswerError::Refused(reason)) => Err(SendError::Refused(reason)),
+        Ok(other) => Err(SendError::Protocol(format!("{other:?} instead of ACCEPT"))),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Reads the destination's clock `probes` times and keeps the most precise reading.

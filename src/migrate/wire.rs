@@ -21,11 +21,12 @@ use super::state::{Section, VmDescription};
 use crate::machine::memory::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"FERRYMIG";
-/// The stream version this ferry writes and reads (7: STATE has the ACPI power button, whose
+/// The stream version this ferry writes and reads (8: pages may travel on extra connections,
+/// LANES and LANE; 7: STATE has the ACPI power button, whose
 /// press may wait for the guest; 6: STATE says when each part was saved; 5: COMMITTED says when
 /// each vCPU ran again; both on the destination's clock, which clock probes relate to the
 /// source's).
-pub const VERSION: u32 = 7;
+pub const VERSION: u32 = 8;
 /// Pages in one PAGES frame at most.
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// The largest frame any message may be: a full PAGES frame and its entries.
@@ -48,6 +49,10 @@ const TAG_SYNCED: u32 = 12;
 const TAG_COMMITTED: u32 = 13;
 const TAG_CLOCK_PROBE: u32 = 14;
 const TAG_CLOCK: u32 = 15;
+const TAG_LANES: u32 = 16;
+const TAG_LANE: u32 = 17;
+/// Extra page connections a source may open at most.
+pub const MAX_LANES: u32 = 8;
 /// Runs of zero pages in one ZEROS frame at most.
 pub const MAX_ZERO_RUNS: u32 = 1 << 16;
 
@@ -105,6 +110,21 @@ pub struct RoundReport {
     pub remaining_pages: u64,
 }
 
+/// The source's offer of extra page connections. `session` ties them to this migration: the
+/// destination takes no connection that does not name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneOffer {
+    pub count: u32,
+    pub session: u64,
+}
+
+/// The first message on an extra page connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneHello {
+    pub index: u32,
+    pub session: u64,
+}
+
 /// Whether the destination runs the guest once the migration commits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Commit {
@@ -152,6 +172,11 @@ pub enum Message {
     ClockProbe,
     /// Destination → source: its migration clock when it answered a CLOCK_PROBE.
     Clock(PeerNanos),
+    /// Source → destination, after ACCEPT: pages will also travel on this many more
+    /// connections, which the destination accepts before it answers ACCEPT again.
+    Lanes(LaneOffer),
+    /// Source → destination, first on each extra connection: which one it is.
+    Lane(LaneHello),
     /// Either way: the sender gives up, and says why.
     Error(String),
     /// Source → destination: the operator cancelled the migration.
@@ -274,6 +299,8 @@ pub fn encode_message(message: &Message) -> Result<Vec<u8>, WireError> {
         Message::Committed(committed) => (TAG_COMMITTED, json(committed)),
         Message::ClockProbe => (TAG_CLOCK_PROBE, Vec::new()),
         Message::Clock(reading) => (TAG_CLOCK, reading.to_le_bytes().to_vec()),
+        Message::Lanes(offer) => (TAG_LANES, json(offer)),
+        Message::Lane(hello) => (TAG_LANE, json(hello)),
         Message::Error(reason) => (TAG_ERROR, json(reason)),
         Message::Cancel => (TAG_CANCEL, Vec::new()),
     };
@@ -386,6 +413,8 @@ fn decode(tag: u32, payload: Vec<u8>) -> Result<Message, WireError> {
             .map_err(|payload: Vec<u8>| {
                 malformed(format!("CLOCK of {} bytes instead of 8", payload.len()))
             }),
+        TAG_LANES => Ok(Message::Lanes(from_json("lanes", &payload)?)),
+        TAG_LANE => Ok(Message::Lane(from_json("lane", &payload)?)),
         TAG_ERROR => Ok(Message::Error(from_json("error", &payload)?)),
         TAG_CANCEL => empty(Message::Cancel),
         other => Err(malformed(format!("unknown message type {other}"))),
@@ -521,6 +550,19 @@ mod tests {
         assert_eq!(round_trip(Message::Accept).await, Message::Accept);
         assert_eq!(round_trip(Message::Sync).await, Message::Sync);
         assert_eq!(round_trip(Message::Synced).await, Message::Synced);
+        let offer = LaneOffer {
+            count: 2,
+            session: u64::MAX,
+        };
+        assert_eq!(
+            round_trip(Message::Lanes(offer)).await,
+            Message::Lanes(offer)
+        );
+        let hello = LaneHello {
+            index: 1,
+            session: 7,
+        };
+        assert_eq!(round_trip(Message::Lane(hello)).await, Message::Lane(hello));
         let zeros = Message::Zeros(vec![(0x1000, 3), (1 << 32, 1 << 20)]);
         assert_eq!(
             round_trip(zeros).await,

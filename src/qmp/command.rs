@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 use super::args::Args;
 use super::frame::{Frame, MAX_REQUEST_BYTES};
 use super::message::{ErrorClass, VersionInfo};
+use crate::migrate::wire::MAX_LANES;
 use crate::runtime::control::{MigrationParameterUpdate, Request, RequestError, VmHandle};
 
 /// Every command `query-commands` lists, in QEMU's spelling (`_` and `-` as QEMU has them).
@@ -298,6 +299,7 @@ fn migrate_set_parameters(arguments: Map<String, Value>) -> Result<Command, Comm
             "cpu-throttle-increment",
             "max-cpu-throttle",
             "convergence-timeout",
+            "multifd-channels",
         ],
         arguments,
     )?;
@@ -325,6 +327,15 @@ fn migrate_set_parameters(arguments: Map<String, Value>) -> Result<Command, Comm
     let cpu_throttle_increment = percent("cpu-throttle-increment")?;
     let max_cpu_throttle = percent("max-cpu-throttle")?;
     let convergence_timeout_s = args.optional_u64("convergence-timeout")?;
+    let multifd_channels = args.optional_u64("multifd-channels")?;
+    if let Some(channels) = multifd_channels.filter(|c| !(1..=u64::from(MAX_LANES)).contains(c)) {
+        return Err(CommandError::InvalidArgumentValue {
+            name: "multifd-channels",
+            problem: format!(
+                "expects an integer in the range of 1 to {MAX_LANES} (got {channels})"
+            ),
+        });
+    }
     Ok(Command::Vm(Request::MigrateSetParameters(
         MigrationParameterUpdate {
             downtime_limit_ms,
@@ -333,6 +344,7 @@ fn migrate_set_parameters(arguments: Map<String, Value>) -> Result<Command, Comm
             cpu_throttle_increment,
             max_cpu_throttle,
             convergence_timeout_s,
+            multifd_channels,
         },
     )))
 }

@@ -57,6 +57,8 @@ pub struct MigrationParameterUpdate {
     pub max_cpu_throttle: Option<u64>,
     /// Seconds after which a migration that has not converged fails; 0 for none.
     pub convergence_timeout_s: Option<u64>,
+    /// Connections that carry pages when the `multifd` capability is on.
+    pub multifd_channels: Option<u64>,
 }
 
 /// Why the VM owner refused or failed a request; the text goes to the client as `desc`.

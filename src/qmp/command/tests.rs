@@ -337,8 +337,12 @@ fn migrate_set_parameters_arguments() {
             "type for 'max-bandwidth', expected: integer",
         ),
         (
-            json!({"multifd-channels": 4}),
-            "Parameter 'multifd-channels' is unexpected; migrate-set-parameters takes \
+            json!({"multifd-channels": 9}),
+            "'multifd-channels' expects an integer in the range of 1 to 8 (got 9)",
+        ),
+        (
+            json!({"xbzrle-cache-size": 4}),
+            "Parameter 'xbzrle-cache-size' is unexpected; migrate-set-parameters takes \
              downtime-limit, max-bandwidth",
         ),
         (
