@@ -448,16 +448,30 @@ fn cancel_at_every_stage_then_migrate_again() {
     qmp.ok("migrate-set-parameters", Some(json!({"max-bandwidth": 0})));
     assert_source_runs(&source);
 
-    // Mid-write: a destination that stops reading, so the source blocks in a socket write.
-    let (port, _reader) = silent_destination(false);
+    // Mid-write: a destination that stops reading, so the source blocks in a socket write, on
+    // a page connection and then, with `multifd` off, on the control connection, whose frame
+    // is then cut short.
+    for multifd in [true, false] {
+        let capabilities = json!([{"capability": "multifd", "state": multifd}]);
+        qmp.ok(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": capabilities})),
+        );
+        let (port, _reader) = silent_destination(false);
+        qmp.ok(
+            "migrate",
+            Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+        );
+        cancel_when(&mut qmp, "mid-write", &|info| {
+            info["status"] == "active" && info["ram"]["normal"].as_u64().unwrap_or(0) > 0
+        });
+        assert_source_runs(&source);
+    }
+    let multifd = json!([{"capability": "multifd", "state": true}]);
     qmp.ok(
-        "migrate",
-        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": multifd})),
     );
-    cancel_when(&mut qmp, "mid-write", &|info| {
-        info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 0
-    });
-    assert_source_runs(&source);
 
     // At the switchover: a destination that takes everything and never says RESTORED.
     let (port, _reader) = silent_destination(true);

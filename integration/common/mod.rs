@@ -81,8 +81,8 @@ pub fn start(name: &str, args: &[&str], qmp: Option<&Path>) -> Ferry {
 
 /// A destination that accepts the configuration and then takes every page (answering the
 /// source's SYNCs) but never says RESTORED, so the source stays in its switchover for as long as
-/// the test likes; or, with `read` false, never reads at all, so the source blocks in a socket
-/// write.
+/// the test likes; or, with `read` false, reads no page data at all, so the source blocks in a
+/// socket write (on a page connection, or with `multifd` off on the control one).
 pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
     use ferry::migrate::wire::{read_header, read_message, write_message, Message};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -132,6 +132,10 @@ pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
                     .unwrap();
             }
             if !read {
+                // Round 0's zero runs end with a SYNC before any page data: answer it, so that
+                // the source goes on to write pages nobody reads.
+                while !matches!(read_message(&mut stream).await, Ok(Message::Sync) | Err(_)) {}
+                write_message(&mut stream, &Message::Synced).await.unwrap();
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                 return;
             }

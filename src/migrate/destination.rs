@@ -9,7 +9,7 @@ use tracing::{info, info_span, Instrument};
 
 use super::clock::LocalClock;
 use super::landing::{write_zero_runs, Landing, LandingError};
-use super::lanes::DestinationLanes;
+use super::lanes::{DestinationLanes, LaneError};
 use super::phases::Phases;
 use super::progress::MigrationStatus;
 use super::transport::{BoxedStream, Listener};
@@ -159,7 +159,15 @@ async fn receive_stream(
     // Marks every lane must have passed: one per SYNC and one before the state.
     let mut marks = 0;
     loop {
-        let message = match wire::read_incoming(stream).await {
+        let incoming = match lanes.as_mut() {
+            // A lane that fails stops the migration now, not at the next SYNC.
+            Some(lanes) => tokio::select! {
+                incoming = wire::read_incoming(stream) => incoming,
+                failure = lanes.failed() => return Err(lane_failure(stream, failure).await),
+            },
+            None => wire::read_incoming(stream).await,
+        };
+        let message = match incoming {
             Ok(Incoming::Pages { entries, data_len }) if !restored => {
                 drop(listener.take());
                 if let Some(runs) = zero_runs.take() {
@@ -204,7 +212,7 @@ async fn receive_stream(
                     backing = prefault::start(memory.clone(), runs);
                 }
                 marks += 1;
-                lanes_reached(&mut lanes, marks).await?;
+                lanes_reached(stream, &mut lanes, marks).await?;
                 wire::write_message(stream, &Message::Synced).await?;
             }
             Message::ClockProbe if !restored => {
@@ -232,7 +240,11 @@ async fn receive_stream(
                 // Stopped at round 0's report already; this covers a stream without one.
                 drop(backing.take());
                 marks += 1;
-                lanes_reached(&mut lanes, marks).await?;
+                lanes_reached(stream, &mut lanes, marks).await?;
+                // Every page is in: nothing may land once the state is restored.
+                if let Some(lanes) = lanes.take() {
+                    lanes.stop().await;
+                }
                 let mut phases = Phases::start();
                 vmstate::restore(vm, sections, &clock)
                     .instrument(info_span!("device_state"))
@@ -304,15 +316,38 @@ async fn receive_stream(
 /// Waits for every lane (if the source opened any) to land everything before its `mark`-th
 /// mark.
 async fn lanes_reached(
+    stream: &mut BoxedStream,
     lanes: &mut Option<DestinationLanes>,
     mark: u64,
 ) -> Result<(), ReceiveError> {
     match lanes {
-        Some(lanes) => lanes
-            .reached(mark)
-            .await
-            .map_err(|e| ReceiveError::Local(e.to_string())),
+        Some(lanes) => match lanes.reached(mark).await {
+            Ok(()) => Ok(()),
+            Err(failure) => Err(lane_failure(stream, failure).await),
+        },
         None => Ok(()),
+    }
+}
+
+/// How long a failed lane's source gets to say on the control link why it hung up.
+const SOURCE_NOTICE_DEADLINE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The reason a migration fails with when a lane did: a source that cancels or fails closes
+/// its lanes, then says so on the control link, and that is the better reason.
+async fn lane_failure(stream: &mut BoxedStream, failure: LaneError) -> ReceiveError {
+    let notice = async {
+        loop {
+            match wire::read_message(stream).await {
+                Ok(Message::Cancel) => return Some(ReceiveError::Cancelled),
+                Ok(Message::Error(reason)) => return Some(ReceiveError::SourceFailed(reason)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    };
+    match tokio::time::timeout(SOURCE_NOTICE_DEADLINE, notice).await {
+        Ok(Some(error)) => error,
+        _ => ReceiveError::Local(failure.to_string()),
     }
 }
 

@@ -9,6 +9,8 @@
 //! destination answers only once every lane has landed up to that mark. The device state
 //! follows a mark the same way, so no page is in flight when the guest is restored.
 
+use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -21,10 +23,11 @@ use super::uri::MigrationUri;
 use super::wire::{self, Incoming, LaneHello, LaneOffer, Message, WireError, MAX_LANES};
 use super::Shared;
 use crate::machine::memory::GuestMemory;
-use std::sync::Arc;
 
 /// How long a destination waits for the lanes a source offered to connect.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a connection gets to say it is one of them.
+const INTRODUCE_DEADLINE: Duration = Duration::from_secs(1);
 /// Frames queued per lane: one being written, one ready behind it.
 const QUEUED_FRAMES: usize = 1;
 
@@ -94,8 +97,16 @@ impl SourceLanes {
     }
 
     /// Hands a PAGES frame to the next lane in turn; waits while that lane is still busy.
-    /// `pages` must be whole pages of mapped guest RAM.
-    pub async fn send_frame(&mut self, head: Vec<u8>, pages: Vec<usize>) -> Result<(), LaneError> {
+    ///
+    /// # Safety
+    ///
+    /// `pages` must be host addresses of whole pages of the guest RAM these lanes were opened
+    /// with: the lane reads them later, on its own task.
+    pub async unsafe fn send_frame(
+        &mut self,
+        head: Vec<u8>,
+        pages: Vec<usize>,
+    ) -> Result<(), LaneError> {
         let index = self.next;
         self.next = (self.next + 1) % self.lanes.len();
         self.hand(index, Work::Frame { head, pages }).await
@@ -142,10 +153,14 @@ async fn write_lane(
 ) -> Result<(), WireError> {
     while let Some(work) = queue.recv().await {
         match work {
-            // The caller's promise: whole pages of guest RAM, which `_memory` keeps mapped.
+            // `send_frame`'s contract: whole pages of guest RAM, which `_memory` keeps mapped.
             Work::Frame { head, pages } => link.write_pages_frame(&head, &pages).await?,
             Work::Mark => link.send(&Message::Sync).await?,
         }
+        // A socket with room takes a frame without an await in between, and a copy of 4 MiB
+        // holds a worker thread for a millisecond or two: two lanes would keep both of the
+        // runtime's threads from QMP and from `migrate_cancel`.
+        tokio::task::yield_now().await;
     }
     link.close().await;
     Ok(())
@@ -154,11 +169,14 @@ async fn write_lane(
 /// The destination's lanes, each a task that lands the pages it reads.
 pub struct DestinationLanes {
     marks: Vec<watch::Receiver<u64>>,
-    tasks: Vec<Option<JoinHandle<Result<(), LandingError>>>>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Why a lane stopped; each task sends its reason before it lets go of its marks.
+    failures: mpsc::UnboundedReceiver<LaneError>,
 }
 
 impl DestinationLanes {
-    /// Accepts the lanes `offer` announced on `listener`, in any order.
+    /// Accepts the lanes `offer` announced on `listener`, in any order. A connection that is
+    /// not one of them (a probe, another source) is dropped, and the wait goes on.
     pub async fn accept(
         listener: &Listener,
         offer: LaneOffer,
@@ -173,25 +191,26 @@ impl DestinationLanes {
         }
         let mut streams: Vec<Option<BoxedStream>> = (0..offer.count).map(|_| None).collect();
         let accepting = async {
-            for _ in 0..offer.count {
+            while streams.iter().any(Option::is_none) {
                 let (mut stream, peer) = listener
                     .accept()
                     .await
                     .map_err(|e| LaneError::Handshake(format!("accept failed: {e}")))?;
-                let hello = introduce(&mut stream)
-                    .await
-                    .map_err(|e| LaneError::Handshake(format!("connection from {peer}: {e}")))?;
-                let slot = streams
-                    .get_mut(hello.index as usize)
-                    .filter(|slot| hello.session == offer.session && slot.is_none())
-                    .ok_or_else(|| {
-                        LaneError::Handshake(format!(
-                            "connection from {peer} is not one of this migration's page \
-                             connections (index {}, session {:#x})",
-                            hello.index, hello.session
-                        ))
-                    })?;
-                *slot = Some(stream);
+                let hello = tokio::time::timeout(INTRODUCE_DEADLINE, introduce(&mut stream)).await;
+                let slot = match hello {
+                    Ok(Ok(hello)) if hello.session == offer.session => streams
+                        .get_mut(hello.index as usize)
+                        .filter(|slot| slot.is_none()),
+                    _ => None,
+                };
+                match slot {
+                    Some(slot) => *slot = Some(stream),
+                    None => tracing::warn!(
+                        %peer,
+                        ?hello,
+                        "dropped a connection that is not one of this migration's page connections"
+                    ),
+                }
             }
             Ok::<(), LaneError>(())
         };
@@ -204,45 +223,63 @@ impl DestinationLanes {
                     CONNECT_DEADLINE.as_secs()
                 ))
             })??;
+        let (failed, failures) = mpsc::unbounded_channel();
         let mut marks = Vec::with_capacity(streams.len());
         let mut tasks = Vec::with_capacity(streams.len());
-        for stream in streams.into_iter().flatten() {
+        for (index, stream) in streams.into_iter().flatten().enumerate() {
             let (reached, mark) = watch::channel(0);
-            let task = tokio::spawn(land_lane(
-                stream,
-                Landing::new(memory.clone()),
-                Arc::clone(shared),
+            let lane = Lane {
+                index,
+                landing: Landing::new(memory.clone()),
+                shared: Arc::clone(shared),
                 reached,
-            ));
+            };
+            tasks.push(tokio::spawn(lane.run(stream, failed.clone())));
             marks.push(mark);
-            tasks.push(Some(task));
         }
-        Ok(Self { marks, tasks })
+        Ok(Self {
+            marks,
+            tasks,
+            failures,
+        })
     }
 
     /// Waits until every lane has landed everything before its `mark`-th mark.
     pub async fn reached(&mut self, mark: u64) -> Result<(), LaneError> {
         for index in 0..self.marks.len() {
-            if self.marks[index].wait_for(|m| *m >= mark).await.is_ok() {
-                continue;
+            if self.marks[index].wait_for(|m| *m >= mark).await.is_err() {
+                // The lane's task ended before the mark, and sent why before it did.
+                return Err(self.failures.try_recv().unwrap_or(LaneError::Landing {
+                    index,
+                    reason: "stopped".into(),
+                }));
             }
-            // The lane's task ended before the mark: it failed, and says why.
-            let reason = match self.tasks[index].take() {
-                Some(task) => match task.await {
-                    Ok(Err(error)) => error.to_string(),
-                    Ok(Ok(())) | Err(_) => "closed".to_owned(),
-                },
-                None => "closed".to_owned(),
-            };
-            return Err(LaneError::Landing { index, reason });
         }
         Ok(())
+    }
+
+    /// Resolves when a lane fails: the migration cannot complete without its pages.
+    pub async fn failed(&mut self) -> LaneError {
+        match self.failures.recv().await {
+            Some(failure) => failure,
+            // Every task holds a sender until it has sent its failure: never reached.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops every lane and waits until none can touch guest RAM any more: after the state,
+    /// nothing may land.
+    pub async fn stop(mut self) {
+        for task in std::mem::take(&mut self.tasks) {
+            task.abort();
+            let _ = task.await;
+        }
     }
 }
 
 impl Drop for DestinationLanes {
     fn drop(&mut self) {
-        for task in self.tasks.iter_mut().filter_map(Option::take) {
+        for task in &self.tasks {
             task.abort();
         }
     }
@@ -257,23 +294,39 @@ async fn introduce(stream: &mut BoxedStream) -> Result<LaneHello, WireError> {
     }
 }
 
-async fn land_lane(
-    mut stream: BoxedStream,
-    mut landing: Landing,
+/// One destination lane.
+struct Lane {
+    index: usize,
+    landing: Landing,
     shared: Arc<Shared>,
+    /// How many marks the lane has passed, everything before them landed.
     reached: watch::Sender<u64>,
-) -> Result<(), LandingError> {
-    loop {
-        match wire::read_incoming(&mut stream).await? {
-            Incoming::Pages { entries, data_len } => {
-                let bytes = landing.receive(&stream, &entries, data_len).await?;
-                shared.progress().count_landed(bytes, &entries);
-            }
-            Incoming::Message(Message::Sync) => reached.send_modify(|mark| *mark += 1),
-            Incoming::Message(other) => {
-                return Err(LandingError::Protocol(format!(
-                    "{other:?} on a page connection"
-                )))
+}
+
+impl Lane {
+    async fn run(mut self, stream: BoxedStream, failed: mpsc::UnboundedSender<LaneError>) {
+        let Err(error) = self.land(stream).await;
+        tracing::debug!(lane = self.index, %error, "page connection ended");
+        let reason = error.to_string();
+        let _ = failed.send(LaneError::Landing {
+            index: self.index,
+            reason,
+        });
+    }
+
+    async fn land(&mut self, mut stream: BoxedStream) -> Result<Infallible, LandingError> {
+        loop {
+            match wire::read_incoming(&mut stream).await? {
+                Incoming::Pages { entries, data_len } => {
+                    let bytes = self.landing.receive(&stream, &entries, data_len).await?;
+                    self.shared.progress().count_landed(bytes, &entries);
+                }
+                Incoming::Message(Message::Sync) => self.reached.send_modify(|mark| *mark += 1),
+                Incoming::Message(other) => {
+                    return Err(LandingError::Protocol(format!(
+                        "{other:?} on a page connection"
+                    )))
+                }
             }
         }
     }
@@ -322,9 +375,12 @@ mod tests {
         memory.read_obj(GuestAddress(gpa)).unwrap()
     }
 
+    /// A destination expecting `count` lanes of session 7, and a source opening them with
+    /// `session`, after `strangers` connections of another migration.
     async fn lanes(
         count: u32,
         session: u64,
+        strangers: u32,
     ) -> (
         Result<DestinationLanes, LaneError>,
         Result<SourceLanes, LaneError>,
@@ -336,6 +392,13 @@ mod tests {
         let uri = MigrationUri::Unix(dir.path().join("lanes.sock"));
         let listener = Listener::bind(&uri).await.unwrap();
         let (source_memory, destination_memory) = (memory(), memory());
+        let stranger = LaneOffer {
+            count: strangers,
+            session: 99,
+        };
+        let _strangers = SourceLanes::open(&uri, stranger, &source_memory)
+            .await
+            .unwrap();
         let offer = LaneOffer { count, session: 7 };
         let source = SourceLanes::open(&uri, LaneOffer { count, session }, &source_memory);
         let shared = shared();
@@ -346,14 +409,15 @@ mod tests {
 
     #[tokio::test]
     async fn every_lane_has_landed_its_pages_once_the_mark_is_reached() {
-        let (destination, source, source_memory, destination_memory, _dir) = lanes(3, 7).await;
+        let (destination, source, source_memory, destination_memory, _dir) = lanes(3, 7, 0).await;
         let (mut destination, mut source) = (destination.unwrap(), source.unwrap());
         for round in 0..2u64 {
             // Frames go to the lanes in turn, so each lane gets some of every round's pages.
             for first in (0..6).map(|f| (round * 24 + f * 4) * PAGE_SIZE) {
                 let gpas: Vec<u64> = (0..4).map(|p| first + p * PAGE_SIZE).collect();
                 let (head, pages) = frame(&source_memory, &gpas);
-                source.send_frame(head, pages).await.unwrap();
+                // SAFETY: `frame` takes the pages' addresses from the lanes' guest RAM.
+                unsafe { source.send_frame(head, pages) }.await.unwrap();
             }
             source.mark().await.unwrap();
             destination.reached(round + 1).await.unwrap();
@@ -370,21 +434,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_of_another_migration_is_refused() {
-        let (destination, _source, ..) = lanes(2, 8).await;
-        let error = destination
-            .err()
-            .expect("a stranger's connection")
-            .to_string();
-        assert!(
-            error.contains("not one of this migration's page connections"),
-            "{error}"
-        );
+    async fn connections_of_another_migration_are_dropped_and_the_lanes_still_taken() {
+        let (destination, source, ..) = lanes(2, 7, 2).await;
+        let (mut destination, mut source) = (destination.unwrap(), source.unwrap());
+        source.mark().await.unwrap();
+        // A stranger taken for a lane would never send the mark.
+        let reached = tokio::time::timeout(Duration::from_secs(5), destination.reached(1));
+        reached.await.expect("the real lanes' marks").unwrap();
     }
 
     #[tokio::test]
     async fn a_lane_that_fails_says_why_at_the_next_mark() {
-        let (destination, source, ..) = lanes(2, 7).await;
+        let (destination, source, ..) = lanes(2, 7, 0).await;
         let (mut destination, mut source) = (destination.unwrap(), source.unwrap());
         // A frame naming a page outside RAM: the destination's lane must stop on it.
         let outside = PAGES * PAGE_SIZE;
@@ -394,7 +455,10 @@ mod tests {
         }];
         let mut head = Vec::new();
         wire::encode_pages_head(&mut head, &entries, 0);
-        source.send_frame(head, Vec::new()).await.unwrap();
+        // SAFETY: no pages to read.
+        unsafe { source.send_frame(head, Vec::new()) }
+            .await
+            .unwrap();
         source.mark().await.unwrap();
         let error = destination.reached(1).await.unwrap_err().to_string();
         assert!(error.contains("outside this VM's RAM"), "{error}");

@@ -7,7 +7,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty::RegionBitmap;
 use super::lanes::{LaneError, SourceLanes};
-use super::link::{AnswerError, Link};
+use super::link::Link;
 use super::wire::{self, Message, PageEntry, WireError, MAX_PAGES_PER_FRAME, MAX_ZERO_RUNS};
 use super::Shared;
 use crate::machine::memory::{resident_bitmap, GuestMemory, PAGE_SIZE};
@@ -27,10 +27,6 @@ pub enum PageError {
     Read { gpa: u64, reason: String },
     #[error("{0}")]
     Lane(#[from] LaneError),
-    #[error("{0}")]
-    Answer(#[from] AnswerError),
-    #[error("{0:?} instead of SYNCED")]
-    Unexpected(Message),
 }
 
 /// Turns dirty bitmaps into PAGES frames, reusing its buffers from round to round.
@@ -82,18 +78,15 @@ impl PageSender {
         self.paced = false;
     }
 
-    /// Sends every page set in `pages`. With `skip_untouched`, pages the host never backed go as
-    /// zero runs without being read (the first pass over an idle guest reads almost nothing).
-    pub async fn send_pass(
+    /// Sends the pages set in `pages` that the host never backed as zero runs, without reading
+    /// them (the first pass over an idle guest reads almost nothing); returns the others, still
+    /// to send, and what the runs took.
+    pub async fn send_untouched(
         &mut self,
         link: &mut Link,
         pages: &[RegionBitmap],
-        skip_untouched: bool,
         shared: &Shared,
-    ) -> Result<SendStats, PageError> {
-        if !skip_untouched {
-            return self.send(link, pages, shared).await;
-        }
+    ) -> Result<(Vec<RegionBitmap>, SendStats), PageError> {
         let mut present = Vec::with_capacity(pages.len());
         let mut runs = Vec::new();
         for (region, bitmap) in self.memory.iter().zip(pages) {
@@ -116,19 +109,11 @@ impl PageSender {
             progress.duplicate += pages;
             progress.remaining_pages = progress.remaining_pages.saturating_sub(pages);
         }
-        let zero_pages: u64 = runs.iter().map(|(_, count)| count).sum();
-        // The destination has every zero run before any data: it backs the rest of RAM
-        // ahead of the pages once it answers. (Every SYNC follows a mark on the lanes.)
-        self.mark().await?;
-        link.send(&Message::Sync).await?;
-        match link.answer().await? {
-            Message::Synced => {}
-            other => return Err(PageError::Unexpected(other)),
-        }
-        let mut stats = self.send(link, &present, shared).await?;
-        stats.pages += zero_pages;
-        stats.bytes += zero_bytes;
-        Ok(stats)
+        let stats = SendStats {
+            pages: runs.iter().map(|(_, count)| count).sum(),
+            bytes: zero_bytes,
+        };
+        Ok((present, stats))
     }
 
     /// Sends every page set in `pages`, keeping `shared`'s counters current.
@@ -183,14 +168,16 @@ impl PageSender {
             let due = (stats.bytes + frame_len) as f64 / max_bandwidth as f64;
             tokio::time::sleep_until((started + Duration::from_secs_f64(due)).into()).await;
         }
-        // `page` checked every address, and `memory` keeps them mapped.
         match self.lanes.as_mut() {
             Some(lanes) => {
                 let capacity = MAX_PAGES_PER_FRAME as usize;
                 let head = std::mem::replace(&mut self.head, Vec::with_capacity(capacity * 8 + 16));
                 let pages = std::mem::replace(&mut self.pages, Vec::with_capacity(capacity));
-                lanes.send_frame(head, pages).await?;
+                // SAFETY: `host_base` checked that every page lies in `memory`, the guest RAM
+                // the lanes were opened with.
+                unsafe { lanes.send_frame(head, pages) }.await?;
             }
+            // `host_base` checked every address, and `memory` keeps them mapped.
             None => link.write_pages_frame(&self.head, &self.pages).await?,
         }
         let zero = self.entries.iter().filter(|e| e.zero).count() as u64;

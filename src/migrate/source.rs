@@ -13,7 +13,7 @@ use super::clock::{self, PeerClock};
 use super::dirty::{DirtyTracker, RegionBitmap};
 use super::lanes::SourceLanes;
 use super::link::{AnswerError, Link};
-use super::pages::{PageError, PageSender};
+use super::pages::{PageError, PageSender, SendStats};
 use super::params::{decide, expected_downtime, next_throttle, Decision, SwitchoverCost};
 use super::phases::Phases;
 use super::progress::MigrationStatus;
@@ -147,7 +147,9 @@ async fn settle(
     }
     // A pause once sent counts (`running` is false) even if it was never acknowledged. Vcpus
     // that were never paused are left alone: waking them to hear "resume" costs each an exit.
-    if was_running && !vm.vcpus.running() {
+    // A guest that asked to end the VM stays paused: its owner ends it next.
+    let ended = vm.machine.guest_events.ended_by_guest();
+    if was_running && !vm.vcpus.running() && !ended {
         match vm.vcpus.resume().await {
             Ok(()) => shared.emit(Event::new("RESUME", None)),
             Err(resume) => {
@@ -258,6 +260,8 @@ async fn stream_guest(
         if multifd {
             let offer = LaneOffer {
                 count: channels,
+                // Tells this migration's connections from any other on the destination's port;
+                // std's randomly keyed hasher is random enough for that.
                 session: RandomState::new().build_hasher().finish(),
             };
             link.send(&Message::Lanes(offer)).await?;
@@ -296,25 +300,34 @@ async fn stream_guest(
         let pages: u64 = pending.iter().map(RegionBitmap::count).sum();
         shared.emit_pass(u64::from(round) + 1);
         let round_started = Instant::now();
-        let stats = match sender
-            .send_pass(link, &pending, round == 0, shared)
-            .instrument(span.clone())
-            .await
-        {
+        let sent = async {
+            let mut zeros = SendStats { pages: 0, bytes: 0 };
+            let mut touched = None;
+            if round == 0 {
+                let (present, runs) = sender.send_untouched(link, &pending, shared).await?;
+                // The destination has every zero run before any data: it backs the rest of RAM
+                // ahead of the pages once it answers.
+                sync(link, &mut sender).await?;
+                (zeros, touched) = (runs, Some(present));
+            }
+            let data = sender
+                .send(link, touched.as_deref().unwrap_or(&pending), shared)
+                .await?;
+            // Bytes in socket buffers are not at the destination yet: wait until it has them
+            // all, so that bandwidth and the downtime estimate count its side too.
+            sync(link, &mut sender).await?;
+            Ok::<SendStats, SendError>(SendStats {
+                pages: zeros.pages + data.pages,
+                bytes: zeros.bytes + data.bytes,
+            })
+        };
+        let stats = match sent.instrument(span.clone()).await {
             Ok(stats) => stats,
             Err(error) => {
                 tracker.give_back(&pending);
-                return Err(error.into());
+                return Err(error);
             }
         };
-        // Bytes in socket buffers are not at the destination yet: wait until it has them all,
-        // so that bandwidth and the downtime estimate count its side too.
-        sender.mark().await?;
-        link.send(&Message::Sync).await?;
-        match link.answer().await? {
-            Message::Synced => {}
-            other => return Err(SendError::Protocol(format!("{other:?} instead of SYNCED"))),
-        }
         let round_time = round_started.elapsed();
         if stats.bytes >= 1 << 20 || bandwidth == 0.0 {
             bandwidth = stats.bytes as f64 / round_time.as_secs_f64().max(1e-6);
@@ -521,6 +534,17 @@ enum CommitOutcome {
     Confirmed,
     /// The destination did not confirm: it may or may not run the guest.
     Unconfirmed(String),
+}
+
+/// Waits until the destination has everything sent so far in guest RAM: a mark on every lane,
+/// then SYNC, which the destination answers once every lane has passed its mark.
+async fn sync(link: &mut Link, sender: &mut PageSender) -> Result<(), SendError> {
+    sender.mark().await?;
+    link.send(&Message::Sync).await?;
+    match link.answer().await? {
+        Message::Synced => Ok(()),
+        other => Err(SendError::Protocol(format!("{other:?} instead of SYNCED"))),
+    }
 }
 
 /// Waits for the destination's ACCEPT (of the configuration, or of the page connections).

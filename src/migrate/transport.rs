@@ -162,7 +162,7 @@ impl Listener {
         }
     }
 
-    /// Takes the one source this destination serves.
+    /// Takes the next connection: the source's control connection, then its page connections.
     pub async fn accept(&self) -> io::Result<(BoxedStream, String)> {
         match self {
             Self::Tcp(listener) => {

@@ -22,10 +22,10 @@ use crate::machine::memory::PAGE_SIZE;
 
 pub const MAGIC: &[u8; 8] = b"FERRYMIG";
 /// The stream version this ferry writes and reads (8: pages may travel on extra connections,
-/// LANES and LANE; 7: STATE has the ACPI power button, whose
-/// press may wait for the guest; 6: STATE says when each part was saved; 5: COMMITTED says when
-/// each vCPU ran again; both on the destination's clock, which clock probes relate to the
-/// source's).
+/// LANES and LANE, and round 0's zero runs end with a SYNC; 7: STATE has the ACPI power button,
+/// whose press may wait for the guest; 6: STATE says when each part was saved; 5: COMMITTED
+/// says when each vCPU ran again; both on the destination's clock, which clock probes relate to
+/// the source's).
 pub const VERSION: u32 = 8;
 /// Pages in one PAGES frame at most.
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
