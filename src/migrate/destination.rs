@@ -161,10 +161,32 @@ async fn receive_stream(
     loop {
         let incoming = match lanes.as_mut() {
             // A lane that fails stops the migration now, not at the next SYNC.
-            Some(lanes) => tokio::select! {
-                incoming = wire::read_incoming(stream) => incoming,
-                failure = lanes.failed() => return Err(lane_failure(stream, failure).await),
-            },
+            Some(lanes) => {
+                let raced = {
+                    let mut read = std::pin::pin!(wire::read_incoming(stream));
+                    tokio::select! {
+                        incoming = &mut read => Ok(incoming),
+                        failure = lanes.failed() => {
+                            // A frame half read would leave the stream mid-frame: finish it.
+                            let frame = tokio::time::timeout(SOURCE_NOTICE_DEADLINE, read).await;
+                            Err((failure, frame))
+                        }
+                    }
+                };
+                match raced {
+                    Ok(incoming) => incoming,
+                    Err((failure, frame)) => {
+                        return Err(match frame {
+                            Ok(Ok(Incoming::Message(Message::Cancel))) => ReceiveError::Cancelled,
+                            Ok(Ok(Incoming::Message(Message::Error(reason)))) => {
+                                ReceiveError::SourceFailed(reason)
+                            }
+                            Ok(Ok(_)) => lane_failure(stream, failure).await,
+                            _ => ReceiveError::Local(failure.to_string()),
+                        })
+                    }
+                }
+            }
             None => wire::read_incoming(stream).await,
         };
         let message = match incoming {
