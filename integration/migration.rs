@@ -99,6 +99,15 @@ fn migrate(source: &Ferry, uri: &str) -> Value {
     info
 }
 
+/// Turns the page connections (`multifd`) on or off for the next migration.
+fn set_multifd(qmp: &mut ferry::harness::Qmp, on: bool) {
+    let capabilities = json!([{"capability": "multifd", "state": on}]);
+    qmp.ok(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": capabilities})),
+    );
+}
+
 /// Dumps all guest RAM through QMP pmemsave.
 fn dump(vm: &Ferry, path: &Path) -> Vec<u8> {
     vm.qmp().ok(
@@ -145,11 +154,7 @@ fn memory_identity(transport: Transport, channels: Option<u64>) {
     let uri = world.uri();
     let destination = world.destination(2, &uri, true);
     let mut qmp = source.qmp();
-    let multifd = json!([{"capability": "multifd", "state": channels.is_some()}]);
-    qmp.ok(
-        "migrate-set-capabilities",
-        Some(json!({"capabilities": multifd})),
-    );
+    set_multifd(&mut qmp, channels.is_some());
     if let Some(channels) = channels {
         let parameters = json!({"multifd-channels": channels});
         qmp.ok("migrate-set-parameters", Some(parameters));
@@ -452,11 +457,7 @@ fn cancel_at_every_stage_then_migrate_again() {
     // a page connection and then, with `multifd` off, on the control connection, whose frame
     // is then cut short.
     for multifd in [true, false] {
-        let capabilities = json!([{"capability": "multifd", "state": multifd}]);
-        qmp.ok(
-            "migrate-set-capabilities",
-            Some(json!({"capabilities": capabilities})),
-        );
+        set_multifd(&mut qmp, multifd);
         let (port, _reader) = silent_destination(false);
         qmp.ok(
             "migrate",
@@ -467,11 +468,7 @@ fn cancel_at_every_stage_then_migrate_again() {
         });
         assert_source_runs(&source);
     }
-    let multifd = json!([{"capability": "multifd", "state": true}]);
-    qmp.ok(
-        "migrate-set-capabilities",
-        Some(json!({"capabilities": multifd})),
-    );
+    set_multifd(&mut qmp, true);
 
     // At the switchover: a destination that takes everything and never says RESTORED.
     let (port, _reader) = silent_destination(true);

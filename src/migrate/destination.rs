@@ -147,8 +147,8 @@ async fn receive_stream(
 
     let ram_pages: u64 = vm.machine.layout.iter().map(|r| r.size / PAGE_SIZE).sum();
     let mut restored = false;
-    // Round 0's zero runs, until its first page data or SYNC: then the rest of RAM is backed
-    // ahead.
+    // Round 0's zero runs, until the SYNC that ends them (before any page data): then the
+    // rest of RAM is backed ahead.
     let mut zero_runs = Some(Vec::new());
     let mut backing = None;
     let mut landing = Landing::new(memory.clone());
@@ -192,9 +192,6 @@ async fn receive_stream(
         let message = match incoming {
             Ok(Incoming::Pages { entries, data_len }) if !restored => {
                 drop(listener.take());
-                if let Some(runs) = zero_runs.take() {
-                    backing = prefault::start(memory.clone(), runs);
-                }
                 let bytes = landing.receive(stream, &entries, data_len).await?;
                 shared.progress().count_landed(bytes, &entries);
                 continue;

@@ -47,13 +47,12 @@ pub struct PageSender {
 
 impl PageSender {
     pub fn new(memory: GuestMemory) -> Self {
-        let capacity = MAX_PAGES_PER_FRAME as usize;
         Self {
             memory,
             paced: true,
-            entries: Vec::with_capacity(capacity),
-            pages: Vec::with_capacity(capacity),
-            head: Vec::with_capacity(capacity * 8 + 16),
+            entries: Vec::with_capacity(capacity()),
+            pages: Vec::with_capacity(capacity()),
+            head: frame_head(),
             lanes: None,
         }
     }
@@ -170,9 +169,8 @@ impl PageSender {
         }
         match self.lanes.as_mut() {
             Some(lanes) => {
-                let capacity = MAX_PAGES_PER_FRAME as usize;
-                let head = std::mem::replace(&mut self.head, Vec::with_capacity(capacity * 8 + 16));
-                let pages = std::mem::replace(&mut self.pages, Vec::with_capacity(capacity));
+                let head = std::mem::replace(&mut self.head, frame_head());
+                let pages = std::mem::replace(&mut self.pages, Vec::with_capacity(capacity()));
                 // SAFETY: `host_base` checked that every page lies in `memory`, the guest RAM
                 // the lanes were opened with.
                 unsafe { lanes.send_frame(head, pages) }.await?;
@@ -221,6 +219,16 @@ impl PageSender {
             })?;
         Ok(slice.ptr_guard().as_ptr() as usize)
     }
+}
+
+/// Pages in a full frame.
+fn capacity() -> usize {
+    MAX_PAGES_PER_FRAME as usize
+}
+
+/// A buffer that holds a full frame's head: tag, length and one entry per page.
+fn frame_head() -> Vec<u8> {
+    Vec::with_capacity(capacity() * 8 + 16)
 }
 
 /// Whether a page is all zeros; OR-folding whole words lets the compiler vectorise it.
