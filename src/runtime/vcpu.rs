@@ -52,6 +52,9 @@ pub struct PauseAck {
     pub at: Instant,
     /// Its run-queue delay then ([`RunDelay`]), if it was asked to measure and ran the guest.
     pub run_delay: Option<Duration>,
+    /// When the guest stopped, if it was already out before the pause's kick: an exit the
+    /// thread was serving (port I/O, MMIO) or a throttle's hold-back.
+    pub out_since: Option<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +147,7 @@ impl VcpuHandle {
                     events: receiver,
                     throttle,
                     resumed_at: None,
+                    out_since: None,
                     io_pending: false,
                     run_delay: RunDelay::own(),
                 }
@@ -223,6 +227,8 @@ struct VcpuThread {
     throttle: Throttle,
     /// Set by a resume until the guest's first exit, for a debug line.
     resumed_at: Option<Instant>,
+    /// When `KVM_RUN` last returned, unless a kick ended it with the guest running.
+    out_since: Option<Instant>,
     /// The last exit was port I/O or MMIO, which the guest sees done only after another
     /// `KVM_RUN`.
     io_pending: bool,
@@ -236,7 +242,17 @@ impl VcpuThread {
         loop {
             state = match state {
                 RunState::Paused => match self.events.recv() {
-                    Ok(event) => self.handle_event(event, RunState::Paused),
+                    Ok(event) => match self.handle_event(event, RunState::Paused) {
+                        // Kicks that came while paused (each event sent to a vCPU kicks it)
+                        // left `immediate_exit` set: the first `KVM_RUN` would return at once,
+                        // and the guest would wait a round trip longer. Events sent since are
+                        // still seen: they are looked for after the flag is cleared.
+                        RunState::Running => {
+                            self.vcpu.set_kvm_immediate_exit(0);
+                            self.poll_events()
+                        }
+                        other => other,
+                    },
                     Err(_) => RunState::Finished,
                 },
                 RunState::Running => {
@@ -293,10 +309,20 @@ impl VcpuThread {
                     }
                     tracing::debug!(vcpu = self.index, "vCPU out of the guest");
                 }
-                let _ = ack.send(PauseAck { at, run_delay });
+                let out_since = self
+                    .out_since
+                    .filter(|_| matches!(state, RunState::Running));
+                let _ = ack.send(PauseAck {
+                    at,
+                    run_delay,
+                    out_since,
+                });
                 RunState::Paused
             }
             VcpuEvent::Resume(ack) => {
+                if matches!(state, RunState::Paused) {
+                    self.tell_guest_it_was_stopped();
+                }
                 let now = Instant::now();
                 if matches!(state, RunState::Paused) {
                     self.resumed_at = Some(now);
@@ -313,6 +339,20 @@ impl VcpuThread {
                 state
             }
             VcpuEvent::Finish => RunState::Finished,
+        }
+    }
+
+    /// Sets `PVCLOCK_GUEST_STOPPED` in the guest's kvmclock page as the vCPU goes back in, as
+    /// QEMU does on every resume: Linux's lockup watchdogs then do not take a pause or a
+    /// migration's switchover for a hung CPU.
+    fn tell_guest_it_was_stopped(&self) {
+        match self.vcpu.kvmclock_ctrl() {
+            Ok(()) => {}
+            // The guest has not enabled kvmclock on this vCPU.
+            Err(error) if error.errno() == libc::EINVAL => {}
+            Err(error) => {
+                tracing::debug!(vcpu = self.index, %error, "cannot mark the guest's clock stopped")
+            }
         }
     }
 
@@ -353,6 +393,7 @@ impl VcpuThread {
     fn run_guest(&mut self) -> RunState {
         let devices = &self.devices;
         let exit = self.vcpu.run();
+        self.out_since = Some(Instant::now());
         if let Some(resumed_at) = self.resumed_at.take() {
             // How long the guest ran before its first exit, and when that was: a switchover's
             // blackout ends somewhere before this line.
@@ -402,6 +443,8 @@ impl VcpuThread {
                 if let Some(hold_back) = self.throttle.hold_back() {
                     return self.hold_back(hold_back);
                 }
+                // A kick: the guest ran until it came.
+                self.out_since = None;
             }
             Err(error) if error.errno() == libc::EAGAIN => {}
             Err(error) => {

@@ -111,6 +111,7 @@ impl Vcpus {
         let mut sent = SentPauses {
             acks: Vec::with_capacity(self.handles.len()),
             baselines: Vec::with_capacity(self.handles.len()),
+            kicked: Vec::with_capacity(self.handles.len()),
             were_running: self.running,
             read_again: Vec::new(),
         };
@@ -128,6 +129,7 @@ impl Vcpus {
                 ack,
                 measure: before.is_some(),
             })?;
+            sent.kicked.push(Instant::now());
             // The kernel adds a wait to the delay when the wait ends: a thread still waiting at
             // the kick has its whole wait counted against `before`. But if this thread waited
             // for a core between the read and the kick, the vCPU may have got its core and run
@@ -159,9 +161,10 @@ impl Vcpus {
             self.left_guest = acks
                 .iter()
                 .zip(sent.baselines)
+                .zip(sent.kicked)
                 .enumerate()
-                .map(|(index, (ack, baseline))| {
-                    let left = left_guest(ack, baseline);
+                .map(|(index, ((ack, baseline), kicked))| {
+                    let left = left_guest(ack, baseline, kicked);
                     if left < ack.at {
                         tracing::debug!(
                             vcpu = index,
@@ -262,6 +265,8 @@ struct SentPauses {
     acks: Vec<(u32, oneshot::Receiver<PauseAck>)>,
     /// Each vCPU's run-queue delay its wait is counted from, in the same order.
     baselines: Vec<Option<Duration>>,
+    /// When each vCPU was kicked, in the same order.
+    kicked: Vec<Instant>,
     were_running: bool,
     /// The vCPUs whose delay was read again after the kick.
     read_again: Vec<u32>,
@@ -270,14 +275,20 @@ struct SentPauses {
 /// Longer than reading a delay and sending a kick take: the owner's thread was preempted.
 const STALE_DELAY_READ: Duration = Duration::from_micros(50);
 
-/// When a vCPU left the guest: as it heard the pause, less what it had waited for a core since
-/// `baseline`.
-fn left_guest(ack: &PauseAck, baseline: Option<Duration>) -> Instant {
+/// When a vCPU left the guest. If it was already out at the kick (serving an exit, or held
+/// back by the throttle), when that exit came. Otherwise as it heard the pause, less what it
+/// had waited for a core since `baseline`, and no later than the kick: a vCPU in the guest
+/// stops as the signal lands, but on this host its thread takes tens to hundreds of µs more
+/// to come out and hear it.
+fn left_guest(ack: &PauseAck, baseline: Option<Duration>, kicked: Instant) -> Instant {
+    if let Some(out_since) = ack.out_since {
+        return out_since;
+    }
     let waited = match (baseline, ack.run_delay) {
         (Some(before), Some(now)) => now.saturating_sub(before),
         _ => Duration::ZERO,
     };
-    ack.at.checked_sub(waited).unwrap_or(ack.at)
+    ack.at.checked_sub(waited).unwrap_or(ack.at).min(kicked)
 }
 
 /// `work` for vCPU `index` as an event; its result goes to the channel added to `answers`.
@@ -314,30 +325,57 @@ mod tests {
         PauseAck {
             at: Instant::now(),
             run_delay: run_delay.map(Duration::from_micros),
+            out_since: None,
         }
+    }
+
+    fn us(us: u64) -> Duration {
+        Duration::from_micros(us)
     }
 
     #[test]
     fn a_vcpu_left_the_guest_when_its_last_wait_for_a_core_began() {
         let paused = ack(Some(13_000));
-        let left = left_guest(&paused, Some(Duration::from_micros(10_000)));
-        assert_eq!(paused.at - left, Duration::from_micros(3_000));
+        let left = left_guest(&paused, Some(us(10_000)), paused.at);
+        assert_eq!(paused.at - left, us(3_000));
     }
 
     #[test]
     fn without_both_readings_a_vcpu_left_the_guest_at_the_pause() {
         let unmeasured = ack(None);
-        assert_eq!(left_guest(&unmeasured, Some(Duration::ZERO)), unmeasured.at);
+        assert_eq!(
+            left_guest(&unmeasured, Some(Duration::ZERO), unmeasured.at),
+            unmeasured.at
+        );
         let halted = ack(Some(5_000));
-        assert_eq!(left_guest(&halted, None), halted.at);
+        assert_eq!(left_guest(&halted, None, halted.at), halted.at);
     }
 
     #[test]
     fn a_baseline_read_after_the_wait_was_counted_gives_no_wait() {
         let paused = ack(Some(5_000));
+        assert_eq!(left_guest(&paused, Some(us(6_000)), paused.at), paused.at);
+    }
+
+    #[test]
+    fn a_running_vcpu_left_the_guest_at_the_kick() {
+        let paused = ack(Some(5_000));
+        let kicked = paused.at - us(200);
+        assert_eq!(left_guest(&paused, Some(us(5_000)), kicked), kicked);
+        // A wait for a core that began before the kick still says when the guest stopped.
         assert_eq!(
-            left_guest(&paused, Some(Duration::from_micros(6_000))),
-            paused.at
+            left_guest(&paused, Some(us(4_000)), kicked),
+            paused.at - us(1_000)
         );
+    }
+
+    #[test]
+    fn a_vcpu_already_out_of_the_guest_left_it_at_its_exit() {
+        let mut paused = ack(Some(5_000));
+        let exited = paused.at - us(700);
+        paused.out_since = Some(exited);
+        // Whatever it waited for since, serving the exit, the guest stopped at the exit.
+        assert_eq!(left_guest(&paused, Some(us(4_500)), paused.at), exited);
+        assert_eq!(left_guest(&paused, None, paused.at - us(100)), exited);
     }
 }
