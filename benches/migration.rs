@@ -26,12 +26,14 @@
 //! A guest that does not know a workload's option (it prints `warning: unknown option`) makes
 //! its case `unsupported`, which is reported and skipped, not failed. Every guest also gets
 //! `ferry.blackout=MS` (`$FERRY_BENCH_BLACKOUT_MS`, 5 by default) and reports its longest stall
-//! (TSC gap) on each CPU. `$FERRY_BENCH_LOGS=DIR` keeps each VM's log and serial output there.
+//! (TSC gap) on each CPU, and apart from those, whatever its length, the gap across which
+//! ferry stopped the CPU (KVM's clock tells the guest). `$FERRY_BENCH_LOGS=DIR` keeps each VM's log and serial output there.
 //!
 //! For each case it prints the total time, setup time and downtime that `query-migrate`
 //! reports, the `expected-downtime` the switchover was decided on, the blackout the
-//! guest measured (each vCPU's first `gap` report on the destination, the longest) and how far
-//! the downtime is from it, the bytes sent, the effective bandwidth (guest RAM / total time
+//! guest measured (each vCPU's first `gap ... stopped` report on the destination, the longest;
+//! for the workloads whose vCPUs run through the switchover, as a halted vCPU loses nothing)
+//! and how far the downtime is from it, the bytes sent, the effective bandwidth (guest RAM / total time
 //! and bytes sent / total time) next to the raw figures of the same transport, the number of
 //! rounds (`dirty-sync-count`) and whether the migration converged (completed with fewer than
 //! 30), the peak memory each ferry process used beyond its guest's RAM while migrating (from
@@ -106,9 +108,9 @@ const FRESH_RAW_BYTES: u64 = 1 << 30;
 const RAW_IO_SIZE: usize = 4 << 20;
 const SMP: &str = "2";
 const CPUS: u32 = 2;
-/// The guest reports stalls (TSC gaps) longer than this many ms, which includes the blackout
-/// of a migration: `$FERRY_BENCH_BLACKOUT_MS`, 5 by default. A lower threshold shows shorter
-/// blackouts, and more of the host's preemptions on the source.
+/// The guest reports stalls (TSC gaps) longer than this many ms: `$FERRY_BENCH_BLACKOUT_MS`, 5
+/// by default. A lower threshold shows more of the host's preemptions. (The blackout of a
+/// migration is reported whatever its length.)
 fn blackout_ms() -> u64 {
     static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *MS.get_or_init(|| {
@@ -207,7 +209,8 @@ impl Workload {
     }
 
     /// Whether the vCPUs sweep, so that the bench waits for their first pass (every page
-    /// written once: round 0 has no zero pages to skip).
+    /// written once: round 0 has no zero pages to skip). They run through the switchover too,
+    /// so the guest measures its blackout; the other workloads halt their vCPUs between ticks.
     fn sweeps(self) -> bool {
         matches!(self, Self::Sweep | Self::Dirty(_))
     }
@@ -586,8 +589,6 @@ struct Run {
     /// The longest blackout a vCPU of the guest measured across the switchover, in µs
     /// (`guest::blackout_us`); `None` if not measured.
     blackout_us: Option<u64>,
-    /// The guest reported that every vCPU's blackout was under [`blackout_ms`].
-    blackout_below_threshold: bool,
     /// The destination's `gap` reports, as far as the bench read them (until it knew the
     /// blackout).
     destination_gaps: Vec<guest::Gap>,
@@ -738,7 +739,6 @@ impl Run {
             "duplicate_pages": self.count(&["ram", "duplicate"]),
             "dirty_sync_count": self.count(&["ram", "dirty-sync-count"]),
             "guest_blackout_us": self.blackout_us,
-            "guest_blackout_below_threshold": self.blackout_below_threshold,
             "destination_gaps": gaps(&self.destination_gaps),
             "source_gaps_during_migration": gaps(&self.source_gaps),
             "query_migrate": self.info,
@@ -770,11 +770,7 @@ impl Run {
             show("setup_ms", 0),
             show("downtime_ms", 0),
             show("expected_downtime_ms", 0),
-            if self.blackout_below_threshold {
-                format!("<{}", blackout_ms())
-            } else {
-                show("guest_blackout_ms", 1)
-            },
+            show("guest_blackout_ms", 1),
             show("transferred_mib", 1),
             show("transferred_gib_per_s", 3),
             show("transferred_pct_of_raw", 1),
@@ -1084,10 +1080,9 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
     } else {
         (status, None)
     };
-    // Each vCPU's first line on the destination tells its blackout.
     let mut blackout = None;
     let mut destination_gaps = Vec::new();
-    if status == "completed" && blackout_reported {
+    if status == "completed" && blackout_reported && case.workload.sweeps() {
         let waited = Instant::now();
         let mut seen = 0;
         while blackout.is_none() && waited.elapsed() < BLACKOUT_DEADLINE {
@@ -1125,8 +1120,7 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
         other_cores,
         timeline,
         memory: Some(memory),
-        blackout_us: blackout.flatten(),
-        blackout_below_threshold: blackout == Some(None),
+        blackout_us: blackout,
         destination_gaps,
         source_gaps,
         max_bandwidth: case.max_bandwidth(),
@@ -1178,22 +1172,10 @@ impl CaseResult {
         }
     }
 
-    /// Completed runs whose guest saw a blackout under [`blackout_ms`] on every vCPU.
-    fn blackouts_below_threshold(&self) -> usize {
-        self.runs
-            .iter()
-            .filter(|r| r.completed() && r.blackout_below_threshold)
-            .count()
-    }
-
-    /// The guest's blackout for the summary: the median of the runs that measured one, marked
-    /// `*` if others saw less than the threshold, or `<THRESHOLD` if all did.
+    /// The guest's blackout for the summary: the median of the runs that measured one.
     fn blackout_cell(&self) -> String {
-        let below = self.blackouts_below_threshold();
         match self.stats("guest_blackout_ms") {
-            Some(s) if below > 0 => format!("{:.1}*", s.median),
             Some(s) => format!("{:.1}", s.median),
-            None if below > 0 => format!("<{}", blackout_ms()),
             None => "-".into(),
         }
     }
@@ -1253,13 +1235,6 @@ impl CaseResult {
                 label.to_owned()
             };
             row(&label, decimals(key), self.stats(key));
-            if key == "guest_blackout_ms" && self.blackouts_below_threshold() > 0 {
-                println!(
-                    "    ({} run(s) under {} ms on every vCPU, not in these figures)",
-                    self.blackouts_below_threshold(),
-                    blackout_ms()
-                );
-            }
             if key == "downtime_error_ms" {
                 let (close, compared) = self.downtimes_close_to_blackout();
                 if compared > 0 {
@@ -1309,6 +1284,7 @@ impl CaseResult {
                 "append": self.case.workload.append(),
             },
             "unsupported": self.unsupported(),
+            "guest_measures_blackout": self.case.workload.sweeps(),
             "runs": self.runs.len(),
             "completed_runs": self.completed(),
             "converged_runs": self.converged(),
@@ -1527,10 +1503,9 @@ fn print_summary(results: &[CaseResult], cancels: &[CancelResult]) {
     }
     println!(
         "(conv: runs that completed in fewer than {CONVERGED_BELOW_ROUNDS} rounds; blackout: as \
-         the guest measured it, * if some runs saw less than {} ms; src/dst: peak VMM \
+         the guest measured it, if its vCPUs ran through the switchover; src/dst: peak VMM \
          overhead beyond guest RAM; cancel: migrate_cancel latency of the transport's cancel \
-         runs; n/a: the guest lacks the workload's option)",
-        blackout_ms()
+         runs; n/a: the guest lacks the workload's option)"
     );
     println!();
 }

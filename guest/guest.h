@@ -48,6 +48,7 @@
 #define SYS_TRIPLE_FAULT 1
 #define SYS_MAP_UNCACHED 2 /* %rsi addr, %rdx len, %rcx zeroed pages; %rax = pages used */
 #define SYS_IDLE 3	   /* halt until the next interrupt */
+#define SYS_KVM_CLOCK 4	   /* %rsi struct cpu: register its clock page with KVM */
 
 /* Offsets in struct cpu that isr.S uses. */
 #define CPU_TICKS 0
@@ -117,6 +118,22 @@ struct tss64 {
 } __attribute__((packed));
 
 /*
+ * KVM's per-CPU clock page (struct pvclock_vcpu_time_info), which KVM
+ * writes. The guest reads the time from the TSC; it wants the flags, which
+ * say when the VMM stopped the vCPU (a pause, a migration's switchover).
+ */
+struct pvclock {
+	uint32_t version;
+	uint32_t pad0;
+	uint64_t tsc_timestamp;
+	uint64_t system_time;
+	uint32_t tsc_to_system_mul;
+	signed char tsc_shift;
+	uint8_t flags;
+	uint8_t pad[2];
+} __attribute__((aligned(32))); /* KVM wants it within one page */
+
+/*
  * One per CPU. `ticks` must stay first: the timer handler in isr.S finds
  * this structure through a pointer stored at the top of the CPU's ring-0
  * stack and increments the word it points at.
@@ -139,9 +156,14 @@ struct cpu {
 	uint64_t pace_frac;   /* ... and its fraction, in 1/65536 cycles */
 	uint64_t gap_last;    /* blackout: the last TSC reading, 0 = not tracking yet */
 	uint64_t gap_pending; /* blackout: largest gap not yet reported, in cycles */
+	uint64_t stop_gap;    /* blackout: the gap across the last host stop, in cycles */
+	bool stop_pending;    /* ... not yet reported */
+	uint64_t recent_gap;  /* blackout: the longest recent gap, for a late stop flag */
+	uint64_t recent_gap_end; /* ... and the TSC when it ended */
 	uint64_t idle_tick;   /* ferry.idle=hlt: the tick whose TSC idle_tsc holds */
 	uint64_t idle_tsc;
 	struct tss64 tss __attribute__((aligned(16)));
+	struct pvclock clock; /* KVM's clock for this CPU (registered for ferry.blackout) */
 } __attribute__((aligned(64)));
 
 /* Memory map entry of struct hvm_start_info (xen/arch-x86/hvm/start_info.h). */
@@ -191,6 +213,7 @@ struct boot {
 	uint64_t pace_fp;	/* dirty_mbps: TSC cycles per page, 16.16 fixed point */
 	uint64_t pace_slack;	/* dirty_mbps: lag (cycles) beyond which no catching up */
 	uint64_t gap_cycles;	/* blackout: threshold in TSC cycles, 0 = off */
+	bool kvm_clock;		/* KVM's clock is there (CPUID); ferry.blackout registers it */
 };
 
 extern struct boot boot;
@@ -218,6 +241,7 @@ void power_isr(void);
 
 /* setup.c */
 void cpu_setup(struct cpu *c);
+void kvm_clock_register(struct cpu *c);
 void lapic_delay_us(uint32_t us);
 void halt_forever(void) __attribute__((noreturn));
 uint64_t map_uncached(uint64_t addr, uint64_t len, uint64_t pages);

@@ -14,7 +14,13 @@
 #define LSR_THRE 0x20 /* transmit holding register empty */
 #define LINE_MAX 1200 /* the banner holds the whole command line */
 
-static volatile uint32_t serial_lock;
+/*
+ * A ticket lock: CPUs print in the order they asked. A plain test-and-set
+ * lock let a CPU that prints line after line (ferry.blackout reports while
+ * the host preempts it) keep the lock for hundreds of ms while another CPU
+ * waited, its reports going stale.
+ */
+static volatile uint32_t ticket_next, ticket_serving;
 
 /*
  * gap_note() (user.c) takes a TSC reading for ferry.blackout while we wait
@@ -23,20 +29,34 @@ static volatile uint32_t serial_lock;
  */
 static void lock(void)
 {
-	while (__atomic_exchange_n(&serial_lock, 1, __ATOMIC_ACQUIRE))
-		while (serial_lock) {
-			gap_note();
-			cpu_relax();
-		}
+	uint32_t mine = __atomic_fetch_add(&ticket_next, 1, __ATOMIC_RELAXED);
+
+	while (__atomic_load_n(&ticket_serving, __ATOMIC_ACQUIRE) != mine) {
+		gap_note();
+		cpu_relax();
+	}
 }
 
-/* For fatal paths, which may interrupt the lock holder on its own CPU. */
+/* Takes the lock only if nobody holds it or waits for it. */
+static bool try_lock(void)
+{
+	uint32_t serving = __atomic_load_n(&ticket_serving, __ATOMIC_ACQUIRE);
+	uint32_t expected = serving;
+
+	return __atomic_compare_exchange_n(&ticket_next, &expected, serving + 1, false,
+					   __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+
+/*
+ * For fatal paths, which may interrupt the lock holder on its own CPU: a
+ * ticket taken there could never be served, so only a free lock is taken.
+ */
 static bool lock_bounded(void)
 {
 	uint32_t spins;
 
 	for (spins = 0; spins < 1000000; spins++) {
-		if (!__atomic_exchange_n(&serial_lock, 1, __ATOMIC_ACQUIRE))
+		if (try_lock())
 			return true;
 		cpu_relax();
 	}
@@ -45,7 +65,7 @@ static bool lock_bounded(void)
 
 static void unlock(void)
 {
-	__atomic_store_n(&serial_lock, 0, __ATOMIC_RELEASE);
+	__atomic_store_n(&ticket_serving, ticket_serving + 1, __ATOMIC_RELEASE);
 }
 
 static void put_bytes(const char *s, int n)

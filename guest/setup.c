@@ -200,6 +200,26 @@ void lapic_delay_us(uint32_t us)
 _Static_assert(__builtin_offsetof(struct cpu, ticks) == CPU_TICKS, "isr.S");
 _Static_assert(__builtin_offsetof(struct cpu, tick_tsc) == CPU_TICK_TSC, "isr.S");
 
+/*
+ * KVM's clock, for its PVCLOCK_GUEST_STOPPED flag (see struct pvclock): with
+ * it, ferry.blackout tells the gap a migration's switchover caused from the
+ * host merely preempting the vCPU.
+ */
+static bool kvm_clock_available(void)
+{
+	uint32_t r[4];
+
+	cpuid(1, 0, r);
+	if (!(r[2] & (1u << 31))) /* no hypervisor */
+		return false;
+	cpuid(KVM_CPUID_SIGNATURE, 0, r);
+	/* "KVMKVMKVM\0\0\0" in EBX, ECX, EDX */
+	if (r[1] != 0x4b4d564b || r[2] != 0x564b4d56 || r[3] != 0x4d)
+		return false;
+	cpuid(KVM_CPUID_FEATURES, 0, r);
+	return r[0] & KVM_FEATURE_CLOCKSOURCE2;
+}
+
 void cpu_setup(struct cpu *c)
 {
 	uint64_t rsp0 = c->kstack_top - 16;
@@ -227,6 +247,18 @@ void cpu_setup(struct cpu *c)
 	lapic_write(APIC_LVT_LINT0, APIC_LVT_MASKED); /* no 8259 ExtINT */
 	lapic_write(APIC_LVT_ERROR, APIC_LVT_MASKED);
 	c->apic_id = lapic_read(APIC_ID) >> 24;
+}
+
+/*
+ * SYS_KVM_CLOCK (ring 0, from trap.c): registers the calling CPU's clock
+ * page with KVM. Only ferry.blackout asks: KVM writes the page, in guest RAM,
+ * whenever it updates the clock, also on a migration's destination before
+ * the guest runs there.
+ */
+void kvm_clock_register(struct cpu *c)
+{
+	/* Bit 0 enables; the guest's addresses are physical ones (identity map). */
+	wrmsr(MSR_KVM_SYSTEM_TIME_NEW, (uint64_t)&c->clock | 1);
 }
 
 /*
@@ -280,6 +312,7 @@ void bsp_main(uint32_t start_info)
 
 	c->index = 0;
 	alloc_stacks(c);
+	boot.kvm_clock = kvm_clock_available();
 	cpu_setup(c);
 	route_power_button(c);
 	c->online = 1;

@@ -22,7 +22,10 @@
  *             so that all CPUs together write about N MiB/s.
  *   blackout  (ferry.blackout) each CPU notes the longest stretch between
  *             two of its TSC readings (taken at every poll and for every
- *             byte it prints) and reports one over the threshold as `gap`.
+ *             byte it prints) and reports one over the threshold as `gap`;
+ *             a stretch across which the host stopped the CPU (KVM's clock
+ *             says so) is reported apart, as `gap ... stopped`, whatever
+ *             its length.
  *   disk      (ferry.run=disk) the BSP drives a virtio-blk device (disk.c)
  *             from its poll(), one request at a time.
  *
@@ -38,6 +41,8 @@
 #define AP_MIN_WAIT_MS 1000 /* ... but not before this */
 #define POLL_PAGES 4	   /* sweep: poll ticks and the TSC this often */
 #define CAL_NS 25000000	   /* TSC calibration: this long against the LAPIC timer */
+#define GAP_FLOOR_US 20	   /* blackout: shorter stretches between readings are no gap */
+#define STOP_FLAG_LAG_US 1500 /* blackout: how late the stop flag may be seen (gap_check()) */
 #define CAL_TRIES 5	   /* ... each end the narrowest of this many samples */
 #define PACE_SLACK_MS 50   /* dirty_mbps: catch up on at most this much lag */
 
@@ -324,6 +329,8 @@ static void bsp_report(void)
 	if (boot.cfg.dirty_mbps || boot.cfg.blackout_ms)
 		measure_tsc();
 	boot.gap_cycles = boot.tsc_khz * boot.cfg.blackout_ms;
+	if (boot.gap_cycles && !boot.kvm_clock)
+		print("warning: no KVM clock; ferry.blackout cannot tell a host's stop of a CPU from a preemption");
 	if (boot.cfg.run & RUN_DISK)
 		disk_setup(reserve_ram(DISK_MEM_BYTES));
 	nfree = free_ranges(free, &total);
@@ -457,14 +464,47 @@ static struct cpu *this_cpu(void)
 	return sp >= c->kstack_top - KSTACK_SIZE && sp < c->ustack_top ? c : NULL;
 }
 
-/* blackout: a TSC reading; keep the longest gap over the threshold. */
+/*
+ * blackout: whether the host stopped this CPU since the last call. KVM sets
+ * the flag as the vCPU goes back in, so the first TSC reading after a stop
+ * sees it.
+ */
+static bool host_stopped(struct cpu *c)
+{
+	const uint8_t stopped = PVCLOCK_GUEST_STOPPED;
+
+	if (!boot.kvm_clock || !(__atomic_load_n(&c->clock.flags, __ATOMIC_RELAXED) & stopped))
+		return false;
+	__atomic_fetch_and(&c->clock.flags, (uint8_t)~stopped, __ATOMIC_RELAXED);
+	return true;
+}
+
+/*
+ * blackout: a TSC reading. The gap across a host stop is kept apart, however
+ * short; of the others, the longest over the threshold.
+ *
+ * On PVM the stop flag can show up to about 1 ms after the vCPU ran again
+ * (a gap or two later), so the stop's gap is the longest one that ended in
+ * the STOP_FLAG_LAG_US before the flag was seen.
+ */
 static void gap_check(struct cpu *c)
 {
 	uint64_t now = rdtsc(), d = now > c->gap_last ? now - c->gap_last : 0;
+	uint64_t lag = boot.tsc_khz * STOP_FLAG_LAG_US / 1000;
+	bool recent = now - c->recent_gap_end <= lag;
 
 	c->gap_last = now;
-	if (d > boot.gap_cycles && d > c->gap_pending)
+	if (d > boot.tsc_khz * GAP_FLOOR_US / 1000 && (!recent || d >= c->recent_gap)) {
+		c->recent_gap = d;
+		c->recent_gap_end = now;
+		recent = true;
+	}
+	if (host_stopped(c)) {
+		c->stop_gap = recent && c->recent_gap > d ? c->recent_gap : d;
+		c->stop_pending = true;
+	} else if (d > boot.gap_cycles && d > c->gap_pending) {
 		c->gap_pending = d;
+	}
 }
 
 /*
@@ -490,6 +530,11 @@ static void poll(struct cpu *c)
 
 	if (boot.gap_cycles) {
 		gap_check(c);
+		if (c->stop_pending) {
+			c->stop_pending = false;
+			print("gap cpu=%u us=%lu stopped", c->index,
+			      c->stop_gap * 1000 / boot.tsc_khz);
+		}
 		if (c->gap_pending) {
 			uint64_t us = c->gap_pending * 1000 / boot.tsc_khz;
 
@@ -556,6 +601,8 @@ static void idle(struct cpu *c)
 	c->idle_tick = tick;
 	c->idle_tsc = tsc;
 	c->gap_last = rdtsc();
+	/* A stop while halted took nothing from this CPU: there is no blackout to report. */
+	host_stopped(c);
 }
 
 /*
@@ -629,6 +676,8 @@ void user_main(struct cpu *c)
 		do_actions();
 	}
 
+	if (boot.gap_cycles && boot.kvm_clock)
+		__asm__ volatile("int $0x80" : : "D"((uint64_t)SYS_KVM_CLOCK), "S"(c) : "memory");
 	c->last_tsc = rdtsc();
 	c->pace_next = c->last_tsc;
 	if (boot.gap_cycles)

@@ -76,6 +76,15 @@ static inline uint64_t rdmsr(uint32_t msr)
 }
 
 #define MSR_GS_BASE 0xc0000101
+#define MSR_KVM_SYSTEM_TIME_NEW 0x4b564d01 /* KVM's clock: this CPU's pvclock page */
+
+/* CPUID leaves of KVM's paravirtual interface. */
+#define KVM_CPUID_SIGNATURE 0x40000000
+#define KVM_CPUID_FEATURES 0x40000001
+#define KVM_FEATURE_CLOCKSOURCE2 (1u << 3) /* MSR_KVM_SYSTEM_TIME_NEW */
+
+/* A pvclock flag: the host stopped this vCPU since the guest last cleared it. */
+#define PVCLOCK_GUEST_STOPPED (1u << 1)
 
 static inline void wrmsr(uint32_t msr, uint64_t v)
 {

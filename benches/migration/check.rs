@@ -7,8 +7,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-/// Figures a completed migration always has (others, such as the blackout, may be absent by
-/// nature: a guest that saw none under the threshold).
+/// Figures a completed migration always has. The guest's blackout is one too where its
+/// vCPUs run through the switchover (`guest_measures_blackout`); halted, they measure none.
 const RUN_FIGURES: &[&str] = &[
     "total_ms",
     "setup_ms",
@@ -76,7 +76,9 @@ pub fn gaps(
             if run["status"] != "completed" {
                 continue;
             }
-            for figure in RUN_FIGURES {
+            let blackout =
+                (result["guest_measures_blackout"] == true).then_some("guest_blackout_ms");
+            for figure in RUN_FIGURES.iter().copied().chain(blackout) {
                 if !run[figure].is_number() {
                     gaps.push(format!("case {case} run {}: no {figure}", index + 1));
                 }

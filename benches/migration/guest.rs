@@ -38,44 +38,18 @@ pub fn gaps(lines: &[String], t_ms: f64) -> Vec<Gap> {
     lines
         .iter()
         .filter_map(|line| match GuestLine::parse(line) {
-            GuestLine::Gap { cpu, us } => Some(Gap { t_ms, cpu, us }),
+            GuestLine::Gap { cpu, us, .. } => Some(Gap { t_ms, cpu, us }),
             _ => None,
         })
         .collect()
 }
 
-/// The CPU a line is about, for the lines that name one.
-fn cpu_of(line: &GuestLine) -> Option<u32> {
-    match *line {
-        GuestLine::Tick { cpu, .. }
-        | GuestLine::Sweep { cpu, .. }
-        | GuestLine::Gap { cpu, .. }
-        | GuestLine::TscBackwards { cpu, .. } => Some(cpu),
-        _ => None,
-    }
-}
-
-/// The blackout the guest saw across a migration, from the destination's serial output.
-///
-/// A vCPU's first poll on the destination reports the stretch since its last TSC reading on
-/// the source, before it prints anything else, if that stretch is over the threshold. So each
-/// CPU's first line that names a CPU tells: a `gap` is its blackout; anything else means its
-/// blackout was under the threshold (a later `gap` is the host preempting it).
-///
-/// `None` until every one of `cpus` has printed such a line; then `Some(None)` if every CPU's
-/// blackout was under the threshold, else `Some(Some(µs))`, the longest.
-pub fn blackout_us(destination_lines: &[String], cpus: u32) -> Option<Option<u64>> {
-    let mut first: Vec<Option<Option<u64>>> = vec![None; cpus as usize];
-    for line in destination_lines {
-        let line = GuestLine::parse(line);
-        let Some(slot @ None) = cpu_of(&line).and_then(|cpu| first.get_mut(cpu as usize)) else {
-            continue;
-        };
-        *slot = Some(match line {
-            GuestLine::Gap { us, .. } => Some(us),
-            _ => None,
-        });
-    }
-    let first: Vec<Option<u64>> = first.into_iter().collect::<Option<_>>()?;
-    Some(first.into_iter().flatten().max())
+/// The blackout the guest saw across a migration (`ferry::guest::stop_blackout_us`), from the
+/// destination's serial output.
+pub fn blackout_us(destination_lines: &[String], cpus: u32) -> Option<u64> {
+    let lines: Vec<GuestLine> = destination_lines
+        .iter()
+        .map(|l| GuestLine::parse(l))
+        .collect();
+    ferry::guest::stop_blackout_us(&lines, cpus)
 }

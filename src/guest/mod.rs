@@ -83,16 +83,19 @@
 //!   switchover, the host preempting its thread (on a busy 2-core host, gaps of 1–20 ms
 //!   are common; a threshold of 5 ms or more keeps them down). The line comes after the
 //!   fact, from the CPU's next poll; if several gaps end before that, the largest is
-//!   reported. After a migration, the destination's first `gap` line of each CPU is that
-//!   CPU's own measurement of the blackout: from its last reading on the source to its
-//!   first on the destination. On this project's PVM host, ring-3 `rdtsc` reads the host's
-//!   TSC itself (no offset: a guest sees the host's uptime), which both ferry processes
-//!   share, so the figure is the true blackout, including any time the host keeps the vCPU
-//!   off its core right after it runs again. A CPU that halts between ticks measures how
-//!   late its next tick came instead, so a stop it slept through shows only if a tick was
-//!   due in it. Where KVM applies the migrated TSC (VT-x/SVM), ferry moves it on by the
-//!   time the state spent in transit, so the figure means the same there (not verified on
-//!   such a host).
+//!   reported.
+//! - `gap cpu=I us=N stopped` (with `ferry.blackout`): the gap across which the VMM stopped
+//!   CPU I, whatever its length. KVM's clock tells the guest (`PVCLOCK_GUEST_STOPPED`, which
+//!   ferry sets on every resume), so the line is told apart from the host's preemptions and
+//!   from stalls still waiting to be reported. After a migration, it is the CPU's own
+//!   measurement of the blackout: from its last reading on the source to its first on the
+//!   destination. On this project's PVM host, ring-3 `rdtsc` reads the host's TSC itself
+//!   (no offset: a guest sees the host's uptime), which both ferry processes share, so the
+//!   figure is the true blackout, including any time the host keeps the vCPU off its core
+//!   right after it runs again. A CPU halted through the stop reports none: it lost no
+//!   time. Where KVM applies the migrated TSC (VT-x/SVM), ferry moves it on by the time the
+//!   state spent in transit, so the figure means the same there (not verified on such a
+//!   host).
 //!
 //! - `disk …` (with `disk`, from the BSP): see [Disk](#disk).
 //!
@@ -237,12 +240,15 @@ pub enum GuestLine {
         /// The later, smaller reading.
         now: u64,
     },
-    /// `gap cpu=I us=N`: CPU I did not run for N µs (`ferry.blackout`).
+    /// `gap cpu=I us=N [stopped]`: CPU I did not run for N µs (`ferry.blackout`); `stopped`
+    /// if the VMM stopped it meanwhile, as KVM's clock told the guest.
     Gap {
         /// CPU index.
         cpu: u32,
         /// Length of the gap in microseconds, by the guest's TSC.
         us: u64,
+        /// The host stopped the CPU (a pause, a migration's switchover).
+        stopped: bool,
     },
     /// `resetting`: the guest is about to reset the machine through the i8042.
     Resetting,
@@ -320,10 +326,15 @@ impl GuestLine {
             });
         }
         if let Some(rest) = line.strip_prefix("gap ") {
+            let (rest, stopped) = match rest.strip_suffix(" stopped") {
+                Some(rest) => (rest, true),
+                None => (rest, false),
+            };
             let [cpu, us] = fields_of(rest, ["cpu", "us"])?;
             return Some(GuestLine::Gap {
                 cpu: cpu.parse().ok()?,
                 us: us.parse().ok()?,
+                stopped,
             });
         }
         if let Some(rest) = line.strip_prefix("disk ") {
@@ -396,7 +407,13 @@ impl fmt::Display for GuestLine {
             GuestLine::TscBackwards { cpu, prev, now } => {
                 write!(f, "tsc backwards cpu={cpu} prev={prev:#x} now={now:#x}")
             }
-            GuestLine::Gap { cpu, us } => write!(f, "gap cpu={cpu} us={us}"),
+            GuestLine::Gap { cpu, us, stopped } => {
+                write!(f, "gap cpu={cpu} us={us}")?;
+                if *stopped {
+                    f.write_str(" stopped")?;
+                }
+                Ok(())
+            }
             GuestLine::Resetting => f.write_str("resetting"),
             GuestLine::TripleFaulting => f.write_str("triple-faulting"),
             GuestLine::Disk(d) => write!(f, "disk {d}"),
@@ -468,16 +485,63 @@ where
 {
     let mut gaps: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for line in lines {
-        if let GuestLine::Gap { cpu, us } = *line {
+        if let GuestLine::Gap { cpu, us, .. } = *line {
             gaps.entry(cpu).or_default().push(us);
         }
     }
     gaps
 }
 
+/// The blackout the guest saw across the stop its lines follow (a migration's destination
+/// output): the longest of each CPU's first `gap ... stopped` line, the gap across which the
+/// VMM stopped that CPU; `None` until every one of `cpus` has printed one.
+///
+/// KVM's clock tells the guest of the stop, so a stall from before it that a CPU reports late
+/// cannot pass for it. A CPU halted through the stop reports none.
+pub fn stop_blackout_us(lines: &[GuestLine], cpus: u32) -> Option<u64> {
+    let mut stopped: Vec<Option<u64>> = vec![None; cpus as usize];
+    for line in lines {
+        if let GuestLine::Gap {
+            cpu,
+            us,
+            stopped: true,
+        } = *line
+        {
+            if let Some(slot @ None) = stopped.get_mut(cpu as usize) {
+                *slot = Some(us);
+            }
+        }
+    }
+    stopped
+        .into_iter()
+        .collect::<Option<Vec<u64>>>()?
+        .into_iter()
+        .max()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_blackout_is_the_longest_stop_and_nothing_else() {
+        // A stall from before the switchover printed late, and one after it, do not count.
+        let lines: Vec<GuestLine> = [
+            "p cpu=1 us=900",
+            "gap cpu=1 us=9000",
+            "gap cpu=1 us=2100 stopped",
+            "sweep 3 cpu=1",
+            "gap cpu=0 us=2600 stopped",
+            "gap cpu=0 us=7000",
+            "gap cpu=0 us=500 stopped",
+        ]
+        .into_iter()
+        .map(GuestLine::parse)
+        .collect();
+        assert_eq!(stop_blackout_us(&lines, 2), Some(2600));
+        assert_eq!(stop_blackout_us(&lines[..4], 2), None);
+        assert_eq!(stop_blackout_us(&lines, 3), None);
+    }
 
     #[test]
     fn ticks_and_last_sweep_pick_one_cpu() {
@@ -557,6 +621,15 @@ mod tests {
                 GuestLine::Gap {
                     cpu: 1,
                     us: 503_271,
+                    stopped: false,
+                },
+            ),
+            (
+                "gap cpu=0 us=2250 stopped",
+                GuestLine::Gap {
+                    cpu: 0,
+                    us: 2250,
+                    stopped: true,
                 },
             ),
             ("sweep 2 cpu=0", GuestLine::Sweep { n: 2, cpu: 0 }),
@@ -615,6 +688,8 @@ mod tests {
             "gap cpu=0",
             "gap cpu=0 us=-5",
             "gap us=5 cpu=0",
+            "gap cpu=0 us=5 stopped=1",
+            "gap cpu=0 stopped",
         ] {
             assert_eq!(
                 GuestLine::parse(text),
