@@ -987,7 +987,9 @@ fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
             );
         }
     }
-    let blackout_reported = guest::unknown_option(&source_vm.lines(), "ferry.blackout").is_none();
+    let source_lines = source_vm.lines();
+    let blackout_reported = guest::unknown_option(&source_lines, "ferry.blackout").is_none()
+        && guest::no_stop_flag(&source_lines).is_none();
 
     let uri = migration_uri(case.transport, dir.path())?;
     let destination_qmp = dir.path().join("destination.qmp");

@@ -117,6 +117,8 @@ struct tss64 {
 	uint8_t iomap_end; /* must be 0xff */
 } __attribute__((packed));
 
+#define RECENT_GAPS 4 /* blackout: gaps kept for a stop flag seen late */
+
 /*
  * KVM's per-CPU clock page (struct pvclock_vcpu_time_info), which KVM
  * writes. The guest reads the time from the TSC; it wants the flags, which
@@ -158,8 +160,10 @@ struct cpu {
 	uint64_t gap_pending; /* blackout: largest gap not yet reported, in cycles */
 	uint64_t stop_gap;    /* blackout: the gap across the last host stop, in cycles */
 	bool stop_pending;    /* ... not yet reported */
-	uint64_t recent_gap;  /* blackout: the longest recent gap, for a late stop flag */
-	uint64_t recent_gap_end; /* ... and the TSC when it ended */
+	struct {
+		uint64_t cycles, end; /* TSC when it ended */
+	} recent[RECENT_GAPS];	      /* blackout: the last gaps, for a late stop flag */
+	uint32_t recent_next;
 	uint64_t idle_tick;   /* ferry.idle=hlt: the tick whose TSC idle_tsc holds */
 	uint64_t idle_tsc;
 	struct tss64 tss __attribute__((aligned(16)));

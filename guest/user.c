@@ -42,7 +42,7 @@
 #define POLL_PAGES 4	   /* sweep: poll ticks and the TSC this often */
 #define CAL_NS 25000000	   /* TSC calibration: this long against the LAPIC timer */
 #define GAP_FLOOR_US 20	   /* blackout: shorter stretches between readings are no gap */
-#define STOP_FLAG_LAG_US 1500 /* blackout: how late the stop flag may be seen (gap_check()) */
+#define STOP_FLAG_LAG_US 1500 /* blackout: how late the stop flag may be seen (stop_gap()) */
 #define CAL_TRIES 5	   /* ... each end the narrowest of this many samples */
 #define PACE_SLACK_MS 50   /* dirty_mbps: catch up on at most this much lag */
 
@@ -480,31 +480,49 @@ static bool host_stopped(struct cpu *c)
 }
 
 /*
+ * blackout: the gap across a stop, from the TSC reading that saw the flag
+ * (now, d cycles after the previous one). On PVM the flag can show up to
+ * about 1 ms after the vCPU ran again, a short gap or two later: a reading
+ * that ends no gap of its own saw it late, and the stop's gap is then the
+ * longest one that ended in the STOP_FLAG_LAG_US before.
+ */
+static uint64_t stop_gap(struct cpu *c, uint64_t now, uint64_t d)
+{
+	uint64_t lag = boot.tsc_khz * STOP_FLAG_LAG_US / 1000, longest = d;
+	uint32_t i;
+
+	if (d > boot.tsc_khz * GAP_FLOOR_US / 1000)
+		return d;
+	for (i = 0; i < RECENT_GAPS; i++)
+		if (now - c->recent[i].end <= lag && c->recent[i].cycles > longest)
+			longest = c->recent[i].cycles;
+	/* Already noted as a stall: it is the stop's, reported as such. */
+	if (c->gap_pending == longest)
+		c->gap_pending = 0;
+	return longest;
+}
+
+/*
  * blackout: a TSC reading. The gap across a host stop is kept apart, however
  * short; of the others, the longest over the threshold.
- *
- * On PVM the stop flag can show up to about 1 ms after the vCPU ran again
- * (a gap or two later), so the stop's gap is the longest one that ended in
- * the STOP_FLAG_LAG_US before the flag was seen.
  */
 static void gap_check(struct cpu *c)
 {
 	uint64_t now = rdtsc(), d = now > c->gap_last ? now - c->gap_last : 0;
-	uint64_t lag = boot.tsc_khz * STOP_FLAG_LAG_US / 1000;
-	bool recent = now - c->recent_gap_end <= lag;
 
 	c->gap_last = now;
-	if (d > boot.tsc_khz * GAP_FLOOR_US / 1000 && (!recent || d >= c->recent_gap)) {
-		c->recent_gap = d;
-		c->recent_gap_end = now;
-		recent = true;
-	}
 	if (host_stopped(c)) {
-		c->stop_gap = recent && c->recent_gap > d ? c->recent_gap : d;
+		c->stop_gap = stop_gap(c, now, d);
 		c->stop_pending = true;
-	} else if (d > boot.gap_cycles && d > c->gap_pending) {
-		c->gap_pending = d;
+		return;
 	}
+	if (d > boot.tsc_khz * GAP_FLOOR_US / 1000) {
+		c->recent[c->recent_next].cycles = d;
+		c->recent[c->recent_next].end = now;
+		c->recent_next = (c->recent_next + 1) % RECENT_GAPS;
+	}
+	if (d > boot.gap_cycles && d > c->gap_pending)
+		c->gap_pending = d;
 }
 
 /*
@@ -601,7 +619,10 @@ static void idle(struct cpu *c)
 	c->idle_tick = tick;
 	c->idle_tsc = tsc;
 	c->gap_last = rdtsc();
-	/* A stop while halted took nothing from this CPU: there is no blackout to report. */
+	/*
+	 * A stop around a halt cannot be told from the halt: no blackout is
+	 * reported for it (a halted CPU loses no time to a stop anyway).
+	 */
 	host_stopped(c);
 }
 

@@ -33,15 +33,28 @@ impl Gap {
     }
 }
 
-/// The `gap` reports among `lines`, stamped `t_ms`.
+/// The stalls the `gap` lines among `lines` report, stamped `t_ms` (not the gaps across a
+/// stop of ferry's, which are its pauses, of any length).
 pub fn gaps(lines: &[String], t_ms: f64) -> Vec<Gap> {
     lines
         .iter()
         .filter_map(|line| match GuestLine::parse(line) {
-            GuestLine::Gap { cpu, us, .. } => Some(Gap { t_ms, cpu, us }),
+            GuestLine::Gap {
+                cpu,
+                us,
+                stopped: false,
+            } => Some(Gap { t_ms, cpu, us }),
             _ => None,
         })
         .collect()
+}
+
+/// The guest's warning that it cannot tell ferry's stops from preemptions, if it printed one.
+pub fn no_stop_flag(lines: &[String]) -> Option<String> {
+    lines.iter().find_map(|line| match GuestLine::parse(line) {
+        GuestLine::Warning(warning) if warning.starts_with("no KVM clock") => Some(warning),
+        _ => None,
+    })
 }
 
 /// The blackout the guest saw across a migration (`ferry::guest::stop_blackout_us`), from the

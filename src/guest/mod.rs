@@ -476,9 +476,8 @@ where
         .collect()
 }
 
-/// Each CPU's gaps in microseconds (`gap` lines, `ferry.blackout`), in the order printed.
-/// Given the lines a migration's destination printed, the first gap of each CPU is its own
-/// measurement of the switchover.
+/// Each CPU's gaps in microseconds (`gap` lines, `ferry.blackout`), in the order printed;
+/// those across a stop among them.
 pub fn gaps_by_cpu<'a, I>(lines: I) -> BTreeMap<u32, Vec<u64>>
 where
     I: IntoIterator<Item = &'a GuestLine>,

@@ -21,6 +21,7 @@ use super::run_delay::RunDelay;
 use super::throttle::Throttle;
 use super::{GuestEvent, GuestEvents};
 use crate::machine::devices::Devices;
+use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::Arc;
 
 /// How long a vCPU may take to acknowledge an event before the owner calls it stuck.
@@ -53,7 +54,8 @@ pub struct PauseAck {
     /// Its run-queue delay then ([`RunDelay`]), if it was asked to measure and ran the guest.
     pub run_delay: Option<Duration>,
     /// When the guest stopped, if it was already out before the pause's kick: an exit the
-    /// thread was serving (port I/O, MMIO) or a throttle's hold-back.
+    /// thread was serving (port I/O, MMIO), or the one a throttle's hold-back followed (if the
+    /// throttle took the pause's own kick for its own, when the thread got its core back).
     pub out_since: Option<Instant>,
 }
 
@@ -227,7 +229,8 @@ struct VcpuThread {
     throttle: Throttle,
     /// Set by a resume until the guest's first exit, for a debug line.
     resumed_at: Option<Instant>,
-    /// When `KVM_RUN` last returned, unless a kick ended it with the guest running.
+    /// When the guest last stopped: when `KVM_RUN` last returned, unless a kick ended a run of
+    /// the guest (it ran until the kick). `None` from a resume until the next exit.
     out_since: Option<Instant>,
     /// The last exit was port I/O or MMIO, which the guest sees done only after another
     /// `KVM_RUN`.
@@ -249,6 +252,9 @@ impl VcpuThread {
                         // still seen: they are looked for after the flag is cleared.
                         RunState::Running => {
                             self.vcpu.set_kvm_immediate_exit(0);
+                            // The store must not sink past the look at the channel: a kick
+                            // whose event that look missed would be wiped out.
+                            compiler_fence(Ordering::SeqCst);
                             self.poll_events()
                         }
                         other => other,
@@ -322,6 +328,9 @@ impl VcpuThread {
             VcpuEvent::Resume(ack) => {
                 if matches!(state, RunState::Paused) {
                     self.tell_guest_it_was_stopped();
+                    // What the last exit said is of the previous run: a pause handled before
+                    // the next `KVM_RUN` must not date the guest's stop from it.
+                    self.out_since = None;
                 }
                 let now = Instant::now();
                 if matches!(state, RunState::Paused) {
@@ -392,8 +401,14 @@ impl VcpuThread {
 
     fn run_guest(&mut self) -> RunState {
         let devices = &self.devices;
+        // Set before the call, the flag makes `KVM_RUN` return without entering the guest:
+        // its EINTR then says nothing of when the guest stopped.
+        let enters_guest = self.vcpu.get_kvm_run().immediate_exit == 0;
         let exit = self.vcpu.run();
-        self.out_since = Some(Instant::now());
+        let exited = Instant::now();
+        if !matches!(&exit, Err(error) if error.errno() == libc::EINTR) {
+            self.out_since = Some(exited);
+        }
         if let Some(resumed_at) = self.resumed_at.take() {
             // How long the guest ran before its first exit, and when that was: a switchover's
             // blackout ends somewhere before this line.
@@ -440,11 +455,15 @@ impl VcpuThread {
             }
             Err(error) if error.errno() == libc::EINTR => {
                 self.vcpu.set_kvm_immediate_exit(0);
+                compiler_fence(Ordering::SeqCst);
                 if let Some(hold_back) = self.throttle.hold_back() {
+                    self.out_since = Some(exited);
                     return self.hold_back(hold_back);
                 }
-                // A kick: the guest ran until it came.
-                self.out_since = None;
+                if enters_guest {
+                    // A kick: the guest ran until it came.
+                    self.out_since = None;
+                }
             }
             Err(error) if error.errno() == libc::EAGAIN => {}
             Err(error) => {

@@ -89,8 +89,8 @@ impl Vcpus {
     }
 
     /// When each vCPU left the guest at the last pause, in vCPU order, if that pause stopped
-    /// running vCPUs; on a busy host that can be before the pause (a vCPU thread waiting for a
-    /// core).
+    /// running vCPUs: at the kick, or before it if the vCPU was already out (serving an exit,
+    /// or its thread waiting for a core on a busy host).
     pub fn left_guest(&self) -> &[Instant] {
         &self.left_guest
     }
@@ -164,15 +164,15 @@ impl Vcpus {
                 .zip(sent.kicked)
                 .enumerate()
                 .map(|(index, ((ack, baseline), kicked))| {
-                    let left = left_guest(ack, baseline, kicked);
-                    if left < ack.at {
+                    let waited = run_queue_wait(ack, baseline);
+                    if ack.out_since.is_none() && !waited.is_zero() {
                         tracing::debug!(
                             vcpu = index,
-                            waited_us = (ack.at - left).as_micros() as u64,
+                            waited_us = waited.as_micros() as u64,
                             "vCPU was waiting for a core when the pause came"
                         );
                     }
-                    left
+                    left_guest(ack, baseline, kicked)
                 })
                 .collect();
         }
@@ -284,11 +284,16 @@ fn left_guest(ack: &PauseAck, baseline: Option<Duration>, kicked: Instant) -> In
     if let Some(out_since) = ack.out_since {
         return out_since;
     }
-    let waited = match (baseline, ack.run_delay) {
+    let waited = run_queue_wait(ack, baseline);
+    ack.at.checked_sub(waited).unwrap_or(ack.at).min(kicked)
+}
+
+/// How long a vCPU had waited for a core since `baseline` when it heard the pause.
+fn run_queue_wait(ack: &PauseAck, baseline: Option<Duration>) -> Duration {
+    match (baseline, ack.run_delay) {
         (Some(before), Some(now)) => now.saturating_sub(before),
         _ => Duration::ZERO,
-    };
-    ack.at.checked_sub(waited).unwrap_or(ack.at).min(kicked)
+    }
 }
 
 /// `work` for vCPU `index` as an event; its result goes to the channel added to `answers`.
