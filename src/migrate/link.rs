@@ -2,6 +2,7 @@
 //! cancelled source can still tell the destination why it hangs up.
 
 use std::io::IoSlice;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -60,6 +61,11 @@ impl Link {
     }
 
     /// Writes bytes that form whole frames.
+    /// The address of the peer of a TCP link; `None` over a UNIX socket.
+    pub fn tcp_peer(&self) -> Option<SocketAddr> {
+        self.stream.tcp_peer()
+    }
+
     pub async fn write_frames(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         self.torn = true;
         self.stream.write_all(bytes).await?;

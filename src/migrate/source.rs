@@ -265,7 +265,15 @@ async fn stream_guest(
                 session: RandomState::new().build_hasher().finish(),
             };
             link.send(&Message::Lanes(offer)).await?;
-            let lanes = SourceLanes::open(uri, offer, &memory)
+            // To the host the control link reached: a name may resolve to several.
+            let lanes_uri = match link.tcp_peer() {
+                Some(peer) => MigrationUri::Tcp {
+                    host: peer.ip().to_string(),
+                    port: peer.port(),
+                },
+                None => uri.clone(),
+            };
+            let lanes = SourceLanes::open(&lanes_uri, offer, &memory)
                 .await
                 .map_err(|e| SendError::Pages(e.into()))?;
             accepted(link).await?;

@@ -1,6 +1,7 @@
 //! Byte streams between the two ferry processes: TCP (IPv4, IPv6, host names) or a UNIX socket.
 
 use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::task::{Context, Poll};
@@ -21,6 +22,11 @@ pub trait Stream: AsyncRead + AsyncWrite + Send + Sync + Unpin {
     fn try_read_vectored(&self, buffers: &mut [IoSliceMut<'_>]) -> io::Result<usize>;
 
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// The address a TCP stream is connected to; `None` for a UNIX socket.
+    fn tcp_peer(&self) -> Option<SocketAddr> {
+        None
+    }
 
     /// Whether guest pages should go by reference ([`Stream::try_splice_from`]) rather than
     /// be copied by writev.
@@ -64,6 +70,10 @@ impl Stream for TcpStream {
 
     fn try_read_vectored(&self, buffers: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
         TcpStream::try_read_vectored(self, buffers)
+    }
+
+    fn tcp_peer(&self) -> Option<SocketAddr> {
+        self.peer_addr().ok()
     }
 }
 
