@@ -13,6 +13,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -190,26 +191,39 @@ impl DestinationLanes {
             )));
         }
         let mut streams: Vec<Option<BoxedStream>> = (0..offer.count).map(|_| None).collect();
+        // Connections introduce themselves side by side: one that says nothing holds up no
+        // other for its INTRODUCE_DEADLINE.
+        let mut introducing = FuturesUnordered::new();
         let accepting = async {
             while streams.iter().any(Option::is_none) {
-                let (mut stream, peer) = listener
-                    .accept()
-                    .await
-                    .map_err(|e| LaneError::Handshake(format!("accept failed: {e}")))?;
-                let hello = tokio::time::timeout(INTRODUCE_DEADLINE, introduce(&mut stream)).await;
-                let slot = match hello {
-                    Ok(Ok(hello)) if hello.session == offer.session => streams
-                        .get_mut(hello.index as usize)
-                        .filter(|slot| slot.is_none()),
-                    _ => None,
-                };
-                match slot {
-                    Some(slot) => *slot = Some(stream),
-                    None => tracing::warn!(
-                        %peer,
-                        ?hello,
-                        "dropped a connection that is not one of this migration's page connections"
-                    ),
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let (mut stream, peer) = accepted
+                            .map_err(|e| LaneError::Handshake(format!("accept failed: {e}")))?;
+                        introducing.push(async move {
+                            let hello =
+                                tokio::time::timeout(INTRODUCE_DEADLINE, introduce(&mut stream))
+                                    .await;
+                            (stream, peer, hello)
+                        });
+                    }
+                    Some((stream, peer, hello)) = introducing.next() => {
+                        let slot = match &hello {
+                            Ok(Ok(hello)) if hello.session == offer.session => streams
+                                .get_mut(hello.index as usize)
+                                .filter(|slot| slot.is_none()),
+                            _ => None,
+                        };
+                        match slot {
+                            Some(slot) => *slot = Some(stream),
+                            None => tracing::warn!(
+                                %peer,
+                                ?hello,
+                                "dropped a connection that is not one of this migration's page \
+                                 connections"
+                            ),
+                        }
+                    }
                 }
             }
             Ok::<(), LaneError>(())
@@ -441,6 +455,35 @@ mod tests {
         // A stranger taken for a lane would never send the mark.
         let reached = tokio::time::timeout(Duration::from_secs(5), destination.reached(1));
         reached.await.expect("the real lanes' marks").unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_that_say_nothing_hold_up_no_lane() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = MigrationUri::Unix(dir.path().join("lanes.sock"));
+        let listener = Listener::bind(&uri).await.unwrap();
+        let MigrationUri::Unix(path) = &uri else {
+            unreachable!()
+        };
+        // More than CONNECT_DEADLINE / INTRODUCE_DEADLINE: waited out one after the other,
+        // they would use up the whole wait for the lanes.
+        let mut silent = Vec::new();
+        for _ in 0..12 {
+            silent.push(tokio::net::UnixStream::connect(path).await.unwrap());
+        }
+        let (source_memory, destination_memory) = (memory(), memory());
+        let offer = LaneOffer {
+            count: 2,
+            session: 7,
+        };
+        let source = SourceLanes::open(&uri, offer, &source_memory);
+        let shared = shared();
+        let destination = DestinationLanes::accept(&listener, offer, &destination_memory, &shared);
+        let (destination, source) = tokio::join!(destination, source);
+        let (mut destination, mut source) = (destination.unwrap(), source.unwrap());
+        source.mark().await.unwrap();
+        destination.reached(1).await.unwrap();
+        drop(silent);
     }
 
     #[tokio::test]
