@@ -19,7 +19,10 @@ use ferry::guest::{gaps_by_cpu, GuestLine};
 use ferry::harness::{Ferry, NoEvent, Qmp};
 use serde_json::{json, Value};
 
-use crate::{migration_uri, Pair, Stats, Transport, SMP};
+use crate::case::{migration_uri, Transport};
+use crate::migrate::Pair;
+use crate::stats::Stats;
+use crate::SMP;
 
 const MEM_MIB: u64 = 1024;
 const TICK_MS: u64 = 10;

@@ -1,0 +1,278 @@
+//! One migration run: a source and a destination ferry, the migration, and what it measured.
+
+use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry::harness::{Ferry, Qmp};
+use serde_json::json;
+
+use crate::case::{migration_uri, Case};
+use crate::memory::MemoryProbe;
+use crate::probe::{load_average, CpuProbe};
+use crate::record::Run;
+use crate::timeline::Timeline;
+use crate::{guest, CPUS, POLL, SMP};
+
+/// How long after a completed migration the destination's guest may take to report its
+/// blackout.
+const BLACKOUT_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a VM may take to quit before it is killed.
+const QUIT_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Quits a VM through QMP, and kills it if it has not ended within [`QUIT_DEADLINE`].
+pub(crate) fn shut_down(vm: &mut Ferry) {
+    if vm.is_running() {
+        if let Some(path) = vm.qmp_path.as_deref() {
+            if UnixStream::connect(path).is_ok() {
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    Qmp::connect(path).execute("quit", None)
+                }));
+            }
+        }
+    }
+    let deadline = Instant::now() + QUIT_DEADLINE;
+    while vm.is_running() {
+        if Instant::now() >= deadline {
+            eprintln!(
+                "{}: did not quit within {QUIT_DEADLINE:?}; killing it",
+                vm.name
+            );
+            vm.signal(libc::SIGKILL);
+            // Reaped by the harness's drop; never panic here, this may run while unwinding.
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Both VMs of a run; whatever happens, they quit (or are killed) when this goes.
+pub(crate) struct Pair {
+    pub(crate) vms: Vec<Ferry>,
+    /// With `$FERRY_BENCH_LOGS` set: where each VM's log and serial output go, as
+    /// `PREFIX-NAME.log` (run the bench with `RUST_LOG=ferry=debug` to see the switchover's
+    /// steps).
+    pub(crate) logs: Option<PathBuf>,
+}
+
+impl Pair {
+    pub(crate) fn new(name: &str) -> Self {
+        Self {
+            vms: Vec::new(),
+            logs: std::env::var_os("FERRY_BENCH_LOGS").map(|dir| PathBuf::from(dir).join(name)),
+        }
+    }
+
+    pub(crate) fn keep_logs(&self, prefix: &Path) {
+        if let Some(dir) = prefix.parent() {
+            if let Err(error) = std::fs::create_dir_all(dir) {
+                eprintln!("cannot create {}: {error}", dir.display());
+            }
+        }
+        for vm in &self.vms {
+            let path = PathBuf::from(format!("{}-{}.log", prefix.display(), vm.name));
+            let text = format!(
+                "{}\n--- serial ---\n{}\n",
+                vm.stderr(),
+                vm.lines().join("\n")
+            );
+            if let Err(error) = std::fs::write(&path, text) {
+                eprintln!("cannot write {}: {error}", path.display());
+            }
+        }
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for vm in &mut self.vms {
+            shut_down(vm);
+        }
+        if let Some(prefix) = &self.logs {
+            self.keep_logs(prefix);
+        }
+    }
+}
+
+pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-bench-")
+        .tempdir()
+        .context("a scratch directory")?;
+    let mem = case.mem_mib.to_string();
+    let append = case.workload.append();
+    let mut pair = Pair::new(&format!("{}-run{run}", case.name()));
+
+    let source_qmp = dir.path().join("source.qmp");
+    pair.vms.push(Ferry::start(
+        binary,
+        "source",
+        &["-smp", SMP, "-m", &mem, "-append", &append],
+        Some(&source_qmp),
+    ));
+    let source_vm = &pair.vms[0];
+    source_vm.wait_ready();
+    if let Some(option) = case.workload.option() {
+        if let Some(warning) = guest::unknown_option(&source_vm.lines(), option) {
+            return Ok(Run {
+                run,
+                status: "unsupported".into(),
+                error: Some(format!("the guest says: {warning}")),
+                ..Run::default()
+            });
+        }
+    }
+    if case.workload.sweeps() {
+        // Every page of RAM has been written once: round 0 has no zero pages to skip.
+        for cpu in 0..CPUS {
+            let line = format!("sweep 1 cpu={cpu}");
+            source_vm.wait_line(
+                &format!("the first sweep of cpu {cpu}"),
+                case.first_pass_timeout(),
+                |l| l == line,
+            );
+        }
+    }
+    let source_lines = source_vm.lines();
+    let blackout_reported = guest::unknown_option(&source_lines, "ferry.blackout").is_none()
+        && guest::no_stop_flag(&source_lines).is_none();
+
+    let uri = migration_uri(case.transport, dir.path())?;
+    let destination_qmp = dir.path().join("destination.qmp");
+    pair.vms.push(Ferry::start(
+        binary,
+        "destination",
+        &["-smp", SMP, "-m", &mem, "-incoming", &uri],
+        Some(&destination_qmp),
+    ));
+    let mut destination = Qmp::connect(&destination_qmp);
+    let status = destination.status();
+    if status != "inmigrate" {
+        bail!("the destination says {status}, not inmigrate");
+    }
+
+    let mut source = Qmp::connect(&source_qmp);
+    if let Some(cap) = case.max_bandwidth() {
+        source.ok(
+            "migrate-set-parameters",
+            Some(json!({"max-bandwidth": cap})),
+        );
+    }
+    if case.one_connection {
+        let multifd = json!([{"capability": "multifd", "state": false}]);
+        source.ok(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": multifd})),
+        );
+    }
+    let load_before = load_average();
+    let pids = vec![
+        std::process::id(),
+        pair.vms[0].pid() as u32,
+        pair.vms[1].pid() as u32,
+    ];
+    let ram_ranges: Vec<u64> = ferry::machine::memory::ram_layout(case.mem_mib << 20)
+        .iter()
+        .map(|r| r.size)
+        .collect();
+    let source_lines_before = pair.vms[0].lines().len();
+    let probe = CpuProbe::start(pids);
+    let asked = Instant::now();
+    let memory = MemoryProbe::start(asked, pair.vms[0].pid(), pair.vms[1].pid(), ram_ranges);
+    source.ok("migrate", Some(json!({"uri": uri})));
+    let deadline = asked + case.migration_timeout();
+    let mut timed_out = false;
+    let mut timeline = Timeline::default();
+    let mut source_gaps = Vec::new();
+    let mut source_lines_seen = source_lines_before;
+    let info = loop {
+        let info = source.ok("query-migrate", None);
+        let t_ms = asked.elapsed().as_secs_f64() * 1000.0;
+        timeline.push(t_ms, &info);
+        let lines = pair.vms[0].lines();
+        source_gaps.extend(guest::gaps(
+            &lines[source_lines_seen.min(lines.len())..],
+            t_ms,
+        ));
+        source_lines_seen = lines.len();
+        if !matches!(info["status"].as_str(), Some("setup" | "active")) {
+            break info;
+        }
+        if Instant::now() >= deadline {
+            timed_out = true;
+            source.ok("migrate_cancel", None);
+            break source.wait_migration(
+                &["canceled", "completed", "failed"],
+                Duration::from_secs(10),
+            );
+        }
+        std::thread::sleep(POLL);
+    };
+    let observed = asked.elapsed();
+    let other_cores = probe.and_then(|p| p.other_cores());
+    let memory = memory.finish();
+    let status = info["status"].as_str().unwrap_or("?").to_owned();
+
+    // The destination has the guest once the source completed, and runs it; otherwise it gives
+    // up.
+    let (mut status, destination_status) = if status == "completed" {
+        let answer = destination.wait_migration(&["completed", "failed"], Duration::from_secs(10));
+        let migration = answer["status"].as_str().unwrap_or("?").to_owned();
+        let vm = destination.status();
+        let status = if migration == "completed" && vm == "running" {
+            status
+        } else {
+            "destination-failed".to_owned()
+        };
+        (status, Some(format!("{migration}, {vm}")))
+    } else {
+        (status, None)
+    };
+    let mut blackout = None;
+    let mut destination_gaps = Vec::new();
+    if status == "completed" && blackout_reported && case.workload.sweeps() {
+        let waited = Instant::now();
+        let mut seen = 0;
+        while blackout.is_none() && waited.elapsed() < BLACKOUT_DEADLINE {
+            std::thread::sleep(POLL);
+            let lines = pair.vms[1].lines();
+            let t_ms = asked.elapsed().as_secs_f64() * 1000.0;
+            destination_gaps.extend(guest::gaps(&lines[seen.min(lines.len())..], t_ms));
+            seen = lines.len();
+            blackout = guest::blackout_us(&lines, CPUS);
+        }
+    }
+    let error = if status == "destination-failed" {
+        Some(format!(
+            "the source completed, but the destination says {}",
+            destination_status.as_deref().unwrap_or("?")
+        ))
+    } else if timed_out {
+        status = "timeout".to_owned();
+        Some(format!(
+            "not finished after {:?}; cancelled",
+            case.migration_timeout()
+        ))
+    } else {
+        info["error-desc"].as_str().map(str::to_owned)
+    };
+    drop(pair);
+    Ok(Run {
+        run,
+        status,
+        error,
+        info: Some(info),
+        destination_status,
+        observed_ms: Some(observed.as_millis() as u64),
+        load_before,
+        other_cores,
+        timeline,
+        memory: Some(memory),
+        blackout_us: blackout,
+        destination_gaps,
+        source_gaps,
+        max_bandwidth: case.max_bandwidth(),
+    })
+}
