@@ -463,8 +463,18 @@ fn cancel_at_every_stage_then_migrate_again() {
             "migrate",
             Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
         );
+        // Blocked: pages have gone out, and then nothing more for a while.
+        let last = std::cell::Cell::new((0, Instant::now()));
         cancel_when(&mut qmp, "mid-write", &|info| {
-            info["status"] == "active" && info["ram"]["normal"].as_u64().unwrap_or(0) > 0
+            let transferred = info["ram"]["transferred"].as_u64().unwrap_or(0);
+            let (before, since) = last.get();
+            if transferred != before {
+                last.set((transferred, Instant::now()));
+            }
+            info["status"] == "active"
+                && info["ram"]["normal"].as_u64().unwrap_or(0) > 0
+                && transferred == before
+                && since.elapsed() > Duration::from_millis(300)
         });
         assert_source_runs(&source);
     }
