@@ -158,6 +158,7 @@ struct cpu {
 	uint64_t pace_frac;   /* ... and its fraction, in 1/65536 cycles */
 	uint64_t gap_last;    /* blackout: the last TSC reading, 0 = not tracking yet */
 	uint64_t gap_pending; /* blackout: largest gap not yet reported, in cycles */
+	uint64_t gap_pending_end; /* ... and the TSC when it ended */
 	uint64_t stop_gap;    /* blackout: the gap across the last host stop, in cycles */
 	bool stop_pending;    /* ... not yet reported */
 	struct {

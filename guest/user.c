@@ -482,21 +482,18 @@ static bool host_stopped(struct cpu *c)
 /*
  * blackout: the gap across a stop, from the TSC reading that saw the flag
  * (now, d cycles after the previous one). On PVM the flag can show up to
- * about 1 ms after the vCPU ran again, a short gap or two later: a reading
- * that ends no gap of its own saw it late, and the stop's gap is then the
- * longest one that ended in the STOP_FLAG_LAG_US before.
+ * about 1 ms after the vCPU ran again, a gap or two later, so the stop's gap
+ * is the longest of d and the gaps that ended in the STOP_FLAG_LAG_US before.
  */
 static uint64_t stop_gap(struct cpu *c, uint64_t now, uint64_t d)
 {
 	uint64_t lag = boot.tsc_khz * STOP_FLAG_LAG_US / 1000, longest = d;
 	uint32_t i;
 
-	if (d > boot.tsc_khz * GAP_FLOOR_US / 1000)
-		return d;
 	for (i = 0; i < RECENT_GAPS; i++)
 		if (now - c->recent[i].end <= lag && c->recent[i].cycles > longest)
 			longest = c->recent[i].cycles;
-	/* Already noted as a stall: it is the stop's, reported as such. */
+	/* Still held back as a stall (see poll()): it is the stop's, reported as such. */
 	if (c->gap_pending == longest)
 		c->gap_pending = 0;
 	return longest;
@@ -521,8 +518,10 @@ static void gap_check(struct cpu *c)
 		c->recent[c->recent_next].end = now;
 		c->recent_next = (c->recent_next + 1) % RECENT_GAPS;
 	}
-	if (d > boot.gap_cycles && d > c->gap_pending)
+	if (d > boot.gap_cycles && d > c->gap_pending) {
 		c->gap_pending = d;
+		c->gap_pending_end = now;
+	}
 }
 
 /*
@@ -553,7 +552,9 @@ static void poll(struct cpu *c)
 			print("gap cpu=%u us=%lu stopped", c->index,
 			      c->stop_gap * 1000 / boot.tsc_khz);
 		}
-		if (c->gap_pending) {
+		/* Until a late stop flag could no longer claim it as the stop's. */
+		if (c->gap_pending && rdtsc() - c->gap_pending_end >
+					      boot.tsc_khz * STOP_FLAG_LAG_US / 1000) {
 			uint64_t us = c->gap_pending * 1000 / boot.tsc_khz;
 
 			c->gap_pending = 0;

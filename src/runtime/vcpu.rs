@@ -401,8 +401,9 @@ impl VcpuThread {
 
     fn run_guest(&mut self) -> RunState {
         let devices = &self.devices;
-        // Set before the call, the flag makes `KVM_RUN` return without entering the guest:
-        // its EINTR then says nothing of when the guest stopped.
+        // Set before the call, the flag makes `KVM_RUN` return without entering the guest: its
+        // EINTR then says nothing of when the guest stopped. (A kick landing between this read
+        // and the call is taken for one that stopped a running guest: a few µs off.)
         let enters_guest = self.vcpu.get_kvm_run().immediate_exit == 0;
         let exit = self.vcpu.run();
         let exited = Instant::now();
@@ -457,7 +458,9 @@ impl VcpuThread {
                 self.vcpu.set_kvm_immediate_exit(0);
                 compiler_fence(Ordering::SeqCst);
                 if let Some(hold_back) = self.throttle.hold_back() {
-                    self.out_since = Some(exited);
+                    if enters_guest {
+                        self.out_since = Some(exited);
+                    }
                     return self.hold_back(hold_back);
                 }
                 if enters_guest {

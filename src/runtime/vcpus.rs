@@ -282,7 +282,9 @@ const STALE_DELAY_READ: Duration = Duration::from_micros(50);
 /// to come out and hear it.
 fn left_guest(ack: &PauseAck, baseline: Option<Duration>, kicked: Instant) -> Instant {
     if let Some(out_since) = ack.out_since {
-        return out_since;
+        // The kick bounds it too: a throttle that took the pause's own kick for its own dated
+        // the stop from when the thread got its core back.
+        return out_since.min(kicked);
     }
     let waited = run_queue_wait(ack, baseline);
     ack.at.checked_sub(waited).unwrap_or(ack.at).min(kicked)
@@ -382,5 +384,8 @@ mod tests {
         // Whatever it waited for since, serving the exit, the guest stopped at the exit.
         assert_eq!(left_guest(&paused, Some(us(4_500)), paused.at), exited);
         assert_eq!(left_guest(&paused, None, paused.at - us(100)), exited);
+        // Dated after the kick (the throttle took the pause's kick for its own): the kick.
+        paused.out_since = Some(paused.at);
+        assert_eq!(left_guest(&paused, None, exited), exited);
     }
 }
