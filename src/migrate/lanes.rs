@@ -10,6 +10,7 @@
 //! follows a mark the same way, so no page is in flight when the guest is restored.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use super::landing::{Landing, LandingError};
 use super::link::Link;
-use super::transport::{connect, BoxedStream, Listener};
+use super::transport::{connect, connect_tcp, BoxedStream, Listener};
 use super::uri::MigrationUri;
 use super::wire::{self, Incoming, LaneHello, LaneOffer, Message, WireError, MAX_LANES};
 use super::Shared;
@@ -27,6 +28,8 @@ use crate::machine::memory::GuestMemory;
 
 /// How long a destination waits for the lanes a source offered to connect.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+/// How many connections may be introducing themselves at once; more are dropped at once.
+const MAX_INTRODUCING: usize = 32;
 /// How long a connection gets to say it is one of them.
 const INTRODUCE_DEADLINE: Duration = Duration::from_secs(1);
 /// Frames queued per lane: one being written, one ready behind it.
@@ -66,9 +69,11 @@ pub struct SourceLanes {
 }
 
 impl SourceLanes {
-    /// Connects `offer.count` lanes to the destination at `uri` and introduces each.
+    /// Connects `offer.count` lanes to the destination the control link `control` reached
+    /// through `uri`, and introduces each.
     pub async fn open(
         uri: &MigrationUri,
+        control: Option<SocketAddr>,
         offer: LaneOffer,
         memory: &GuestMemory,
     ) -> Result<Self, LaneError> {
@@ -78,7 +83,11 @@ impl SourceLanes {
                 index: index as usize,
                 source,
             };
-            let stream = connect(uri).await.map_err(|e| wire(WireError::Io(e)))?;
+            let stream = match control {
+                Some(peer) => connect_tcp(peer).await,
+                None => connect(uri).await,
+            }
+            .map_err(|e| wire(WireError::Io(e)))?;
             let mut link = Link::new(stream);
             link.write_frames(&wire::header()).await.map_err(wire)?;
             let hello = LaneHello {
@@ -200,6 +209,10 @@ impl DestinationLanes {
                     accepted = listener.accept() => {
                         let (mut stream, peer) = accepted
                             .map_err(|e| LaneError::Handshake(format!("accept failed: {e}")))?;
+                        if introducing.len() >= MAX_INTRODUCING {
+                            tracing::warn!(%peer, "dropped a connection: too many say nothing");
+                            continue;
+                        }
                         introducing.push(async move {
                             let hello =
                                 tokio::time::timeout(INTRODUCE_DEADLINE, introduce(&mut stream))
@@ -220,7 +233,7 @@ impl DestinationLanes {
                                 %peer,
                                 ?hello,
                                 "dropped a connection that is not one of this migration's page \
-                                 connections"
+                                 connections, or repeats one"
                             ),
                         }
                     }
@@ -410,11 +423,11 @@ mod tests {
             count: strangers,
             session: 99,
         };
-        let _strangers = SourceLanes::open(&uri, stranger, &source_memory)
+        let _strangers = SourceLanes::open(&uri, None, stranger, &source_memory)
             .await
             .unwrap();
         let offer = LaneOffer { count, session: 7 };
-        let source = SourceLanes::open(&uri, LaneOffer { count, session }, &source_memory);
+        let source = SourceLanes::open(&uri, None, LaneOffer { count, session }, &source_memory);
         let shared = shared();
         let destination = DestinationLanes::accept(&listener, offer, &destination_memory, &shared);
         let (destination, source) = tokio::join!(destination, source);
@@ -476,7 +489,7 @@ mod tests {
             count: 2,
             session: 7,
         };
-        let source = SourceLanes::open(&uri, offer, &source_memory);
+        let source = SourceLanes::open(&uri, None, offer, &source_memory);
         let shared = shared();
         let destination = DestinationLanes::accept(&listener, offer, &destination_memory, &shared);
         let (destination, source) = tokio::join!(destination, source);

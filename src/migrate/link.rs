@@ -60,12 +60,12 @@ impl Link {
         }
     }
 
-    /// Writes bytes that form whole frames.
     /// The address of the peer of a TCP link; `None` over a UNIX socket.
     pub fn tcp_peer(&self) -> Option<SocketAddr> {
         self.stream.tcp_peer()
     }
 
+    /// Writes bytes that form whole frames.
     pub async fn write_frames(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         self.torn = true;
         self.stream.write_all(bytes).await?;

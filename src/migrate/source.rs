@@ -265,15 +265,7 @@ async fn stream_guest(
                 session: RandomState::new().build_hasher().finish(),
             };
             link.send(&Message::Lanes(offer)).await?;
-            // To the host the control link reached: a name may resolve to several.
-            let lanes_uri = match link.tcp_peer() {
-                Some(peer) => MigrationUri::Tcp {
-                    host: peer.ip().to_string(),
-                    port: peer.port(),
-                },
-                None => uri.clone(),
-            };
-            let lanes = SourceLanes::open(&lanes_uri, offer, &memory)
+            let lanes = SourceLanes::open(uri, link.tcp_peer(), offer, &memory)
                 .await
                 .map_err(|e| SendError::Pages(e.into()))?;
             accepted(link).await?;

@@ -105,10 +105,7 @@ pub type BoxedStream = Box<dyn Stream>;
 pub async fn connect(uri: &MigrationUri) -> io::Result<BoxedStream> {
     match uri {
         MigrationUri::Tcp { host, port } => {
-            let stream = TcpStream::connect((host.as_str(), *port)).await?;
-            // Control messages are small and latency-bound (the commit handshake is downtime).
-            stream.set_nodelay(true)?;
-            Ok(Box::new(stream))
+            tcp_stream(TcpStream::connect((host.as_str(), *port)).await?)
         }
         MigrationUri::Unix(path) => {
             let stream = UnixStream::connect(path).await?;
@@ -116,6 +113,18 @@ pub async fn connect(uri: &MigrationUri) -> io::Result<BoxedStream> {
             Ok(Box::new(stream))
         }
     }
+}
+
+/// Connects to the address a TCP connection already reached: a host name may resolve to
+/// several, and each connect may pick another.
+pub async fn connect_tcp(peer: SocketAddr) -> io::Result<BoxedStream> {
+    tcp_stream(TcpStream::connect(peer).await?)
+}
+
+fn tcp_stream(stream: TcpStream) -> io::Result<BoxedStream> {
+    // Control messages are small and latency-bound (the commit handshake is downtime).
+    stream.set_nodelay(true)?;
+    Ok(Box::new(stream))
 }
 
 /// Lets a whole PAGES frame sit in the socket while the destination still copies the previous
