@@ -99,7 +99,7 @@ pub(crate) struct Case {
     pub(crate) workload: Workload,
     pub(crate) mem_mib: u64,
     /// `max-bandwidth` in MiB/s, if the case sets one.
-    pub(crate) cap_mib_per_s: Option<u64>,
+    cap_mib_per_s: Option<u64>,
     /// The `multifd` capability off: every page over the control connection.
     pub(crate) one_connection: bool,
 }
@@ -125,7 +125,7 @@ impl Case {
         )
     }
 
-    pub(crate) fn suffix(&self) -> String {
+    fn suffix(&self) -> String {
         let cap = self.cap_mib_per_s.map(|cap| format!("-cap{cap}m"));
         let one = self.one_connection.then(|| "-1conn".to_owned());
         cap.into_iter().chain(one).collect()
@@ -155,7 +155,7 @@ impl Case {
 pub(crate) struct Options {
     pub(crate) runs: usize,
     pub(crate) quick: bool,
-    pub(crate) filters: Vec<String>,
+    filters: Vec<String>,
     pub(crate) out: PathBuf,
 }
 
@@ -211,7 +211,7 @@ impl Options {
             .join(format!("{}.png", case.name()))
     }
 
-    pub(crate) fn wanted(&self, name: &str) -> bool {
+    fn wanted(&self, name: &str) -> bool {
         self.filters.iter().all(|word| name.contains(word.as_str()))
     }
 

@@ -23,7 +23,7 @@ const BLACKOUT_DEADLINE: Duration = Duration::from_secs(2);
 const QUIT_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Quits a VM through QMP, and kills it if it has not ended within [`QUIT_DEADLINE`].
-pub(crate) fn shut_down(vm: &mut Ferry) {
+fn shut_down(vm: &mut Ferry) {
     if vm.is_running() {
         if let Some(path) = vm.qmp_path.as_deref() {
             if UnixStream::connect(path).is_ok() {
@@ -54,7 +54,7 @@ pub(crate) struct Pair {
     /// With `$FERRY_BENCH_LOGS` set: where each VM's log and serial output go, as
     /// `PREFIX-NAME.log` (run the bench with `RUST_LOG=ferry=debug` to see the switchover's
     /// steps).
-    pub(crate) logs: Option<PathBuf>,
+    logs: Option<PathBuf>,
 }
 
 impl Pair {
@@ -65,7 +65,7 @@ impl Pair {
         }
     }
 
-    pub(crate) fn keep_logs(&self, prefix: &Path) {
+    fn keep_logs(&self, prefix: &Path) {
         if let Some(dir) = prefix.parent() {
             if let Err(error) = std::fs::create_dir_all(dir) {
                 eprintln!("cannot create {}: {error}", dir.display());

@@ -5,10 +5,10 @@ use std::time::Instant;
 /// CPU time spent by the whole host and by some processes over an interval, to tell how much of
 /// the host's CPU other work took while a migration ran.
 pub(crate) struct CpuProbe {
-    pub(crate) started: Instant,
+    started: Instant,
     pub(crate) host: u64,
-    pub(crate) ours: u64,
-    pub(crate) pids: Vec<u32>,
+    ours: u64,
+    pids: Vec<u32>,
 }
 
 impl CpuProbe {
@@ -45,7 +45,7 @@ impl CpuProbe {
 
 /// Busy clock ticks of all CPUs since boot: user, nice, system, irq, softirq and steal of
 /// `/proc/stat` (guest time is part of user time already).
-pub(crate) fn host_busy_ticks() -> Option<u64> {
+fn host_busy_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat
         .lines()
@@ -61,7 +61,7 @@ pub(crate) fn host_busy_ticks() -> Option<u64> {
 }
 
 /// User and system clock ticks of a process (all its threads).
-pub(crate) fn process_ticks(pid: u32) -> Option<u64> {
+fn process_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name, which may hold spaces, start with the state (field 3);
     // utime and stime are fields 14 and 15.

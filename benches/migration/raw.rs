@@ -30,7 +30,7 @@ pub(crate) struct RawFigures {
     pub(crate) runs: Vec<f64>,
     /// With the reader landing the bytes in memory it never touched before, as a destination
     /// does with guest RAM: what first-touching memory costs on this host comes on top.
-    pub(crate) fresh_runs: Vec<f64>,
+    fresh_runs: Vec<f64>,
     /// Cores' worth of CPU other processes used while the runs went on.
     pub(crate) other_cores: Option<f64>,
 }
@@ -69,7 +69,7 @@ pub(crate) struct Raw {
 
 /// Where the raw measurement's reader puts the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Landing {
+enum Landing {
     /// One buffer, read into again and again (always resident).
     Reused,
     /// Memory the process never touched: each page is first touched by the read.
@@ -79,11 +79,7 @@ pub(crate) enum Landing {
 /// Moves `bytes` from a memory buffer through a connected socket pair, with writes of
 /// [`RAW_IO_SIZE`] on this thread and the reader on another, which reads into `landing`;
 /// returns GiB/s.
-pub(crate) fn raw_throughput(
-    transport: Transport,
-    bytes: u64,
-    landing: Landing,
-) -> anyhow::Result<f64> {
+fn raw_throughput(transport: Transport, bytes: u64, landing: Landing) -> anyhow::Result<f64> {
     let timeout = Some(Duration::from_secs(30));
     let (mut writer, reader): (Box<dyn Write>, Box<dyn Read + Send>) = match transport {
         Transport::Tcp => {

@@ -49,7 +49,7 @@ impl CaseResult {
     }
 
     /// The guest's blackout for the summary: the median of the runs that measured one.
-    pub(crate) fn blackout_cell(&self) -> String {
+    fn blackout_cell(&self) -> String {
         match self.stats("guest_blackout_ms") {
             Some(s) => format!("{:.1}", s.median),
             None => "-".into(),
@@ -59,7 +59,7 @@ impl CaseResult {
     /// A figure's statistics over the completed runs.
     /// How many completed runs reported a downtime within max(1 ms, 10 %) of the blackout
     /// their guest measured, of those where the guest measured one.
-    pub(crate) fn downtimes_close_to_blackout(&self) -> (usize, usize) {
+    fn downtimes_close_to_blackout(&self) -> (usize, usize) {
         let runs = self.runs.iter().filter(|r| r.completed());
         let pairs: Vec<(f64, f64)> = runs
             .filter_map(|r| {
