@@ -7,6 +7,7 @@
 pub mod console;
 pub mod control;
 pub mod launch;
+pub mod priority;
 pub mod run_delay;
 pub mod throttle;
 pub mod vcpu;

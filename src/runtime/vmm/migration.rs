@@ -14,6 +14,7 @@ use crate::migrate::transport::Listener;
 use crate::migrate::uri::MigrationUri;
 use crate::migrate::{destination, source, Shared};
 use crate::runtime::control::{Event, RequestError};
+use crate::runtime::priority;
 use crate::runtime::Vm;
 
 /// What a migration task hands back with the VM.
@@ -189,9 +190,12 @@ impl Vmm {
                 }
                 None
             }
-            MigrationResult::Incoming(destination::Outcome::Failed(reason)) => Some(
-                Ending::Failed(format!("incoming migration failed: {reason}")),
-            ),
+            MigrationResult::Incoming(destination::Outcome::Failed(reason)) => {
+                priority::give_way();
+                Some(Ending::Failed(format!(
+                    "incoming migration failed: {reason}"
+                )))
+            }
         }
     }
 }
