@@ -24,7 +24,7 @@ const QMP_DRAIN_DEADLINE: Duration = Duration::from_secs(1);
 pub async fn launch(config: Config) -> anyhow::Result<ExitCode> {
     install_kick_handler()?;
     let (guest_tx, guest_rx) = GuestEvents::channel();
-    let machine = match Machine::new(&config, guest_tx.clone(), config.incoming.is_none()) {
+    let machine = match Machine::new(&config, guest_tx, config.incoming.is_none()) {
         Ok(machine) => machine,
         Err(error) if error.is_usage() => {
             eprintln!("ferry: {error}");
@@ -71,7 +71,7 @@ pub async fn launch(config: Config) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
-    let vmm = Vmm::new(machine, &config, handle, guest_tx, shutdown.clone())?;
+    let vmm = Vmm::new(machine, &config, handle, shutdown.clone())?;
     let ending = vmm.run(requests, guest_rx, incoming).await;
     shutdown.cancel();
     if let Some((server, _guard)) = qmp {

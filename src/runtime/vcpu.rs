@@ -251,10 +251,7 @@ impl VcpuThread {
                         // and the guest would wait a round trip longer. Events sent since are
                         // still seen: they are looked for after the flag is cleared.
                         RunState::Running => {
-                            self.vcpu.set_kvm_immediate_exit(0);
-                            // The store must not sink past the look at the channel: a kick
-                            // whose event that look missed would be wiped out.
-                            compiler_fence(Ordering::SeqCst);
+                            self.clear_kick();
                             self.poll_events()
                         }
                         other => other,
@@ -326,16 +323,17 @@ impl VcpuThread {
                 RunState::Paused
             }
             VcpuEvent::Resume(ack) => {
-                if matches!(state, RunState::Paused) {
+                let now = if matches!(state, RunState::Paused) {
                     self.tell_guest_it_was_stopped();
                     // What the last exit said is of the previous run: a pause handled before
                     // the next `KVM_RUN` must not date the guest's stop from it.
                     self.out_since = None;
-                }
-                let now = Instant::now();
-                if matches!(state, RunState::Paused) {
+                    let now = Instant::now();
                     self.resumed_at = Some(now);
-                }
+                    now
+                } else {
+                    Instant::now()
+                };
                 let _ = ack.send(now);
                 RunState::Running
             }
@@ -349,6 +347,13 @@ impl VcpuThread {
             }
             VcpuEvent::Finish => RunState::Finished,
         }
+    }
+
+    /// Clears `immediate_exit`, which a kick sets. The store must not sink past what follows
+    /// (a look at the event channel): a kick whose event that look missed would be wiped out.
+    fn clear_kick(&mut self) {
+        self.vcpu.set_kvm_immediate_exit(0);
+        compiler_fence(Ordering::SeqCst);
     }
 
     /// Sets `PVCLOCK_GUEST_STOPPED` in the guest's kvmclock page as the vCPU goes back in, as
@@ -407,7 +412,8 @@ impl VcpuThread {
         let enters_guest = self.vcpu.get_kvm_run().immediate_exit == 0;
         let exit = self.vcpu.run();
         let exited = Instant::now();
-        if !matches!(&exit, Err(error) if error.errno() == libc::EINTR) {
+        let kicked = matches!(&exit, Err(error) if error.errno() == libc::EINTR);
+        if !kicked {
             self.out_since = Some(exited);
         }
         if let Some(resumed_at) = self.resumed_at.take() {
@@ -454,18 +460,15 @@ impl VcpuThread {
                 );
                 return self.fail(reason);
             }
-            Err(error) if error.errno() == libc::EINTR => {
-                self.vcpu.set_kvm_immediate_exit(0);
-                compiler_fence(Ordering::SeqCst);
-                if let Some(hold_back) = self.throttle.hold_back() {
-                    if enters_guest {
-                        self.out_since = Some(exited);
-                    }
-                    return self.hold_back(hold_back);
-                }
+            Err(_) if kicked => {
+                self.clear_kick();
+                let hold_back = self.throttle.hold_back();
                 if enters_guest {
-                    // A kick: the guest ran until it came.
-                    self.out_since = None;
+                    // The guest ran until the kick; held back, it stops from here.
+                    self.out_since = hold_back.map(|_| exited);
+                }
+                if let Some(hold_back) = hold_back {
+                    return self.hold_back(hold_back);
                 }
             }
             Err(error) if error.errno() == libc::EAGAIN => {}

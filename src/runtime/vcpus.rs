@@ -89,8 +89,9 @@ impl Vcpus {
     }
 
     /// When each vCPU left the guest at the last pause, in vCPU order, if that pause stopped
-    /// running vCPUs: at the kick, or before it if the vCPU was already out (serving an exit,
-    /// or its thread waiting for a core on a busy host).
+    /// running vCPUs: as it heard the pause, or before that if it was already out (serving an
+    /// exit, or its thread waiting for a core on a busy host). The caller bounds them by when
+    /// it asked for the pause.
     pub fn left_guest(&self) -> &[Instant] {
         &self.left_guest
     }
@@ -111,7 +112,6 @@ impl Vcpus {
         let mut sent = SentPauses {
             acks: Vec::with_capacity(self.handles.len()),
             baselines: Vec::with_capacity(self.handles.len()),
-            kicked: Vec::with_capacity(self.handles.len()),
             were_running: self.running,
             read_again: Vec::new(),
         };
@@ -129,7 +129,6 @@ impl Vcpus {
                 ack,
                 measure: before.is_some(),
             })?;
-            sent.kicked.push(Instant::now());
             // The kernel adds a wait to the delay when the wait ends: a thread still waiting at
             // the kick has its whole wait counted against `before`. But if this thread waited
             // for a core between the read and the kick, the vCPU may have got its core and run
@@ -161,9 +160,8 @@ impl Vcpus {
             self.left_guest = acks
                 .iter()
                 .zip(sent.baselines)
-                .zip(sent.kicked)
                 .enumerate()
-                .map(|(index, ((ack, baseline), kicked))| {
+                .map(|(index, (ack, baseline))| {
                     let waited = run_queue_wait(ack, baseline);
                     if ack.out_since.is_none() && !waited.is_zero() {
                         tracing::debug!(
@@ -172,7 +170,7 @@ impl Vcpus {
                             "vCPU was waiting for a core when the pause came"
                         );
                     }
-                    left_guest(ack, baseline, kicked)
+                    left_guest(ack, baseline)
                 })
                 .collect();
         }
@@ -265,8 +263,6 @@ struct SentPauses {
     acks: Vec<(u32, oneshot::Receiver<PauseAck>)>,
     /// Each vCPU's run-queue delay its wait is counted from, in the same order.
     baselines: Vec<Option<Duration>>,
-    /// When each vCPU was kicked, in the same order.
-    kicked: Vec<Instant>,
     were_running: bool,
     /// The vCPUs whose delay was read again after the kick.
     read_again: Vec<u32>,
@@ -277,17 +273,13 @@ const STALE_DELAY_READ: Duration = Duration::from_micros(50);
 
 /// When a vCPU left the guest. If it was already out at the kick (serving an exit, or held
 /// back by the throttle), when that exit came. Otherwise as it heard the pause, less what it
-/// had waited for a core since `baseline`, and no later than the kick: a vCPU in the guest
-/// stops as the signal lands, but on this host its thread takes tens to hundreds of µs more
-/// to come out and hear it.
-fn left_guest(ack: &PauseAck, baseline: Option<Duration>, kicked: Instant) -> Instant {
+/// had waited for a core since `baseline`.
+fn left_guest(ack: &PauseAck, baseline: Option<Duration>) -> Instant {
     if let Some(out_since) = ack.out_since {
-        // The kick bounds it too: a throttle that took the pause's own kick for its own dated
-        // the stop from when the thread got its core back.
-        return out_since.min(kicked);
+        return out_since;
     }
     let waited = run_queue_wait(ack, baseline);
-    ack.at.checked_sub(waited).unwrap_or(ack.at).min(kicked)
+    ack.at.checked_sub(waited).unwrap_or(ack.at)
 }
 
 /// How long a vCPU had waited for a core since `baseline` when it heard the pause.
@@ -343,37 +335,22 @@ mod tests {
     #[test]
     fn a_vcpu_left_the_guest_when_its_last_wait_for_a_core_began() {
         let paused = ack(Some(13_000));
-        let left = left_guest(&paused, Some(us(10_000)), paused.at);
+        let left = left_guest(&paused, Some(us(10_000)));
         assert_eq!(paused.at - left, us(3_000));
     }
 
     #[test]
     fn without_both_readings_a_vcpu_left_the_guest_at_the_pause() {
         let unmeasured = ack(None);
-        assert_eq!(
-            left_guest(&unmeasured, Some(Duration::ZERO), unmeasured.at),
-            unmeasured.at
-        );
+        assert_eq!(left_guest(&unmeasured, Some(Duration::ZERO)), unmeasured.at);
         let halted = ack(Some(5_000));
-        assert_eq!(left_guest(&halted, None, halted.at), halted.at);
+        assert_eq!(left_guest(&halted, None), halted.at);
     }
 
     #[test]
     fn a_baseline_read_after_the_wait_was_counted_gives_no_wait() {
         let paused = ack(Some(5_000));
-        assert_eq!(left_guest(&paused, Some(us(6_000)), paused.at), paused.at);
-    }
-
-    #[test]
-    fn a_running_vcpu_left_the_guest_at_the_kick() {
-        let paused = ack(Some(5_000));
-        let kicked = paused.at - us(200);
-        assert_eq!(left_guest(&paused, Some(us(5_000)), kicked), kicked);
-        // A wait for a core that began before the kick still says when the guest stopped.
-        assert_eq!(
-            left_guest(&paused, Some(us(4_000)), kicked),
-            paused.at - us(1_000)
-        );
+        assert_eq!(left_guest(&paused, Some(us(6_000))), paused.at);
     }
 
     #[test]
@@ -382,10 +359,7 @@ mod tests {
         let exited = paused.at - us(700);
         paused.out_since = Some(exited);
         // Whatever it waited for since, serving the exit, the guest stopped at the exit.
-        assert_eq!(left_guest(&paused, Some(us(4_500)), paused.at), exited);
-        assert_eq!(left_guest(&paused, None, paused.at - us(100)), exited);
-        // Dated after the kick (the throttle took the pause's kick for its own): the kick.
-        paused.out_since = Some(paused.at);
-        assert_eq!(left_guest(&paused, None, exited), exited);
+        assert_eq!(left_guest(&paused, Some(us(4_500))), exited);
+        assert_eq!(left_guest(&paused, None), exited);
     }
 }

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::control::{Envelope, Event, Request, RequestError, VmHandle};
 use super::vcpus::Vcpus;
-use super::{GuestEvent, GuestEvents, Vm};
+use super::{GuestEvent, Vm};
 use crate::cli::Config;
 use crate::machine::memory::GuestMemory;
 use crate::machine::Machine;
@@ -97,11 +97,14 @@ impl Vmm {
         mut machine: Machine,
         config: &Config,
         handle: VmHandle,
-        guest_events: GuestEvents,
         shutdown: CancellationToken,
     ) -> Result<Self, VmmError> {
         let vcpu_fds = std::mem::take(&mut machine.vcpus);
-        let vcpus = Vcpus::spawn(vcpu_fds, machine.devices.clone(), guest_events)?;
+        let vcpus = Vcpus::spawn(
+            vcpu_fds,
+            machine.devices.clone(),
+            machine.guest_events.clone(),
+        )?;
         Ok(Self {
             memory: machine.memory.clone(),
             thread_ids: vcpus.thread_ids(),
