@@ -48,7 +48,8 @@ pub enum CapabilityError {
 pub struct Capabilities {
     /// Hold the vCPUs back when rounds stop shrinking (the throttle parameters say how hard).
     pub auto_converge: bool,
-    /// Pages travel over `multifd-channels` connections of their own (see `lanes`).
+    /// Pages travel over `multifd-channels` connections of their own (see `lanes`). Only the
+    /// source's setting counts: a destination takes the connections a source opens.
     pub multifd: bool,
 }
 

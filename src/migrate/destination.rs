@@ -204,8 +204,24 @@ async fn receive_stream(
             }
             Ok(Incoming::Message(Message::Lanes(offer))) if listener.is_some() => {
                 let listener = listener.take().expect("checked above");
-                let accepted = DestinationLanes::accept(&listener, offer, &memory, shared).await;
-                lanes = Some(accepted.map_err(|e| ReceiveError::Local(e.to_string()))?);
+                // A source that fails to open them, or is cancelled meanwhile, says so on the
+                // control link and hangs up: that ends the wait, with its reason.
+                let accepted = tokio::select! {
+                    accepted = DestinationLanes::accept(&listener, offer, &memory, shared) => {
+                        accepted.map_err(|e| ReceiveError::Protocol(e.to_string()))?
+                    }
+                    said = next(stream) => {
+                        return Err(match said {
+                            Ok(Message::Cancel) => ReceiveError::Cancelled,
+                            Ok(Message::Error(reason)) => ReceiveError::SourceFailed(reason),
+                            Ok(other) => ReceiveError::Protocol(format!(
+                                "{other:?} while the page connections were opening"
+                            )),
+                            Err(error) => error,
+                        });
+                    }
+                };
+                lanes = Some(accepted);
                 info!(lanes = offer.count, "page connections accepted");
                 wire::write_message(stream, &Message::Accept).await?;
                 continue;

@@ -172,7 +172,7 @@ async fn write_lane(
         // runtime's threads from QMP and from `migrate_cancel`.
         tokio::task::yield_now().await;
     }
-    link.close().await;
+    // Not reached while the lanes' owner lives: dropping it aborts this task first.
     Ok(())
 }
 
@@ -271,18 +271,26 @@ impl DestinationLanes {
         })
     }
 
-    /// Waits until every lane has landed everything before its `mark`-th mark.
+    /// Waits until every lane has landed everything before its `mark`-th mark, or until one
+    /// fails (while another is still short of the mark).
     pub async fn reached(&mut self, mark: u64) -> Result<(), LaneError> {
-        for index in 0..self.marks.len() {
-            if self.marks[index].wait_for(|m| *m >= mark).await.is_err() {
-                // The lane's task ended before the mark, and sent why before it did.
-                return Err(self.failures.try_recv().unwrap_or(LaneError::Landing {
-                    index,
-                    reason: "stopped".into(),
-                }));
+        let marks = &mut self.marks;
+        let all = async {
+            for mark_of_lane in marks.iter_mut() {
+                // An error: the lane's task ended before the mark, having sent why.
+                if mark_of_lane.wait_for(|m| *m >= mark).await.is_err() {
+                    return false;
+                }
             }
+            true
+        };
+        tokio::select! {
+            true = all => Ok(()),
+            failure = self.failures.recv() => Err(failure.unwrap_or(LaneError::Landing {
+                index: 0,
+                reason: "stopped".into(),
+            })),
         }
-        Ok(())
     }
 
     /// Resolves when a lane fails: the migration cannot complete without its pages.
