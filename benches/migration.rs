@@ -32,8 +32,8 @@
 //! For each case it prints the total time, setup time and downtime that `query-migrate`
 //! reports, the `expected-downtime` the switchover was decided on, the blackout the
 //! guest measured (each vCPU's first `gap ... stopped` report on the destination, the longest;
-//! for the workloads whose vCPUs run through the switchover, as a halted vCPU loses nothing)
-//! and how far the downtime is from it, the bytes sent, the effective bandwidth (guest RAM / total time
+//! a vCPU halted through the switchover can only say how late its timer came) and how far the
+//! downtime is from it (compared where the vCPUs run through the switchover), the bytes sent, the effective bandwidth (guest RAM / total time
 //! and bytes sent / total time) next to the raw figures of the same transport, the number of
 //! rounds (`dirty-sync-count`) and whether the migration converged (completed with fewer than
 //! 30), the peak memory each ferry process used beyond its guest's RAM while migrating (from

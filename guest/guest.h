@@ -48,7 +48,7 @@
 #define SYS_TRIPLE_FAULT 1
 #define SYS_MAP_UNCACHED 2 /* %rsi addr, %rdx len, %rcx zeroed pages; %rax = pages used */
 #define SYS_IDLE 3	   /* halt until the next interrupt */
-#define SYS_KVM_CLOCK 4	   /* %rsi struct cpu: register its clock page with KVM */
+#define SYS_KVM_CLOCK 4	   /* register the calling CPU's clock page with KVM */
 
 /* Offsets in struct cpu that isr.S uses. */
 #define CPU_TICKS 0
@@ -218,6 +218,8 @@ struct boot {
 	uint64_t pace_fp;	/* dirty_mbps: TSC cycles per page, 16.16 fixed point */
 	uint64_t pace_slack;	/* dirty_mbps: lag (cycles) beyond which no catching up */
 	uint64_t gap_cycles;	/* blackout: threshold in TSC cycles, 0 = off */
+	uint64_t gap_floor_cycles; /* blackout: GAP_FLOOR_US in TSC cycles */
+	uint64_t stop_lag_cycles;  /* blackout: STOP_FLAG_LAG_US in TSC cycles */
 	bool kvm_clock;		/* KVM's clock is there (CPUID); ferry.blackout registers it */
 };
 
@@ -246,7 +248,7 @@ void power_isr(void);
 
 /* setup.c */
 void cpu_setup(struct cpu *c);
-void kvm_clock_register(struct cpu *c);
+void kvm_clock_register(void);
 void lapic_delay_us(uint32_t us);
 void halt_forever(void) __attribute__((noreturn));
 uint64_t map_uncached(uint64_t addr, uint64_t len, uint64_t pages);

@@ -255,8 +255,11 @@ void cpu_setup(struct cpu *c)
  * whenever it updates the clock, also on a migration's destination before
  * the guest runs there.
  */
-void kvm_clock_register(struct cpu *c)
+void kvm_clock_register(void)
 {
+	/* cpu_setup() put this CPU's struct cpu in GS base. */
+	struct cpu *c = (struct cpu *)rdmsr(MSR_GS_BASE);
+
 	/* Bit 0 enables; the guest's addresses are physical ones (identity map). */
 	wrmsr(MSR_KVM_SYSTEM_TIME_NEW, (uint64_t)&c->clock | 1);
 }

@@ -59,7 +59,7 @@ void trap(struct trap_frame *f)
 		else if (f->rdi == SYS_MAP_UNCACHED)
 			f->rax = map_uncached(f->rsi, f->rdx, f->rcx);
 		else if (f->rdi == SYS_KVM_CLOCK)
-			kvm_clock_register((struct cpu *)f->rsi);
+			kvm_clock_register();
 		else if (f->rdi == SYS_IDLE)
 			/* The interrupt that ends the halt is taken here, in ring 0. */
 			__asm__ volatile("sti; hlt; cli" ::: "memory");

@@ -329,6 +329,8 @@ static void bsp_report(void)
 	if (boot.cfg.dirty_mbps || boot.cfg.blackout_ms)
 		measure_tsc();
 	boot.gap_cycles = boot.tsc_khz * boot.cfg.blackout_ms;
+	boot.gap_floor_cycles = boot.tsc_khz * GAP_FLOOR_US / 1000;
+	boot.stop_lag_cycles = boot.tsc_khz * STOP_FLAG_LAG_US / 1000;
 	if (boot.gap_cycles && !boot.kvm_clock)
 		print("warning: no KVM clock; ferry.blackout cannot tell a host's stop of a CPU from a preemption");
 	if (boot.cfg.run & RUN_DISK)
@@ -487,16 +489,37 @@ static bool host_stopped(struct cpu *c)
  */
 static uint64_t stop_gap(struct cpu *c, uint64_t now, uint64_t d)
 {
-	uint64_t lag = boot.tsc_khz * STOP_FLAG_LAG_US / 1000, longest = d;
+	uint64_t longest = d;
 	uint32_t i;
 
 	for (i = 0; i < RECENT_GAPS; i++)
-		if (now - c->recent[i].end <= lag && c->recent[i].cycles > longest)
+		if (now - c->recent[i].end <= boot.stop_lag_cycles && c->recent[i].cycles > longest)
 			longest = c->recent[i].cycles;
 	/* Still held back as a stall (see poll()): it is the stop's, reported as such. */
 	if (c->gap_pending == longest)
 		c->gap_pending = 0;
 	return longest;
+}
+
+/* blackout: the gap across a stop, to be reported at the next poll. */
+static void note_stop(struct cpu *c, uint64_t cycles)
+{
+	c->stop_gap = cycles;
+	c->stop_pending = true;
+}
+
+/* blackout: a gap of d cycles that ended at now: kept for a late stop flag, and a stall. */
+static void note_gap(struct cpu *c, uint64_t d, uint64_t now)
+{
+	if (d <= boot.gap_floor_cycles)
+		return;
+	c->recent[c->recent_next].cycles = d;
+	c->recent[c->recent_next].end = now;
+	c->recent_next = (c->recent_next + 1) % RECENT_GAPS;
+	if (d > boot.gap_cycles && d > c->gap_pending) {
+		c->gap_pending = d;
+		c->gap_pending_end = now;
+	}
 }
 
 /*
@@ -508,20 +531,10 @@ static void gap_check(struct cpu *c)
 	uint64_t now = rdtsc(), d = now > c->gap_last ? now - c->gap_last : 0;
 
 	c->gap_last = now;
-	if (host_stopped(c)) {
-		c->stop_gap = stop_gap(c, now, d);
-		c->stop_pending = true;
-		return;
-	}
-	if (d > boot.tsc_khz * GAP_FLOOR_US / 1000) {
-		c->recent[c->recent_next].cycles = d;
-		c->recent[c->recent_next].end = now;
-		c->recent_next = (c->recent_next + 1) % RECENT_GAPS;
-	}
-	if (d > boot.gap_cycles && d > c->gap_pending) {
-		c->gap_pending = d;
-		c->gap_pending_end = now;
-	}
+	if (host_stopped(c))
+		note_stop(c, stop_gap(c, now, d));
+	else
+		note_gap(c, d, now);
 }
 
 /*
@@ -553,8 +566,7 @@ static void poll(struct cpu *c)
 			      c->stop_gap * 1000 / boot.tsc_khz);
 		}
 		/* Until a late stop flag could no longer claim it as the stop's. */
-		if (c->gap_pending && rdtsc() - c->gap_pending_end >
-					      boot.tsc_khz * STOP_FLAG_LAG_US / 1000) {
+		if (c->gap_pending && c->gap_last - c->gap_pending_end > boot.stop_lag_cycles) {
 			uint64_t us = c->gap_pending * 1000 / boot.tsc_khz;
 
 			c->gap_pending = 0;
@@ -597,34 +609,32 @@ static bool can_halt(struct cpu *c)
 
 /*
  * One halt. For ferry.blackout a halt is not a gap in itself: a CPU woken by
- * consecutive ticks measures the time between their handlers instead, and
- * reports what exceeds the tick period (a vCPU stopped across a tick delays
- * it by that long).
+ * ticks measures how late the last of them came against the tick period, and
+ * reports what exceeds it (a vCPU stopped across a tick delays it by that
+ * long). That lateness is also all a CPU halted through a host stop can say
+ * of it: its timer came that much late, perhaps not at all.
  */
 static void idle(struct cpu *c)
 {
-	uint64_t tick, tsc, period;
+	uint64_t tick, tsc, late = 0;
 
 	__asm__ volatile("int $0x80" : : "D"((uint64_t)SYS_IDLE) : "memory");
 	if (!boot.gap_cycles)
 		return;
 	tick = c->ticks;
 	tsc = c->tick_tsc;
-	period = boot.cfg.tick_ms * boot.tsc_khz;
-	if (tick == c->idle_tick + 1 && c->idle_tsc && tsc - c->idle_tsc > period) {
-		uint64_t late = tsc - c->idle_tsc - period;
+	if (tick > c->idle_tick && c->idle_tsc) {
+		uint64_t due = c->idle_tsc + (tick - c->idle_tick) * boot.cfg.tick_ms * boot.tsc_khz;
 
-		if (late > boot.gap_cycles && late > c->gap_pending)
-			c->gap_pending = late;
+		late = tsc > due ? tsc - due : 0;
 	}
 	c->idle_tick = tick;
 	c->idle_tsc = tsc;
 	c->gap_last = rdtsc();
-	/*
-	 * A stop around a halt cannot be told from the halt: no blackout is
-	 * reported for it (a halted CPU loses no time to a stop anyway).
-	 */
-	host_stopped(c);
+	if (host_stopped(c))
+		note_stop(c, late);
+	else
+		note_gap(c, late, tsc);
 }
 
 /*
@@ -699,7 +709,7 @@ void user_main(struct cpu *c)
 	}
 
 	if (boot.gap_cycles && boot.kvm_clock)
-		__asm__ volatile("int $0x80" : : "D"((uint64_t)SYS_KVM_CLOCK), "S"(c) : "memory");
+		__asm__ volatile("int $0x80" : : "D"((uint64_t)SYS_KVM_CLOCK) : "memory");
 	c->last_tsc = rdtsc();
 	c->pace_next = c->last_tsc;
 	if (boot.gap_cycles)

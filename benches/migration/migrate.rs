@@ -232,7 +232,7 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
     };
     let mut blackout = None;
     let mut destination_gaps = Vec::new();
-    if status == "completed" && blackout_reported && case.workload.sweeps() {
+    if status == "completed" && blackout_reported {
         let waited = Instant::now();
         let mut seen = 0;
         while blackout.is_none() && waited.elapsed() < BLACKOUT_DEADLINE {

@@ -92,8 +92,8 @@
 //!   destination. On this project's PVM host, ring-3 `rdtsc` reads the host's TSC itself
 //!   (no offset: a guest sees the host's uptime), which both ferry processes share, so the
 //!   figure is the true blackout, including any time the host keeps the vCPU off its core
-//!   right after it runs again. A CPU halted through the stop reports none: it lost no
-//!   time. Where KVM applies the migrated TSC (VT-x/SVM), ferry moves it on by the time the
+//!   right after it runs again. A CPU halted through the stop lost no time, and reports
+//!   how late its timer came (often not at all). Where KVM applies the migrated TSC (VT-x/SVM), ferry moves it on by the time the
 //!   state spent in transit, so the figure means the same there (not verified on such a
 //!   host).
 //!
@@ -496,7 +496,7 @@ where
 /// VMM stopped that CPU; `None` until every one of `cpus` has printed one.
 ///
 /// KVM's clock tells the guest of the stop, so a stall from before it that a CPU reports late
-/// cannot pass for it. A CPU halted through the stop reports none.
+/// cannot pass for it. A CPU halted through the stop reports how late its timer came.
 pub fn stop_blackout_us(lines: &[GuestLine], cpus: u32) -> Option<u64> {
     let mut stopped: Vec<Option<u64>> = vec![None; cpus as usize];
     for line in lines {
