@@ -109,7 +109,6 @@ use crate::raw::{raw_section, RawFigures};
 use crate::record::Run;
 use crate::report::{print_summary, write_results, CaseResult};
 
-const SMP: &str = "2";
 const CPUS: u32 = 2;
 
 /// The guest reports stalls (TSC gaps) longer than this many ms: `$FERRY_BENCH_BLACKOUT_MS`, 5

@@ -14,15 +14,15 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use ferry::guest::{gaps_by_cpu, GuestLine};
-use ferry::harness::{Ferry, NoEvent, Qmp};
+use ferry::harness::{Ferry, NoEvent};
 use serde_json::{json, Value};
 
-use crate::case::{migration_uri, Transport};
-use crate::migrate::Pair;
+use crate::case::Transport;
+use crate::migrate::{wait_first_sweeps, Pair};
 use crate::stats::Stats;
-use crate::SMP;
+use crate::CPUS;
 
 const MEM_MIB: u64 = 1024;
 const TICK_MS: u64 = 10;
@@ -94,7 +94,8 @@ fn log_seconds(line: &str) -> Option<f64> {
 /// Waits for the guest's first `tick` line after line `skip`; the milliseconds since `since`.
 fn wait_for_tick(vm: &Ferry, skip: usize, since: Instant) -> Result<f64, (&'static str, String)> {
     loop {
-        let ticked = lines_from(vm, skip)
+        let ticked = vm
+            .lines_from(skip)
             .iter()
             .any(|l| matches!(GuestLine::parse(l), GuestLine::Tick { .. }));
         if ticked {
@@ -268,7 +269,7 @@ impl CancelResult {
             "transport": self.transport.name(),
             "guest": {
                 "mem_mib": MEM_MIB,
-                "smp": SMP,
+                "smp": CPUS,
                 "append": append(),
             },
             "cancel_at_share_of_ram": CANCEL_AT,
@@ -312,50 +313,13 @@ fn ms_since(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1000.0
 }
 
-/// The lines after the first `skip` of a VM's serial output.
-fn lines_from(vm: &Ferry, skip: usize) -> Vec<String> {
-    vm.lines().into_iter().skip(skip).collect()
-}
-
 pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::Result<CancelRun> {
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-bench-cancel-")
-        .tempdir()
-        .context("a scratch directory")?;
-    let mem = MEM_MIB.to_string();
-    let append = append();
-    let mut pair = Pair::new(&format!("cancel-{}-run{run}", transport.name()));
-    let source_qmp = dir.path().join("source.qmp");
-    pair.vms.push(Ferry::start_logging(
-        binary,
-        "source",
-        &["-smp", SMP, "-m", &mem, "-append", &append],
-        Some(&source_qmp),
-        LOG_FILTER,
-    ));
-    pair.vms[0].wait_ready();
-    for cpu in 0..2 {
-        let line = format!("sweep 1 cpu={cpu}");
-        pair.vms[0].wait_line(
-            &format!("the first sweep of cpu {cpu}"),
-            Duration::from_secs(120),
-            |l| l == line,
-        );
-    }
-    let uri = migration_uri(transport, dir.path())?;
-    let destination_qmp = dir.path().join("destination.qmp");
-    pair.vms.push(Ferry::start(
-        binary,
-        "destination",
-        &["-smp", SMP, "-m", &mem, "-incoming", &uri],
-        Some(&destination_qmp),
-    ));
-    let status = Qmp::connect(&destination_qmp).status();
-    if status != "inmigrate" {
-        bail!("the destination says {status}, not inmigrate");
-    }
+    let mut pair = Pair::new(&format!("cancel-{}-run{run}", transport.name()))?;
+    let source_vm = pair.start_source(binary, MEM_MIB, &append(), Some(LOG_FILTER));
+    wait_first_sweeps(source_vm, Duration::from_secs(120));
+    let (uri, _destination) = pair.start_destination(binary, MEM_MIB, transport)?;
 
-    let mut source = Qmp::connect(&source_qmp);
+    let mut source = pair.source_qmp();
     let lines_at_migrate = pair.vms[0].lines().len();
     source.ok("migrate", Some(json!({"uri": uri})));
     let asked = Instant::now();

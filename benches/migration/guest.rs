@@ -4,17 +4,25 @@
 use ferry::guest::GuestLine;
 use serde_json::{json, Value};
 
-/// The guest's warning that it does not know the `ferry.*` option `key` (say `ferry.fill`), if
-/// it printed one: a guest built before that option existed.
-pub fn unknown_option(lines: &[String], key: &str) -> Option<String> {
-    lines.iter().find_map(|line| match GuestLine::parse(line) {
-        GuestLine::Warning(warning)
-            if warning.starts_with("unknown option") && warning.contains(key) =>
-        {
-            Some(warning)
+/// The guest's first warning that starts with `prefix` and mentions `about`.
+fn warning<'a>(lines: &'a [GuestLine], prefix: &str, about: &str) -> Option<&'a str> {
+    lines.iter().find_map(|line| match line {
+        GuestLine::Warning(warning) if warning.starts_with(prefix) && warning.contains(about) => {
+            Some(warning.as_str())
         }
         _ => None,
     })
+}
+
+/// The guest's warning that it does not know the `ferry.*` option `key` (say `ferry.fill`), if
+/// it printed one: a guest built before that option existed.
+pub fn unknown_option<'a>(lines: &'a [GuestLine], key: &str) -> Option<&'a str> {
+    warning(lines, "unknown option", key)
+}
+
+/// The guest's warning that it cannot tell ferry's stops from preemptions, if it printed one.
+pub fn no_stop_flag(lines: &[GuestLine]) -> Option<&str> {
+    warning(lines, "no KVM clock", "")
 }
 
 /// A `gap cpu=I us=N` report: CPU I went N µs without running (more than the `ferry.blackout`
@@ -35,10 +43,10 @@ impl Gap {
 
 /// The stalls the `gap` lines among `lines` report, stamped `t_ms` (not the gaps across a
 /// stop of ferry's, which are its pauses, of any length).
-pub fn gaps(lines: &[String], t_ms: f64) -> Vec<Gap> {
+pub fn gaps(lines: &[GuestLine], t_ms: f64) -> Vec<Gap> {
     lines
         .iter()
-        .filter_map(|line| match GuestLine::parse(line) {
+        .filter_map(|line| match *line {
             GuestLine::Gap {
                 cpu,
                 us,
@@ -47,22 +55,4 @@ pub fn gaps(lines: &[String], t_ms: f64) -> Vec<Gap> {
             _ => None,
         })
         .collect()
-}
-
-/// The guest's warning that it cannot tell ferry's stops from preemptions, if it printed one.
-pub fn no_stop_flag(lines: &[String]) -> Option<String> {
-    lines.iter().find_map(|line| match GuestLine::parse(line) {
-        GuestLine::Warning(warning) if warning.starts_with("no KVM clock") => Some(warning),
-        _ => None,
-    })
-}
-
-/// The blackout the guest saw across a migration (`ferry::guest::stop_blackout_us`), from the
-/// destination's serial output.
-pub fn blackout_us(destination_lines: &[String], cpus: u32) -> Option<u64> {
-    let lines: Vec<GuestLine> = destination_lines
-        .iter()
-        .map(|l| GuestLine::parse(l))
-        .collect();
-    ferry::guest::stop_blackout_us(&lines, cpus)
 }

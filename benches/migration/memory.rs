@@ -26,11 +26,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::MIB;
+
 /// The shortest interval between two samples.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Between two samples, at least this many times as long as reading them took.
 const COST_FACTOR: u32 = 6;
-const MIB: f64 = (1u64 << 20) as f64;
 
 /// Resident memory of one process, in bytes.
 #[derive(Clone, Copy, Debug, Default)]

@@ -6,15 +6,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ferry::guest::{stop_blackout_us, GuestLine};
 use ferry::harness::{Ferry, Qmp};
 use serde_json::json;
 
-use crate::case::{migration_uri, Case};
+use crate::case::{migration_uri, Case, Transport};
 use crate::memory::MemoryProbe;
 use crate::probe::{load_average, CpuProbe};
 use crate::record::Run;
 use crate::timeline::Timeline;
-use crate::{guest, CPUS, POLL, SMP};
+use crate::{guest, CPUS, POLL};
 
 /// How long after a completed migration the destination's guest may take to report its
 /// blackout.
@@ -48,9 +49,21 @@ fn shut_down(vm: &mut Ferry) {
     }
 }
 
+/// Waits until every vCPU of the guest on `vm` has swept its slices once.
+pub(crate) fn wait_first_sweeps(vm: &Ferry, timeout: Duration) {
+    for cpu in 0..CPUS {
+        let line = format!("sweep 1 cpu={cpu}");
+        vm.wait_line(&format!("the first sweep of cpu {cpu}"), timeout, |l| {
+            l == line
+        });
+    }
+}
+
 /// Both VMs of a run; whatever happens, they quit (or are killed) when this goes.
 pub(crate) struct Pair {
     pub(crate) vms: Vec<Ferry>,
+    /// Their sockets, removed once they have quit.
+    dir: tempfile::TempDir,
     /// With `$FERRY_BENCH_LOGS` set: where each VM's log and serial output go, as
     /// `PREFIX-NAME.log` (run the bench with `RUST_LOG=ferry=debug` to see the switchover's
     /// steps).
@@ -58,11 +71,63 @@ pub(crate) struct Pair {
 }
 
 impl Pair {
-    pub(crate) fn new(name: &str) -> Self {
-        Self {
+    pub(crate) fn new(name: &str) -> anyhow::Result<Self> {
+        Ok(Self {
             vms: Vec::new(),
+            dir: tempfile::Builder::new()
+                .prefix("ferry-bench-")
+                .tempdir()
+                .context("a scratch directory")?,
             logs: std::env::var_os("FERRY_BENCH_LOGS").map(|dir| PathBuf::from(dir).join(name)),
+        })
+    }
+
+    /// Starts the source, `CPUS` vCPUs and `mem_mib` of RAM with `append` for its guest (its
+    /// log filtered by `log_filter`, else by `$RUST_LOG`), and waits until the guest is ready.
+    pub(crate) fn start_source(
+        &mut self,
+        binary: &Path,
+        mem_mib: u64,
+        append: &str,
+        log_filter: Option<&str>,
+    ) -> &Ferry {
+        let qmp = self.dir.path().join("source.qmp");
+        let (cpus, mem) = (CPUS.to_string(), mem_mib.to_string());
+        let args = ["-smp", &cpus, "-m", &mem, "-append", append];
+        let vm = match log_filter {
+            Some(filter) => Ferry::start_logging(binary, "source", &args, Some(&qmp), filter),
+            None => Ferry::start(binary, "source", &args, Some(&qmp)),
+        };
+        vm.wait_ready();
+        self.vms.push(vm);
+        &self.vms[0]
+    }
+
+    /// Starts the destination, waiting for the migration on a `transport` URI; returns the
+    /// URI and the destination's QMP once it says `inmigrate`.
+    pub(crate) fn start_destination(
+        &mut self,
+        binary: &Path,
+        mem_mib: u64,
+        transport: Transport,
+    ) -> anyhow::Result<(String, Qmp)> {
+        let uri = migration_uri(transport, self.dir.path())?;
+        let qmp = self.dir.path().join("destination.qmp");
+        let (cpus, mem) = (CPUS.to_string(), mem_mib.to_string());
+        let args = ["-smp", &cpus, "-m", &mem, "-incoming", &uri];
+        self.vms
+            .push(Ferry::start(binary, "destination", &args, Some(&qmp)));
+        let mut destination = Qmp::connect(&qmp);
+        let status = destination.status();
+        if status != "inmigrate" {
+            bail!("the destination says {status}, not inmigrate");
         }
+        Ok((uri, destination))
+    }
+
+    /// The source's QMP.
+    pub(crate) fn source_qmp(&self) -> Qmp {
+        Qmp::connect(&self.dir.path().join("source.qmp"))
     }
 
     fn keep_logs(&self, prefix: &Path) {
@@ -97,63 +162,32 @@ impl Drop for Pair {
 }
 
 pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Result<Run> {
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-bench-")
-        .tempdir()
-        .context("a scratch directory")?;
-    let mem = case.mem_mib.to_string();
     let append = case.workload.append();
-    let mut pair = Pair::new(&format!("{}-run{run}", case.name()));
-
-    let source_qmp = dir.path().join("source.qmp");
-    pair.vms.push(Ferry::start(
-        binary,
-        "source",
-        &["-smp", SMP, "-m", &mem, "-append", &append],
-        Some(&source_qmp),
-    ));
-    let source_vm = &pair.vms[0];
-    source_vm.wait_ready();
-    if let Some(option) = case.workload.option() {
-        if let Some(warning) = guest::unknown_option(&source_vm.lines(), option) {
-            return Ok(Run {
-                run,
-                status: "unsupported".into(),
-                error: Some(format!("the guest says: {warning}")),
-                ..Run::default()
-            });
-        }
+    let mut pair = Pair::new(&format!("{}-run{run}", case.name()))?;
+    let source_vm = pair.start_source(binary, case.mem_mib, &append, None);
+    // The guest warns of what it lacks before it says it is ready.
+    let ready = source_vm.guest_lines();
+    if let Some(warning) = case
+        .workload
+        .option()
+        .and_then(|option| guest::unknown_option(&ready, option))
+    {
+        return Ok(Run {
+            run,
+            status: "unsupported".into(),
+            error: Some(format!("the guest says: {warning}")),
+            ..Run::default()
+        });
     }
+    let blackout_reported = guest::unknown_option(&ready, "ferry.blackout").is_none()
+        && guest::no_stop_flag(&ready).is_none();
     if case.workload.sweeps() {
         // Every page of RAM has been written once: round 0 has no zero pages to skip.
-        for cpu in 0..CPUS {
-            let line = format!("sweep 1 cpu={cpu}");
-            source_vm.wait_line(
-                &format!("the first sweep of cpu {cpu}"),
-                case.first_pass_timeout(),
-                |l| l == line,
-            );
-        }
+        wait_first_sweeps(source_vm, case.first_pass_timeout());
     }
-    let source_lines = source_vm.lines();
-    let blackout_reported = guest::unknown_option(&source_lines, "ferry.blackout").is_none()
-        && guest::no_stop_flag(&source_lines).is_none();
+    let (uri, mut destination) = pair.start_destination(binary, case.mem_mib, case.transport)?;
 
-    let uri = migration_uri(case.transport, dir.path())?;
-    let destination_qmp = dir.path().join("destination.qmp");
-    pair.vms.push(Ferry::start(
-        binary,
-        "destination",
-        &["-smp", SMP, "-m", &mem, "-incoming", &uri],
-        Some(&destination_qmp),
-    ));
-    let mut destination = Qmp::connect(&destination_qmp);
-    let status = destination.status();
-    if status != "inmigrate" {
-        bail!("the destination says {status}, not inmigrate");
-    }
-
-    let mut source = Qmp::connect(&source_qmp);
+    let mut source = pair.source_qmp();
     if let Some(cap) = case.max_bandwidth() {
         source.ok(
             "migrate-set-parameters",
@@ -191,12 +225,10 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         let info = source.ok("query-migrate", None);
         let t_ms = asked.elapsed().as_secs_f64() * 1000.0;
         timeline.push(t_ms, &info);
-        let lines = pair.vms[0].lines();
-        source_gaps.extend(guest::gaps(
-            &lines[source_lines_seen.min(lines.len())..],
-            t_ms,
-        ));
-        source_lines_seen = lines.len();
+        let lines = pair.vms[0].lines_from(source_lines_seen);
+        source_lines_seen += lines.len();
+        let lines: Vec<GuestLine> = lines.iter().map(|l| GuestLine::parse(l)).collect();
+        source_gaps.extend(guest::gaps(&lines, t_ms));
         if !matches!(info["status"].as_str(), Some("setup" | "active")) {
             break info;
         }
@@ -234,14 +266,18 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
     let mut destination_gaps = Vec::new();
     if status == "completed" && blackout_reported {
         let waited = Instant::now();
-        let mut seen = 0;
+        let mut lines: Vec<GuestLine> = Vec::new();
         while blackout.is_none() && waited.elapsed() < BLACKOUT_DEADLINE {
             std::thread::sleep(POLL);
-            let lines = pair.vms[1].lines();
+            let new: Vec<GuestLine> = pair.vms[1]
+                .lines_from(lines.len())
+                .iter()
+                .map(|l| GuestLine::parse(l))
+                .collect();
             let t_ms = asked.elapsed().as_secs_f64() * 1000.0;
-            destination_gaps.extend(guest::gaps(&lines[seen.min(lines.len())..], t_ms));
-            seen = lines.len();
-            blackout = guest::blackout_us(&lines, CPUS);
+            destination_gaps.extend(guest::gaps(&new, t_ms));
+            lines.extend(new);
+            blackout = stop_blackout_us(&lines, CPUS);
         }
     }
     let error = if status == "destination-failed" {

@@ -104,12 +104,12 @@ impl Run {
     }
 
     /// A value of the last `query-migrate` answer, by its path.
-    pub(crate) fn value(&self, path: &[&str]) -> Option<&Value> {
+    fn value(&self, path: &[&str]) -> Option<&Value> {
         path.iter()
             .try_fold(self.info.as_ref()?, |value, key| value.get(key))
     }
 
-    pub(crate) fn field(&self, path: &[&str]) -> Option<f64> {
+    fn field(&self, path: &[&str]) -> Option<f64> {
         self.value(path)?.as_f64()
     }
 

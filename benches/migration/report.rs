@@ -12,7 +12,7 @@ use crate::probe::load_average;
 use crate::raw::{Raw, RawFigures};
 use crate::record::{Run, FIGURES};
 use crate::stats::{stats_json, Stats};
-use crate::{blackout_ms, guest, plot, CONVERGED_BELOW_ROUNDS, CPUS, SMP};
+use crate::{blackout_ms, guest, plot, CONVERGED_BELOW_ROUNDS, CPUS};
 
 pub(crate) struct CaseResult {
     pub(crate) case: Case,
@@ -40,19 +40,11 @@ impl CaseResult {
         self.unsupported() || self.completed() == self.runs.len()
     }
 
-    pub(crate) fn done(&self) -> String {
+    fn done(&self) -> String {
         if self.unsupported() {
             "n/a".into()
         } else {
             format!("{}/{}", self.completed(), self.runs.len())
-        }
-    }
-
-    /// The guest's blackout for the summary: the median of the runs that measured one.
-    fn blackout_cell(&self) -> String {
-        match self.stats("guest_blackout_ms") {
-            Some(s) => format!("{:.1}", s.median),
-            None => "-".into(),
         }
     }
 
@@ -87,7 +79,7 @@ impl CaseResult {
 
     pub(crate) fn print(&self, cancel: Option<&CancelResult>) {
         println!(
-            "{}  (-smp {SMP}, -append \"{}\"): {} completed, {} converged",
+            "{}  (-smp {CPUS}, -append \"{}\"): {} completed, {} converged",
             self.case.label(),
             self.case.workload.append(),
             self.done(),
@@ -364,7 +356,7 @@ pub(crate) fn print_summary(results: &[CaseResult], cancels: &[CancelResult]) {
             &cell("total_ms"),
             &cell("setup_ms"),
             &cell("downtime_ms"),
-            &result.blackout_cell(),
+            &cell("guest_blackout_ms"),
             &cell("transferred_mib"),
             &cell("ram_gib_per_s"),
             &cell("ram_pct_of_raw"),

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-const MIB: f64 = (1u64 << 20) as f64;
+use crate::MIB;
 
 /// One `query-migrate` answer, reduced to what the plots and the record need.
 #[derive(Clone, Debug)]

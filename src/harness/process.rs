@@ -113,6 +113,12 @@ impl Ferry {
         self.lines.lock().unwrap().clone()
     }
 
+    /// The serial output from line `skip` on (only those lines are copied).
+    pub fn lines_from(&self, skip: usize) -> Vec<String> {
+        let lines = self.lines.lock().unwrap();
+        lines.get(skip..).map_or_else(Vec::new, <[String]>::to_vec)
+    }
+
     /// The serial output so far, parsed as the built-in guest's protocol.
     pub fn guest_lines(&self) -> Vec<GuestLine> {
         self.lines().iter().map(|l| GuestLine::parse(l)).collect()
