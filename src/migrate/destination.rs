@@ -159,37 +159,7 @@ async fn receive_stream(
     // Marks every lane must have passed: one per SYNC and one before the state.
     let mut marks = 0;
     loop {
-        let incoming = match lanes.as_mut() {
-            // A lane that fails stops the migration now, not at the next SYNC.
-            Some(lanes) => {
-                let raced = {
-                    let mut read = std::pin::pin!(wire::read_incoming(stream));
-                    tokio::select! {
-                        incoming = &mut read => Ok(incoming),
-                        failure = lanes.failed() => {
-                            // A frame half read would leave the stream mid-frame: finish it.
-                            let frame = tokio::time::timeout(SOURCE_NOTICE_DEADLINE, read).await;
-                            Err((failure, frame))
-                        }
-                    }
-                };
-                match raced {
-                    Ok(incoming) => incoming,
-                    Err((failure, frame)) => {
-                        return Err(match frame {
-                            Ok(Ok(Incoming::Message(Message::Cancel))) => ReceiveError::Cancelled,
-                            Ok(Ok(Incoming::Message(Message::Error(reason)))) => {
-                                ReceiveError::SourceFailed(reason)
-                            }
-                            Ok(Ok(_)) => lane_failure(stream, failure).await,
-                            _ => ReceiveError::Local(failure.to_string()),
-                        })
-                    }
-                }
-            }
-            None => wire::read_incoming(stream).await,
-        };
-        let message = match incoming {
+        let message = match read_control(stream, &mut lanes).await? {
             Ok(Incoming::Pages { entries, data_len }) if !restored => {
                 drop(listener.take());
                 let bytes = landing.receive(stream, &entries, data_len).await?;
@@ -346,6 +316,35 @@ async fn receive_stream(
             }
         }
     }
+}
+
+/// The next frame on the control link. With lanes open, a lane that fails ends the migration
+/// now, not at the next SYNC.
+async fn read_control(
+    stream: &mut BoxedStream,
+    lanes: &mut Option<DestinationLanes>,
+) -> Result<Result<Incoming, WireError>, ReceiveError> {
+    let Some(lanes) = lanes.as_mut() else {
+        return Ok(wire::read_incoming(stream).await);
+    };
+    let failure = {
+        let mut read = std::pin::pin!(wire::read_incoming(stream));
+        tokio::select! {
+            incoming = &mut read => return Ok(incoming),
+            failure = lanes.failed() => {
+                // A frame half read would leave the stream mid-frame: finish it.
+                match tokio::time::timeout(SOURCE_NOTICE_DEADLINE, read).await {
+                    Ok(Ok(Incoming::Message(Message::Cancel))) => return Err(ReceiveError::Cancelled),
+                    Ok(Ok(Incoming::Message(Message::Error(reason)))) => {
+                        return Err(ReceiveError::SourceFailed(reason))
+                    }
+                    Ok(Ok(_)) => failure,
+                    _ => return Err(ReceiveError::Local(failure.to_string())),
+                }
+            }
+        }
+    };
+    Err(lane_failure(stream, failure).await)
 }
 
 /// Waits for every lane (if the source opened any) to land everything before its `mark`-th
