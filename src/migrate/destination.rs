@@ -16,6 +16,7 @@ use super::transport::{BoxedStream, Listener};
 use super::wire::{self, Committed, Incoming, Message, WireError};
 use super::{prefault, vmstate, Shared};
 use crate::machine::memory::PAGE_SIZE;
+use crate::runtime::priority;
 use crate::runtime::Vm;
 
 /// How an incoming migration ended.
@@ -83,6 +84,11 @@ pub async fn receive(
             Outcome::Completed { run }
         }
         Err(error) => {
+            // This process ends now (a destination without a guest exits); on the same host,
+            // the source has just taken its guest back, and whatever of this side still runs
+            // (a lane finishing its read, the prefault thread, the teardown of RAM) must not
+            // take a core from it meanwhile.
+            priority::give_way();
             let reason = error.to_string();
             tracing::error!(
                 reason,

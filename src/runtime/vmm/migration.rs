@@ -14,7 +14,6 @@ use crate::migrate::transport::Listener;
 use crate::migrate::uri::MigrationUri;
 use crate::migrate::{destination, source, Shared};
 use crate::runtime::control::{Event, RequestError};
-use crate::runtime::priority;
 use crate::runtime::Vm;
 
 /// What a migration task hands back with the VM.
@@ -191,7 +190,7 @@ impl Vmm {
                 None
             }
             MigrationResult::Incoming(destination::Outcome::Failed(reason)) => {
-                priority::give_way();
+                // The migration gave way to the rest of the host already, the moment it failed.
                 Some(Ending::Failed(format!(
                     "incoming migration failed: {reason}"
                 )))
