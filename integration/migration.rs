@@ -3,8 +3,10 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+#[path = "migration/bad_source.rs"]
+mod bad_source;
+
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -591,60 +593,6 @@ fn failures_leave_the_source_running_with_a_reason() {
 
 /// Garbage and truncated streams sent to a destination: it fails with a clear message and never
 /// runs the guest.
-#[test]
-fn destination_refuses_garbage_and_truncated_streams() {
-    if !kvm_available() {
-        return;
-    }
-    let _lock = kvm_lock();
-    let dir = scratch();
-    let mut header = b"FERRYMIG".to_vec();
-    header.extend_from_slice(&ferry::migrate::wire::VERSION.to_le_bytes());
-    header.extend_from_slice(&[0; 4]);
-    let mut huge_frame = header.clone();
-    huge_frame.extend_from_slice(&3u32.to_le_bytes());
-    huge_frame.extend_from_slice(&u32::MAX.to_le_bytes());
-    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "http",
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            "not a ferry migration stream",
-        ),
-        (
-            "version",
-            [&b"FERRYMIG"[..], &[9, 0, 0, 0, 0, 0, 0, 0]].concat(),
-            "version 9",
-        ),
-        ("truncated", header[..10].to_vec(), "closed the connection"),
-        ("oversized frame", huge_frame, "over the"),
-    ];
-    for (name, bytes, expected) in cases {
-        let port = free_port();
-        let uri = format!("tcp:127.0.0.1:{port}");
-        let qmp = dir.path().join(format!("{}.qmp", name.replace(' ', "-")));
-        let mut destination = common::start(name, &["-m", "64", "-incoming", &uri], Some(&qmp));
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.write_all(&bytes).unwrap();
-        drop(stream);
-        let status = destination.wait_exit(Duration::from_secs(10));
-        assert!(!status.success(), "{name}: the destination exited 0");
-        assert!(
-            destination.stderr().contains(expected),
-            "{name}: {}",
-            destination.stderr()
-        );
-        assert!(
-            !destination.stderr().contains("panicked"),
-            "{name}: {}",
-            destination.stderr()
-        );
-        assert!(
-            destination.lines().is_empty(),
-            "{name}: the destination ran the guest"
-        );
-    }
-}
-
 /// Twenty hops, each to a fresh destination, the pattern checked at every one.
 #[test]
 fn twenty_migrations_back_and_forth() {

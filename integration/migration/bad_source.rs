@@ -1,0 +1,177 @@
+//! A destination facing a source that is not a well-behaved ferry: bytes that are no migration
+//! stream, and a source that gives up part way. Either way the destination fails at once, with
+//! the source's words where it had any, and never runs a guest.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry::migrate::state::VmDescription;
+use ferry::migrate::wire::{self, LaneOffer, Message};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use crate::common::{self, free_port, kvm_available, kvm_lock, scratch};
+
+/// The guest both the real and the fake sources describe.
+const MEM_MIB: &str = "64";
+/// How long a destination waits for page connections a source announced.
+const LANES_DEADLINE: Duration = Duration::from_secs(10);
+
+#[test]
+fn destination_refuses_garbage_and_truncated_streams() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let dir = scratch();
+    let mut header = b"FERRYMIG".to_vec();
+    header.extend_from_slice(&ferry::migrate::wire::VERSION.to_le_bytes());
+    header.extend_from_slice(&[0; 4]);
+    let mut huge_frame = header.clone();
+    huge_frame.extend_from_slice(&3u32.to_le_bytes());
+    huge_frame.extend_from_slice(&u32::MAX.to_le_bytes());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "http",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "not a ferry migration stream",
+        ),
+        (
+            "version",
+            [&b"FERRYMIG"[..], &[9, 0, 0, 0, 0, 0, 0, 0]].concat(),
+            "version 9",
+        ),
+        ("truncated", header[..10].to_vec(), "closed the connection"),
+        ("oversized frame", huge_frame, "over the"),
+    ];
+    for (name, bytes, expected) in cases {
+        let port = free_port();
+        let uri = format!("tcp:127.0.0.1:{port}");
+        let qmp = dir.path().join(format!("{}.qmp", name.replace(' ', "-")));
+        let mut destination = common::start(name, &["-m", "64", "-incoming", &uri], Some(&qmp));
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(&bytes).unwrap();
+        drop(stream);
+        let status = destination.wait_exit(Duration::from_secs(10));
+        assert!(!status.success(), "{name}: the destination exited 0");
+        assert!(
+            destination.stderr().contains(expected),
+            "{name}: {}",
+            destination.stderr()
+        );
+        assert!(
+            !destination.stderr().contains("panicked"),
+            "{name}: {}",
+            destination.stderr()
+        );
+        assert!(
+            destination.lines().is_empty(),
+            "{name}: the destination ran the guest"
+        );
+    }
+}
+
+/// The configuration a real source with `-m MEM_MIB` sends: one a destination started alike
+/// accepts. It is read off a migration to this test, which then hangs up.
+fn real_config(dir: &Path, runtime: &tokio::runtime::Runtime) -> Box<VmDescription> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let qmp = dir.join("config-source.qmp");
+    let source = common::start("config-source", &["-m", MEM_MIB], Some(&qmp));
+    source.wait_ready();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    source.qmp().ok("migrate", Some(json!({ "uri": uri })));
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "the source never connected");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(error) => panic!("accept: {error}"),
+        }
+    };
+    runtime.block_on(async {
+        let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        wire::read_header(&mut stream).await.unwrap();
+        match wire::read_message(&mut stream).await {
+            Ok(Message::Config(config)) => config,
+            other => panic!("the source began with {other:?}, not its configuration"),
+        }
+    })
+}
+
+/// A source that announces page connections and then, before opening any, cancels or fails:
+/// the destination hears it on the control connection at once, and fails with its reason,
+/// rather than wait out the page connections' deadline and blame them.
+#[test]
+fn a_destination_hears_a_source_that_gives_up_while_its_page_connections_open() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let dir = scratch();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = real_config(dir.path(), &runtime);
+    let cases = [
+        (
+            "cancel",
+            Message::Cancel,
+            "the source cancelled the migration",
+        ),
+        (
+            "error",
+            Message::Error("the source's disk went away".into()),
+            "the source's disk went away",
+        ),
+    ];
+    for (name, last_word, expected) in cases {
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let qmp = dir.path().join(format!("{name}.qmp"));
+        let args = ["-m", MEM_MIB, "-incoming", &uri];
+        let mut destination = common::start(name, &args, Some(&qmp));
+        let address = uri.trim_start_matches("tcp:").to_owned();
+        let said = Instant::now();
+        // Held open until the destination has exited: it must act on the message, not on a
+        // hang-up.
+        let _control = runtime.block_on(async {
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            stream.write_all(&wire::header()).await.unwrap();
+            wire::write_message(&mut stream, &Message::Config(config.clone()))
+                .await
+                .unwrap();
+            let answer = wire::read_message(&mut stream).await;
+            assert!(matches!(answer, Ok(Message::Accept)), "{name}: {answer:?}");
+            let offer = LaneOffer {
+                count: 2,
+                session: 7,
+            };
+            wire::write_message(&mut stream, &Message::Lanes(offer))
+                .await
+                .unwrap();
+            wire::write_message(&mut stream, &last_word).await.unwrap();
+            stream
+        });
+        let status = destination.wait_exit(LANES_DEADLINE * 2);
+        let waited = said.elapsed();
+        let stderr = destination.stderr();
+        assert!(!status.success(), "{name}: the destination exited 0");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(
+            waited < LANES_DEADLINE / 2,
+            "{name}: the destination took {waited:?} to give up, as if it had waited for the \
+             page connections: {stderr}"
+        );
+        assert!(
+            destination.lines().is_empty(),
+            "{name}: the destination ran the guest"
+        );
+    }
+}
