@@ -160,6 +160,7 @@ struct cpu {
 	uint64_t gap_pending; /* blackout: largest gap not yet reported, in cycles */
 	uint64_t gap_pending_end; /* ... and the TSC when it ended */
 	uint64_t stop_gap;    /* blackout: the gap across the last host stop, in cycles */
+	uint64_t stop_gap_end; /* ... and the TSC when it ended */
 	bool stop_pending;    /* ... not yet reported */
 	struct {
 		uint64_t cycles, end; /* TSC when it ended */

@@ -42,7 +42,7 @@
 #define POLL_PAGES 4	   /* sweep: poll ticks and the TSC this often */
 #define CAL_NS 25000000	   /* TSC calibration: this long against the LAPIC timer */
 #define GAP_FLOOR_US 20	   /* blackout: shorter stretches between readings are no gap */
-#define STOP_FLAG_LAG_US 1500 /* blackout: how late the stop flag may be seen (stop_gap()) */
+#define STOP_FLAG_LAG_US 1500 /* blackout: how late the stop flag may be seen (note_stop_gap()) */
 #define CAL_TRIES 5	   /* ... each end the narrowest of this many samples */
 #define PACE_SLACK_MS 50   /* dirty_mbps: catch up on at most this much lag */
 
@@ -481,31 +481,34 @@ static bool host_stopped(struct cpu *c)
 	return true;
 }
 
+/* blackout: the gap across a stop, which ended at TSC end, to be reported at the next poll. */
+static void note_stop(struct cpu *c, uint64_t cycles, uint64_t end)
+{
+	c->stop_gap = cycles;
+	c->stop_gap_end = end;
+	c->stop_pending = true;
+}
+
 /*
  * blackout: the gap across a stop, from the TSC reading that saw the flag
  * (now, d cycles after the previous one). On PVM the flag can show up to
  * about 1 ms after the vCPU ran again, a gap or two later, so the stop's gap
  * is the longest of d and the gaps that ended in the STOP_FLAG_LAG_US before.
  */
-static uint64_t stop_gap(struct cpu *c, uint64_t now, uint64_t d)
+static void note_stop_gap(struct cpu *c, uint64_t now, uint64_t d)
 {
-	uint64_t longest = d;
+	uint64_t longest = d, end = now;
 	uint32_t i;
 
 	for (i = 0; i < RECENT_GAPS; i++)
-		if (now - c->recent[i].end <= boot.stop_lag_cycles && c->recent[i].cycles > longest)
+		if (now - c->recent[i].end <= boot.stop_lag_cycles && c->recent[i].cycles > longest) {
 			longest = c->recent[i].cycles;
+			end = c->recent[i].end;
+		}
 	/* Still held back as a stall (see poll()): it is the stop's, reported as such. */
 	if (c->gap_pending == longest)
 		c->gap_pending = 0;
-	return longest;
-}
-
-/* blackout: the gap across a stop, to be reported at the next poll. */
-static void note_stop(struct cpu *c, uint64_t cycles)
-{
-	c->stop_gap = cycles;
-	c->stop_pending = true;
+	note_stop(c, longest, end);
 }
 
 /* blackout: a gap of d cycles that ended at now: kept for a late stop flag, and a stall. */
@@ -532,7 +535,7 @@ static void gap_check(struct cpu *c)
 
 	c->gap_last = now;
 	if (host_stopped(c))
-		note_stop(c, stop_gap(c, now, d));
+		note_stop_gap(c, now, d);
 	else
 		note_gap(c, d, now);
 }
@@ -553,6 +556,18 @@ void gap_note(void)
 		gap_check(c);
 }
 
+/*
+ * blackout: microseconds since TSC reading tsc. A gap is printed well after it
+ * ended (held back, or behind a queue of ticks to print), so its line says how
+ * long ago it ended: whoever reads it can place it in time.
+ */
+static uint64_t us_since(uint64_t tsc)
+{
+	uint64_t now = rdtsc();
+
+	return now > tsc ? (now - tsc) * 1000 / boot.tsc_khz : 0;
+}
+
 /* Between pages: report new ticks (every one of them) and check the TSC. */
 static void poll(struct cpu *c)
 {
@@ -562,15 +577,15 @@ static void poll(struct cpu *c)
 		gap_check(c);
 		if (c->stop_pending) {
 			c->stop_pending = false;
-			print("gap cpu=%u us=%lu stopped", c->index,
-			      c->stop_gap * 1000 / boot.tsc_khz);
+			print("gap cpu=%u us=%lu ago=%lu stopped", c->index,
+			      c->stop_gap * 1000 / boot.tsc_khz, us_since(c->stop_gap_end));
 		}
 		/* Until a late stop flag could no longer claim it as the stop's. */
 		if (c->gap_pending && c->gap_last - c->gap_pending_end > boot.stop_lag_cycles) {
 			uint64_t us = c->gap_pending * 1000 / boot.tsc_khz;
 
 			c->gap_pending = 0;
-			print("gap cpu=%u us=%lu", c->index, us);
+			print("gap cpu=%u us=%lu ago=%lu", c->index, us, us_since(c->gap_pending_end));
 		}
 	}
 
@@ -632,7 +647,7 @@ static void idle(struct cpu *c)
 	c->idle_tsc = tsc;
 	c->gap_last = rdtsc();
 	if (host_stopped(c))
-		note_stop(c, late);
+		note_stop(c, late, tsc);
 	else
 		note_gap(c, late, tsc);
 }

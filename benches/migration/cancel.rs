@@ -2,10 +2,13 @@
 //! starts migrating, and once round 0 has sent about a third of its RAM the bench cancels, then
 //! times the source's answer and its `MIGRATION` event saying `canceled` (ferry sends it once the
 //! vCPUs run), and takes from the guest the longest stretch in which a vCPU did not run after
-//! the command (`ferry.blackout`: its `gap` lines, stretches over [`BLACKOUT_MS`] ms), and the
-//! longest during the pre-copy before it: on two cores shared by two sweeping vCPUs, two VMMs
-//! and the bench, the scheduler alone keeps a vCPU off its core for several ms at times, cancel
-//! or not. The latency is the time to `canceled`, plus the stall after the command if it was
+//! the command (`ferry.blackout`: its `gap` lines, stretches over [`BLACKOUT_MS`] ms, placed in
+//! time by when each line came and how long before it the guest says the gap ended; a stall
+//! the command found under way counts from the command on), and the longest during the
+//! pre-copy before it: on two cores shared by two sweeping vCPUs, two VMMs and the bench, the
+//! scheduler alone keeps a vCPU off its core for several ms at times, cancel or not. Placing
+//! matters: a guest slowed by the pre-copy queues up ticks to print, and the `gap` line of a
+//! stall that ended before the command can come tens of ms after it. The latency is the time to `canceled`, plus the stall after the command if it was
 //! longer than any before it (then the cancel, not the host, may have held the guest). The
 //! first `tick` line after `canceled` (every [`TICK_MS`] ms) shows the guest is alive. It also
 //! notes how the destination ends: ferry's README says one that never got the commit exits
@@ -15,11 +18,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use ferry::guest::{gaps_by_cpu, GuestLine};
+use ferry::guest::GuestLine;
 use ferry::harness::{Ferry, NoEvent};
 use serde_json::{json, Value};
 
 use crate::case::Transport;
+use crate::guest;
 use crate::migrate::{wait_first_sweeps, Pair};
 use crate::stats::Stats;
 use crate::CPUS;
@@ -57,12 +61,12 @@ pub struct CancelRun {
     pub canceled_ms: Option<f64>,
     /// ... to the first `tick` line that arrived after that: the guest runs on the source.
     pub resumed_ms: Option<f64>,
-    /// The longest stretch a vCPU did not run, of those it reported after the command
-    /// (0 when none was over [`BLACKOUT_MS`]).
+    /// The longest stretch after the command in which a vCPU did not run (of a stall under
+    /// way at the command, the part after it; 0 when none was over [`BLACKOUT_MS`]).
     pub stall_ms: Option<f64>,
-    /// The same during the pre-copy before the command: how long this host's scheduler alone
-    /// keeps a sweeping vCPU off its core (two vCPUs, two VMMs and the bench on two cores),
-    /// to read `stall_ms` against.
+    /// The longest stall that ended during the pre-copy before the command: how long this
+    /// host alone keeps a sweeping vCPU from running (two vCPUs, two VMMs and the bench on two
+    /// cores), to read `stall_ms` against. Ferry's own stops are not counted.
     pub stall_before_ms: Option<f64>,
     /// `query-status` on the source afterwards.
     pub source_status: Option<String>,
@@ -351,7 +355,6 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
         std::thread::sleep(POLL);
     }
 
-    let lines_before_cancel = pair.vms[0].lines().len();
     let cancelled = Instant::now();
     let reply = source.execute("migrate_cancel", None);
     record.reply_ms = Some(ms_since(cancelled));
@@ -398,14 +401,18 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     };
     if outcome.is_ok() {
         std::thread::sleep(GAP_SETTLE);
-        let lines = pair.vms[0].lines();
-        let longest_ms = |lines: &[String]| {
-            let parsed: Vec<GuestLine> = lines.iter().map(|l| GuestLine::parse(l)).collect();
-            let longest = gaps_by_cpu(&parsed).into_values().flatten().max();
-            longest.unwrap_or(0) as f64 / 1000.0
-        };
-        record.stall_before_ms = Some(longest_ms(&lines[lines_at_migrate..lines_before_cancel]));
-        record.stall_ms = Some(longest_ms(&lines[lines_before_cancel..]));
+        let gaps = guest::gaps(&pair.vms[0].arrived_from(lines_at_migrate), asked);
+        let cancel_ms = cancelled.duration_since(asked).as_secs_f64() * 1000.0;
+        // The host's stalls during the pre-copy; ferry's own stops (the pause that turned
+        // dirty logging on) are not the host's.
+        let before = gaps
+            .iter()
+            .filter(|g| !g.stopped && (0.0..=cancel_ms).contains(&g.end_ms))
+            .map(|g| g.us as f64 / 1000.0);
+        record.stall_before_ms = Some(before.fold(0.0, f64::max));
+        // A stall the command found under way counts from the command on.
+        let after = gaps.iter().map(|g| g.ms_after(cancel_ms));
+        record.stall_ms = Some(after.fold(0.0, f64::max));
     }
     record.source_status = Some(source.status());
     (record.source_log, record.hang_up_and_log_off_ms) = cancel_log(&pair.vms[0].stderr());

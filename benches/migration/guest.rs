@@ -1,6 +1,8 @@
 //! What the bench reads from the built-in guest's serial output: whether the guest knows an
 //! option, and its `gap` reports (`ferry.blackout`).
 
+use std::time::Instant;
+
 use ferry::guest::GuestLine;
 use serde_json::{json, Value};
 
@@ -25,33 +27,61 @@ pub fn no_stop_flag(lines: &[GuestLine]) -> Option<&str> {
     warning(lines, "no KVM clock", "")
 }
 
-/// A `gap cpu=I us=N` report: CPU I went N µs without running (more than the `ferry.blackout`
-/// threshold), as the bench received it.
+/// A `gap` report placed in time: CPU I went `us` µs without running (more than the
+/// `ferry.blackout` threshold), a stretch that ended at `end_ms`.
 #[derive(Clone, Copy, Debug)]
 pub struct Gap {
-    /// When the line arrived, in ms since `migrate` (within a poll of the bench's).
-    pub t_ms: f64,
+    /// When the gap ended, in ms since the bench's reference instant: the line's arrival less
+    /// how long before it the guest says the gap ended (within the time the guest takes to
+    /// print a line, a fraction of a ms).
+    pub end_ms: f64,
     pub cpu: u32,
     pub us: u64,
+    /// Across one of ferry's stops (a pause, a switchover), as KVM's clock told the guest.
+    pub stopped: bool,
 }
 
 impl Gap {
+    /// When the gap began, in ms since the reference instant.
+    pub fn start_ms(self) -> f64 {
+        self.end_ms - self.us as f64 / 1000.0
+    }
+
+    /// How much of the gap lies after `t_ms`, in ms (0 if it ended before).
+    pub fn ms_after(self, t_ms: f64) -> f64 {
+        (self.end_ms - self.start_ms().max(t_ms)).max(0.0)
+    }
+
     pub fn to_json(self) -> Value {
-        json!({"t_ms": self.t_ms.round() as u64, "cpu": self.cpu, "us": self.us})
+        json!({
+            "end_ms": (self.end_ms * 10.0).round() / 10.0,
+            "cpu": self.cpu,
+            "us": self.us,
+            "stopped": self.stopped,
+        })
     }
 }
 
-/// The stalls the `gap` lines among `lines` report, stamped `t_ms` (not the gaps across a
-/// stop of ferry's, which are its pauses, of any length).
-pub fn gaps(lines: &[GuestLine], t_ms: f64) -> Vec<Gap> {
-    lines
+/// The gaps the `gap` lines among `arrived` (lines with the instant each arrived) report,
+/// placed in ms since `since`.
+pub fn gaps(arrived: &[(Instant, String)], since: Instant) -> Vec<Gap> {
+    arrived
         .iter()
-        .filter_map(|line| match *line {
+        .filter_map(|(at, line)| match GuestLine::parse(line) {
             GuestLine::Gap {
                 cpu,
                 us,
-                stopped: false,
-            } => Some(Gap { t_ms, cpu, us }),
+                ago_us,
+                stopped,
+            } => {
+                let arrived_ms = at.saturating_duration_since(since).as_secs_f64() * 1000.0;
+                Some(Gap {
+                    end_ms: arrived_ms - ago_us as f64 / 1000.0,
+                    cpu,
+                    us,
+                    stopped,
+                })
+            }
             _ => None,
         })
         .collect()

@@ -225,10 +225,13 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         let info = source.ok("query-migrate", None);
         let t_ms = asked.elapsed().as_secs_f64() * 1000.0;
         timeline.push(t_ms, &info);
-        let lines = pair.vms[0].lines_from(source_lines_seen);
+        let lines = pair.vms[0].arrived_from(source_lines_seen);
         source_lines_seen += lines.len();
-        let lines: Vec<GuestLine> = lines.iter().map(|l| GuestLine::parse(l)).collect();
-        source_gaps.extend(guest::gaps(&lines, t_ms));
+        // Ferry's own stops (the pause that turns dirty logging on) are not the host's stalls.
+        let stalls = guest::gaps(&lines, asked)
+            .into_iter()
+            .filter(|g| !g.stopped);
+        source_gaps.extend(stalls);
         if !matches!(info["status"].as_str(), Some("setup" | "active")) {
             break info;
         }
@@ -269,14 +272,10 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         let mut lines: Vec<GuestLine> = Vec::new();
         while blackout.is_none() && waited.elapsed() < BLACKOUT_DEADLINE {
             std::thread::sleep(POLL);
-            let new: Vec<GuestLine> = pair.vms[1]
-                .lines_from(lines.len())
-                .iter()
-                .map(|l| GuestLine::parse(l))
-                .collect();
-            let t_ms = asked.elapsed().as_secs_f64() * 1000.0;
-            destination_gaps.extend(guest::gaps(&new, t_ms));
-            lines.extend(new);
+            let new = pair.vms[1].arrived_from(lines.len());
+            let stalls = guest::gaps(&new, asked).into_iter().filter(|g| !g.stopped);
+            destination_gaps.extend(stalls);
+            lines.extend(new.iter().map(|(_, line)| GuestLine::parse(line)));
             blackout = stop_blackout_us(&lines, CPUS);
         }
     }

@@ -208,7 +208,7 @@ impl CaseResult {
             });
             let bars = |gaps: &[guest::Gap]| {
                 gaps.iter()
-                    .map(|g| (g.t_ms / 1000.0, g.us as f64 / 1000.0))
+                    .map(|g| (g.end_ms / 1000.0, g.us as f64 / 1000.0))
                     .collect::<Vec<_>>()
             };
             stalls.push(plot::Line {

@@ -76,15 +76,15 @@
 //!   skipped; lines may lag the interrupts).
 //! - `sweep N cpu=I`: CPU I finished its Nth pass over its slices.
 //! - `tsc backwards cpu=I prev=0x… now=0x…`: `rdtsc` went backwards on CPU I.
-//! - `gap cpu=I us=N` (with `ferry.blackout`): CPU I went N µs between two of its TSC
+//! - `gap cpu=I us=N ago=M` (with `ferry.blackout`): CPU I went N µs between two of its TSC
 //!   readings, more than the threshold. A CPU reads the TSC at least every 4 pages of its
 //!   sweep, on every turn of its idle loop, and for every byte it prints or spins on the
 //!   serial lock, so a gap is time the vCPU did not run: a QMP `stop`, a migration's
 //!   switchover, the host preempting its thread (on a busy 2-core host, gaps of 1–20 ms
 //!   are common; a threshold of 5 ms or more keeps them down). The line comes after the
-//!   fact, from the CPU's next poll; if several gaps end before that, the largest is
-//!   reported.
-//! - `gap cpu=I us=N stopped` (with `ferry.blackout`): the gap across which the VMM stopped
+//!   fact, from the CPU's next poll, M µs after the gap ended (M grows when ticks queued
+//!   up to be printed first); if several gaps end before that, the largest is reported.
+//! - `gap cpu=I us=N ago=M stopped` (with `ferry.blackout`): the gap across which the VMM stopped
 //!   CPU I, whatever its length. KVM's clock tells the guest (`PVCLOCK_GUEST_STOPPED`, which
 //!   ferry sets on every resume), so the line is told apart from the host's preemptions and
 //!   from stalls still waiting to be reported. After a migration, it is the CPU's own
@@ -240,13 +240,17 @@ pub enum GuestLine {
         /// The later, smaller reading.
         now: u64,
     },
-    /// `gap cpu=I us=N [stopped]`: CPU I did not run for N µs (`ferry.blackout`); `stopped`
-    /// if the VMM stopped it meanwhile, as KVM's clock told the guest.
+    /// `gap cpu=I us=N ago=M [stopped]`: CPU I did not run for N µs (`ferry.blackout`), a
+    /// stretch that ended M µs before the line was printed; `stopped` if the VMM stopped it
+    /// meanwhile, as KVM's clock told the guest.
     Gap {
         /// CPU index.
         cpu: u32,
         /// Length of the gap in microseconds, by the guest's TSC.
         us: u64,
+        /// How long before the line the gap ended, in microseconds: gaps are printed late
+        /// (held back for a late stop flag, or behind ticks waiting to be printed).
+        ago_us: u64,
         /// The host stopped the CPU (a pause, a migration's switchover).
         stopped: bool,
     },
@@ -330,10 +334,11 @@ impl GuestLine {
                 Some(rest) => (rest, true),
                 None => (rest, false),
             };
-            let [cpu, us] = fields_of(rest, ["cpu", "us"])?;
+            let [cpu, us, ago] = fields_of(rest, ["cpu", "us", "ago"])?;
             return Some(GuestLine::Gap {
                 cpu: cpu.parse().ok()?,
                 us: us.parse().ok()?,
+                ago_us: ago.parse().ok()?,
                 stopped,
             });
         }
@@ -407,8 +412,13 @@ impl fmt::Display for GuestLine {
             GuestLine::TscBackwards { cpu, prev, now } => {
                 write!(f, "tsc backwards cpu={cpu} prev={prev:#x} now={now:#x}")
             }
-            GuestLine::Gap { cpu, us, stopped } => {
-                write!(f, "gap cpu={cpu} us={us}")?;
+            GuestLine::Gap {
+                cpu,
+                us,
+                ago_us,
+                stopped,
+            } => {
+                write!(f, "gap cpu={cpu} us={us} ago={ago_us}")?;
                 if *stopped {
                     f.write_str(" stopped")?;
                 }
@@ -476,21 +486,6 @@ where
         .collect()
 }
 
-/// Each CPU's gaps in microseconds (`gap` lines, `ferry.blackout`), in the order printed;
-/// those across a stop among them.
-pub fn gaps_by_cpu<'a, I>(lines: I) -> BTreeMap<u32, Vec<u64>>
-where
-    I: IntoIterator<Item = &'a GuestLine>,
-{
-    let mut gaps: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-    for line in lines {
-        if let GuestLine::Gap { cpu, us, .. } = *line {
-            gaps.entry(cpu).or_default().push(us);
-        }
-    }
-    gaps
-}
-
 /// The blackout the guest saw across the stop its lines follow (a migration's destination
 /// output): the longest of each CPU's first `gap ... stopped` line, the gap across which the
 /// VMM stopped that CPU; `None` until every one of `cpus` has printed one.
@@ -504,6 +499,7 @@ pub fn stop_blackout_us(lines: &[GuestLine], cpus: u32) -> Option<u64> {
             cpu,
             us,
             stopped: true,
+            ..
         } = *line
         {
             if let Some(slot @ None) = stopped.get_mut(cpu as usize) {
@@ -527,12 +523,12 @@ mod tests {
         // A stall from before the switchover printed late, and one after it, do not count.
         let lines: Vec<GuestLine> = [
             "p cpu=1 us=900",
-            "gap cpu=1 us=9000",
-            "gap cpu=1 us=2100 stopped",
+            "gap cpu=1 us=9000 ago=5000",
+            "gap cpu=1 us=2100 ago=1200 stopped",
             "sweep 3 cpu=1",
-            "gap cpu=0 us=2600 stopped",
-            "gap cpu=0 us=7000",
-            "gap cpu=0 us=500 stopped",
+            "gap cpu=0 us=2600 ago=1100 stopped",
+            "gap cpu=0 us=7000 ago=1600",
+            "gap cpu=0 us=500 ago=900 stopped",
         ]
         .into_iter()
         .map(GuestLine::parse)
@@ -616,18 +612,20 @@ mod tests {
             ("ready", GuestLine::Ready),
             ("tick 17 cpu=1", GuestLine::Tick { n: 17, cpu: 1 }),
             (
-                "gap cpu=1 us=503271",
+                "gap cpu=1 us=503271 ago=1712",
                 GuestLine::Gap {
                     cpu: 1,
                     us: 503_271,
+                    ago_us: 1712,
                     stopped: false,
                 },
             ),
             (
-                "gap cpu=0 us=2250 stopped",
+                "gap cpu=0 us=2250 ago=48130 stopped",
                 GuestLine::Gap {
                     cpu: 0,
                     us: 2250,
+                    ago_us: 48_130,
                     stopped: true,
                 },
             ),
@@ -688,6 +686,8 @@ mod tests {
             "gap cpu=0 us=-5",
             "gap us=5 cpu=0",
             "gap cpu=0 us=5 stopped=1",
+            "gap cpu=0 us=5",
+            "gap cpu=0 us=5 ago=x",
             "gap cpu=0 stopped",
         ] {
             assert_eq!(
@@ -719,17 +719,14 @@ mod tests {
     }
 
     #[test]
-    fn collects_fill_ranges_and_gaps() {
+    fn collects_fill_ranges() {
         let lines: Vec<GuestLine> = [
             "tsc khz=2599989",
             "fill pages=523264 start=0x400000 end=0x80000000",
             "fill pages=1024 start=0x100000000 end=0x100400000",
             "slice cpu=0 start=0x100400000 end=0x140000000",
             "ready",
-            "gap cpu=1 us=15019",
             "tick 1 cpu=0",
-            "gap cpu=0 us=15464",
-            "gap cpu=1 us=3290",
         ]
         .into_iter()
         .map(GuestLine::parse)
@@ -738,9 +735,5 @@ mod tests {
             fill_ranges(&lines),
             vec![0x40_0000..0x8000_0000, 0x1_0000_0000..0x1_0040_0000]
         );
-        let gaps = gaps_by_cpu(&lines);
-        assert_eq!(gaps[&0], vec![15464]);
-        assert_eq!(gaps[&1], vec![15019, 3290]);
-        assert_eq!(gaps.len(), 2);
     }
 }

@@ -15,7 +15,8 @@ use crate::guest::GuestLine;
 /// One running ferry process with its serial output collected line by line.
 pub struct Ferry {
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    /// Each serial line with the moment it arrived here.
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
     stderr: Arc<Mutex<String>>,
     pub qmp_path: Option<PathBuf>,
     pub name: String,
@@ -72,7 +73,7 @@ impl Ferry {
                 let Ok(line) = line else { break };
                 sink.lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(line);
+                    .push((Instant::now(), line));
             }
         });
         let err = child.stderr.take().expect("piped stderr");
@@ -110,13 +111,21 @@ impl Ferry {
 
     /// The serial output so far.
     pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+        self.lines_from(0)
     }
 
     /// The serial output from line `skip` on (only those lines are copied).
     pub fn lines_from(&self, skip: usize) -> Vec<String> {
         let lines = self.lines.lock().unwrap();
-        lines.get(skip..).map_or_else(Vec::new, <[String]>::to_vec)
+        let new = lines.get(skip..).unwrap_or_default();
+        new.iter().map(|(_, line)| line.clone()).collect()
+    }
+
+    /// Like [`Ferry::lines_from`], each line with the moment it arrived: a program that
+    /// reads the guest's output as it comes can place in time what a line reports.
+    pub fn arrived_from(&self, skip: usize) -> Vec<(Instant, String)> {
+        let lines = self.lines.lock().unwrap();
+        lines.get(skip..).map_or_else(Vec::new, <[_]>::to_vec)
     }
 
     /// The serial output so far, parsed as the built-in guest's protocol.
