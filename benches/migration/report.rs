@@ -109,7 +109,7 @@ impl CaseResult {
                 if compared > 0 {
                     println!(
                         "    (within max(1 ms, 10%) of the guest's blackout: {close} of {compared} \
-                         runs; downtime is in whole ms)"
+                         runs; downtime is in whole ms, rounded up)"
                     );
                 }
             }

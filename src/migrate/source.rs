@@ -16,7 +16,7 @@ use super::link::{AnswerError, Link};
 use super::pages::{PageError, PageSender, SendStats};
 use super::params::{decide, expected_downtime, next_throttle, Decision, SwitchoverCost};
 use super::phases::Phases;
-use super::progress::MigrationStatus;
+use super::progress::{downtime_ms, MigrationStatus};
 use super::transport::connect;
 use super::uri::MigrationUri;
 use super::vmstate;
@@ -655,14 +655,14 @@ async fn commit(
     }
     info_span!("switchover").in_scope(|| {
         info!(
-            downtime_ms = downtime.as_millis() as u64,
+            downtime_ms = downtime_ms(downtime),
             "the destination runs the guest"
         )
     });
     shared.finish(MigrationStatus::Completed, None);
     let progress = shared.progress().clone();
     info!(
-        downtime_ms = downtime.as_millis() as u64,
+        downtime_ms = downtime_ms(downtime),
         total_ms = progress.total_time.unwrap_or_default().as_millis() as u64,
         transferred = progress.transferred,
         rounds = progress.dirty_sync_count,
