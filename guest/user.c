@@ -507,7 +507,8 @@ static void note_stop_gap(struct cpu *c, uint64_t now, uint64_t d)
 	uint64_t longest = d, end = now;
 	uint32_t i;
 
-	if (stamp > now - d && stamp <= now)
+	/* A stop takes an exit and an entry: never a stretch under the floor. */
+	if (d > boot.gap_floor_cycles && stamp > now - d && stamp <= now)
 		goto found;
 	for (i = 0; i < RECENT_GAPS; i++) {
 		uint64_t gap_end = c->recent[i].end, cycles = c->recent[i].cycles;
