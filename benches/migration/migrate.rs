@@ -293,6 +293,7 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
     } else {
         info["error-desc"].as_str().map(str::to_owned)
     };
+    let measured_downtime_us = measured_downtime_us(&pair.vms[0].stderr());
     drop(pair);
     Ok(Run {
         run,
@@ -305,9 +306,20 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         other_cores,
         timeline,
         memory: Some(memory),
+        measured_downtime_us,
         blackout_us: blackout,
         destination_gaps,
         source_gaps,
         max_bandwidth: case.max_bandwidth(),
     })
+}
+
+/// The downtime in µs that the source's log gives in its `migration completed` line.
+fn measured_downtime_us(log: &str) -> Option<u64> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("migration completed"))?;
+    let value = line.split_once("downtime_us=")?.1;
+    value.split_whitespace().next()?.parse().ok()
 }

@@ -31,6 +31,9 @@ pub(crate) struct Run {
     pub(crate) timeline: Timeline,
     /// Both processes' resident memory during the migration.
     pub(crate) memory: Option<memory::Trace>,
+    /// The downtime as the source measured it, in µs, before `query-migrate` rounds it up to
+    /// whole ms (from its log's `migration completed` line).
+    pub(crate) measured_downtime_us: Option<u64>,
     /// The longest blackout a vCPU of the guest measured across the switchover, in µs
     /// (`guest::blackout_us`); `None` if not measured.
     pub(crate) blackout_us: Option<u64>,
@@ -45,10 +48,14 @@ pub(crate) struct Run {
 }
 
 /// The figures of a run the tables show, by key.
-pub(crate) const FIGURES: [(&str, &str); 17] = [
+pub(crate) const FIGURES: [(&str, &str); 18] = [
     ("total_ms", "total time (ms)"),
     ("setup_ms", "setup time (ms)"),
     ("downtime_ms", "downtime (ms)"),
+    (
+        "measured_downtime_ms",
+        "downtime as measured, before rounding up (ms)",
+    ),
     (
         "expected_downtime_ms",
         "expected-downtime at the switchover (ms)",
@@ -125,6 +132,7 @@ impl Run {
     pub(crate) fn figure(&self, key: &str, raw: Raw) -> Option<f64> {
         match key {
             "other_cpu_cores" => return self.other_cores,
+            "measured_downtime_ms" => return Some(self.measured_downtime_us? as f64 / 1000.0),
             "guest_blackout_ms" => return Some(self.blackout_us? as f64 / 1000.0),
             "downtime_error_ms" => {
                 return Some(self.field(&["downtime"])? - self.blackout_us? as f64 / 1000.0)
@@ -206,7 +214,8 @@ impl Run {
                 .map_or("-".into(), |v| format!("{v:.decimals$}"))
         };
         format!(
-            "{:<9} total {} ms, setup {} ms, downtime {} ms (expected {} ms, guest saw {} ms), \
+            "{:<9} total {} ms, setup {} ms, downtime {} ms ({} measured, expected {} ms, guest \
+             saw {} ms), \
              sent {} MiB ({} GiB/s, {}% of raw, {}% of raw into fresh memory{}), {} rounds{}; \
              VMM overhead {} MiB source, {} \
              MiB destination; other processes used {} cores",
@@ -214,6 +223,7 @@ impl Run {
             show("total_ms", 0),
             show("setup_ms", 0),
             show("downtime_ms", 0),
+            show("measured_downtime_ms", 2),
             show("expected_downtime_ms", 0),
             show("guest_blackout_ms", 1),
             show("transferred_mib", 1),

@@ -294,6 +294,7 @@ pub(crate) fn decimals(key: &str) -> usize {
         | "source_overhead_mib"
         | "destination_overhead_mib" => 1,
         "ram_gib_per_s" | "transferred_gib_per_s" => 3,
+        "measured_downtime_ms" => 2,
         "other_cpu_cores" => 2,
         _ => 0,
     }

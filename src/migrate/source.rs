@@ -663,6 +663,7 @@ async fn commit(
     let progress = shared.progress().clone();
     info!(
         downtime_ms = downtime_ms(downtime),
+        downtime_us = downtime.as_micros() as u64,
         total_ms = progress.total_time.unwrap_or_default().as_millis() as u64,
         transferred = progress.transferred,
         rounds = progress.dirty_sync_count,
