@@ -30,7 +30,8 @@
 //! ferry stopped the CPU (KVM's clock tells the guest). `$FERRY_BENCH_LOGS=DIR` keeps each VM's log and serial output there.
 //!
 //! For each case it prints the total time, setup time and downtime that `query-migrate`
-//! reports, the `expected-downtime` the switchover was decided on, the blackout the
+//! reports (and the downtime in µs before rounding, from the source's log), the
+//! `expected-downtime` the switchover was decided on, the blackout the
 //! guest measured (each vCPU's first `gap ... stopped` report on the destination, the longest;
 //! a vCPU halted through the switchover can only say how late its timer came) and how far the
 //! downtime is from it (compared where the vCPUs run through the switchover), the bytes sent, the effective bandwidth (guest RAM / total time

@@ -495,25 +495,25 @@ static void note_stop(struct cpu *c, uint64_t cycles, uint64_t end)
  * vCPU goes back in, stamping it with the TSC of that moment (tsc_timestamp),
  * so the stop's gap is the one that holds that stamp: usually d itself, as
  * the flag is seen at the first reading, but a stall right before the stop or
- * right after it is a gap of its own and must not pass for the stop's. The
- * stamp can lie elsewhere (KVM's clock rewritten since, or stamped from an
- * older reference); then the stop's gap is the longest of d and the gaps that
- * ended in the STOP_FLAG_LAG_US before, as the flag can be seen a gap or two
- * late.
+ * right after it is a gap of its own and must not pass for the stop's. A stop
+ * takes an exit and an entry, so no stretch under the floor is one. The stamp
+ * can lie elsewhere (KVM's clock rewritten since, or stamped from an older
+ * reference); then the stop's gap is the longest of d and the gaps that ended
+ * in the STOP_FLAG_LAG_US before, as the flag can be seen a gap or two late.
  */
 static void note_stop_gap(struct cpu *c, uint64_t now, uint64_t d)
 {
 	uint64_t stamp = __atomic_load_n(&c->clock.tsc_timestamp, __ATOMIC_RELAXED);
-	uint64_t longest = d, end = now;
+	uint64_t longest = d > boot.gap_floor_cycles ? d : 0, end = now;
 	uint32_t i;
 
-	/* A stop takes an exit and an entry: never a stretch under the floor. */
-	if (d > boot.gap_floor_cycles && stamp > now - d && stamp <= now)
+	if (longest && stamp > now - d && stamp <= now)
 		goto found;
 	for (i = 0; i < RECENT_GAPS; i++) {
 		uint64_t gap_end = c->recent[i].end, cycles = c->recent[i].cycles;
 
-		if (cycles && stamp > gap_end - cycles && stamp <= gap_end) {
+		if (now - gap_end <= boot.stop_lag_cycles && cycles && stamp > gap_end - cycles &&
+		    stamp <= gap_end) {
 			longest = cycles;
 			end = gap_end;
 			goto found;
@@ -526,7 +526,7 @@ static void note_stop_gap(struct cpu *c, uint64_t now, uint64_t d)
 		}
 found:
 	/* Still held back as a stall (see poll()): it is the stop's, reported as such. */
-	if (c->gap_pending == longest)
+	if (c->gap_pending == longest && c->gap_pending_end == end)
 		c->gap_pending = 0;
 	note_stop(c, longest, end);
 }

@@ -591,8 +591,6 @@ fn failures_leave_the_source_running_with_a_reason() {
     assert_source_runs(&source);
 }
 
-/// Garbage and truncated streams sent to a destination: it fails with a clear message and never
-/// runs the guest.
 /// Twenty hops, each to a fresh destination, the pattern checked at every one.
 #[test]
 fn twenty_migrations_back_and_forth() {

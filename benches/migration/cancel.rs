@@ -1,18 +1,19 @@
 //! How long `migrate_cancel` takes to give the source its guest back: a sweeping 1 GiB guest
-//! starts migrating, and once round 0 has sent about a third of its RAM the bench cancels, then
-//! times the source's answer and its `MIGRATION` event saying `canceled` (ferry sends it once the
-//! vCPUs run), and takes from the guest the longest stretch in which a vCPU did not run after
-//! the command (`ferry.blackout`: its `gap` lines, stretches over [`BLACKOUT_MS`] ms, placed in
-//! time by when each line came and how long before it the guest says the gap ended; a stall
-//! the command found under way counts from the command on), and the longest during the
-//! pre-copy before it: on two cores shared by two sweeping vCPUs, two VMMs and the bench, the
-//! scheduler alone keeps a vCPU off its core for several ms at times, cancel or not. Placing
-//! matters: a guest slowed by the pre-copy queues up ticks to print, and the `gap` line of a
-//! stall that ended before the command can come tens of ms after it. The latency is the time to `canceled`, plus the stall after the command if it was
-//! longer than any before it (then the cancel, not the host, may have held the guest). The
-//! first `tick` line after `canceled` (every [`TICK_MS`] ms) shows the guest is alive. It also
-//! notes how the destination ends: ferry's README says one that never got the commit exits
-//! with status 1.
+//! starts migrating, and once round 0 has sent about a third of its RAM the bench cancels,
+//! then times the source's answer and its `MIGRATION` event saying `canceled` (ferry sends it
+//! once the vCPUs run), and takes from the guest the longest stretch in which a vCPU did not
+//! run after the command (`ferry.blackout`: its `gap` lines, stretches over [`BLACKOUT_MS`]
+//! ms, placed in time by when each line came and how long before it the guest says the gap
+//! ended; a stall the command found under way counts from the command on), and the longest
+//! during the pre-copy before it: on two cores shared by two sweeping vCPUs, two VMMs and the
+//! bench, the scheduler alone keeps a vCPU off its core for several ms at times, cancel or
+//! not. Placing matters: a guest slowed by the pre-copy queues up ticks to print, and the
+//! `gap` line of a stall that ended before the command can come tens of ms after it. The
+//! latency is the time to `canceled`, plus the stall after the command if it was longer than
+//! any before it (then the cancel, not the host, may have held the guest). The first `tick`
+//! line after `canceled` (every [`TICK_MS`] ms) shows the guest is alive. It also notes how
+//! the destination ends: ferry's README says one that never got the commit exits with status
+//! 1.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -12,7 +12,6 @@ const RUN_FIGURES: &[&str] = &[
     "total_ms",
     "setup_ms",
     "downtime_ms",
-    "measured_downtime_ms",
     "guest_blackout_ms",
     "transferred_mib",
     "transferred_gib_per_s",

@@ -32,8 +32,8 @@ pub fn no_stop_flag(lines: &[GuestLine]) -> Option<&str> {
 #[derive(Clone, Copy, Debug)]
 pub struct Gap {
     /// When the gap ended, in ms since the bench's reference instant: the line's arrival less
-    /// how long before it the guest says the gap ended (within the time the guest takes to
-    /// print a line, a fraction of a ms).
+    /// how long before it the guest says the gap ended. Late by the time the guest takes to
+    /// print the line (a fraction of a ms), more if the other CPU held the serial lock.
     pub end_ms: f64,
     pub cpu: u32,
     pub us: u64,

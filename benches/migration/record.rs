@@ -214,7 +214,7 @@ impl Run {
                 .map_or("-".into(), |v| format!("{v:.decimals$}"))
         };
         format!(
-            "{:<9} total {} ms, setup {} ms, downtime {} ms ({} measured, expected {} ms, guest \
+            "{:<9} total {} ms, setup {} ms, downtime {} ms ({} ms measured, expected {} ms, guest \
              saw {} ms), \
              sent {} MiB ({} GiB/s, {}% of raw, {}% of raw into fresh memory{}), {} rounds{}; \
              VMM overhead {} MiB source, {} \

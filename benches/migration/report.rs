@@ -276,7 +276,7 @@ impl CaseResult {
         plot::draw(
             path,
             &title,
-            "time since migrate (s), stalls when the bench read them. ticks under the plots: a \
+            "time since migrate (s), stalls where they ended. ticks under the plots: a \
              pre-copy round begins",
             &panels,
         )

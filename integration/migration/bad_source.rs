@@ -7,6 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ferry::migrate::lanes::CONNECT_DEADLINE;
 use ferry::migrate::state::VmDescription;
 use ferry::migrate::wire::{self, LaneOffer, Message};
 use serde_json::json;
@@ -16,9 +17,9 @@ use crate::common::{self, free_port, kvm_available, kvm_lock, scratch};
 
 /// The guest both the real and the fake sources describe.
 const MEM_MIB: &str = "64";
-/// How long a destination waits for page connections a source announced.
-const LANES_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Garbage and truncated streams sent to a destination: it fails with a clear message and never
+/// runs the guest.
 #[test]
 fn destination_refuses_garbage_and_truncated_streams() {
     if !kvm_available() {
@@ -159,13 +160,13 @@ fn a_destination_hears_a_source_that_gives_up_while_its_page_connections_open() 
             wire::write_message(&mut stream, &last_word).await.unwrap();
             stream
         });
-        let status = destination.wait_exit(LANES_DEADLINE * 2);
+        let status = destination.wait_exit(CONNECT_DEADLINE * 2);
         let waited = said.elapsed();
         let stderr = destination.stderr();
         assert!(!status.success(), "{name}: the destination exited 0");
         assert!(stderr.contains(expected), "{name}: {stderr}");
         assert!(
-            waited < LANES_DEADLINE / 2,
+            waited < CONNECT_DEADLINE / 2,
             "{name}: the destination took {waited:?} to give up, as if it had waited for the \
              page connections: {stderr}"
         );

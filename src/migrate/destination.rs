@@ -75,7 +75,10 @@ pub async fn receive(
 ) -> Outcome {
     let result = tokio::select! {
         result = accept_and_receive(vm, listener, shared) => result,
-        () = cancel.cancelled() => Err(ReceiveError::Local("the incoming migration was cancelled".into())),
+        () = cancel.cancelled() => {
+            priority::give_way();
+            Err(ReceiveError::Local("the incoming migration was cancelled".into()))
+        }
     };
     match result {
         Ok(run) => {
@@ -84,11 +87,6 @@ pub async fn receive(
             Outcome::Completed { run }
         }
         Err(error) => {
-            // This process ends now (a destination without a guest exits); on the same host,
-            // the source has just taken its guest back, and whatever of this side still runs
-            // (a lane finishing its read, the prefault thread, the teardown of RAM) must not
-            // take a core from it meanwhile.
-            priority::give_way();
             let reason = error.to_string();
             tracing::error!(
                 reason,
@@ -114,6 +112,11 @@ async fn accept_and_receive(
         .instrument(span)
         .await;
     if let Err(error) = &result {
+        // This process ends now (a destination without a guest exits); on the same host, the
+        // source has just taken its guest back, and whatever of this side still runs (a lane
+        // finishing its read, the prefault thread, the teardown of RAM) must not take a core
+        // from it meanwhile, not even while the notice below goes out.
+        priority::give_way();
         // Tell the source why, so that its error-desc names the real cause.
         let notice = Message::Error(error.to_string());
         let send = wire::write_message(&mut stream, &notice);

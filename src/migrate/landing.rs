@@ -31,6 +31,8 @@ pub struct Landing {
     memory: GuestMemory,
     /// Where the frame's data goes: (host address, length), adjacent pages merged.
     ranges: Vec<(usize, usize)>,
+    /// Page data read since the last yield to the runtime, across frames.
+    unyielded: usize,
 }
 
 impl Landing {
@@ -38,6 +40,7 @@ impl Landing {
         Self {
             memory,
             ranges: Vec::new(),
+            unyielded: 0,
         }
     }
 
@@ -83,17 +86,16 @@ impl Landing {
     }
 
     /// Fills `ranges` from the stream, one readv per batch of data the socket holds.
-    async fn read_ranges(&self, stream: &BoxedStream) -> Result<(), LandingError> {
+    async fn read_ranges(&mut self, stream: &BoxedStream) -> Result<(), LandingError> {
         let mut cursor = Cursor::new(&self.ranges);
-        let mut unyielded = 0;
         while !cursor.is_done() {
             // While the socket holds data no read returns pending, and a copy into fresh memory
             // runs at 0.4-3 GiB/s here: two lanes would keep both of the runtime's threads for
             // as long as data is buffered, the control link would go unread, and a cancel would
             // be heard (and the lanes aborted) tens of ms late, with a source on this host
             // waiting for a core meanwhile.
-            if unyielded >= YIELD_EVERY {
-                unyielded = 0;
+            if self.unyielded >= YIELD_EVERY {
+                self.unyielded = 0;
                 tokio::task::yield_now().await;
             }
             poll_fn(|cx| stream.poll_read_ready(cx))
@@ -115,7 +117,7 @@ impl Landing {
                 Ok(0) => return Err(WireError::Closed.into()),
                 Ok(read) => {
                     cursor.advance(read);
-                    unyielded += read;
+                    self.unyielded += read;
                 }
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}

@@ -27,7 +27,7 @@ use super::Shared;
 use crate::machine::memory::GuestMemory;
 
 /// How long a destination waits for the lanes a source offered to connect.
-const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// How many connections may be introducing themselves at once; more are dropped at once.
 const MAX_INTRODUCING: usize = 32;
 /// How long a connection gets to say it is one of them.

@@ -181,7 +181,7 @@ impl Default for Progress {
     }
 }
 
-/// A downtime as `query-migrate` and the log report it: in whole ms, as QEMU does, rounded
+/// A downtime as `query-migrate` and the log report it: in whole ms, QEMU's unit, rounded
 /// up. What ferry measures runs from where its vCPU threads stop to where they call back into
 /// KVM on the destination, and the guest's own clock sees more: the page faults in flight when
 /// the pause comes, and KVM's first entry into a restored guest. Against the built-in guest's

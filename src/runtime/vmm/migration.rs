@@ -190,7 +190,7 @@ impl Vmm {
                 None
             }
             MigrationResult::Incoming(destination::Outcome::Failed(reason)) => {
-                // The migration gave way to the rest of the host already, the moment it failed.
+                // The migration gave the host's cores away already, the moment it failed.
                 Some(Ending::Failed(format!(
                     "incoming migration failed: {reason}"
                 )))
