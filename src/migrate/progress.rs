@@ -135,10 +135,9 @@ impl Progress {
         // Kept once the migration completed (QEMU drops it): the estimate the switchover was
         // decided on, beside the downtime it came to.
         if let Some(expected) = self.expected_downtime {
-            info.insert(
-                "expected-downtime".into(),
-                ms(expected.min(Duration::from_secs(1 << 30))),
-            );
+            // Rounded as the downtime is, so that the two compare.
+            let expected = expected.min(Duration::from_secs(1 << 30));
+            info.insert("expected-downtime".into(), json!(downtime_ms(expected)));
         }
         if self.cpu_throttle_percentage > 0 {
             info.insert(
@@ -189,7 +188,7 @@ impl Default for Progress {
 /// figure rounded to the nearest ms, let alone down, understates what the guest lived through,
 /// and an operator holds it against `downtime-limit`.
 pub fn downtime_ms(downtime: Duration) -> u64 {
-    downtime.as_micros().div_ceil(1000) as u64
+    u64::try_from(downtime.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -237,6 +236,8 @@ mod tests {
             progress.downtime = Some(Duration::from_micros(us));
             assert_eq!(progress.to_json()["downtime"], ms, "{us} µs");
         }
+        // An estimate with nothing measured yet is unbounded, not a wrapped small number.
+        assert_eq!(downtime_ms(Duration::MAX), u64::MAX);
     }
 
     #[test]
@@ -248,6 +249,9 @@ mod tests {
         let info = progress.to_json();
         assert_eq!(info["downtime"], 4);
         assert_eq!(info["expected-downtime"], 3);
+        // Both round up: an estimate of 0.6 ms is not "0".
+        progress.expected_downtime = Some(Duration::from_micros(600));
+        assert_eq!(progress.to_json()["expected-downtime"], 1);
     }
 
     #[test]

@@ -401,8 +401,8 @@ async fn stream_guest(
                 params.convergence_timeout_s,
                 round + 1,
                 (dirty * PAGE_SIZE) >> 20,
-                expected.as_millis(),
-                fixed.as_millis(),
+                downtime_ms(expected),
+                downtime_ms(fixed),
                 params.downtime_limit_ms
             )));
         }
@@ -411,7 +411,7 @@ async fn stream_guest(
             Decision::Switchover => break,
             Decision::ForcedSwitchover => {
                 tracing::warn!(
-                    expected_ms = expected.as_millis() as u64,
+                    expected_ms = downtime_ms(expected),
                     limit_ms = params.downtime_limit_ms,
                     "round cap reached; switching over beyond the downtime limit"
                 );
