@@ -303,7 +303,7 @@ fn migration_during_io_over_unix() {
 /// Waits for new disk progress on a VM that should be running its disk again.
 fn assert_disk_runs(vm: &Ferry) {
     assert_eq!(vm.qmp().status(), "running", "{}", vm.context());
-    let seen = vm.lines().len();
+    let seen = vm.line_count();
     vm.wait_line_from(seen, "disk progress after the migration ended", WAIT, |l| {
         l.starts_with("disk gen=")
     });
@@ -398,7 +398,7 @@ fn a_destination_that_cannot_take_the_disk_leaves_the_source_running() {
     assert_disk_runs(&source);
     assert!(!destination.wait_exit(Duration::from_secs(10)).success());
     assert!(
-        destination.lines().is_empty(),
+        destination.line_count() == 0,
         "the destination ran the guest"
     );
 }

@@ -325,7 +325,7 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     let (uri, _destination) = pair.start_destination(binary, MEM_MIB, transport)?;
 
     let mut source = pair.source_qmp();
-    let lines_at_migrate = pair.vms[0].lines().len();
+    let lines_at_migrate = pair.vms[0].line_count();
     source.ok("migrate", Some(json!({"uri": uri})));
     let asked = Instant::now();
     let mut record = CancelRun {
@@ -378,7 +378,7 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     let outcome = match ended.as_ref().map(|e| e["data"]["status"].as_str()) {
         Ok(Some("canceled")) => {
             record.canceled_ms = Some(ended_ms);
-            let seen_canceled_at_line = pair.vms[0].lines().len();
+            let seen_canceled_at_line = pair.vms[0].line_count();
             let status = source.ok("query-migrate", None)["status"].clone();
             if status == "canceled" {
                 wait_for_tick(&pair.vms[0], seen_canceled_at_line, cancelled)

@@ -211,7 +211,7 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         .iter()
         .map(|r| r.size)
         .collect();
-    let source_lines_before = pair.vms[0].lines().len();
+    let source_lines_before = pair.vms[0].line_count();
     let probe = CpuProbe::start(pids);
     let asked = Instant::now();
     let memory = MemoryProbe::start(asked, pair.vms[0].pid(), pair.vms[1].pid(), ram_ranges);

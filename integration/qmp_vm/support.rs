@@ -78,7 +78,7 @@ pub fn connect(vm: &Ferry, name: &str) -> Client {
 
 /// The guest prints something new (a tick at the latest) within [`TICK_WAIT`].
 pub fn assert_runs(vm: &Ferry, when: &str) {
-    let seen = vm.lines().len();
+    let seen = vm.line_count();
     vm.wait_line_from(seen, &format!("a tick {when}"), TICK_WAIT, |l| {
         l.starts_with("tick ")
     });
@@ -88,10 +88,10 @@ pub fn assert_runs(vm: &Ferry, when: &str) {
 /// line for [`DRAIN`] (bounded: a guest that keeps printing gives up after two seconds).
 pub fn settle(vm: &Ferry) {
     let deadline = Instant::now() + Duration::from_secs(2);
-    let mut seen = vm.lines().len();
+    let mut seen = vm.line_count();
     while Instant::now() < deadline {
         std::thread::sleep(DRAIN);
-        let now = vm.lines().len();
+        let now = vm.line_count();
         if now == seen {
             return;
         }

@@ -125,7 +125,7 @@ fn run() -> anyhow::Result<()> {
         );
     }
     let before = last_tick(&source.guest_lines()).unwrap_or(0);
-    let seen = destination.lines().len();
+    let seen = destination.line_count();
     destination.wait_line_from(
         seen,
         "the guest on the destination",

@@ -109,6 +109,11 @@ impl Ferry {
         ferry
     }
 
+    /// How many serial lines have arrived so far (without copying them).
+    pub fn line_count(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
     /// The serial output so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines_from(0)
