@@ -27,9 +27,7 @@ fn destination_refuses_garbage_and_truncated_streams() {
     }
     let _lock = kvm_lock();
     let dir = scratch();
-    let mut header = b"FERRYMIG".to_vec();
-    header.extend_from_slice(&ferry::migrate::wire::VERSION.to_le_bytes());
-    header.extend_from_slice(&[0; 4]);
+    let header = wire::header().to_vec();
     let mut huge_frame = header.clone();
     huge_frame.extend_from_slice(&3u32.to_le_bytes());
     huge_frame.extend_from_slice(&u32::MAX.to_le_bytes());
