@@ -19,12 +19,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use ferry::guest::GuestLine;
+use ferry::guest::{placed_gaps, GuestLine};
 use ferry::harness::{Ferry, NoEvent};
 use serde_json::{json, Value};
 
 use crate::case::Transport;
-use crate::guest;
 use crate::migrate::{wait_first_sweeps, Pair};
 use crate::stats::Stats;
 use crate::CPUS;
@@ -402,7 +401,7 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     };
     if outcome.is_ok() {
         std::thread::sleep(GAP_SETTLE);
-        let gaps = guest::gaps(&pair.vms[0].arrived_from(lines_at_migrate), asked);
+        let gaps = placed_gaps(&pair.vms[0].arrived_from(lines_at_migrate), asked);
         let cancel_ms = cancelled.duration_since(asked).as_secs_f64() * 1000.0;
         // The host's stalls during the pre-copy; ferry's own stops (the pause that turned
         // dirty logging on) are not the host's.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry::guest::{stop_blackout_us, GuestLine};
+use ferry::guest::{placed_gaps, stop_blackout_us, GuestLine};
 use ferry::harness::{Ferry, Qmp};
 use serde_json::json;
 
@@ -228,7 +228,7 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         let lines = pair.vms[0].arrived_from(source_lines_seen);
         source_lines_seen += lines.len();
         // Ferry's own stops (the pause that turns dirty logging on) are not the host's stalls.
-        let stalls = guest::gaps(&lines, asked)
+        let stalls = placed_gaps(&lines, asked)
             .into_iter()
             .filter(|g| !g.stopped);
         source_gaps.extend(stalls);
@@ -273,7 +273,7 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         while blackout.is_none() && waited.elapsed() < BLACKOUT_DEADLINE {
             std::thread::sleep(POLL);
             let new = pair.vms[1].arrived_from(lines.len());
-            let stalls = guest::gaps(&new, asked).into_iter().filter(|g| !g.stopped);
+            let stalls = placed_gaps(&new, asked).into_iter().filter(|g| !g.stopped);
             destination_gaps.extend(stalls);
             lines.extend(new.iter().map(|(_, line)| GuestLine::parse(line)));
             blackout = stop_blackout_us(&lines, CPUS);

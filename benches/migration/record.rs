@@ -1,5 +1,6 @@
 //! What one migration run measured, and the figures the tables show.
 
+use ferry::guest::PlacedGap;
 use serde_json::{json, Value};
 
 use crate::memory::Side;
@@ -39,10 +40,10 @@ pub(crate) struct Run {
     pub(crate) blackout_us: Option<u64>,
     /// The destination's `gap` reports, as far as the bench read them (until it knew the
     /// blackout).
-    pub(crate) destination_gaps: Vec<guest::Gap>,
+    pub(crate) destination_gaps: Vec<PlacedGap>,
     /// The source guest's `gap` reports during the migration: its vCPUs stalled (held back by
     /// auto-converge, by the dirty log, or by the host).
-    pub(crate) source_gaps: Vec<guest::Gap>,
+    pub(crate) source_gaps: Vec<PlacedGap>,
     /// The case's `max-bandwidth` (bytes/s), if it sets one.
     pub(crate) max_bandwidth: Option<u64>,
 }
@@ -175,7 +176,7 @@ impl Run {
     }
 
     pub(crate) fn to_json(&self, raw: Raw) -> Value {
-        let gaps = |gaps: &[guest::Gap]| gaps.iter().map(|g| g.to_json()).collect::<Vec<_>>();
+        let gaps = |gaps: &[PlacedGap]| gaps.iter().map(guest::gap_json).collect::<Vec<_>>();
         let mut record = json!({
             "run": self.run,
             "status": self.status,

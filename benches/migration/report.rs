@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use ferry::guest::PlacedGap;
 use serde_json::{json, Value};
 
 use crate::cancel::CancelResult;
@@ -12,7 +13,7 @@ use crate::probe::load_average;
 use crate::raw::{Raw, RawFigures};
 use crate::record::{Run, FIGURES};
 use crate::stats::{stats_json, Stats};
-use crate::{blackout_ms, guest, plot, CONVERGED_BELOW_ROUNDS, CPUS};
+use crate::{blackout_ms, plot, CONVERGED_BELOW_ROUNDS, CPUS};
 
 pub(crate) struct CaseResult {
     pub(crate) case: Case,
@@ -206,7 +207,7 @@ impl CaseResult {
                 bars: false,
                 marks: Vec::new(),
             });
-            let bars = |gaps: &[guest::Gap]| {
+            let bars = |gaps: &[PlacedGap]| {
                 gaps.iter()
                     .map(|g| (g.end_ms / 1000.0, g.us as f64 / 1000.0))
                     .collect::<Vec<_>>()

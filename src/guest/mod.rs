@@ -166,6 +166,7 @@ pub use pattern::{check_fill, fill_word};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
+use std::time::Instant;
 
 /// The guest program as an ELF image, for ferry's PVH loader.
 pub const BUILTIN_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry-guest.elf"));
@@ -514,9 +515,94 @@ pub fn stop_blackout_us(lines: &[GuestLine], cpus: u32) -> Option<u64> {
         .max()
 }
 
+/// A `gap` report placed in time: CPU `cpu` went `us` µs without running, a stretch that
+/// ended `end_ms` after a reference instant.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PlacedGap {
+    /// The line's arrival less how long before it the guest says the gap ended. Late by the
+    /// time the guest takes to print the line (a fraction of a ms), more if another CPU held
+    /// the serial lock.
+    pub end_ms: f64,
+    pub cpu: u32,
+    pub us: u64,
+    /// Across one of the VMM's stops (a pause, a switchover), as KVM's clock told the guest.
+    pub stopped: bool,
+}
+
+impl PlacedGap {
+    /// When the gap began, in ms after the reference instant.
+    pub fn start_ms(self) -> f64 {
+        self.end_ms - self.us as f64 / 1000.0
+    }
+
+    /// How much of the gap lies after `t_ms`, in ms (0 if it ended before).
+    pub fn ms_after(self, t_ms: f64) -> f64 {
+        (self.end_ms - self.start_ms().max(t_ms)).max(0.0)
+    }
+}
+
+/// The gaps the `gap` lines among `arrived` (serial lines with the instant each arrived, as
+/// [`crate::harness::Ferry::arrived_from`] gives them) report, placed in ms after `since`.
+pub fn placed_gaps(arrived: &[(Instant, String)], since: Instant) -> Vec<PlacedGap> {
+    arrived
+        .iter()
+        .filter_map(|(at, line)| match GuestLine::parse(line) {
+            GuestLine::Gap {
+                cpu,
+                us,
+                ago_us,
+                stopped,
+            } => {
+                let arrived_ms = at.saturating_duration_since(since).as_secs_f64() * 1000.0;
+                Some(PlacedGap {
+                    end_ms: arrived_ms - ago_us as f64 / 1000.0,
+                    cpu,
+                    us,
+                    stopped,
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    #[test]
+    fn gaps_are_placed_where_they_ended_not_where_their_line_came() {
+        let since = Instant::now();
+        let at = |ms: u64| since + Duration::from_millis(ms);
+        let arrived = vec![
+            (at(50), "tick 3 cpu=0".to_owned()),
+            // Printed 40 ms after it ended, behind queued ticks: it ended at 10 ms.
+            (at(50), "gap cpu=1 us=8000 ago=40000".to_owned()),
+            (at(60), "gap cpu=0 us=3000 ago=0 stopped".to_owned()),
+        ];
+        let gaps = placed_gaps(&arrived, since);
+        assert_eq!(gaps.len(), 2);
+        assert_eq!((gaps[0].cpu, gaps[0].us, gaps[0].stopped), (1, 8000, false));
+        assert!((gaps[0].end_ms - 10.0).abs() < 1e-9, "{gaps:?}");
+        assert!((gaps[0].start_ms() - 2.0).abs() < 1e-9, "{gaps:?}");
+        assert!(gaps[1].stopped && (gaps[1].end_ms - 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn only_the_part_of_a_gap_after_an_instant_counts_after_it() {
+        let gap = PlacedGap {
+            end_ms: 10.0,
+            cpu: 0,
+            us: 8000,
+            stopped: false,
+        };
+        assert_eq!(gap.ms_after(0.0), 8.0);
+        assert!((gap.ms_after(6.5) - 3.5).abs() < 1e-9);
+        assert_eq!(gap.ms_after(10.0), 0.0);
+        assert_eq!(gap.ms_after(20.0), 0.0);
+    }
 
     #[test]
     fn the_blackout_is_the_longest_stop_and_nothing_else() {
