@@ -323,7 +323,7 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     wait_first_sweeps(source_vm, Duration::from_secs(120));
     let (uri, _destination) = pair.start_destination(binary, MEM_MIB, transport)?;
 
-    let mut source = pair.source_qmp();
+    let mut source = pair.vms[0].qmp();
     let lines_at_migrate = pair.vms[0].line_count();
     source.ok("migrate", Some(json!({"uri": uri})));
     let asked = Instant::now();

@@ -115,19 +115,14 @@ impl Pair {
         let qmp = self.dir.path().join("destination.qmp");
         let (cpus, mem) = (CPUS.to_string(), mem_mib.to_string());
         let args = ["-smp", &cpus, "-m", &mem, "-incoming", &uri];
-        self.vms
-            .push(Ferry::start(binary, "destination", &args, Some(&qmp)));
-        let mut destination = Qmp::connect(&qmp);
+        let vm = Ferry::start(binary, "destination", &args, Some(&qmp));
+        let mut destination = vm.qmp();
+        self.vms.push(vm);
         let status = destination.status();
         if status != "inmigrate" {
             bail!("the destination says {status}, not inmigrate");
         }
         Ok((uri, destination))
-    }
-
-    /// The source's QMP.
-    pub(crate) fn source_qmp(&self) -> Qmp {
-        Qmp::connect(&self.dir.path().join("source.qmp"))
     }
 
     fn keep_logs(&self, prefix: &Path) {
@@ -187,7 +182,7 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
     }
     let (uri, mut destination) = pair.start_destination(binary, case.mem_mib, case.transport)?;
 
-    let mut source = pair.source_qmp();
+    let mut source = pair.vms[0].qmp();
     if let Some(cap) = case.max_bandwidth() {
         source.ok(
             "migrate-set-parameters",
