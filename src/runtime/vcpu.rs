@@ -304,7 +304,9 @@ impl VcpuThread {
                 let at = Instant::now();
                 let mut run_delay = None;
                 if matches!(state, RunState::Running) {
-                    if measure {
+                    // A vCPU out already (serving an exit) left the guest then, whatever it
+                    // waited for a core since: its delay would go unread.
+                    if measure && self.out_since.is_none() {
                         run_delay = self.run_delay.as_ref().and_then(RunDelay::read);
                     }
                     if self.io_pending {
