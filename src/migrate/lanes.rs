@@ -286,20 +286,13 @@ impl DestinationLanes {
         };
         tokio::select! {
             true = all => Ok(()),
-            failure = self.failures.recv() => Err(failure.unwrap_or(LaneError::Landing {
-                index: 0,
-                reason: "stopped".into(),
-            })),
+            failure = next_failure(&mut self.failures) => Err(failure),
         }
     }
 
     /// Resolves when a lane fails: the migration cannot complete without its pages.
     pub async fn failed(&mut self) -> LaneError {
-        match self.failures.recv().await {
-            Some(failure) => failure,
-            // Every task holds a sender until it has sent its failure: never reached.
-            None => std::future::pending().await,
-        }
+        next_failure(&mut self.failures).await
     }
 
     /// Stops every lane and waits until none can touch guest RAM any more: after the state,
@@ -318,6 +311,15 @@ impl Drop for DestinationLanes {
             task.abort();
         }
     }
+}
+
+/// The next lane failure. Every task holds a sender until it has sent its reason, so the
+/// channel closes without one only if every task ended without a word (a panic).
+async fn next_failure(failures: &mut mpsc::UnboundedReceiver<LaneError>) -> LaneError {
+    failures.recv().await.unwrap_or(LaneError::Landing {
+        index: 0,
+        reason: "stopped".into(),
+    })
 }
 
 /// Reads a lane's header and LANE.
