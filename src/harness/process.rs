@@ -121,9 +121,8 @@ impl Ferry {
 
     /// The serial output from line `skip` on (only those lines are copied).
     pub fn lines_from(&self, skip: usize) -> Vec<String> {
-        let lines = self.lines.lock().unwrap();
-        let new = lines.get(skip..).unwrap_or_default();
-        new.iter().map(|(_, line)| line.clone()).collect()
+        let lines = self.arrived_from(skip);
+        lines.into_iter().map(|(_, line)| line).collect()
     }
 
     /// Like [`Ferry::lines_from`], each line with the moment it arrived: a program that
