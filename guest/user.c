@@ -576,16 +576,15 @@ void gap_note(void)
 		gap_check(c);
 }
 
-/*
- * blackout: microseconds since TSC reading tsc. A gap is printed well after it
- * ended (held back, or behind a queue of ticks to print), so its line says how
- * long ago it ended: whoever reads it can place it in time.
- */
-static uint64_t us_since(uint64_t tsc)
+static uint64_t cycles_to_us(uint64_t cycles)
 {
-	uint64_t now = rdtsc();
+	return cycles * 1000 / boot.tsc_khz;
+}
 
-	return now > tsc ? (now - tsc) * 1000 / boot.tsc_khz : 0;
+/* blackout: how long before this CPU's last TSC reading TSC tsc was, in µs. */
+static uint64_t us_before_last_reading(const struct cpu *c, uint64_t tsc)
+{
+	return c->gap_last > tsc ? cycles_to_us(c->gap_last - tsc) : 0;
 }
 
 /* Between pages: report new ticks (every one of them) and check the TSC. */
@@ -593,19 +592,25 @@ static void poll(struct cpu *c)
 {
 	uint32_t run = boot.cfg.run;
 
+	/*
+	 * A gap is printed well after it ended (held back, or behind a queue of
+	 * ticks to print), so its line says how long ago it ended, as of the
+	 * reading just taken: whoever reads it can place it in time.
+	 */
 	if (boot.gap_cycles) {
 		gap_check(c);
 		if (c->stop_pending) {
 			c->stop_pending = false;
-			print("gap cpu=%u us=%lu ago=%lu stopped", c->index,
-			      c->stop_gap * 1000 / boot.tsc_khz, us_since(c->stop_gap_end));
+			print("gap cpu=%u us=%lu ago=%lu stopped", c->index, cycles_to_us(c->stop_gap),
+			      us_before_last_reading(c, c->stop_gap_end));
 		}
 		/* Until a late stop flag could no longer claim it as the stop's. */
 		if (c->gap_pending && c->gap_last - c->gap_pending_end > boot.stop_lag_cycles) {
-			uint64_t us = c->gap_pending * 1000 / boot.tsc_khz;
+			uint64_t us = cycles_to_us(c->gap_pending);
 
 			c->gap_pending = 0;
-			print("gap cpu=%u us=%lu ago=%lu", c->index, us, us_since(c->gap_pending_end));
+			print("gap cpu=%u us=%lu ago=%lu", c->index, us,
+			      us_before_last_reading(c, c->gap_pending_end));
 		}
 	}
 
