@@ -190,10 +190,9 @@ async fn receive_stream(
                         accepted.map_err(|e| ReceiveError::Protocol(e.to_string()))?
                     }
                     said = next(stream) => {
-                        return Err(match said {
-                            Ok(Message::Cancel) => ReceiveError::Cancelled,
-                            Ok(Message::Error(reason)) => ReceiveError::SourceFailed(reason),
-                            Ok(other) => ReceiveError::Protocol(format!(
+                        return Err(match said.map(source_gave_up) {
+                            Ok(Ok(gave_up)) => gave_up,
+                            Ok(Err(other)) => ReceiveError::Protocol(format!(
                                 "{other:?} while the page connections were opening"
                             )),
                             Err(error) => error,
@@ -343,11 +342,11 @@ async fn read_control(
             failure = lanes.failed() => {
                 // A frame half read would leave the stream mid-frame: finish it.
                 match tokio::time::timeout(SOURCE_NOTICE_DEADLINE, read).await {
-                    Ok(Ok(Incoming::Message(Message::Cancel))) => return Err(ReceiveError::Cancelled),
-                    Ok(Ok(Incoming::Message(Message::Error(reason)))) => {
-                        return Err(ReceiveError::SourceFailed(reason))
-                    }
-                    Ok(Ok(_)) => failure,
+                    Ok(Ok(Incoming::Message(message))) => match source_gave_up(message) {
+                        Ok(gave_up) => return Err(gave_up),
+                        Err(_) => failure,
+                    },
+                    Ok(Ok(Incoming::Pages { .. })) => failure,
                     _ => return Err(ReceiveError::Local(failure.to_string())),
                 }
             }
@@ -380,10 +379,9 @@ const SOURCE_NOTICE_DEADLINE: std::time::Duration = std::time::Duration::from_mi
 async fn lane_failure(stream: &mut BoxedStream, failure: LaneError) -> ReceiveError {
     let notice = async {
         loop {
-            match wire::read_message(stream).await {
-                Ok(Message::Cancel) => return Some(ReceiveError::Cancelled),
-                Ok(Message::Error(reason)) => return Some(ReceiveError::SourceFailed(reason)),
-                Ok(_) => continue,
+            match wire::read_message(stream).await.map(source_gave_up) {
+                Ok(Ok(gave_up)) => return Some(gave_up),
+                Ok(Err(_)) => continue,
                 Err(_) => return None,
             }
         }
@@ -391,6 +389,15 @@ async fn lane_failure(stream: &mut BoxedStream, failure: LaneError) -> ReceiveEr
     match tokio::time::timeout(SOURCE_NOTICE_DEADLINE, notice).await {
         Ok(Some(error)) => error,
         _ => ReceiveError::Local(failure.to_string()),
+    }
+}
+
+/// The failure a source's CANCEL or ERROR stands for; any other message back.
+fn source_gave_up(message: Message) -> Result<ReceiveError, Message> {
+    match message {
+        Message::Cancel => Ok(ReceiveError::Cancelled),
+        Message::Error(reason) => Ok(ReceiveError::SourceFailed(reason)),
+        other => Err(other),
     }
 }
 
