@@ -48,6 +48,20 @@ pub struct Line {
     pub marks: Vec<f64>,
 }
 
+impl Line {
+    /// A 2-pixel polyline, no marks under the plot.
+    pub fn new(label: String, color: RGBColor, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            label,
+            color,
+            width: 2,
+            points,
+            bars: false,
+            marks: Vec::new(),
+        }
+    }
+}
+
 /// One plot area with its own y axis.
 pub struct Panel {
     pub title: String,

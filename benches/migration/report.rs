@@ -179,72 +179,56 @@ impl CaseResult {
             let color = plot::PALETTE[index % plot::PALETTE.len()];
             let marks = run.timeline.round_starts();
             let name = format!("run {}", run.run);
+            let rounds = run
+                .count(&["ram", "dirty-sync-count"])
+                .map_or("?".into(), |r| r.to_string());
             remaining.push(plot::Line {
-                label: format!(
-                    "{name}: {} rounds",
-                    run.count(&["ram", "dirty-sync-count"])
-                        .map_or("?".into(), |r| r.to_string())
-                ),
-                color,
-                width: 2,
-                points: run.timeline.remaining_mib(),
-                bars: false,
                 marks: marks.clone(),
+                ..plot::Line::new(
+                    format!("{name}: {rounds} rounds"),
+                    color,
+                    run.timeline.remaining_mib(),
+                )
             });
             bandwidth.push(plot::Line {
-                label: format!("{name} sent, 100 ms"),
-                color,
-                width: 2,
-                points: run.timeline.measured_mib_per_s(100.0),
-                bars: false,
                 marks: marks.clone(),
+                ..plot::Line::new(
+                    format!("{name} sent, 100 ms"),
+                    color,
+                    run.timeline.measured_mib_per_s(100.0),
+                )
             });
             bandwidth.push(plot::Line {
-                label: format!("{name} ferry mbps"),
-                color: plot::light(color),
                 width: 1,
-                points: run.timeline.reported_mib_per_s(),
-                bars: false,
-                marks: Vec::new(),
+                ..plot::Line::new(
+                    format!("{name} ferry mbps"),
+                    plot::light(color),
+                    run.timeline.reported_mib_per_s(),
+                )
             });
+            // The source's side in the run's colour, the destination's in its light shade.
+            let sides = |source, destination| {
+                [
+                    plot::Line::new(format!("{name} source"), color, source),
+                    plot::Line::new(
+                        format!("{name} destination"),
+                        plot::light(color),
+                        destination,
+                    ),
+                ]
+            };
             let bars = |gaps: &[PlacedGap]| {
                 gaps.iter()
                     .map(|g| (g.end_ms / 1000.0, g.us as f64 / 1000.0))
                     .collect::<Vec<_>>()
             };
-            stalls.push(plot::Line {
-                label: format!("{name} source"),
-                color,
-                width: 2,
-                points: bars(&run.source_gaps),
-                bars: true,
-                marks: Vec::new(),
-            });
-            stalls.push(plot::Line {
-                label: format!("{name} destination"),
-                color: plot::light(color),
-                width: 2,
-                points: bars(&run.destination_gaps),
-                bars: true,
-                marks: Vec::new(),
-            });
+            let gaps = sides(bars(&run.source_gaps), bars(&run.destination_gaps));
+            stalls.extend(gaps.map(|line| plot::Line { bars: true, ..line }));
             if let Some(memory) = &run.memory {
-                overhead.push(plot::Line {
-                    label: format!("{name} source"),
-                    color,
-                    width: 2,
-                    points: memory.overhead_mib(Side::Source),
-                    bars: false,
-                    marks: Vec::new(),
-                });
-                overhead.push(plot::Line {
-                    label: format!("{name} destination"),
-                    color: plot::light(color),
-                    width: 2,
-                    points: memory.overhead_mib(Side::Destination),
-                    bars: false,
-                    marks: Vec::new(),
-                });
+                overhead.extend(sides(
+                    memory.overhead_mib(Side::Source),
+                    memory.overhead_mib(Side::Destination),
+                ));
             }
         }
         if remaining.is_empty() {
