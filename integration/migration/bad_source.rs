@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ferry::migrate::lanes::CONNECT_DEADLINE;
 use ferry::migrate::state::VmDescription;
-use ferry::migrate::wire::{self, LaneOffer, Message};
+use ferry::migrate::wire::{self, LaneHello, LaneOffer, Message};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -104,11 +104,31 @@ fn real_config(dir: &Path, runtime: &tokio::runtime::Runtime) -> Box<VmDescripti
     })
 }
 
+/// How the fake source says its last word while its page connections open.
+#[derive(Clone, Copy)]
+enum Saying {
+    /// The whole frame, before opening any page connection.
+    AtOnce,
+    /// Half the frame, then both page connections, then the rest: the destination must not
+    /// lose the half it read when the connections arrived.
+    AroundTheConnections,
+}
+
 /// A source that announces page connections and then, before opening any, cancels or fails:
 /// the destination hears it on the control connection at once, and fails with its reason,
 /// rather than wait out the page connections' deadline and blame them.
 #[test]
 fn a_destination_hears_a_source_that_gives_up_while_its_page_connections_open() {
+    gives_up_while_page_connections_open(Saying::AtOnce);
+}
+
+/// As above, with the last word split around the page connections' arrival.
+#[test]
+fn a_destination_hears_a_last_word_split_around_the_page_connections() {
+    gives_up_while_page_connections_open(Saying::AroundTheConnections);
+}
+
+fn gives_up_while_page_connections_open(saying: Saying) {
     if !kvm_available() {
         return;
     }
@@ -140,24 +160,7 @@ fn a_destination_hears_a_source_that_gives_up_while_its_page_connections_open() 
         let said = Instant::now();
         // Held open until the destination has exited: it must act on the message, not on a
         // hang-up.
-        let _control = runtime.block_on(async {
-            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-            stream.write_all(&wire::header()).await.unwrap();
-            wire::write_message(&mut stream, &Message::Config(config.clone()))
-                .await
-                .unwrap();
-            let answer = wire::read_message(&mut stream).await;
-            assert!(matches!(answer, Ok(Message::Accept)), "{name}: {answer:?}");
-            let offer = LaneOffer {
-                count: 2,
-                session: 7,
-            };
-            wire::write_message(&mut stream, &Message::Lanes(offer))
-                .await
-                .unwrap();
-            wire::write_message(&mut stream, &last_word).await.unwrap();
-            stream
-        });
+        let _connections = runtime.block_on(fake_source(&address, &config, &last_word, saying));
         let status = destination.wait_exit(CONNECT_DEADLINE * 2);
         let waited = said.elapsed();
         let stderr = destination.stderr();
@@ -173,4 +176,55 @@ fn a_destination_hears_a_source_that_gives_up_while_its_page_connections_open() 
             "{name}: the destination ran the guest"
         );
     }
+}
+
+/// Offers two page connections, then says `last_word` as `saying` has it. Returns every
+/// connection it opened.
+async fn fake_source(
+    address: &str,
+    config: &VmDescription,
+    last_word: &Message,
+    saying: Saying,
+) -> Vec<tokio::net::TcpStream> {
+    let mut control = tokio::net::TcpStream::connect(address).await.unwrap();
+    // Each write goes out as it is made, not when the last is acknowledged.
+    control.set_nodelay(true).unwrap();
+    control.write_all(&wire::header()).await.unwrap();
+    let config = Message::Config(Box::new(config.clone()));
+    wire::write_message(&mut control, &config).await.unwrap();
+    let answer = wire::read_message(&mut control).await;
+    assert!(matches!(answer, Ok(Message::Accept)), "{answer:?}");
+    let offer = LaneOffer {
+        count: 2,
+        session: 7,
+    };
+    wire::write_message(&mut control, &Message::Lanes(offer))
+        .await
+        .unwrap();
+    let frame = wire::encode_message(last_word).unwrap();
+    let (first, rest) = match saying {
+        Saying::AtOnce => (&frame[..], &[][..]),
+        Saying::AroundTheConnections => frame.split_at(frame.len() / 2),
+    };
+    control.write_all(first).await.unwrap();
+    let mut connections = Vec::new();
+    if let Saying::AroundTheConnections = saying {
+        // Long enough for the destination to read the half.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for index in 0..offer.count {
+            let mut lane = tokio::net::TcpStream::connect(address).await.unwrap();
+            lane.write_all(&wire::header()).await.unwrap();
+            let hello = Message::Lane(LaneHello {
+                index,
+                session: offer.session,
+            });
+            wire::write_message(&mut lane, &hello).await.unwrap();
+            connections.push(lane);
+        }
+        // Long enough for the destination to take both connections in.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    control.write_all(rest).await.unwrap();
+    connections.push(control);
+    connections
 }

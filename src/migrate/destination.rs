@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::io::AsyncReadExt;
+
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
@@ -13,9 +15,9 @@ use super::lanes::{DestinationLanes, LaneError};
 use super::phases::Phases;
 use super::progress::MigrationStatus;
 use super::transport::{BoxedStream, Listener};
-use super::wire::{self, Committed, Incoming, Message, WireError};
+use super::wire::{self, Committed, Incoming, LaneOffer, Message, WireError};
 use super::{prefault, vmstate, Shared};
-use crate::machine::memory::PAGE_SIZE;
+use crate::machine::memory::{GuestMemory, PAGE_SIZE};
 use crate::runtime::priority;
 use crate::runtime::Vm;
 
@@ -183,23 +185,7 @@ async fn receive_stream(
             }
             Ok(Incoming::Message(Message::Lanes(offer))) if listener.is_some() => {
                 let listener = listener.take().expect("checked above");
-                // A source that fails to open them, or is cancelled meanwhile, says so on the
-                // control link and hangs up: that ends the wait, with its reason.
-                let accepted = tokio::select! {
-                    accepted = DestinationLanes::accept(&listener, offer, &memory, shared) => {
-                        accepted.map_err(|e| ReceiveError::Protocol(e.to_string()))?
-                    }
-                    said = next(stream) => {
-                        return Err(match said.map(source_gave_up) {
-                            Ok(Ok(gave_up)) => gave_up,
-                            Ok(Err(other)) => ReceiveError::Protocol(format!(
-                                "{other:?} while the page connections were opening"
-                            )),
-                            Err(error) => error,
-                        });
-                    }
-                };
-                lanes = Some(accepted);
+                lanes = Some(accept_lanes(stream, &listener, offer, &memory, shared).await?);
                 info!(lanes = offer.count, "page connections accepted");
                 wire::write_message(stream, &Message::Accept).await?;
                 continue;
@@ -324,6 +310,40 @@ async fn receive_stream(
             }
         }
     }
+}
+
+/// Accepts the page connections the source offered. A source that fails to open them, or is
+/// cancelled meanwhile, says so on the control link and hangs up: that ends the wait, with its
+/// reason.
+async fn accept_lanes(
+    stream: &mut BoxedStream,
+    listener: &Listener,
+    offer: LaneOffer,
+    memory: &GuestMemory,
+    shared: &Arc<Shared>,
+) -> Result<DestinationLanes, ReceiveError> {
+    // The control link is watched with `read_buf`, which reads nothing unless it completes: a
+    // frame read half way when the connections arrived would leave the link mid-frame.
+    let mut said = Vec::new();
+    let accept = DestinationLanes::accept(listener, offer, memory, shared);
+    tokio::select! {
+        accepted = accept => return accepted.map_err(|e| ReceiveError::Protocol(e.to_string())),
+        read = stream.read_buf(&mut said) => {
+            read.map_err(WireError::Io)?;
+        }
+    }
+    // The source speaks before the connections are accepted only to give up; its whole word
+    // is its first bytes and the rest of that frame.
+    let mut rest = (&said[..]).chain(stream);
+    Err(
+        match wire::read_message(&mut rest).await.map(source_gave_up) {
+            Ok(Ok(gave_up)) => gave_up,
+            Ok(Err(other)) => {
+                ReceiveError::Protocol(format!("{other:?} while the page connections were opening"))
+            }
+            Err(error) => error.into(),
+        },
+    )
 }
 
 /// The next frame on the control link. With lanes open, a lane that fails ends the migration
