@@ -78,6 +78,11 @@ impl World {
 
     /// A destination waiting at `uri`; `paused` adds `-S`.
     fn destination(&mut self, smp: u32, uri: &str, paused: bool) -> Ferry {
+        self.destination_with(smp, uri, paused, &[])
+    }
+
+    /// A destination with `extra` options.
+    fn destination_with(&mut self, smp: u32, uri: &str, paused: bool, extra: &[&str]) -> Ferry {
         let qmp = self.path("dst.qmp");
         let smp = smp.to_string();
         let mem = MEM_MIB.to_string();
@@ -85,6 +90,7 @@ impl World {
         if paused {
             args.push("-S");
         }
+        args.extend_from_slice(extra);
         let vm = common::start("destination", &args, Some(&qmp));
         let mut qmp = vm.qmp();
         assert_eq!(qmp.status(), "inmigrate");
@@ -142,8 +148,9 @@ fn assert_no_tsc_errors(vm: &Ferry) {
 /// The source migrates a sweeping two-vCPU guest to a paused destination: both sides' RAM is
 /// byte-identical, the pattern is intact, and the sweeps go on after `cont`. With `channels`,
 /// the pages travel over that many connections of their own (`multifd`); without, `multifd` is
-/// off and everything goes over the one connection.
-fn memory_identity(transport: Transport, channels: Option<u64>) {
+/// off and everything goes over the one connection. `destination_options` go to the
+/// destination's command line.
+fn memory_identity(transport: Transport, channels: Option<u64>, destination_options: &[&str]) {
     if !kvm_available() {
         return;
     }
@@ -154,7 +161,7 @@ fn memory_identity(transport: Transport, channels: Option<u64>) {
         l == "sweep 3 cpu=1"
     });
     let uri = world.uri();
-    let destination = world.destination(2, &uri, true);
+    let destination = world.destination_with(2, &uri, true, destination_options);
     let mut qmp = source.qmp();
     set_multifd(&mut qmp, channels.is_some());
     if let Some(channels) = channels {
@@ -171,6 +178,9 @@ fn memory_identity(transport: Transport, channels: Option<u64>) {
             assert!(log.contains(&accepted), "{log}");
         }
         None => assert!(!log.contains("page connections accepted"), "{log}"),
+    }
+    if destination_options.contains(&"-mem-prealloc") {
+        assert!(log.contains("guest RAM preallocated"), "{log}");
     }
     assert!(info["ram"]["transferred"].as_u64().unwrap() > 0, "{info}");
     assert!(info.get("downtime").is_some(), "{info}");
@@ -230,22 +240,29 @@ fn a_pending_power_button_press_migrates_with_the_guest() {
 
 #[test]
 fn memory_is_identical_after_migration_over_three_tcp_page_connections() {
-    memory_identity(Transport::Tcp, Some(3));
+    memory_identity(Transport::Tcp, Some(3), &[]);
 }
 
 #[test]
 fn memory_is_identical_after_migration_over_two_unix_page_connections() {
-    memory_identity(Transport::Unix, Some(2));
+    memory_identity(Transport::Unix, Some(2), &[]);
 }
 
 #[test]
 fn memory_is_identical_after_migration_over_one_tcp_connection() {
-    memory_identity(Transport::Tcp, None);
+    memory_identity(Transport::Tcp, None, &[]);
 }
 
 #[test]
 fn memory_is_identical_after_migration_over_one_unix_connection() {
-    memory_identity(Transport::Unix, None);
+    memory_identity(Transport::Unix, None, &[]);
+}
+
+/// A destination whose RAM is all backed before the migration (so that residency no longer
+/// tells which pages hold data) ends up with the source's RAM all the same.
+#[test]
+fn memory_is_identical_after_migration_to_a_preallocated_destination() {
+    memory_identity(Transport::Unix, Some(2), &["-mem-prealloc"]);
 }
 
 /// A running destination takes over: its first tick follows the source's last on every vCPU,

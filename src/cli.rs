@@ -44,6 +44,8 @@ pub enum SerialTarget {
 pub struct Config {
     pub machine: MachineType,
     pub mem_bytes: u64,
+    /// `-mem-prealloc`: back all guest RAM with host memory before anything runs.
+    pub mem_prealloc: bool,
     pub vcpus: u32,
     /// `None` boots the built-in guest.
     pub kernel: Option<PathBuf>,
@@ -67,6 +69,7 @@ impl Default for Config {
         Self {
             machine: MachineType::Q35,
             mem_bytes: DEFAULT_MEM_MIB << 20,
+            mem_prealloc: false,
             vcpus: 1,
             kernel: None,
             initrd: None,
@@ -140,6 +143,7 @@ where
             "-version" => return Ok(Action::Version),
             "-machine" | "-M" => config.machine = parse_machine(&option, &value()?)?,
             "-m" => config.mem_bytes = parse_memory(&option, &value()?)?,
+            "-mem-prealloc" => config.mem_prealloc = true,
             "-smp" => config.vcpus = parse_smp(&option, &value()?)?,
             "-kernel" => config.kernel = Some(parse_path(&option, value()?)?),
             "-initrd" => config.initrd = Some(parse_path(&option, value()?)?),
@@ -227,9 +231,11 @@ mod tests {
             "-name",
             "vm1",
             "-S",
+            "-mem-prealloc",
         ])
         .unwrap();
         assert_eq!(config.mem_bytes, 2 << 30);
+        assert!(config.mem_prealloc);
         assert_eq!(config.vcpus, 2);
         assert_eq!(config.kernel.as_deref(), Some(std::path::Path::new("/k")));
         assert_eq!(config.initrd.as_deref(), Some(std::path::Path::new("/i")));

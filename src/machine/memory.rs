@@ -212,6 +212,23 @@ pub fn resident_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<
     residency(slice.ptr_guard().as_ptr(), len).ok()
 }
 
+/// Which pages of `[gpa, gpa + pages * 4 KiB)`, which must lie in one RAM region, ferry has
+/// written (through vm-memory, or marked as written), as bits like [`resident_bitmap`]'s;
+/// `None` if the range is not RAM.
+pub fn written_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<u64>> {
+    use vm_memory::bitmap::Bitmap;
+    let len = usize::try_from(pages.checked_mul(PAGE_SIZE)?).ok()?;
+    let slice = memory.get_slice(GuestAddress(gpa), len).ok()?;
+    let written = slice.bitmap();
+    let mut bits = vec![0u64; len.div_ceil(PAGE_SIZE as usize * 64)];
+    for page in 0..pages as usize {
+        if written.dirty_at(page * PAGE_SIZE as usize) {
+            bits[page / 64] |= 1 << (page % 64);
+        }
+    }
+    Some(bits)
+}
+
 #[cfg(test)]
 mod tests {
     use vm_memory::Bytes;

@@ -10,6 +10,7 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod pci;
+pub mod prealloc;
 pub mod state;
 
 use std::fs::OpenOptions;
@@ -85,6 +86,8 @@ pub enum MachineError {
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
+    Prealloc(#[from] prealloc::PreallocError),
+    #[error(transparent)]
     Boot(#[from] boot::BootError),
     #[error(transparent)]
     Cpu(#[from] cpu::CpuError),
@@ -123,6 +126,8 @@ pub struct Machine {
     /// KVM's GSI routes: devices' MSI-X vectors are added to it.
     pub router: Arc<GsiRouter>,
     pub memory: GuestMemory,
+    /// `-mem-prealloc`: every page of `memory` was backed before anything wrote to it.
+    pub preallocated: bool,
     pub layout: Vec<RamRange>,
     pub devices: Arc<Devices>,
     /// Taken by the vCPU threads when they start.
@@ -169,6 +174,9 @@ impl Machine {
 
         let layout = memory::ram_layout(config.mem_bytes);
         let memory = memory::create_guest_memory(&layout)?;
+        if config.mem_prealloc {
+            prealloc::preallocate(&memory)?;
+        }
         let machine_memory = Self::register_memory(&vm, &memory, false)?;
         tracing::debug!(slots = machine_memory, "guest RAM registered");
 
@@ -200,6 +208,7 @@ impl Machine {
             vm,
             router,
             memory,
+            preallocated: config.mem_prealloc,
             layout,
             devices,
             vcpus,

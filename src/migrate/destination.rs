@@ -198,7 +198,7 @@ async fn receive_stream(
         };
         match message {
             Message::Zeros(runs) if !restored => {
-                let pages = write_zero_runs(&memory, &runs)?;
+                let pages = write_zero_runs(&memory, &runs, vm.machine.preallocated)?;
                 if let Some(all) = zero_runs.as_mut() {
                     all.extend_from_slice(&runs);
                 }

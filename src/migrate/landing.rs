@@ -6,12 +6,13 @@
 use std::future::poll_fn;
 use std::io::IoSliceMut;
 
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::ranges::{push_page, Cursor};
 use super::transport::BoxedStream;
 use super::wire::{PageEntry, WireError};
-use crate::machine::memory::{resident_pages, GuestMemory, PAGE_SIZE};
+use crate::machine::memory::{resident_pages, written_pages, GuestMemory, PAGE_SIZE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LandingError {
@@ -22,6 +23,9 @@ pub enum LandingError {
     #[error("{0}")]
     Local(String),
 }
+
+/// One page of guest RAM, with its part of the record of ferry's writes.
+type PageSlice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
 
 /// How much page data a receiver reads before it lets the runtime's other tasks run.
 const YIELD_EVERY: usize = 1 << 20;
@@ -55,11 +59,14 @@ impl Landing {
     ) -> Result<u64, LandingError> {
         self.ranges.clear();
         for entry in entries {
-            let host = self.page(entry.gpa)?;
+            let page = page(&self.memory, entry.gpa)?;
             if entry.zero {
                 continue;
             }
-            push_page(&mut self.ranges, host);
+            // readv bypasses vm-memory's record of ferry's writes; preallocated RAM needs it
+            // (see `write_zero_runs`).
+            page.bitmap().mark_dirty(0, PAGE_SIZE as usize);
+            push_page(&mut self.ranges, page.ptr_guard_mut().as_ptr() as usize);
         }
         let expected: usize = self.ranges.iter().map(|(_, len)| len).sum();
         if expected != data_len {
@@ -72,17 +79,6 @@ impl Landing {
             zero_page(&self.memory, GuestAddress(entry.gpa))?;
         }
         Ok(8 + entries.len() as u64 * 8 + data_len as u64)
-    }
-
-    /// The host address of guest page `gpa`, which must lie wholly in RAM.
-    fn page(&self, gpa: u64) -> Result<usize, LandingError> {
-        let slice = self
-            .memory
-            .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
-            .map_err(|_| {
-                LandingError::Protocol(format!("page {gpa:#x} is outside this VM's RAM"))
-            })?;
-        Ok(slice.ptr_guard_mut().as_ptr() as usize)
     }
 
     /// Fills `ranges` from the stream, one readv per batch of data the socket holds.
@@ -128,18 +124,35 @@ impl Landing {
     }
 }
 
+/// Guest page `gpa`, which must lie wholly in RAM.
+fn page(memory: &GuestMemory, gpa: u64) -> Result<PageSlice<'_>, LandingError> {
+    memory
+        .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
+        .map_err(|_| LandingError::Protocol(format!("page {gpa:#x} is outside this VM's RAM")))
+}
+
 /// Makes every page of the runs zero; pages the host never backed already are, and stay
-/// unallocated. Returns the number of pages.
-pub fn write_zero_runs(memory: &GuestMemory, runs: &[(u64, u64)]) -> Result<u64, LandingError> {
+/// unallocated. On RAM that was `preallocated` every page is backed, and zero unless ferry
+/// wrote it: pages landed here are marked as written for that. Returns the number of pages.
+pub fn write_zero_runs(
+    memory: &GuestMemory,
+    runs: &[(u64, u64)],
+    preallocated: bool,
+) -> Result<u64, LandingError> {
     let mut total = 0;
     for &(gpa, pages) in runs {
-        let resident = resident_pages(memory, gpa, pages).ok_or_else(|| {
+        let may_hold_data = if preallocated {
+            written_pages(memory, gpa, pages)
+        } else {
+            resident_pages(memory, gpa, pages)
+        };
+        let may_hold_data = may_hold_data.ok_or_else(|| {
             LandingError::Protocol(format!(
                 "zero run of {pages} pages at {gpa:#x} is outside this VM's RAM"
             ))
         })?;
         for index in 0..pages {
-            if resident[(index / 64) as usize] & (1 << (index % 64)) != 0 {
+            if may_hold_data[(index / 64) as usize] & (1 << (index % 64)) != 0 {
                 zero_page(memory, GuestAddress(gpa + index * PAGE_SIZE))?;
             }
         }
@@ -161,4 +174,51 @@ fn zero_page(memory: &GuestMemory, address: GuestAddress) -> Result<(), LandingE
             .map_err(|e| LandingError::Local(e.to_string()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::machine::prealloc::preallocate;
+
+    /// On preallocated RAM every page is resident: only ferry's record of what it wrote says
+    /// which pages a zero run must clear, and pages landed with readv must be in it.
+    #[tokio::test]
+    async fn a_zero_run_clears_landed_pages_of_preallocated_ram() {
+        let memory =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 64 * PAGE_SIZE as usize)]).unwrap();
+        preallocate(&memory).unwrap();
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        let stream: BoxedStream = Box::new(ours);
+        let entries: Vec<PageEntry> = [3u64, 4, 9]
+            .iter()
+            .map(|&page| PageEntry {
+                gpa: page * PAGE_SIZE,
+                zero: false,
+            })
+            .collect();
+        theirs
+            .write_all(&vec![0xa5; entries.len() * PAGE_SIZE as usize])
+            .await
+            .unwrap();
+        let mut landing = Landing::new(memory.clone());
+        let data_len = entries.len() * PAGE_SIZE as usize;
+        landing.receive(&stream, &entries, data_len).await.unwrap();
+        assert_eq!(
+            memory.read_obj::<u8>(GuestAddress(4 * PAGE_SIZE)).unwrap(),
+            0xa5
+        );
+
+        write_zero_runs(&memory, &[(2 * PAGE_SIZE, 4), (9 * PAGE_SIZE, 1)], true).unwrap();
+        for page in [3u64, 4, 9] {
+            let mut data = [0xffu8; PAGE_SIZE as usize];
+            memory
+                .read_slice(&mut data, GuestAddress(page * PAGE_SIZE))
+                .unwrap();
+            assert!(data.iter().all(|&b| b == 0), "page {page} kept its data");
+        }
+    }
 }
