@@ -21,7 +21,10 @@
 //! bytes sent over the time after setup, as a share of the cap, shows whether the cap holds.
 //! A case named `...-1conn` is `fill50` with the `multifd` capability off: every page goes over
 //! the control connection, where by default they travel over `multifd-channels` (2) connections
-//! of their own.
+//! of their own. A case named `...-prealloc` is `fill50` with the destination started with
+//! `-mem-prealloc`: its RAM is backed before the migration starts, as the raw figures' reader
+//! has its buffer, so the figure is the transfer's alone; everywhere else the destination backs
+//! RAM as pages arrive.
 //!
 //! A guest that does not know a workload's option (it prints `warning: unknown option`) makes
 //! its case `unsupported`, which is reported and skipped, not failed. Every guest also gets

@@ -321,7 +321,7 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     let mut pair = Pair::new(&format!("cancel-{}-run{run}", transport.name()))?;
     let source_vm = pair.start_source(binary, MEM_MIB, &append(), Some(LOG_FILTER));
     wait_first_sweeps(source_vm, Duration::from_secs(120));
-    let (uri, _destination) = pair.start_destination(binary, MEM_MIB, transport)?;
+    let (uri, _destination) = pair.start_destination(binary, MEM_MIB, transport, &[])?;
 
     let mut source = pair.vms[0].qmp();
     let lines_at_migrate = pair.vms[0].line_count();

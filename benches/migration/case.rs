@@ -102,6 +102,8 @@ pub(crate) struct Case {
     cap_mib_per_s: Option<u64>,
     /// The `multifd` capability off: every page over the control connection.
     pub(crate) one_connection: bool,
+    /// The destination started with `-mem-prealloc`.
+    pub(crate) prealloc: bool,
 }
 
 impl Case {
@@ -128,7 +130,8 @@ impl Case {
     fn suffix(&self) -> String {
         let cap = self.cap_mib_per_s.map(|cap| format!("-cap{cap}m"));
         let one = self.one_connection.then(|| "-1conn".to_owned());
-        cap.into_iter().chain(one).collect()
+        let prealloc = self.prealloc.then(|| "-prealloc".to_owned());
+        cap.into_iter().chain(one).chain(prealloc).collect()
     }
 
     pub(crate) fn max_bandwidth(&self) -> Option<u64> {
@@ -242,6 +245,7 @@ impl Options {
                         mem_mib,
                         cap_mib_per_s: None,
                         one_connection: false,
+                        prealloc: false,
                     });
                 }
             }
@@ -256,6 +260,7 @@ impl Options {
                     mem_mib: 1024,
                     cap_mib_per_s: Some(CAPPED_MIB_PER_S),
                     one_connection: false,
+                    prealloc: false,
                 });
             }
             // What the page connections (multifd, on by default) gain over one connection.
@@ -267,6 +272,21 @@ impl Options {
                         mem_mib,
                         cap_mib_per_s: None,
                         one_connection: true,
+                        prealloc: false,
+                    });
+                }
+            }
+            // The transfer alone: the destination's RAM backed before the migration starts,
+            // as the raw figures' reader has its buffer.
+            for &mem_mib in all_sizes {
+                for transport in Transport::ALL {
+                    cases.push(Case {
+                        transport,
+                        workload: Workload::Fill(50),
+                        mem_mib,
+                        cap_mib_per_s: None,
+                        one_connection: false,
+                        prealloc: true,
                     });
                 }
             }

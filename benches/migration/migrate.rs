@@ -110,11 +110,13 @@ impl Pair {
         binary: &Path,
         mem_mib: u64,
         transport: Transport,
+        extra: &[&str],
     ) -> anyhow::Result<(String, Qmp)> {
         let uri = migration_uri(transport, self.dir.path())?;
         let qmp = self.dir.path().join("destination.qmp");
         let (cpus, mem) = (CPUS.to_string(), mem_mib.to_string());
-        let args = ["-smp", &cpus, "-m", &mem, "-incoming", &uri];
+        let mut args = vec!["-smp", &cpus, "-m", &mem, "-incoming", &uri];
+        args.extend_from_slice(extra);
         let vm = Ferry::start(binary, "destination", &args, Some(&qmp));
         let mut destination = vm.qmp();
         self.vms.push(vm);
@@ -180,7 +182,13 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         // Every page of RAM has been written once: round 0 has no zero pages to skip.
         wait_first_sweeps(source_vm, case.first_pass_timeout());
     }
-    let (uri, mut destination) = pair.start_destination(binary, case.mem_mib, case.transport)?;
+    let prealloc: &[&str] = if case.prealloc {
+        &["-mem-prealloc"]
+    } else {
+        &[]
+    };
+    let (uri, mut destination) =
+        pair.start_destination(binary, case.mem_mib, case.transport, prealloc)?;
 
     let mut source = pair.vms[0].qmp();
     if let Some(cap) = case.max_bandwidth() {

@@ -96,7 +96,9 @@ impl Ferry {
             name: name.into(),
         };
         if let Some(path) = qmp {
-            let deadline = Instant::now() + Duration::from_secs(10);
+            // A VM started with -mem-prealloc backs all its RAM first: on this host, up to
+            // 10 s for 4 GiB.
+            let deadline = Instant::now() + Duration::from_secs(30);
             while UnixStream::connect(path).is_err() {
                 assert!(
                     Instant::now() < deadline,
