@@ -159,8 +159,8 @@ async fn receive_stream(
     let ram_pages: u64 = vm.machine.layout.iter().map(|r| r.size / PAGE_SIZE).sum();
     let mut restored = false;
     // Round 0's zero runs, until the SYNC that ends them (before any page data): then the
-    // rest of RAM is backed ahead.
-    let mut zero_runs = Some(Vec::new());
+    // rest of RAM is backed ahead, unless -mem-prealloc backed it all already.
+    let mut zero_runs = (!vm.machine.preallocated).then(Vec::new);
     let mut backing = None;
     let mut landing = Landing::new(memory.clone());
     // Kept until the source says whether it opens page connections of its own (right after
