@@ -258,8 +258,10 @@ fn memory_is_identical_after_migration_over_one_unix_connection() {
     memory_identity(Transport::Unix, None, &[]);
 }
 
-/// A destination whose RAM is all backed before the migration (so that residency no longer
-/// tells which pages hold data) ends up with the source's RAM all the same.
+/// A destination whose RAM is all backed before the migration ends up with the source's RAM
+/// all the same. (Whether it clears landed pages that a zero run names is the unit test
+/// `a_zero_run_clears_landed_pages_of_preallocated_ram`'s: a source sends zero runs before any
+/// page.)
 #[test]
 fn memory_is_identical_after_migration_to_a_preallocated_destination() {
     memory_identity(Transport::Unix, Some(2), &["-mem-prealloc"]);

@@ -210,7 +210,7 @@ async fn fake_source(
     let mut connections = Vec::new();
     if let Saying::AroundTheConnections = saying {
         // Long enough for the destination to read the half.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         for index in 0..offer.count {
             let mut lane = tokio::net::TcpStream::connect(address).await.unwrap();
             lane.write_all(&wire::header()).await.unwrap();
@@ -221,8 +221,10 @@ async fn fake_source(
             wire::write_message(&mut lane, &hello).await.unwrap();
             connections.push(lane);
         }
-        // Long enough for the destination to take both connections in.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Long enough for a destination that goes on waiting for the connections to take both
+        // in (a few ms here), and well within the 200 ms in which a destination that heard the
+        // half waits for the rest.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     control.write_all(rest).await.unwrap();
     connections.push(control);

@@ -13,8 +13,9 @@ usage: ferry [options]
   -machine q35           machine type (q35 is the only one and the default)
   -m SIZE                guest RAM: MiB, or with a suffix (512, 512M, 2G); default {mem}
   -mem-prealloc          back all guest RAM with host memory at startup: a host short of
-                         memory fails now, not mid-run or mid-migration, and a migration
-                         destination takes pages without faulting memory in
+                         memory fails then rather than later, and a migration destination
+                         lands pages without faulting memory in (but migrating such a VM
+                         out reads all its RAM: no page is known untouched)
   -smp N                 number of vCPUs (1 up to what KVM allows); default 1
   -kernel PATH           ELF vmlinux (PVH entry used when present) or bzImage;
                          without it ferry boots its built-in test guest

@@ -96,8 +96,8 @@ impl Ferry {
             name: name.into(),
         };
         if let Some(path) = qmp {
-            // A VM started with -mem-prealloc backs all its RAM first: on this host, up to
-            // 10 s for 4 GiB.
+            // A VM started with -mem-prealloc backs all its RAM first: 4.6 s for 4 GiB on this
+            // host when its cores are free, twice that when another VM keeps them busy.
             let deadline = Instant::now() + Duration::from_secs(30);
             while UnixStream::connect(path).is_err() {
                 assert!(

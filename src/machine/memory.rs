@@ -5,7 +5,7 @@
 //! starts at 2.75 GiB when all RAM fits below that, and at 2 GiB otherwise (so large guests keep
 //! a 2 GiB window for 32-bit BARs).
 
-use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 /// Guest memory whose every write made by ferry sets a bit in a per-page bitmap.
@@ -216,7 +216,6 @@ pub fn resident_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<
 /// written (through vm-memory, or marked as written), as bits like [`resident_bitmap`]'s;
 /// `None` if the range is not RAM.
 pub fn written_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<u64>> {
-    use vm_memory::bitmap::Bitmap;
     let len = usize::try_from(pages.checked_mul(PAGE_SIZE)?).ok()?;
     let slice = memory.get_slice(GuestAddress(gpa), len).ok()?;
     let written = slice.bitmap();

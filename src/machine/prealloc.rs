@@ -7,7 +7,7 @@
 //! Pages stay zero, but residency (see `memory::resident_pages`) no longer tells which of them
 //! were ever written: a destination then goes by the pages ferry wrote (see `migrate::landing`).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -21,17 +21,26 @@ const CHUNK: usize = 2 << 20;
 const MAX_THREADS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "-mem-prealloc: cannot back {mib} MiB of guest RAM with host memory: {source}; free host \
-     memory or give the guest less (-m)"
-)]
+#[error("-mem-prealloc: cannot back {mib} MiB of guest RAM with host memory: {source}{hint}")]
 pub struct PreallocError {
     mib: u64,
     #[source]
     source: std::io::Error,
+    hint: &'static str,
 }
 
-/// Backs every page of `memory`, with one thread per core.
+impl PreallocError {
+    fn new(mib: u64, source: std::io::Error) -> Self {
+        let hint = match source.raw_os_error() {
+            Some(libc::ENOMEM | libc::EAGAIN) => "; free host memory, or give the guest less (-m)",
+            Some(libc::EHWPOISON) => "; the host has bad memory pages: see its kernel log",
+            _ => "",
+        };
+        Self { mib, source, hint }
+    }
+}
+
+/// Backs every page of `memory`, with one thread per core (up to [`MAX_THREADS`]).
 pub fn preallocate(memory: &GuestMemory) -> Result<(), PreallocError> {
     let started = Instant::now();
     let regions: Vec<(usize, usize)> = memory
@@ -50,31 +59,35 @@ pub fn preallocate(memory: &GuestMemory) -> Result<(), PreallocError> {
             let Some((host, len)) = chunk(&regions, next.fetch_add(1, Ordering::Relaxed)) else {
                 break;
             };
-            if let Err(error) = back_chunk(host, len) {
+            // SAFETY: every chunk lies in a region of guest RAM, which `memory` keeps mapped
+            // and writable.
+            if let Err(error) = unsafe { back_chunk(host, len) } {
                 failed.store(true, Ordering::Relaxed);
                 return Err(error);
             }
         }
         Ok(())
     };
-    let result = std::thread::scope(|scope| {
+    let (result, threads) = std::thread::scope(|scope| {
+        // A thread that could not be spawned leaves its share to the others.
         let helpers: Vec<_> = (1..threads)
-            .map(|index| {
+            .filter_map(|index| {
                 std::thread::Builder::new()
                     .name(format!("prealloc-{index}"))
                     .spawn_scoped(scope, back)
+                    .ok()
             })
             .collect();
+        let threads = 1 + helpers.len();
         let mut result = back();
-        // A thread that could not be spawned leaves its share to the others.
-        for helper in helpers.into_iter().flatten() {
+        for helper in helpers {
             let joined = helper.join().expect("a prealloc thread panicked");
             result = result.and(joined);
         }
-        result
+        (result, threads)
     });
     let mib = regions.iter().map(|&(_, len)| len as u64).sum::<u64>() >> 20;
-    result.map_err(|source| PreallocError { mib, source })?;
+    result.map_err(|source| PreallocError::new(mib, source))?;
     tracing::info!(
         mib,
         threads,
@@ -97,10 +110,14 @@ fn chunk(regions: &[(usize, usize)], mut index: usize) -> Option<(usize, usize)>
     None
 }
 
-fn back_chunk(host: usize, len: usize) -> std::io::Result<()> {
-    // SAFETY: the chunk lies in a region of guest RAM, which the caller's `memory` keeps
-    // mapped; MADV_POPULATE_WRITE backs pages as a write that stores nothing would, and leaves
-    // their contents as they are.
+/// Backs `[host, host + len)`.
+///
+/// # Safety
+///
+/// The range must be mapped, writable memory.
+unsafe fn back_chunk(host: usize, len: usize) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for the range; MADV_POPULATE_WRITE backs pages as a write that
+    // stores nothing would, and leaves their contents as they are.
     let result =
         unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
     if result == 0 {
@@ -110,12 +127,13 @@ fn back_chunk(host: usize, len: usize) -> std::io::Result<()> {
     if error.raw_os_error() != Some(libc::EINVAL) {
         return Err(error);
     }
-    // Linux before 5.14 lacks MADV_POPULATE_WRITE: rewrite one byte of each page instead.
+    // Linux before 5.14 lacks MADV_POPULATE_WRITE: write to each page instead, an atomic add of
+    // zero, which changes nothing even if a vCPU writes the page meanwhile.
     for page in (host..host + len).step_by(4096) {
-        let byte = page as *mut u8;
-        // SAFETY: `page` lies in mapped guest RAM (as above), and nothing else runs in it while
-        // RAM is preallocated: the byte is written back as it was read.
-        unsafe { byte.write_volatile(byte.read_volatile()) };
+        // SAFETY: `page` lies in the mapped, writable range the caller vouches for, and a
+        // byte has no alignment to keep.
+        let byte = unsafe { AtomicU8::from_ptr(page as *mut u8) };
+        byte.fetch_add(0, Ordering::Relaxed);
     }
     Ok(())
 }

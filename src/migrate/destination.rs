@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::AsyncReadExt;
-
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
@@ -327,23 +326,32 @@ async fn accept_lanes(
     let mut said = Vec::new();
     let accept = DestinationLanes::accept(listener, offer, memory, shared);
     tokio::select! {
-        accepted = accept => return accepted.map_err(|e| ReceiveError::Protocol(e.to_string())),
+        // Not a malformed stream: the connections did not come, or the offer is beyond ours.
+        accepted = accept => return accepted.map_err(|e| ReceiveError::Local(e.to_string())),
         read = stream.read_buf(&mut said) => {
             read.map_err(WireError::Io)?;
         }
     }
     // The source speaks before the connections are accepted only to give up; its whole word
-    // is its first bytes and the rest of that frame.
+    // is its first bytes and the rest of that frame, which a source that is giving up sends at
+    // once.
     let mut rest = (&said[..]).chain(stream);
-    Err(
-        match wire::read_message(&mut rest).await.map(source_gave_up) {
-            Ok(Ok(gave_up)) => gave_up,
-            Ok(Err(other)) => {
-                ReceiveError::Protocol(format!("{other:?} while the page connections were opening"))
-            }
-            Err(error) => error.into(),
+    let said = tokio::time::timeout(SOURCE_NOTICE_DEADLINE, wire::read_message(&mut rest)).await;
+    Err(match said {
+        Ok(Ok(message)) => match source_gave_up(message) {
+            Ok(gave_up) => gave_up,
+            Err(other) => ReceiveError::Protocol(format!(
+                "{} while the page connections were opening",
+                describe(&other)
+            )),
         },
-    )
+        Ok(Err(error)) => error.into(),
+        Err(_) => ReceiveError::Protocol(format!(
+            "the source began a message while its page connections were opening, and did not \
+             finish it within {} ms",
+            SOURCE_NOTICE_DEADLINE.as_millis()
+        )),
+    })
 }
 
 /// The next frame on the control link. With lanes open, a lane that fails ends the migration

@@ -132,8 +132,9 @@ fn page(memory: &GuestMemory, gpa: u64) -> Result<PageSlice<'_>, LandingError> {
 }
 
 /// Makes every page of the runs zero; pages the host never backed already are, and stay
-/// unallocated. On RAM that was `preallocated` every page is backed, and zero unless ferry
-/// wrote it: pages landed here are marked as written for that. Returns the number of pages.
+/// unallocated. On RAM that was `preallocated` every page is backed, and, as long as the guest
+/// has not run here (KVM's writes bypass vm-memory's record), zero unless ferry wrote it: that
+/// is why [`Landing::receive`] marks what it lands. Returns the number of pages.
 pub fn write_zero_runs(
     memory: &GuestMemory,
     runs: &[(u64, u64)],
@@ -182,15 +183,14 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::machine::prealloc::preallocate;
 
     /// On preallocated RAM every page is resident: only ferry's record of what it wrote says
-    /// which pages a zero run must clear, and pages landed with readv must be in it.
+    /// which pages a zero run must clear, and pages landed with readv must be in it. (The RAM
+    /// here is not preallocated: `preallocated: true` is what makes the difference.)
     #[tokio::test]
     async fn a_zero_run_clears_landed_pages_of_preallocated_ram() {
         let memory =
             GuestMemory::from_ranges(&[(GuestAddress(0), 64 * PAGE_SIZE as usize)]).unwrap();
-        preallocate(&memory).unwrap();
         let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
         let stream: BoxedStream = Box::new(ours);
         let entries: Vec<PageEntry> = [3u64, 4, 9]
