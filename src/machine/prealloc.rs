@@ -40,7 +40,7 @@ impl PreallocError {
     }
 }
 
-/// Backs every page of `memory`, with one thread per core (up to [`MAX_THREADS`]).
+/// Backs every page of `memory`, with one thread per core (up to 8).
 pub fn preallocate(memory: &GuestMemory) -> Result<(), PreallocError> {
     let started = Instant::now();
     let regions: Vec<(usize, usize)> = memory
