@@ -19,6 +19,12 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub(crate) const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// AMD's hardware configuration register.
+pub(crate) const MSR_K7_HWCR: u32 = 0xc001_0015;
+/// HWCR.TscFreqSel: the TSC counts at the P0 frequency, as it does on every AMD CPU since family
+/// 10h. Firmware sets it; left clear, Linux logs "[Firmware Bug]: TSC doesn't count with P0
+/// frequency!".
+const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRs enabled, default memory type write-back.
 const MTRR_DEF_TYPE_ENABLED_WB: u64 = (1 << 11) | 6;
@@ -122,6 +128,36 @@ pub fn vcpu_cpuid(supported: &CpuId, index: u32, count: u32, quirks: HostQuirks)
     cpuid
 }
 
+/// Whether the CPUID says AMD (or Hygon, AMD's licensee): the vendor of leaf 0.
+fn is_amd(cpuid: &CpuId) -> bool {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|entry| entry.function == 0)
+        .is_some_and(|leaf| {
+            let vendor = [leaf.ebx, leaf.edx, leaf.ecx]
+                .map(u32::to_le_bytes)
+                .concat();
+            vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
+        })
+}
+
+/// Sets HWCR.TscFreqSel as AMD firmware does. KVM takes it from Linux 6.7 on; an older KVM
+/// refuses it, and the guest only logs its complaint.
+fn set_tsc_freq_sel(vcpu: &VcpuFd, index: u32) {
+    let entry = kvm_msr_entry {
+        index: MSR_K7_HWCR,
+        data: HWCR_TSC_FREQ_SEL,
+        ..Default::default()
+    };
+    let msrs = Msrs::from_entries(&[entry]).expect("one MSR fits a kvm_msrs");
+    match vcpu.set_msrs(&msrs) {
+        Ok(1) => {}
+        Ok(_) => tracing::debug!(vcpu = index, "KVM refused HWCR.TscFreqSel"),
+        Err(error) => tracing::debug!(vcpu = index, %error, "KVM refused HWCR.TscFreqSel"),
+    }
+}
+
 /// Sets everything every vCPU needs, whether it boots the kernel or waits for a SIPI.
 pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), CpuError> {
     let kvm = |what| {
@@ -154,6 +190,9 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), Cp
     .collect();
     let msrs = Msrs::from_entries(&entries).expect("a fixed list of MSRs fits a kvm_msrs");
     vcpu.set_msrs(&msrs).map_err(kvm("boot MSRs"))?;
+    if is_amd(cpuid) {
+        set_tsc_freq_sel(vcpu, index);
+    }
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
@@ -302,6 +341,26 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, memory: &GuestMemory, entry: Entry) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vendor_leaf(vendor: &[u8; 12]) -> CpuId {
+        let word = |at: usize| u32::from_le_bytes(vendor[at..at + 4].try_into().unwrap());
+        let leaf = kvm_bindings::kvm_cpuid_entry2 {
+            function: 0,
+            ebx: word(0),
+            edx: word(4),
+            ecx: word(8),
+            ..Default::default()
+        };
+        CpuId::from_entries(&[leaf]).unwrap()
+    }
+
+    #[test]
+    fn amd_and_hygon_are_amd_intel_is_not() {
+        assert!(is_amd(&vendor_leaf(b"AuthenticAMD")));
+        assert!(is_amd(&vendor_leaf(b"HygonGenuine")));
+        assert!(!is_amd(&vendor_leaf(b"GenuineIntel")));
+        assert!(!is_amd(&CpuId::new(0).unwrap()));
+    }
 
     #[test]
     fn gdt_entries_round_trip_into_segments() {

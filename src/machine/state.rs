@@ -21,7 +21,8 @@ use crate::migrate::state::{FeatureWord, Migratable, StateError};
 mod timers;
 
 /// MSRs that KVM saves and restores but leaves out of its index list (measured on this host):
-/// the MTRRs, TSC_AUX and SPEC_CTRL.
+/// the MTRRs, TSC_AUX, SPEC_CTRL, and AMD's HWCR (whose TscFreqSel ferry sets; KVM keeps it on
+/// Intel hosts too).
 const MSRS_MISSING_FROM_INDEX_LIST: &[u32] = &[
     0x48, // SPEC_CTRL
     0x250,
@@ -38,6 +39,7 @@ const MSRS_MISSING_FROM_INDEX_LIST: &[u32] = &[
     0x277,       // more fixed MTRRs, PAT
     0x2ff,       // MTRR default type
     0xc000_0103, // TSC_AUX
+    crate::machine::cpu::MSR_K7_HWCR,
 ];
 /// The variable-range MTRR pairs (base, mask) at 0x200..0x210.
 const VARIABLE_MTRR_MSRS: std::ops::Range<u32> = 0x200..0x210;
