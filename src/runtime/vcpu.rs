@@ -241,6 +241,7 @@ struct VcpuThread {
 impl VcpuThread {
     fn run(mut self) {
         KVM_RUN.with(|run| run.set(self.vcpu.get_kvm_run() as *mut kvm_run));
+        self.prime();
         let mut state = RunState::Paused;
         loop {
             state = match state {
@@ -349,6 +350,23 @@ impl VcpuThread {
             }
             VcpuEvent::Finish => RunState::Finished,
         }
+    }
+
+    /// Makes this thread's first `KVM_RUN` now, without entering the guest: KVM does one-time
+    /// work on a vCPU's first run from a thread (since Linux 6.13 it starts the VM's NX huge page
+    /// recovery task then, and waits for it), and on a migration's destination the first entry
+    /// into the guest is downtime.
+    fn prime(&mut self) {
+        self.vcpu.set_kvm_immediate_exit(1);
+        match self.vcpu.run() {
+            Err(error) if error.errno() == libc::EINTR => {}
+            Err(error) => tracing::debug!(vcpu = self.index, %error, "priming KVM_RUN failed"),
+            Ok(exit) => {
+                let exit = exit_name(&exit);
+                tracing::debug!(vcpu = self.index, exit, "priming KVM_RUN exited");
+            }
+        }
+        self.vcpu.set_kvm_immediate_exit(0);
     }
 
     /// Clears `immediate_exit`, which a kick sets. The store must not sink past what follows
