@@ -21,10 +21,10 @@ const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 /// AMD's hardware configuration register.
 pub(crate) const MSR_K7_HWCR: u32 = 0xc001_0015;
-/// HWCR.TscFreqSel: the TSC counts at the P0 frequency, as it does on every AMD CPU since family
-/// 10h. Firmware sets it; left clear, Linux logs "[Firmware Bug]: TSC doesn't count with P0
-/// frequency!".
-const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
+/// HWCR.TscFreqSel: the TSC counts at the P0 frequency. Firmware sets it; Linux expects it on
+/// family 10h and later with a constant TSC, and logs "[Firmware Bug]: TSC doesn't count with P0
+/// frequency!" otherwise.
+pub(crate) const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRs enabled, default memory type write-back.
 const MTRR_DEF_TYPE_ENABLED_WB: u64 = (1 << 11) | 6;
@@ -151,10 +151,18 @@ fn set_tsc_freq_sel(vcpu: &VcpuFd, index: u32) {
         ..Default::default()
     };
     let msrs = Msrs::from_entries(&[entry]).expect("one MSR fits a kvm_msrs");
-    match vcpu.set_msrs(&msrs) {
-        Ok(1) => {}
-        Ok(_) => tracing::debug!(vcpu = index, "KVM refused HWCR.TscFreqSel"),
-        Err(error) => tracing::debug!(vcpu = index, %error, "KVM refused HWCR.TscFreqSel"),
+    let refused = match vcpu.set_msrs(&msrs) {
+        Ok(written) => written != 1,
+        Err(error) => {
+            tracing::debug!(vcpu = index, %error, "setting HWCR failed");
+            true
+        }
+    };
+    if refused && index == 0 {
+        tracing::info!(
+            "this KVM refuses HWCR.TscFreqSel (it takes it from Linux 6.7 on): a Linux guest will \
+             log a firmware bug about its TSC, which is harmless"
+        );
     }
 }
 
@@ -189,7 +197,15 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), Cp
     })
     .collect();
     let msrs = Msrs::from_entries(&entries).expect("a fixed list of MSRs fits a kvm_msrs");
-    vcpu.set_msrs(&msrs).map_err(kvm("boot MSRs"))?;
+    let written = vcpu.set_msrs(&msrs).map_err(kvm("boot MSRs"))?;
+    if let Some(refused) = entries.get(written) {
+        // KVM stops at the first MSR it refuses: the guest finds the rest as KVM left them.
+        tracing::warn!(
+            vcpu = index,
+            msr = format_args!("{:#x}", refused.index),
+            "KVM refused a boot MSR and those after it"
+        );
+    }
     if is_amd(cpuid) {
         set_tsc_freq_sel(vcpu, index);
     }

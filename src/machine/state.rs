@@ -14,6 +14,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+use crate::machine::cpu::{HWCR_TSC_FREQ_SEL, MSR_K7_HWCR};
 use crate::machine::devices::{Serial, SerialState, I8042};
 use crate::migrate::phases::Phases;
 use crate::migrate::state::{FeatureWord, Migratable, StateError};
@@ -21,8 +22,8 @@ use crate::migrate::state::{FeatureWord, Migratable, StateError};
 mod timers;
 
 /// MSRs that KVM saves and restores but leaves out of its index list (measured on this host):
-/// the MTRRs, TSC_AUX, SPEC_CTRL, and AMD's HWCR (whose TscFreqSel ferry sets; KVM keeps it on
-/// Intel hosts too).
+/// the MTRRs, TSC_AUX, SPEC_CTRL, and AMD's HWCR (whose TscFreqSel ferry sets; KVM emulates HWCR
+/// in its common x86 code, so an Intel host reads it as 0).
 const MSRS_MISSING_FROM_INDEX_LIST: &[u32] = &[
     0x48, // SPEC_CTRL
     0x250,
@@ -39,7 +40,7 @@ const MSRS_MISSING_FROM_INDEX_LIST: &[u32] = &[
     0x277,       // more fixed MTRRs, PAT
     0x2ff,       // MTRR default type
     0xc000_0103, // TSC_AUX
-    crate::machine::cpu::MSR_K7_HWCR,
+    MSR_K7_HWCR,
 ];
 /// The variable-range MTRR pairs (base, mask) at 0x200..0x210.
 const VARIABLE_MTRR_MSRS: std::ops::Range<u32> = 0x200..0x210;
@@ -213,21 +214,7 @@ impl Migratable for KvmVcpu<'_> {
         fd.set_lapic(&state.lapic)
             .map_err(restore_error("vCPU LAPIC"))?;
         phases.mark("lapic");
-        let msrs = Msrs::from_entries(&state.msrs).map_err(|e| StateError::Restore {
-            what: "vCPU MSRs".into(),
-            reason: format!("{e:?}"),
-        })?;
-        let written = fd.set_msrs(&msrs).map_err(restore_error("vCPU MSRs"))?;
-        if written != state.msrs.len() {
-            return Err(StateError::Restore {
-                what: "vCPU MSRs".into(),
-                reason: format!(
-                    "KVM refused MSR {:#x} ({written} of {} written)",
-                    state.msrs[written].index,
-                    state.msrs.len()
-                ),
-            });
-        }
+        write_msrs(fd, &state.msrs)?;
         phases.mark("msrs");
         fd.set_vcpu_events(&state.events)
             .map_err(restore_error("vCPU events"))?;
@@ -235,6 +222,38 @@ impl Migratable for KvmVcpu<'_> {
         tracing::debug!(%phases, "vCPU state restored (µs)");
         Ok(())
     }
+}
+
+/// Writes `entries`; every one must be taken, but for HWCR.TscFreqSel, which ferry sets, not
+/// the guest (a KVM before Linux 6.7 refuses it; the guest read it once, at boot).
+fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), StateError> {
+    let mut rest = entries.to_vec();
+    while !rest.is_empty() {
+        let msrs = Msrs::from_entries(&rest).map_err(|e| StateError::Restore {
+            what: "vCPU MSRs".into(),
+            reason: format!("{e:?}"),
+        })?;
+        let written = fd.set_msrs(&msrs).map_err(restore_error("vCPU MSRs"))?;
+        let Some(refused) = rest.get(written).copied() else {
+            return Ok(());
+        };
+        if refused.index == MSR_K7_HWCR && refused.data & HWCR_TSC_FREQ_SEL != 0 {
+            tracing::info!("this KVM refuses HWCR.TscFreqSel (before Linux 6.7); restored without");
+            rest[written].data &= !HWCR_TSC_FREQ_SEL;
+            rest.drain(..written);
+            continue;
+        }
+        return Err(StateError::Restore {
+            what: "vCPU MSRs".into(),
+            reason: format!(
+                "KVM refused MSR {:#x} ({} of {} written)",
+                refused.index,
+                entries.len() - rest.len() + written,
+                entries.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The VM-wide state in KVM: both PICs, the IOAPIC, the PIT and the clock.

@@ -353,9 +353,9 @@ impl VcpuThread {
     }
 
     /// Makes this thread's first `KVM_RUN` now, without entering the guest: KVM does one-time
-    /// work on a vCPU's first run from a thread (since Linux 6.13 it starts the VM's NX huge page
-    /// recovery task then, and waits for it), and on a migration's destination the first entry
-    /// into the guest is downtime.
+    /// work on a VM's first run (in recent kernels it creates the VM's NX huge page recovery
+    /// task then, a fork of this process), and on a migration's destination the first entry
+    /// into the guest is downtime. Only for a fresh vCPU: an exit in flight would be lost.
     fn prime(&mut self) {
         self.vcpu.set_kvm_immediate_exit(1);
         match self.vcpu.run() {
@@ -366,7 +366,7 @@ impl VcpuThread {
                 tracing::debug!(vcpu = self.index, exit, "priming KVM_RUN exited");
             }
         }
-        self.vcpu.set_kvm_immediate_exit(0);
+        self.clear_kick();
     }
 
     /// Clears `immediate_exit`, which a kick sets. The store must not sink past what follows
