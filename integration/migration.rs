@@ -10,7 +10,9 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{free_port, kvm_available, kvm_lock, scratch, silent_destination, Ferry, Transport};
+use common::{
+    free_port, kvm_available, kvm_lock, scratch, silent_destination, Ferry, Transport, SETTLE,
+};
 use ferry::guest::pattern::check_dump;
 use ferry::guest::{last_sweep, slices_by_cpu, ticks, GuestLine};
 use serde_json::{json, Value};
@@ -184,8 +186,8 @@ fn memory_identity(transport: Transport, channels: Option<u64>, destination_opti
     }
     assert!(info["ram"]["transferred"].as_u64().unwrap() > 0, "{info}");
     assert!(info.get("downtime").is_some(), "{info}");
-    assert_eq!(source.qmp().status(), "postmigrate");
-    assert_eq!(destination.qmp().status(), "paused");
+    source.qmp().wait_status("postmigrate", SETTLE);
+    destination.qmp().wait_status("paused", SETTLE);
     let src_memory = dump(&source, &world.path("src.mem"));
     let dst_memory = dump(&destination, &world.path("dst.mem"));
     let source_lines = source.guest_lines();
@@ -224,7 +226,7 @@ fn a_pending_power_button_press_migrates_with_the_guest() {
     let uri = world.uri();
     let mut destination = world.destination(2, &uri, true);
     migrate(&source, &uri);
-    assert_eq!(destination.qmp().status(), "paused");
+    destination.qmp().wait_status("paused", SETTLE);
     destination.qmp().ok("cont", None);
     destination.wait_line("the press", Duration::from_secs(30), |l| {
         l == "power button"
@@ -281,7 +283,7 @@ fn ticks_continue_across_the_migration() {
     let uri = world.uri();
     let destination = world.destination(2, &uri, false);
     migrate(&source, &uri);
-    assert_eq!(destination.qmp().status(), "running");
+    destination.qmp().wait_status("running", SETTLE);
     for cpu in 0..2 {
         let before = ticks(&source.guest_lines(), cpu);
         let last = *before.last().expect("the source ticked");
