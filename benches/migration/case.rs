@@ -107,6 +107,19 @@ pub(crate) struct Case {
 }
 
 impl Case {
+    /// A case as the defaults have it: no `max-bandwidth`, page connections on, and a
+    /// destination that backs RAM as pages arrive.
+    fn plain(transport: Transport, workload: Workload, mem_mib: u64) -> Self {
+        Self {
+            transport,
+            workload,
+            mem_mib,
+            cap_mib_per_s: None,
+            one_connection: false,
+            prealloc: false,
+        }
+    }
+
     pub(crate) fn name(&self) -> String {
         format!(
             "{}-{}-{}g{}",
@@ -239,14 +252,7 @@ impl Options {
         for &(workload, sizes) in workloads {
             for &mem_mib in sizes {
                 for transport in Transport::ALL {
-                    cases.push(Case {
-                        transport,
-                        workload,
-                        mem_mib,
-                        cap_mib_per_s: None,
-                        one_connection: false,
-                        prealloc: false,
-                    });
+                    cases.push(Case::plain(transport, workload, mem_mib));
                 }
             }
         }
@@ -255,39 +261,28 @@ impl Options {
             // socket's.
             for transport in Transport::ALL {
                 cases.push(Case {
-                    transport,
-                    workload: Workload::Fill(50),
-                    mem_mib: 1024,
                     cap_mib_per_s: Some(CAPPED_MIB_PER_S),
-                    one_connection: false,
-                    prealloc: false,
+                    ..Case::plain(transport, Workload::Fill(50), 1024)
                 });
             }
-            // What the page connections (multifd, on by default) gain over one connection.
-            for &mem_mib in all_sizes {
-                for transport in Transport::ALL {
-                    cases.push(Case {
-                        transport,
-                        workload: Workload::Fill(50),
-                        mem_mib,
-                        cap_mib_per_s: None,
-                        one_connection: true,
-                        prealloc: false,
-                    });
-                }
-            }
-            // The transfer alone: the destination's RAM backed before the migration starts,
-            // as the raw figures' reader has its buffer.
-            for &mem_mib in all_sizes {
-                for transport in Transport::ALL {
-                    cases.push(Case {
-                        transport,
-                        workload: Workload::Fill(50),
-                        mem_mib,
-                        cap_mib_per_s: None,
-                        one_connection: false,
-                        prealloc: true,
-                    });
+            let variants: [fn(Case) -> Case; 2] = [
+                // What the page connections (multifd, on by default) gain over one connection.
+                |case| Case {
+                    one_connection: true,
+                    ..case
+                },
+                // The transfer alone: the destination's RAM backed before the migration
+                // starts, as the raw figures' reader has its buffer.
+                |case| Case {
+                    prealloc: true,
+                    ..case
+                },
+            ];
+            for variant in variants {
+                for &mem_mib in all_sizes {
+                    for transport in Transport::ALL {
+                        cases.push(variant(Case::plain(transport, Workload::Fill(50), mem_mib)));
+                    }
                 }
             }
         }
