@@ -186,24 +186,6 @@ impl Client {
         name
     }
 
-    /// Polls `query-status` until it says `wanted` (a VM settles its state just after its
-    /// migration task ends, which may be after the source said `completed`).
-    pub fn wait_status(&mut self, wanted: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if status == wanted {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: the status stayed {status}, never {wanted}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
     /// The first event called `name`, set aside earlier or arriving within `timeout`. Events
     /// with other names are set aside.
     pub fn event(&mut self, name: &str, timeout: Duration) -> Value {

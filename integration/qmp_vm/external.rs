@@ -251,10 +251,12 @@ fn stratovirt_migration_guide(uri: &str) {
     );
 
     // The guest runs on the destination, and only there.
+    source.qmp().wait_status("postmigrate", SETTLE);
     let mut src_qmp = connect(&source, "src");
-    src_qmp.wait_status("postmigrate", SETTLE);
+    assert_eq!(src_qmp.status(), "postmigrate");
     assert_quiet(&source, "the source after the migration");
-    dst_qmp.wait_status("running", SETTLE);
+    destination.qmp().wait_status("running", SETTLE);
+    assert_eq!(dst_qmp.status(), "running");
     dst_qmp.event("RESUME", Duration::from_secs(5));
     wait_ticks_on(&destination);
     assert_eq!(
