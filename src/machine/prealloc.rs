@@ -12,10 +12,8 @@ use std::time::Instant;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::memory::GuestMemory;
+use super::memory::{populate_write, GuestMemory, POPULATE_CHUNK};
 
-/// How much one call backs: a huge page's worth.
-const CHUNK: usize = 2 << 20;
 /// Threads beyond the host's cores only queue; this many already saturate a large host's
 /// memory bandwidth (QEMU lets the operator pick; StratoVirt caps at 16).
 const MAX_THREADS: usize = 8;
@@ -47,7 +45,10 @@ pub fn preallocate(memory: &GuestMemory) -> Result<(), PreallocError> {
         .iter()
         .map(|region| (region.as_ptr() as usize, region.len() as usize))
         .collect();
-    let chunks: usize = regions.iter().map(|&(_, len)| len.div_ceil(CHUNK)).sum();
+    let chunks: usize = regions
+        .iter()
+        .map(|&(_, len)| len.div_ceil(POPULATE_CHUNK))
+        .sum();
     let threads = std::thread::available_parallelism()
         .map_or(1, |cores| cores.get())
         .clamp(1, MAX_THREADS)
@@ -100,10 +101,10 @@ pub fn preallocate(memory: &GuestMemory) -> Result<(), PreallocError> {
 /// The `index`-th chunk of the regions, as (host address, length).
 fn chunk(regions: &[(usize, usize)], mut index: usize) -> Option<(usize, usize)> {
     for &(host, len) in regions {
-        let count = len.div_ceil(CHUNK);
+        let count = len.div_ceil(POPULATE_CHUNK);
         if index < count {
-            let offset = index * CHUNK;
-            return Some((host + offset, CHUNK.min(len - offset)));
+            let offset = index * POPULATE_CHUNK;
+            return Some((host + offset, POPULATE_CHUNK.min(len - offset)));
         }
         index -= count;
     }
@@ -116,14 +117,10 @@ fn chunk(regions: &[(usize, usize)], mut index: usize) -> Option<(usize, usize)>
 ///
 /// The range must be mapped, writable memory.
 unsafe fn back_chunk(host: usize, len: usize) -> std::io::Result<()> {
-    // SAFETY: the caller vouches for the range; MADV_POPULATE_WRITE backs pages as a write that
-    // stores nothing would, and leaves their contents as they are.
-    let result =
-        unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
-    if result == 0 {
+    // SAFETY: the caller vouches for the range.
+    let Err(error) = (unsafe { populate_write(host as *mut u8, len) }) else {
         return Ok(());
-    }
-    let error = std::io::Error::last_os_error();
+    };
     if error.raw_os_error() != Some(libc::EINVAL) {
         return Err(error);
     }
@@ -147,14 +144,17 @@ mod tests {
 
     #[test]
     fn chunks_cover_every_region_in_order() {
-        let regions = [(0x10_0000, 2 * CHUNK + 4096), (0x1_0000_0000, 4096)];
+        let regions = [
+            (0x10_0000, 2 * POPULATE_CHUNK + 4096),
+            (0x1_0000_0000, 4096),
+        ];
         let all: Vec<_> = (0..5).map(|index| chunk(&regions, index)).collect();
         assert_eq!(
             all,
             vec![
-                Some((0x10_0000, CHUNK)),
-                Some((0x10_0000 + CHUNK, CHUNK)),
-                Some((0x10_0000 + 2 * CHUNK, 4096)),
+                Some((0x10_0000, POPULATE_CHUNK)),
+                Some((0x10_0000 + POPULATE_CHUNK, POPULATE_CHUNK)),
+                Some((0x10_0000 + 2 * POPULATE_CHUNK, 4096)),
                 Some((0x1_0000_0000, 4096)),
                 None,
             ]

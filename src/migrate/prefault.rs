@@ -12,12 +12,7 @@ use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::machine::memory::{GuestMemory, PAGE_SIZE};
-
-/// How much one madvise call backs: 2 MiB, a huge page's worth, so that a stop is seen within a few ms
-/// (cold fresh memory is backed at 0.4-0.9 GiB/s on this host), and neither the switchover
-/// nor, after a cancel, the source's guest waits long for this thread's core.
-const CHUNK: u64 = 2 << 20;
+use crate::machine::memory::{populate_write, GuestMemory, PAGE_SIZE, POPULATE_CHUNK};
 
 /// The prefault thread; dropping it stops it at its next chunk.
 pub struct Prefault {
@@ -83,18 +78,15 @@ fn run(memory: &GuestMemory, ranges: &[(u64, u64)], stop: &AtomicBool) {
                 tracing::debug!(backed, "prefault stopped");
                 return;
             }
-            let len = CHUNK.min(bytes - offset);
+            let len = (POPULATE_CHUNK as u64).min(bytes - offset);
             let Ok(host) = memory.get_host_address(GuestAddress(gpa + offset)) else {
                 return;
             };
             // SAFETY: [host, host + len) lies in one region of `memory`, which this thread keeps
-            // mapped; MADV_POPULATE_WRITE only backs pages, like a write that stores nothing,
-            // and leaves pages that hold data as they are.
-            let result =
-                unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_POPULATE_WRITE) };
-            if result != 0 {
+            // mapped.
+            if let Err(error) = unsafe { populate_write(host, len as usize) } {
                 // An older kernel without MADV_POPULATE_WRITE: faults happen on arrival instead.
-                tracing::debug!(error = %std::io::Error::last_os_error(), "prefault gave up");
+                tracing::debug!(%error, "prefault gave up");
                 return;
             }
             backed += len;
