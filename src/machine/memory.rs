@@ -228,20 +228,27 @@ pub fn resident_bitmap(region: &GuestRegion) -> std::io::Result<Vec<u64>> {
 /// Which pages of `[gpa, gpa + pages * 4 KiB)`, which must lie in one RAM region, the host
 /// backs, as bits like [`resident_bitmap`]'s; `None` if the range is not RAM.
 pub fn resident_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<u64>> {
+    let slice = ram_slice(memory, gpa, pages)?;
+    residency(slice.ptr_guard().as_ptr(), slice.len()).ok()
+}
+
+/// Guest RAM with its part of the record of ferry's writes.
+pub type RamSlice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
+
+/// `pages` pages of RAM from `gpa`, if they lie in one mapped region of `memory` (which
+/// `get_slice` checks).
+pub fn ram_slice(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<RamSlice<'_>> {
     let len = usize::try_from(pages.checked_mul(PAGE_SIZE)?).ok()?;
-    // get_slice checks that the whole range lies in one mapped region of `memory`.
-    let slice = memory.get_slice(GuestAddress(gpa), len).ok()?;
-    residency(slice.ptr_guard().as_ptr(), len).ok()
+    memory.get_slice(GuestAddress(gpa), len).ok()
 }
 
 /// Which pages of `[gpa, gpa + pages * 4 KiB)`, which must lie in one RAM region, ferry has
 /// written (through vm-memory, or marked as written), as bits like [`resident_bitmap`]'s;
 /// `None` if the range is not RAM.
 pub fn written_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<u64>> {
-    let len = usize::try_from(pages.checked_mul(PAGE_SIZE)?).ok()?;
-    let slice = memory.get_slice(GuestAddress(gpa), len).ok()?;
+    let slice = ram_slice(memory, gpa, pages)?;
     let written = slice.bitmap();
-    let mut bits = vec![0u64; len.div_ceil(PAGE_SIZE as usize * 64)];
+    let mut bits = vec![0u64; (pages as usize).div_ceil(64)];
     for page in 0..pages as usize {
         if written.dirty_at(page * PAGE_SIZE as usize) {
             bits[page / 64] |= 1 << (page % 64);

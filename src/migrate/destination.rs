@@ -140,7 +140,7 @@ async fn receive_stream(
     shared.progress().started = Some(started);
     let memory = vm.machine.memory.clone();
     wire::read_header(stream).await?;
-    let source = match next(stream).await? {
+    let source = match wire::read_message(stream).await? {
         Message::Config(source) => source,
         other => {
             return Err(ReceiveError::Protocol(format!(
@@ -427,10 +427,6 @@ fn source_gave_up(message: Message) -> Result<ReceiveError, Message> {
         Message::Error(reason) => Ok(ReceiveError::SourceFailed(reason)),
         other => Err(other),
     }
-}
-
-async fn next(stream: &mut BoxedStream) -> Result<Message, ReceiveError> {
-    Ok(wire::read_message(stream).await?)
 }
 
 fn describe(message: &Message) -> String {

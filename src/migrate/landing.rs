@@ -6,13 +6,15 @@
 use std::future::poll_fn;
 use std::io::IoSliceMut;
 
-use vm_memory::bitmap::{AtomicBitmap, Bitmap};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::ranges::{push_page, Cursor};
 use super::transport::BoxedStream;
 use super::wire::{PageEntry, WireError};
-use crate::machine::memory::{resident_pages, written_pages, GuestMemory, PAGE_SIZE};
+use crate::machine::memory::{
+    ram_slice, resident_pages, written_pages, GuestMemory, RamSlice, PAGE_SIZE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LandingError {
@@ -23,9 +25,6 @@ pub enum LandingError {
     #[error("{0}")]
     Local(String),
 }
-
-/// One page of guest RAM, with its part of the record of ferry's writes.
-type PageSlice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
 
 /// How much page data a receiver reads before it lets the runtime's other tasks run.
 const YIELD_EVERY: usize = 1 << 20;
@@ -125,10 +124,9 @@ impl Landing {
 }
 
 /// Guest page `gpa`, which must lie wholly in RAM.
-fn page(memory: &GuestMemory, gpa: u64) -> Result<PageSlice<'_>, LandingError> {
-    memory
-        .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
-        .map_err(|_| LandingError::Protocol(format!("page {gpa:#x} is outside this VM's RAM")))
+fn page(memory: &GuestMemory, gpa: u64) -> Result<RamSlice<'_>, LandingError> {
+    ram_slice(memory, gpa, 1)
+        .ok_or_else(|| LandingError::Protocol(format!("page {gpa:#x} is outside this VM's RAM")))
 }
 
 /// Makes every page of the runs zero; pages the host never backed already are, and stay
