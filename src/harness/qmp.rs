@@ -149,31 +149,27 @@ impl Qmp {
     /// state once its migration task is over, which may be just after the source said
     /// `completed`: a QMP client waits for it (or for the `RESUME` event), as with QEMU.
     pub fn wait_status(&mut self, wanted: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if status == wanted {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the status stayed {status}, never {wanted}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.poll("query-status", timeout, |status| status["status"] == wanted);
     }
 
     /// Polls `query-migrate` until its status is one of `wanted`, returning the last answer.
     pub fn wait_migration(&mut self, wanted: &[&str], timeout: Duration) -> Value {
+        self.poll("query-migrate", timeout, |info| {
+            wanted.contains(&info["status"].as_str().unwrap_or(""))
+        })
+    }
+
+    /// Runs `command` every 20 ms until its answer is `done`, at most `timeout`.
+    fn poll(&mut self, command: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let info = self.ok("query-migrate", None);
-            if wanted.contains(&info["status"].as_str().unwrap_or("")) {
-                return info;
+            let answer = self.ok(command, None);
+            if done(&answer) {
+                return answer;
             }
             assert!(
                 Instant::now() < deadline,
-                "migration never reached {wanted:?}: {info}"
+                "{command} never said what was awaited within {timeout:?}: {answer}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
