@@ -142,30 +142,6 @@ fn is_amd(cpuid: &CpuId) -> bool {
         })
 }
 
-/// Sets HWCR.TscFreqSel as AMD firmware does. KVM takes it from Linux 6.7 on; an older KVM
-/// refuses it, and the guest only logs its complaint.
-fn set_tsc_freq_sel(vcpu: &VcpuFd, index: u32) {
-    let entry = kvm_msr_entry {
-        index: MSR_K7_HWCR,
-        data: HWCR_TSC_FREQ_SEL,
-        ..Default::default()
-    };
-    let msrs = Msrs::from_entries(&[entry]).expect("one MSR fits a kvm_msrs");
-    let refused = match vcpu.set_msrs(&msrs) {
-        Ok(written) => written != 1,
-        Err(error) => {
-            tracing::debug!(vcpu = index, %error, "setting HWCR failed");
-            true
-        }
-    };
-    if refused && index == 0 {
-        tracing::info!(
-            "this KVM refuses HWCR.TscFreqSel (it takes it from Linux 6.7 on): a Linux guest will \
-             log a firmware bug about its TSC, which is harmless"
-        );
-    }
-}
-
 /// Sets everything every vCPU needs, whether it boots the kernel or waits for a SIPI.
 pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), CpuError> {
     let kvm = |what| {
@@ -176,6 +152,8 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), Cp
         }
     };
     vcpu.set_cpuid2(cpuid).map_err(kvm("CPUID"))?;
+    // AMD firmware sets HWCR.TscFreqSel; it goes last, since a KVM before Linux 6.7 refuses it.
+    let tsc_freq_sel = is_amd(cpuid).then_some((MSR_K7_HWCR, HWCR_TSC_FREQ_SEL));
     let entries: Vec<kvm_msr_entry> = [
         (MSR_IA32_SYSENTER_CS, 0),
         (MSR_IA32_SYSENTER_ESP, 0),
@@ -190,6 +168,7 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), Cp
         (MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_ENABLED_WB),
     ]
     .into_iter()
+    .chain(tsc_freq_sel)
     .map(|(index, data)| kvm_msr_entry {
         index,
         data,
@@ -198,16 +177,19 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), Cp
     .collect();
     let msrs = Msrs::from_entries(&entries).expect("a fixed list of MSRs fits a kvm_msrs");
     let written = vcpu.set_msrs(&msrs).map_err(kvm("boot MSRs"))?;
-    if let Some(refused) = entries.get(written) {
+    match entries.get(written) {
+        None => {}
         // KVM stops at the first MSR it refuses: the guest finds the rest as KVM left them.
-        tracing::warn!(
+        Some(refused) if refused.index != MSR_K7_HWCR => tracing::warn!(
             vcpu = index,
             msr = format_args!("{:#x}", refused.index),
             "KVM refused a boot MSR and those after it"
-        );
-    }
-    if is_amd(cpuid) {
-        set_tsc_freq_sel(vcpu, index);
+        ),
+        Some(_) if index == 0 => tracing::info!(
+            "this KVM refuses HWCR.TscFreqSel (it takes it from Linux 6.7 on): a Linux guest \
+             will log a firmware bug about its TSC, which is harmless"
+        ),
+        Some(_) => {}
     }
     let fpu = kvm_fpu {
         fcw: 0x37f,
