@@ -14,7 +14,7 @@ use super::lanes::{DestinationLanes, LaneError};
 use super::phases::Phases;
 use super::progress::MigrationStatus;
 use super::transport::{BoxedStream, Listener};
-use super::wire::{self, Committed, Incoming, LaneOffer, Message, WireError};
+use super::wire::{self, Commit, Committed, Incoming, LaneOffer, Message, WireError};
 use super::{prefault, vmstate, Shared};
 use crate::machine::memory::{GuestMemory, PAGE_SIZE};
 use crate::runtime::priority;
@@ -74,16 +74,8 @@ pub async fn receive(
     shared: &Arc<Shared>,
     cancel: CancellationToken,
 ) -> Outcome {
-    let result = tokio::select! {
-        result = accept_and_receive(vm, listener, shared) => result,
-        () = cancel.cancelled() => {
-            priority::give_way();
-            Err(ReceiveError::Local("the incoming migration was cancelled".into()))
-        }
-    };
-    match result {
+    match accept_and_receive(vm, listener, shared, &cancel).await {
         Ok(run) => {
-            shared.finish(MigrationStatus::Completed, None);
             info!(run, "incoming migration completed");
             Outcome::Completed { run }
         }
@@ -99,31 +91,100 @@ pub async fn receive(
     }
 }
 
+/// Cancellable until the source's COMMIT: from then on only the commit's own fate decides
+/// where the guest runs, as on the source.
 async fn accept_and_receive(
     vm: &mut Vm,
     listener: Listener,
     shared: &Arc<Shared>,
+    cancel: &CancellationToken,
 ) -> Result<bool, ReceiveError> {
-    let (mut stream, peer) = listener
-        .accept()
-        .await
-        .map_err(|e| ReceiveError::Local(format!("accept failed: {e}")))?;
+    let cancelled = || ReceiveError::Local("the incoming migration was cancelled".into());
+    let (mut stream, peer) = tokio::select! {
+        accepted = listener.accept() => {
+            accepted.map_err(|e| ReceiveError::Local(format!("accept failed: {e}")))?
+        }
+        () = cancel.cancelled() => {
+            priority::give_way();
+            return Err(cancelled());
+        }
+    };
     let span = info_span!("migration", direction = "incoming", peer = %peer);
-    let result = receive_stream(vm, &mut stream, listener, shared)
-        .instrument(span)
-        .await;
-    if let Err(error) = &result {
-        // This process ends now (a destination without a guest exits); on the same host, the
-        // source has just taken its guest back, and whatever of this side still runs (a lane
-        // finishing its read, the prefault thread, the teardown of RAM) must not take a core
-        // from it meanwhile, not even while the notice below goes out.
-        priority::give_way();
-        // Tell the source why, so that its error-desc names the real cause.
-        let notice = Message::Error(error.to_string());
-        let send = wire::write_message(&mut stream, &notice);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
+    async {
+        let clock = LocalClock::start();
+        let received = tokio::select! {
+            received = receive_stream(vm, &mut stream, listener, &clock, shared) => received,
+            () = cancel.cancelled() => Err(cancelled()),
+        };
+        let result = match received {
+            Ok(commit) => take_over(vm, &mut stream, commit, &clock, shared).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = &result {
+            // This process ends now (a destination without a guest exits); on the same host,
+            // the source has just taken its guest back, and whatever of this side still runs
+            // (a lane finishing its read, the prefault thread, the teardown of RAM) must not
+            // take a core from it meanwhile, not even while the notice below goes out.
+            priority::give_way();
+            // Tell the source why, so that its error-desc names the real cause.
+            let notice = Message::Error(error.to_string());
+            let send = wire::write_message(&mut stream, &notice);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
+        }
+        result
     }
-    result
+    .instrument(span)
+    .await
+}
+
+/// Runs the guest the source committed to this side, then says so. The migration is
+/// `completed` before COMMITTED goes out: a client that hears the source complete must find
+/// this side's migration over too. Returns whether the source ran the guest.
+async fn take_over(
+    vm: &mut Vm,
+    stream: &mut BoxedStream,
+    commit: Commit,
+    clock: &LocalClock,
+    shared: &Shared,
+) -> Result<bool, ReceiveError> {
+    let mut phases = Phases::start();
+    // The source has let go of the images; without them the guest must not run here (the
+    // error goes back to the source, which then runs it again).
+    vm.machine
+        .devices
+        .activate_disks()
+        .map_err(|e| ReceiveError::Local(format!("cannot take over the disks: {e}")))?;
+    phases.mark("disks");
+    // The guest is ours now whether or not the source hears this. It runs before the source is
+    // told, and the source learns since when: on a busy host this side may hear its vCPUs'
+    // acknowledgements well after they run the guest, and that is not downtime.
+    let mut running_since = Vec::new();
+    if commit.run && shared.autostart() {
+        match vm.vcpus.resume_at().await {
+            Ok(entered) => running_since = entered,
+            Err(error) => {
+                // Whatever ran stops again, and the source gets its disks back.
+                let _ = vm.vcpus.pause().await;
+                vm.machine.devices.deactivate_disks();
+                return Err(ReceiveError::Local(format!(
+                    "cannot start the vCPUs: {error}"
+                )));
+            }
+        }
+    }
+    phases.mark("resume");
+    shared.finish(MigrationStatus::Completed, None);
+    let committed = Committed {
+        vcpus_running_at_ns: running_since.iter().map(|&t| clock.at(t)).collect(),
+    };
+    let _ = wire::write_message(stream, &Message::Committed(committed)).await;
+    phases.mark("committed");
+    let running_us = running_since
+        .iter()
+        .max()
+        .map(|t| t.elapsed().as_micros() as u64);
+    tracing::debug!(%phases, running_us, "commit steps (µs)");
+    Ok(commit.run)
 }
 
 /// Reads and answers on the one unsplit `stream`: the two never overlap, and page data is read
@@ -132,11 +193,11 @@ async fn receive_stream(
     vm: &mut Vm,
     stream: &mut BoxedStream,
     listener: Listener,
+    clock: &LocalClock,
     shared: &Arc<Shared>,
-) -> Result<bool, ReceiveError> {
+) -> Result<Commit, ReceiveError> {
     // The migration starts when the source connects, not when this side began to wait.
     let started = Instant::now();
-    let clock = LocalClock::start();
     shared.progress().started = Some(started);
     let memory = vm.machine.memory.clone();
     wire::read_header(stream).await?;
@@ -244,7 +305,7 @@ async fn receive_stream(
                     lanes.stop().await;
                 }
                 let mut phases = Phases::start();
-                vmstate::restore(vm, sections, &clock)
+                vmstate::restore(vm, sections, clock)
                     .instrument(info_span!("device_state"))
                     .await
                     .map_err(|e| ReceiveError::Local(e.to_string()))?;
@@ -254,46 +315,7 @@ async fn receive_stream(
                 tracing::debug!(%phases, "state restored (µs)");
                 restored = true;
             }
-            Message::Commit(commit) if restored => {
-                let mut phases = Phases::start();
-                // The source has let go of the images; without them the guest must not run here
-                // (the error goes back to the source, which then runs it again).
-                vm.machine
-                    .devices
-                    .activate_disks()
-                    .map_err(|e| ReceiveError::Local(format!("cannot take over the disks: {e}")))?;
-                phases.mark("disks");
-                // The guest is ours now whether or not the source hears this. It runs before the
-                // source is told, and the source learns since when: on a busy host this side
-                // may hear its vCPUs' acknowledgements well after they run the guest, and that
-                // is not downtime.
-                let mut running_since = Vec::new();
-                if commit.run && shared.autostart() {
-                    match vm.vcpus.resume_at().await {
-                        Ok(entered) => running_since = entered,
-                        Err(error) => {
-                            // Whatever ran stops again, and the source gets its disks back.
-                            let _ = vm.vcpus.pause().await;
-                            vm.machine.devices.deactivate_disks();
-                            return Err(ReceiveError::Local(format!(
-                                "cannot start the vCPUs: {error}"
-                            )));
-                        }
-                    }
-                }
-                phases.mark("resume");
-                let committed = Committed {
-                    vcpus_running_at_ns: running_since.iter().map(|&t| clock.at(t)).collect(),
-                };
-                let _ = wire::write_message(stream, &Message::Committed(committed)).await;
-                phases.mark("committed");
-                let running_us = running_since
-                    .iter()
-                    .max()
-                    .map(|t| t.elapsed().as_micros() as u64);
-                tracing::debug!(%phases, running_us, "commit steps (µs)");
-                return Ok(commit.run);
-            }
+            Message::Commit(commit) if restored => return Ok(commit),
             Message::Error(reason) => return Err(ReceiveError::SourceFailed(reason)),
             Message::Cancel => return Err(ReceiveError::Cancelled),
             other => {

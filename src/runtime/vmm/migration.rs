@@ -29,16 +29,18 @@ pub(super) struct RunningMigration {
 }
 
 impl Vmm {
-    /// An outgoing migration that has reported its end may still be tidying up (its task has
-    /// not handed the VM back yet); a request that arrives then waits for that, rather than
-    /// being told a migration is in progress after `query-migrate` said it was over. `Some`
-    /// when the task could not hand the VM back (it died), which ends the VM.
+    /// A migration that has reported its end may still be tidying up (its task has not handed
+    /// the VM back yet); a request that arrives then waits for that, rather than being told a
+    /// migration is in progress after `query-migrate` said it was over. A destination reports
+    /// `completed` before it tells the source, so once the source says `completed` this side's
+    /// `query-status` already waits for the guest it runs. `Some` when the task could not hand
+    /// the VM back (it died), or the incoming migration failed: either ends the VM.
     pub(super) async fn settle_ended_migration(&mut self) -> Option<Ending> {
         let ended = matches!(
             self.migration.progress().status,
             MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
         );
-        if !ended || self.status == RunStatus::InMigrate {
+        if !ended {
             return None;
         }
         let running = self.running_migration.as_mut()?;
