@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    kvm_available, kvm_lock, migration_uri, scratch, silent_destination, Ferry, Transport, SETTLE,
+    kvm_available, kvm_lock, migration_uri, scratch, silent_destination, Ferry, Transport,
 };
 use ferry::guest::disk::{
     check_image, last_disk_progress, write_image, DiskLine, DISK_AHEAD_BLOCKS,
@@ -251,8 +251,8 @@ fn migrate_during_io(transport: Transport) {
     );
     let info = migrate(&source, &uri);
     assert_eq!(info["status"], "completed", "{info}\n{}", source.context());
-    destination.qmp().wait_status("running", SETTLE);
-    source.qmp().wait_status("postmigrate", SETTLE);
+    assert_eq!(destination.qmp().status(), "running");
+    assert_eq!(source.qmp().status(), "postmigrate");
     let left = progress(&source).expect("the source reported progress");
     // A full pass on the destination reads back every block the source wrote, and more.
     let arrived = wait_progress(&destination, left.gen + 2, 0);

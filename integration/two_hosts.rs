@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{kvm_available, kvm_lock, scratch, Ferry, SETTLE};
+use common::{kvm_available, kvm_lock, scratch, Ferry};
 use ferry::guest::pattern::check_dump;
 use ferry::guest::{last_sweep, slices_by_cpu, GuestLine};
 use serde_json::{json, Value};
@@ -245,8 +245,8 @@ fn migration_between_two_network_namespaces_over_tcp() {
          total {} ms, downtime {} ms",
         hosts.source, hosts.destination, info["total-time"], info["downtime"]
     );
-    qmp.wait_status("postmigrate", SETTLE);
-    destination.qmp().wait_status("running", SETTLE);
+    assert_eq!(qmp.status(), "postmigrate");
+    assert_eq!(destination.qmp().status(), "running");
 
     // The guest goes on in B: every vCPU sweeps past where it was on the source.
     let source_lines = source.guest_lines();

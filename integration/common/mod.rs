@@ -4,12 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::Duration;
 
 pub use ferry::harness::Ferry;
-
-/// How long a VM may take to settle its state (`query-status`) once a migration is over.
-pub const SETTLE: Duration = Duration::from_secs(10);
 
 /// The ferry binary cargo built for these tests.
 pub fn ferry_bin() -> &'static str {

@@ -145,13 +145,6 @@ impl Qmp {
             .to_owned()
     }
 
-    /// Polls `query-status` until it says `wanted`. After a migration, each side settles its
-    /// state once its migration task is over, which may be just after the source said
-    /// `completed`: a QMP client waits for it (or for the `RESUME` event), as with QEMU.
-    pub fn wait_status(&mut self, wanted: &str, timeout: Duration) {
-        self.poll("query-status", timeout, |status| status["status"] == wanted);
-    }
-
     /// Polls `query-migrate` until its status is one of `wanted`, returning the last answer.
     pub fn wait_migration(&mut self, wanted: &[&str], timeout: Duration) -> Value {
         self.poll("query-migrate", timeout, |info| {
