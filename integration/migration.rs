@@ -527,6 +527,57 @@ fn cancel_at_every_stage_then_migrate_again() {
     assert_pattern(&memory, &source.guest_lines());
 }
 
+/// A `migrate_cancel` on the destination ends its incoming migration before the commit: the
+/// source hears why, fails with that reason and runs on, and the destination never runs the
+/// guest.
+#[test]
+fn a_cancel_on_the_destination_reaches_the_source() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Unix);
+    let source = world.source(2);
+    let mut qmp = source.qmp();
+    // Round 0 then takes seconds: the cancel lands in it.
+    qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 4 << 20})),
+    );
+    let uri = world.uri();
+    let mut destination = world.destination(2, &uri, false);
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = qmp.ok("query-migrate", None);
+        if info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never active: {info}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(destination.qmp().ok("migrate_cancel", None), json!({}));
+    let info = qmp.wait_migration(
+        &["completed", "failed", "canceled"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(info["status"], "failed", "{info}");
+    let reason = info["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("the incoming migration was cancelled"),
+        "the source does not say the destination cancelled: {info}"
+    );
+    let status = destination.wait_exit(Duration::from_secs(10));
+    assert!(
+        !status.success(),
+        "the destination of a cancelled migration must fail"
+    );
+    assert_eq!(destination.line_count(), 0, "the destination ran the guest");
+    qmp.ok("migrate-set-parameters", Some(json!({"max-bandwidth": 0})));
+    assert_source_runs(&source);
+}
+
 /// Failures leave the source running with a reason, and no destination runs a partial guest.
 #[test]
 fn failures_leave_the_source_running_with_a_reason() {
