@@ -145,24 +145,18 @@ impl Qmp {
             .to_owned()
     }
 
-    /// Polls `query-migrate` until its status is one of `wanted`, returning the last answer.
+    /// Polls `query-migrate` every 20 ms until its status is one of `wanted`, at most
+    /// `timeout`; returns the last answer.
     pub fn wait_migration(&mut self, wanted: &[&str], timeout: Duration) -> Value {
-        self.poll("query-migrate", timeout, |info| {
-            wanted.contains(&info["status"].as_str().unwrap_or(""))
-        })
-    }
-
-    /// Runs `command` every 20 ms until its answer is `done`, at most `timeout`.
-    fn poll(&mut self, command: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let answer = self.ok(command, None);
-            if done(&answer) {
-                return answer;
+            let info = self.ok("query-migrate", None);
+            if wanted.contains(&info["status"].as_str().unwrap_or("")) {
+                return info;
             }
             assert!(
                 Instant::now() < deadline,
-                "{command} never said what was awaited within {timeout:?}: {answer}"
+                "the migration was never {wanted:?} within {timeout:?}: {info}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -2,7 +2,7 @@
 //! and run the guest only when the source commits.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
@@ -79,34 +79,33 @@ pub async fn receive(
             info!(run, "incoming migration completed");
             Outcome::Completed { run }
         }
-        Err(error) => {
-            let reason = error.to_string();
-            tracing::error!(
-                reason,
-                "incoming migration failed; the guest was not started"
-            );
-            shared.finish(MigrationStatus::Failed, Some(reason.clone()));
-            Outcome::Failed(reason)
-        }
+        Err(reason) => Outcome::Failed(reason),
     }
 }
 
+/// How long this side tries to tell the source how the migration ended: a source that does
+/// not read then hears nothing, and decides on its own deadlines.
+const LAST_WORD_DEADLINE: Duration = Duration::from_secs(1);
+
 /// Cancellable until the source's COMMIT: from then on only the commit's own fate decides
-/// where the guest runs, as on the source.
+/// where the guest runs, as on the source. A failure ends the migration here before the
+/// source hears of it, as a completion does.
 async fn accept_and_receive(
     vm: &mut Vm,
     listener: Listener,
     shared: &Arc<Shared>,
     cancel: &CancellationToken,
-) -> Result<bool, ReceiveError> {
+) -> Result<bool, String> {
     let cancelled = || ReceiveError::Local("the incoming migration was cancelled".into());
-    let (mut stream, peer) = tokio::select! {
-        accepted = listener.accept() => {
-            accepted.map_err(|e| ReceiveError::Local(format!("accept failed: {e}")))?
-        }
-        () = cancel.cancelled() => {
-            priority::give_way();
-            return Err(cancelled());
+    let accepted = tokio::select! {
+        accepted = listener.accept() => accepted,
+        () = cancel.cancelled() => return Err(failed(shared, cancelled())),
+    };
+    let (mut stream, peer) = match accepted {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            let error = ReceiveError::Local(format!("accept failed: {e}"));
+            return Err(failed(shared, error));
         }
     };
     let span = info_span!("migration", direction = "incoming", peer = %peer);
@@ -120,26 +119,40 @@ async fn accept_and_receive(
             Ok(commit) => take_over(vm, &mut stream, commit, &clock, shared).await,
             Err(error) => Err(error),
         };
-        if let Err(error) = &result {
-            // This process ends now (a destination without a guest exits); on the same host,
-            // the source has just taken its guest back, and whatever of this side still runs
-            // (a lane finishing its read, the prefault thread, the teardown of RAM) must not
-            // take a core from it meanwhile, not even while the notice below goes out.
-            priority::give_way();
-            // Tell the source why, so that its error-desc names the real cause.
-            let notice = Message::Error(error.to_string());
-            let send = wire::write_message(&mut stream, &notice);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
-        }
-        result
+        let reason = match result {
+            Ok(run) => return Ok(run),
+            Err(error) => failed(shared, error),
+        };
+        // Tell the source why, so that its error-desc names the real cause.
+        let notice = Message::Error(reason.clone());
+        let send = wire::write_message(&mut stream, &notice);
+        let _ = tokio::time::timeout(LAST_WORD_DEADLINE, send).await;
+        Err(reason)
     }
     .instrument(span)
     .await
 }
 
-/// Runs the guest the source committed to this side, then says so. The migration is
-/// `completed` before COMMITTED goes out: a client that hears the source complete must find
-/// this side's migration over too. Returns whether the source ran the guest.
+/// Ends the migration as failed and returns why.
+fn failed(shared: &Shared, error: ReceiveError) -> String {
+    // This process ends now (a destination without a guest exits); on the same host the
+    // source runs its guest again as soon as it hears, and whatever of this side still runs (a
+    // lane finishing its read, the prefault thread, the teardown of RAM) must not take a core
+    // from it meanwhile, not even while the notice goes out.
+    priority::give_way();
+    let reason = error.to_string();
+    tracing::error!(
+        reason,
+        "incoming migration failed; the guest does not run here"
+    );
+    shared.finish(MigrationStatus::Failed, Some(reason.clone()));
+    reason
+}
+
+/// Takes over the guest the source committed to this side: runs it if the source ran it and no
+/// `stop` came meanwhile, then says so. The migration is `completed` before COMMITTED goes
+/// out: a client that hears the source complete must find this side's migration over too.
+/// Returns whether the source ran the guest.
 async fn take_over(
     vm: &mut Vm,
     stream: &mut BoxedStream,
@@ -177,7 +190,11 @@ async fn take_over(
     let committed = Committed {
         vcpus_running_at_ns: running_since.iter().map(|&t| clock.at(t)).collect(),
     };
-    let _ = wire::write_message(stream, &Message::Committed(committed)).await;
+    // The guest is this side's whatever the source hears: one that does not read stays paused,
+    // its migration in doubt.
+    let confirmation = Message::Committed(committed);
+    let send = wire::write_message(stream, &confirmation);
+    let _ = tokio::time::timeout(LAST_WORD_DEADLINE, send).await;
     phases.mark("committed");
     let running_us = running_since
         .iter()
@@ -422,7 +439,7 @@ async fn lanes_reached(
 }
 
 /// How long a failed lane's source gets to say on the control link why it hung up.
-const SOURCE_NOTICE_DEADLINE: std::time::Duration = std::time::Duration::from_millis(200);
+const SOURCE_NOTICE_DEADLINE: Duration = Duration::from_millis(200);
 
 /// The reason a migration fails with when a lane did: a source that cancels or fails closes
 /// its lanes, then says so on the control link, and that is the better reason.

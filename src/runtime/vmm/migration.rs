@@ -33,8 +33,9 @@ impl Vmm {
     /// the VM back yet); a request that arrives then waits for that, rather than being told a
     /// migration is in progress after `query-migrate` said it was over. A destination reports
     /// `completed` before it tells the source, so once the source says `completed` this side's
-    /// `query-status` already waits for the guest it runs. `Some` when the task could not hand
-    /// the VM back (it died), or the incoming migration failed: either ends the VM.
+    /// `query-status` already waits for the guest it runs. `Some` when the VM ends: its task
+    /// died, its incoming migration failed, or its vCPUs could not be started or stopped as
+    /// asked meanwhile.
     pub(super) async fn settle_ended_migration(&mut self) -> Option<Ending> {
         let ended = matches!(
             self.migration.progress().status,
@@ -175,11 +176,16 @@ impl Vmm {
                 None
             }
             MigrationResult::Incoming(destination::Outcome::Completed { run }) => {
-                // The vCPUs run already if the commit started them; only a `cont` that came
-                // after the commit's look at autostart has them still to start here. The state
-                // reported is what the vCPUs do, whatever came in between.
-                if run && !running && self.migration.autostart() {
+                // The vCPUs run already if the commit started them; a `cont` or `stop` that came
+                // after the commit's look at autostart (and was answered) takes effect here.
+                let autostart = self.migration.autostart();
+                if run && !running && autostart {
                     if let Err(error) = self.vm_mut().vcpus.resume().await {
+                        return Some(Ending::Failed(error.to_string()));
+                    }
+                }
+                if running && !autostart {
+                    if let Err(error) = self.vm_mut().vcpus.pause().await {
                         return Some(Ending::Failed(error.to_string()));
                     }
                 }
