@@ -333,19 +333,13 @@ fn dirty_rounds_happen_and_converge() {
         0
     );
     qmp.ok("migrate", Some(json!({"uri": uri})));
-    let deadline = Instant::now() + MIGRATION_TIMEOUT;
-    loop {
-        let info = qmp.ok("query-migrate", None);
+    qmp.wait_migration_until("past 4 rounds", MIGRATION_TIMEOUT, |info| {
         assert!(
             matches!(info["status"].as_str(), Some("setup" | "active")),
             "{info}"
         );
-        if info["ram"]["dirty-sync-count"].as_u64().unwrap() >= 4 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "fewer than 4 rounds: {info}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        info["ram"]["dirty-sync-count"].as_u64().unwrap() >= 4
+    });
     // While it runs: a second migrate and stop/cont are refused, and the destination's QMP
     // answers and shows the progress too.
     let again = qmp.error("migrate", Some(json!({"uri": uri})));
@@ -388,6 +382,12 @@ fn assert_source_runs(source: &Ferry) {
     );
 }
 
+/// Whether a migration capped at a few MiB/s is well into its round 0: over 1 MiB sent, seconds
+/// of it still to go.
+fn in_round_zero(info: &Value) -> bool {
+    info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20
+}
+
 /// `migrate_cancel` takes effect within a bound at every stage, the source resumes, and a new
 /// migration to a fresh destination then succeeds.
 #[test]
@@ -407,15 +407,7 @@ fn cancel_at_every_stage_then_migrate_again() {
 
     let cancel_when =
         |qmp: &mut ferry::harness::Qmp, stage: &str, ready: &dyn Fn(&Value) -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let info = qmp.ok("query-migrate", None);
-                if ready(&info) {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{stage}: never reached: {info}");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            qmp.wait_migration_until(stage, Duration::from_secs(30), ready);
             let asked = Instant::now();
             qmp.ok("migrate_cancel", None);
             // Poll tightly: the bound is on ferry, not on the test's polling interval.
@@ -457,9 +449,7 @@ fn cancel_at_every_stage_then_migrate_again() {
         Some(json!({"max-bandwidth": 4 << 20})),
     );
     qmp.ok("migrate", Some(json!({"uri": uri})));
-    cancel_when(&mut qmp, "mid-round", &|info| {
-        info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20
-    });
+    cancel_when(&mut qmp, "mid-round", &in_round_zero);
     let status = slow.wait_exit(Duration::from_secs(10));
     assert!(
         !status.success(),
@@ -547,16 +537,7 @@ fn a_cancel_on_the_destination_reaches_the_source() {
     let uri = world.uri();
     let mut destination = world.destination(2, &uri, false);
     qmp.ok("migrate", Some(json!({"uri": uri})));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = qmp.ok("query-migrate", None);
-        if info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never active: {info}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    qmp.wait_migration_until("in round 0", Duration::from_secs(30), in_round_zero);
     assert_eq!(destination.qmp().ok("migrate_cancel", None), json!({}));
     let info = qmp.wait_migration(
         &["completed", "failed", "canceled"],
@@ -727,17 +708,11 @@ fn fast_dirtying_guest_converges_with_throttling() {
     let mut cancelled = world.destination(2, &uri, true);
     qmp.ok("migrate", Some(json!({"uri": uri})));
     let throttled = |qmp: &mut ferry::harness::Qmp| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let info = qmp.ok("query-migrate", None);
+        qmp.wait_migration_until("throttled", Duration::from_secs(60), |info| {
             let status = info["status"].as_str();
             assert!(matches!(status, Some("setup" | "active")), "{info}");
-            if info["cpu-throttle-percentage"].as_u64().unwrap_or(0) >= 30 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "never throttled: {info}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            info["cpu-throttle-percentage"].as_u64().unwrap_or(0) >= 30
+        });
     };
     throttled(&mut qmp);
     qmp.ok("migrate_cancel", None);

@@ -145,18 +145,30 @@ impl Qmp {
             .to_owned()
     }
 
-    /// Polls `query-migrate` every 20 ms until its status is one of `wanted`, at most
-    /// `timeout`; returns the last answer.
+    /// Polls `query-migrate` until its status is one of `wanted`, returning the last answer.
     pub fn wait_migration(&mut self, wanted: &[&str], timeout: Duration) -> Value {
+        self.wait_migration_until(&format!("{wanted:?}"), timeout, |info| {
+            wanted.contains(&info["status"].as_str().unwrap_or(""))
+        })
+    }
+
+    /// Polls `query-migrate` every 20 ms until `done` accepts its answer, at most `timeout`;
+    /// returns that answer. `awaited` names what `done` looks for, for the failure message.
+    pub fn wait_migration_until(
+        &mut self,
+        awaited: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             let info = self.ok("query-migrate", None);
-            if wanted.contains(&info["status"].as_str().unwrap_or("")) {
+            if done(&info) {
                 return info;
             }
             assert!(
                 Instant::now() < deadline,
-                "the migration was never {wanted:?} within {timeout:?}: {info}"
+                "the migration was never {awaited} within {timeout:?}: {info}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
