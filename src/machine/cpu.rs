@@ -24,7 +24,7 @@ pub(crate) const MSR_K7_HWCR: u32 = 0xc001_0015;
 /// HWCR.TscFreqSel: the TSC counts at the P0 frequency. Firmware sets it; Linux expects it on
 /// family 10h and later with a constant TSC, and logs "[Firmware Bug]: TSC doesn't count with P0
 /// frequency!" otherwise.
-pub(crate) const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
+const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRs enabled, default memory type write-back.
 const MTRR_DEF_TYPE_ENABLED_WB: u64 = (1 << 11) | 6;
@@ -142,6 +142,46 @@ fn is_amd(cpuid: &CpuId) -> bool {
         })
 }
 
+/// The first MSR a [`set_msrs`] could not write; KVM wrote none of those after it either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefusedMsr {
+    pub index: u32,
+    /// How many of the entries went in.
+    pub written: usize,
+}
+
+/// Writes `entries` in order. HWCR.TscFreqSel is ferry's to set, not the guest's (the guest
+/// reads it once, at boot), and a KVM before Linux 6.7 refuses it: HWCR then goes in without
+/// it, and the rest after it. Any other MSR KVM refuses ends the writing, and is returned.
+pub fn set_msrs(
+    vcpu: &VcpuFd,
+    entries: &[kvm_msr_entry],
+) -> Result<Option<RefusedMsr>, kvm_ioctls::Error> {
+    let mut rest = entries.to_vec();
+    while !rest.is_empty() {
+        // Fails only on more entries than one KVM_SET_MSRS takes.
+        let msrs = Msrs::from_entries(&rest).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
+        let written = vcpu.set_msrs(&msrs)?;
+        let done = entries.len() - rest.len() + written;
+        let Some(refused) = rest.get_mut(written) else {
+            return Ok(None);
+        };
+        if refused.index != MSR_K7_HWCR || refused.data & HWCR_TSC_FREQ_SEL == 0 {
+            return Ok(Some(RefusedMsr {
+                index: refused.index,
+                written: done,
+            }));
+        }
+        tracing::info!(
+            "this KVM refuses HWCR.TscFreqSel (it takes it from Linux 6.7 on): written without; a \
+             Linux guest booted here logs a firmware bug about its TSC, which is harmless"
+        );
+        refused.data &= !HWCR_TSC_FREQ_SEL;
+        rest.drain(..written);
+    }
+    Ok(None)
+}
+
 /// Sets everything every vCPU needs, whether it boots the kernel or waits for a SIPI.
 pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), CpuError> {
     let kvm = |what| {
@@ -152,7 +192,7 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), Cp
         }
     };
     vcpu.set_cpuid2(cpuid).map_err(kvm("CPUID"))?;
-    // AMD firmware sets HWCR.TscFreqSel; it goes last, since a KVM before Linux 6.7 refuses it.
+    // AMD firmware sets HWCR.TscFreqSel.
     let tsc_freq_sel = is_amd(cpuid).then_some((MSR_K7_HWCR, HWCR_TSC_FREQ_SEL));
     let entries: Vec<kvm_msr_entry> = [
         (MSR_IA32_SYSENTER_CS, 0),
@@ -175,21 +215,13 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, cpuid: &CpuId) -> Result<(), Cp
         ..Default::default()
     })
     .collect();
-    let msrs = Msrs::from_entries(&entries).expect("a fixed list of MSRs fits a kvm_msrs");
-    let written = vcpu.set_msrs(&msrs).map_err(kvm("boot MSRs"))?;
-    match entries.get(written) {
-        None => {}
-        // KVM stops at the first MSR it refuses: the guest finds the rest as KVM left them.
-        Some(refused) if refused.index != MSR_K7_HWCR => tracing::warn!(
+    if let Some(refused) = set_msrs(vcpu, &entries).map_err(kvm("boot MSRs"))? {
+        // The guest finds the rest as KVM left them.
+        tracing::warn!(
             vcpu = index,
             msr = format_args!("{:#x}", refused.index),
             "KVM refused a boot MSR and those after it"
-        ),
-        Some(_) if index == 0 => tracing::info!(
-            "this KVM refuses HWCR.TscFreqSel (it takes it from Linux 6.7 on): a Linux guest \
-             will log a firmware bug about its TSC, which is harmless"
-        ),
-        Some(_) => {}
+        );
     }
     let fpu = kvm_fpu {
         fcw: 0x37f,

@@ -14,7 +14,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use crate::machine::cpu::{HWCR_TSC_FREQ_SEL, MSR_K7_HWCR};
+use crate::machine::cpu::{set_msrs, MSR_K7_HWCR};
 use crate::machine::devices::{Serial, SerialState, I8042};
 use crate::migrate::phases::Phases;
 use crate::migrate::state::{FeatureWord, Migratable, StateError};
@@ -214,7 +214,18 @@ impl Migratable for KvmVcpu<'_> {
         fd.set_lapic(&state.lapic)
             .map_err(restore_error("vCPU LAPIC"))?;
         phases.mark("lapic");
-        write_msrs(fd, &state.msrs)?;
+        let refused = set_msrs(fd, &state.msrs).map_err(restore_error("vCPU MSRs"))?;
+        if let Some(refused) = refused {
+            return Err(StateError::Restore {
+                what: "vCPU MSRs".into(),
+                reason: format!(
+                    "KVM refused MSR {:#x} ({} of {} written)",
+                    refused.index,
+                    refused.written,
+                    state.msrs.len()
+                ),
+            });
+        }
         phases.mark("msrs");
         fd.set_vcpu_events(&state.events)
             .map_err(restore_error("vCPU events"))?;
@@ -222,38 +233,6 @@ impl Migratable for KvmVcpu<'_> {
         tracing::debug!(%phases, "vCPU state restored (µs)");
         Ok(())
     }
-}
-
-/// Writes `entries`; every one must be taken, but for HWCR.TscFreqSel, which ferry sets, not
-/// the guest (a KVM before Linux 6.7 refuses it; the guest read it once, at boot).
-fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), StateError> {
-    let mut rest = entries.to_vec();
-    while !rest.is_empty() {
-        let msrs = Msrs::from_entries(&rest).map_err(|e| StateError::Restore {
-            what: "vCPU MSRs".into(),
-            reason: format!("{e:?}"),
-        })?;
-        let written = fd.set_msrs(&msrs).map_err(restore_error("vCPU MSRs"))?;
-        let Some(refused) = rest.get(written).copied() else {
-            return Ok(());
-        };
-        if refused.index == MSR_K7_HWCR && refused.data & HWCR_TSC_FREQ_SEL != 0 {
-            tracing::info!("this KVM refuses HWCR.TscFreqSel (before Linux 6.7); restored without");
-            rest[written].data &= !HWCR_TSC_FREQ_SEL;
-            rest.drain(..written);
-            continue;
-        }
-        return Err(StateError::Restore {
-            what: "vCPU MSRs".into(),
-            reason: format!(
-                "KVM refused MSR {:#x} ({} of {} written)",
-                refused.index,
-                entries.len() - rest.len() + written,
-                entries.len()
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// The VM-wide state in KVM: both PICs, the IOAPIC, the PIT and the clock.
