@@ -401,7 +401,10 @@ pub fn cancel_once(binary: &Path, transport: Transport, run: usize) -> anyhow::R
     };
     if outcome.is_ok() {
         std::thread::sleep(GAP_SETTLE);
-        let gaps = placed_gaps(&pair.vms[0].arrived_from(lines_at_migrate), asked);
+        let gaps = placed_gaps(
+            &pair.vms[0].arrived_guest_lines_from(lines_at_migrate),
+            asked,
+        );
         let cancel_ms = cancelled.duration_since(asked).as_secs_f64() * 1000.0;
         // The host's stalls during the pre-copy; ferry's own stops (the pause that turned
         // dirty logging on) are not the host's.

@@ -228,7 +228,7 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         let info = source.ok("query-migrate", None);
         let t_ms = asked.elapsed().as_secs_f64() * 1000.0;
         timeline.push(t_ms, &info);
-        let lines = pair.vms[0].arrived_from(source_lines_seen);
+        let lines = pair.vms[0].arrived_guest_lines_from(source_lines_seen);
         source_lines_seen += lines.len();
         // Ferry's own stops (the pause that turns dirty logging on) are not the host's stalls.
         let stalls = placed_gaps(&lines, asked)
@@ -275,10 +275,10 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         let mut lines: Vec<GuestLine> = Vec::new();
         while blackout.is_none() && waited.elapsed() < BLACKOUT_DEADLINE {
             std::thread::sleep(POLL);
-            let new = pair.vms[1].arrived_from(lines.len());
+            let new = pair.vms[1].arrived_guest_lines_from(lines.len());
             let stalls = placed_gaps(&new, asked).into_iter().filter(|g| !g.stopped);
             destination_gaps.extend(stalls);
-            lines.extend(new.iter().map(|(_, line)| GuestLine::parse(line)));
+            lines.extend(new.into_iter().map(|(_, line)| line));
             blackout = stop_blackout_us(&lines, CPUS);
         }
     }

@@ -541,12 +541,13 @@ impl PlacedGap {
     }
 }
 
-/// The gaps the `gap` lines among `arrived` (serial lines with the instant each arrived, as
-/// [`crate::harness::Ferry::arrived_from`] gives them) report, placed in ms after `since`.
-pub fn placed_gaps(arrived: &[(Instant, String)], since: Instant) -> Vec<PlacedGap> {
+/// The gaps the `gap` lines among `arrived` (lines with the instant each arrived, as
+/// [`crate::harness::Ferry::arrived_guest_lines_from`] gives them) report, placed in ms after
+/// `since`.
+pub fn placed_gaps(arrived: &[(Instant, GuestLine)], since: Instant) -> Vec<PlacedGap> {
     arrived
         .iter()
-        .filter_map(|(at, line)| match GuestLine::parse(line) {
+        .filter_map(|(at, line)| match *line {
             GuestLine::Gap {
                 cpu,
                 us,
@@ -576,12 +577,13 @@ mod tests {
     fn gaps_are_placed_where_they_ended_not_where_their_line_came() {
         let since = Instant::now();
         let at = |ms: u64| since + Duration::from_millis(ms);
-        let arrived = vec![
-            (at(50), "tick 3 cpu=0".to_owned()),
+        let arrived = [
+            (at(50), "tick 3 cpu=0"),
             // Printed 40 ms after it ended, behind queued ticks: it ended at 10 ms.
-            (at(50), "gap cpu=1 us=8000 ago=40000".to_owned()),
-            (at(60), "gap cpu=0 us=3000 ago=0 stopped".to_owned()),
-        ];
+            (at(50), "gap cpu=1 us=8000 ago=40000"),
+            (at(60), "gap cpu=0 us=3000 ago=0 stopped"),
+        ]
+        .map(|(at, line)| (at, GuestLine::parse(line)));
         let gaps = placed_gaps(&arrived, since);
         assert_eq!(gaps.len(), 2);
         assert_eq!((gaps[0].cpu, gaps[0].us, gaps[0].stopped), (1, 8000, false));

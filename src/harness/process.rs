@@ -134,6 +134,15 @@ impl Ferry {
         lines.get(skip..).map_or_else(Vec::new, <[_]>::to_vec)
     }
 
+    /// Like [`Ferry::arrived_from`], each line parsed as the built-in guest's protocol.
+    pub fn arrived_guest_lines_from(&self, skip: usize) -> Vec<(Instant, GuestLine)> {
+        let arrived = self.arrived_from(skip);
+        arrived
+            .into_iter()
+            .map(|(at, line)| (at, GuestLine::parse(&line)))
+            .collect()
+    }
+
     /// The serial output so far, parsed as the built-in guest's protocol.
     pub fn guest_lines(&self) -> Vec<GuestLine> {
         self.lines().iter().map(|l| GuestLine::parse(l)).collect()
