@@ -88,7 +88,7 @@ impl Ferry {
                 text.push('\n');
             }
         });
-        let ferry = Self {
+        let mut ferry = Self {
             child,
             lines,
             stderr,
@@ -100,6 +100,12 @@ impl Ferry {
             // host when its cores are free, twice that when another VM keeps them busy.
             let deadline = Instant::now() + Duration::from_secs(30);
             while UnixStream::connect(path).is_err() {
+                if let Some(status) = ferry.exited() {
+                    panic!(
+                        "{name}: ferry exited ({status}) before its QMP socket appeared\n{}",
+                        ferry.stderr()
+                    );
+                }
                 assert!(
                     Instant::now() < deadline,
                     "{name}: QMP socket never appeared\n{}",
@@ -178,14 +184,13 @@ impl Ferry {
     ) -> (usize, String) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(found) = self
-                .lines()
-                .iter()
+            if let Some((index, line)) = self
+                .lines_from(skip)
+                .into_iter()
                 .enumerate()
-                .skip(skip)
                 .find(|(_, l)| matches(l))
             {
-                return (found.0, found.1.clone());
+                return (skip + index, line);
             }
             assert!(
                 Instant::now() < deadline,
@@ -229,9 +234,7 @@ impl Ferry {
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait().expect("waitpid") {
-                // Let the reader threads drain what the process wrote last.
-                std::thread::sleep(Duration::from_millis(50));
+            if let Some(status) = self.exited() {
                 return status;
             }
             assert!(
@@ -242,6 +245,14 @@ impl Ferry {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The exit status, once the process has exited (and its last output has been read).
+    fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.try_wait().expect("waitpid")?;
+        // Let the reader threads drain what the process wrote last.
+        std::thread::sleep(Duration::from_millis(50));
+        Some(status)
     }
 
     pub fn pid(&self) -> i32 {
