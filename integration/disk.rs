@@ -397,10 +397,7 @@ fn a_destination_that_cannot_take_the_disk_leaves_the_source_running() {
     assert!(reason.contains("cannot take over the disks"), "{reason}");
     assert_disk_runs(&source);
     assert!(!destination.wait_exit(Duration::from_secs(10)).success());
-    assert!(
-        destination.line_count() == 0,
-        "the destination ran the guest"
-    );
+    assert_eq!(destination.line_count(), 0, "the destination ran the guest");
 }
 
 /// What StratoVirt says must not change between the ends (bus/addr, serial, readonly, the

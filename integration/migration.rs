@@ -460,8 +460,9 @@ fn cancel_at_every_stage_then_migrate_again() {
         "the destination does not report the cancel: {}",
         slow.stderr()
     );
-    assert!(
-        slow.line_count() == 0,
+    assert_eq!(
+        slow.line_count(),
+        0,
         "the destination ran the guest: {:?}",
         slow.lines()
     );
@@ -621,10 +622,7 @@ fn failures_leave_the_source_running_with_a_reason() {
             "{flag}: {}",
             destination.stderr()
         );
-        assert!(
-            destination.line_count() == 0,
-            "the destination ran the guest"
-        );
+        assert_eq!(destination.line_count(), 0, "the destination ran the guest");
         assert_source_runs(&source);
     }
 
@@ -720,7 +718,8 @@ fn fast_dirtying_guest_converges_with_throttling() {
     cancelled.wait_exit(Duration::from_secs(10));
     let seen = source.line_count();
     std::thread::sleep(Duration::from_secs(1));
-    let ticks = source.lines()[seen..]
+    let ticks = source
+        .lines_from(seen)
         .iter()
         .filter(|l| l.starts_with("tick "))
         .count();

@@ -65,8 +65,9 @@ fn destination_refuses_garbage_and_truncated_streams() {
             "{name}: {}",
             destination.stderr()
         );
-        assert!(
-            destination.line_count() == 0,
+        assert_eq!(
+            destination.line_count(),
+            0,
             "{name}: the destination ran the guest"
         );
     }
@@ -171,8 +172,9 @@ fn gives_up_while_page_connections_open(saying: Saying) {
             "{name}: the destination took {waited:?} to give up, as if it had waited for the \
              page connections: {stderr}"
         );
-        assert!(
-            destination.line_count() == 0,
+        assert_eq!(
+            destination.line_count(),
+            0,
             "{name}: the destination ran the guest"
         );
     }

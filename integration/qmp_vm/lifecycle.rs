@@ -37,8 +37,9 @@ fn prelaunch_runs_nothing_until_cont() {
         json!({"status": "prelaunch", "running": false, "singlestep": false})
     );
     std::thread::sleep(QUIET);
-    assert!(
-        vm.line_count() == 0,
+    assert_eq!(
+        vm.line_count(),
+        0,
         "the guest ran before cont: {:?}",
         vm.lines()
     );
