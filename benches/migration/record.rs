@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 
 use crate::memory::Side;
 use crate::raw::Raw;
+use crate::report::decimals;
 use crate::timeline::Timeline;
 use crate::{guest, memory, CONVERGED_BELOW_ROUNDS, GIB, MIB};
 
@@ -210,7 +211,8 @@ impl Run {
             let first = error.lines().next().unwrap_or_default();
             return format!("{}: {first}", self.status);
         }
-        let show = |key: &str, decimals: usize| {
+        let show = |key: &str| {
+            let decimals = decimals(key);
             self.figure(key, raw)
                 .map_or("-".into(), |v| format!("{v:.decimals$}"))
         };
@@ -221,33 +223,33 @@ impl Run {
              VMM overhead {} MiB source, {} \
              MiB destination; other processes used {} cores",
             self.status,
-            show("total_ms", 0),
-            show("setup_ms", 0),
-            show("downtime_ms", 0),
-            show("measured_downtime_ms", 2),
-            show("expected_downtime_ms", 0),
-            show("guest_blackout_ms", 1),
-            show("transferred_mib", 1),
-            show("transferred_gib_per_s", 3),
-            show("transferred_pct_of_raw", 1),
-            show("transferred_pct_of_fresh_raw", 1),
+            show("total_ms"),
+            show("setup_ms"),
+            show("downtime_ms"),
+            show("measured_downtime_ms"),
+            show("expected_downtime_ms"),
+            show("guest_blackout_ms"),
+            show("transferred_mib"),
+            show("transferred_gib_per_s"),
+            show("transferred_pct_of_raw"),
+            show("transferred_pct_of_fresh_raw"),
             match self.max_bandwidth {
                 Some(cap) => format!(
                     ", {}% of max-bandwidth {} MiB/s",
-                    show("pct_of_max_bandwidth", 1),
+                    show("pct_of_max_bandwidth"),
                     cap >> 20
                 ),
                 None => String::new(),
             },
-            show("rounds", 0),
+            show("rounds"),
             if self.converged() {
                 ""
             } else {
                 " (not converged)"
             },
-            show("source_overhead_mib", 1),
-            show("destination_overhead_mib", 1),
-            show("other_cpu_cores", 2),
+            show("source_overhead_mib"),
+            show("destination_overhead_mib"),
+            show("other_cpu_cores"),
         )
     }
 }

@@ -277,10 +277,10 @@ pub(crate) fn decimals(key: &str) -> usize {
         | "guest_blackout_ms"
         | "downtime_error_ms"
         | "source_overhead_mib"
-        | "destination_overhead_mib" => 1,
+        | "destination_overhead_mib"
+        | "pct_of_max_bandwidth" => 1,
         "ram_gib_per_s" | "transferred_gib_per_s" => 3,
-        "measured_downtime_ms" => 2,
-        "other_cpu_cores" => 2,
+        "measured_downtime_ms" | "other_cpu_cores" => 2,
         _ => 0,
     }
 }
