@@ -511,19 +511,17 @@ static void note_stop_gap(struct cpu *c, uint64_t now, uint64_t d)
 		goto found;
 	for (i = 0; i < RECENT_GAPS; i++) {
 		uint64_t gap_end = c->recent[i].end, cycles = c->recent[i].cycles;
+		int holds_stamp = stamp > gap_end - cycles && stamp <= gap_end;
 
-		if (now - gap_end <= boot.stop_lag_cycles && cycles && stamp > gap_end - cycles &&
-		    stamp <= gap_end) {
+		if (!cycles || now - gap_end > boot.stop_lag_cycles)
+			continue;
+		if (holds_stamp || cycles > longest) {
 			longest = cycles;
 			end = gap_end;
-			goto found;
 		}
+		if (holds_stamp)
+			break;
 	}
-	for (i = 0; i < RECENT_GAPS; i++)
-		if (now - c->recent[i].end <= boot.stop_lag_cycles && c->recent[i].cycles > longest) {
-			longest = c->recent[i].cycles;
-			end = c->recent[i].end;
-		}
 found:
 	/* Still held back as a stall (see poll()): it is the stop's, reported as such. */
 	if (c->gap_pending == longest && c->gap_pending_end == end)
