@@ -103,7 +103,7 @@ pub(crate) struct Case {
     /// The `multifd` capability off: every page over the control connection.
     pub(crate) one_connection: bool,
     /// The destination started with `-mem-prealloc`.
-    pub(crate) prealloc: bool,
+    prealloc: bool,
 }
 
 impl Case {
@@ -145,6 +145,15 @@ impl Case {
         let one = self.one_connection.then(|| "-1conn".to_owned());
         let prealloc = self.prealloc.then(|| "-prealloc".to_owned());
         cap.into_iter().chain(one).chain(prealloc).collect()
+    }
+
+    /// What the destination is started with beyond the source's machine.
+    pub(crate) fn destination_options(&self) -> &'static [&'static str] {
+        if self.prealloc {
+            &["-mem-prealloc"]
+        } else {
+            &[]
+        }
     }
 
     pub(crate) fn max_bandwidth(&self) -> Option<u64> {

@@ -182,13 +182,9 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         // Every page of RAM has been written once: round 0 has no zero pages to skip.
         wait_first_sweeps(source_vm, case.first_pass_timeout());
     }
-    let prealloc: &[&str] = if case.prealloc {
-        &["-mem-prealloc"]
-    } else {
-        &[]
-    };
+    let options = case.destination_options();
     let (uri, mut destination) =
-        pair.start_destination(binary, case.mem_mib, case.transport, prealloc)?;
+        pair.start_destination(binary, case.mem_mib, case.transport, options)?;
 
     let mut source = pair.vms[0].qmp();
     if let Some(cap) = case.max_bandwidth() {
