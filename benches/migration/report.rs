@@ -329,7 +329,7 @@ pub(crate) fn print_summary(results: &[CaseResult], cancels: &[CancelResult]) {
             .iter()
             .find(|c| c.transport == result.case.transport)
             .and_then(CancelResult::latency)
-            .map_or("-".into(), |s| format!("{:.0}", s.median));
+            .map_or("-".into(), |s| format!("{:.1}", s.median));
         let converged = if result.unsupported() {
             "-".into()
         } else {
