@@ -296,10 +296,13 @@ impl DestinationLanes {
     }
 
     /// Stops every lane and waits until none can touch guest RAM any more: after the state,
-    /// nothing may land.
+    /// nothing may land. The lanes are all told first, so that they end together.
     pub async fn stop(mut self) {
-        for task in std::mem::take(&mut self.tasks) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for task in &tasks {
             task.abort();
+        }
+        for task in tasks {
             let _ = task.await;
         }
     }
