@@ -5,6 +5,8 @@ mod common;
 
 #[path = "migration/bad_source.rs"]
 mod bad_source;
+#[path = "migration/stalling_destination.rs"]
+mod stalling_destination;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

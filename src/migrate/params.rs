@@ -170,8 +170,8 @@ pub const NEGLIGIBLE_DOWNTIME: Duration = Duration::from_millis(2);
 ///
 /// Fitting the limit is necessary, not sufficient: while each round still halves what is left
 /// (`previous_bytes`, what the round started with), another round is taken, since it cuts the
-/// guest's pause too. The limit is the most an operator accepts, not a goal: a guest that dirties 1 GB/s
-/// would otherwise pause for as long as the limit allows.
+/// guest's pause too. The limit is the most an operator accepts, not a goal: a guest that
+/// dirties 1 GB/s would otherwise pause for as long as the limit allows.
 pub fn decide(
     round: u32,
     remaining_bytes: u64,
@@ -232,9 +232,33 @@ pub fn expected_downtime(bytes: u64, bandwidth: f64) -> Duration {
     }
 }
 
+/// The least time the source gives a switchover, from the pause to the destination's word that
+/// it restored the guest, before it fails the migration and runs the guest again.
+pub const SWITCHOVER_DEADLINE_MIN: Duration = Duration::from_secs(5);
+
+/// How long a switchover expected to take `expected` may take: ten times that (bandwidth
+/// estimates err, and a forced switchover can be long), and at least
+/// [`SWITCHOVER_DEADLINE_MIN`].
+pub fn switchover_deadline(expected: Duration) -> Duration {
+    expected.saturating_mul(10).max(SWITCHOVER_DEADLINE_MIN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_switchover_may_take_ten_times_its_estimate_and_at_least_the_minimum() {
+        assert_eq!(
+            switchover_deadline(Duration::from_millis(2)),
+            SWITCHOVER_DEADLINE_MIN
+        );
+        assert_eq!(
+            switchover_deadline(Duration::from_secs(3)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(switchover_deadline(Duration::MAX), Duration::MAX);
+    }
 
     const GIB: f64 = (1u64 << 30) as f64;
 

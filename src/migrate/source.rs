@@ -14,7 +14,9 @@ use super::dirty::{DirtyTracker, RegionBitmap};
 use super::lanes::SourceLanes;
 use super::link::{AnswerError, Link};
 use super::pages::{PageError, PageSender, SendStats};
-use super::params::{decide, expected_downtime, next_throttle, Decision, SwitchoverCost};
+use super::params::{
+    decide, expected_downtime, next_throttle, switchover_deadline, Decision, SwitchoverCost,
+};
 use super::phases::Phases;
 use super::progress::{downtime_ms, MigrationStatus};
 use super::transport::connect;
@@ -62,6 +64,13 @@ enum SendError {
     Timeout,
     #[error("{0}")]
     Local(String),
+    #[error(
+        "the switchover did not end within {} s of pausing the guest: the destination did not \
+         confirm it restored the last pages and state (is it overloaded, or the network \
+         stalled?). The guest runs on here; migrate again once the destination is reachable",
+        .0.as_secs()
+    )]
+    SwitchoverTimeout(Duration),
     #[error(
         "the guest ended the VM (a power-off, a reset or a vCPU that cannot go on) as the \
          switchover began; the VM ends on the source, and the destination does not run it"
@@ -293,6 +302,8 @@ async fn stream_guest(
     }
     shared.set_status(MigrationStatus::Active);
     let mut bandwidth = 0.0;
+    // The downtime expected when the rounds end, for the switchover's deadline.
+    let mut expected = Duration::ZERO;
     let mut last_sync = Instant::now();
     for round in 0u32.. {
         let span = info_span!("round", number = round);
@@ -349,7 +360,7 @@ async fn stream_guest(
             ));
         }
         let fixed = cost.total();
-        let expected = expected_downtime(dirty * PAGE_SIZE, bandwidth).saturating_add(fixed);
+        expected = expected_downtime(dirty * PAGE_SIZE, bandwidth).saturating_add(fixed);
         {
             let mut progress = shared.progress();
             progress.dirty_sync_count += 1;
@@ -442,87 +453,96 @@ async fn stream_guest(
             tokio::time::sleep(THROTTLE_PERIOD).await;
         }
         phases.mark("unthrottle");
-        let paused_at = Instant::now();
-        // Without disks nothing touches the guest once its vCPUs stop, so they save their
-        // state as they pause, while this thread reads the dirty log and sends the last
-        // pages. Disks drain first: a request completing then writes guest memory and raises
-        // an interrupt, which the saved state must include.
-        let saving_cpus = if disks {
-            vm.vcpus.pause().await.map_err(local)?;
-            None
-        } else {
-            Some(vmstate::pause_and_save(vm).await.map_err(local)?)
-        };
-        phases.mark("pause");
-        // A paused guest asks for nothing more, so this answer is final: a guest that already
-        // asked to end the VM (its event still on the way to the owner) must not live on in
-        // the destination.
-        if vm.machine.guest_events.ended_by_guest() {
-            return Err(SendError::GuestEnded);
-        }
-        // The downtime is the guest's blackout: on a busy host a vCPU thread can have been
-        // waiting for a core, its guest stopped, for milliseconds before the pause.
-        let left_guest: Vec<Instant> = match vm.vcpus.left_guest() {
-            // A paused guest's downtime is the switchover's.
-            [] => vec![paused_at; vm.vcpus.count()],
-            left => left.iter().map(|&l| l.min(paused_at)).collect(),
-        };
-        let first_left = left_guest.iter().min().copied().unwrap_or(paused_at);
-        let preempted_us = (paused_at - first_left).as_micros() as u64;
-        shared.switchover.store(true, Ordering::Release);
-        shared.emit(Event::new("STOP", None));
-        if disks {
-            // Disk requests complete into guest memory: drain them before the last dirty sync
-            // so that their data and used rings travel with the final pages.
-            on_disks(vm, Devices::quiesce_disks)?;
-            phases.mark("quiesce");
-        }
-        tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
-        let last = tracker.take();
-        phases.mark("sync");
-        sender.stop_pacing();
-        let stats = sender.send(link, &last, shared).await?;
-        sender.mark().await?;
-        phases.mark("pages");
-        let cpus = async {
-            match saving_cpus {
-                Some(saving) => saving.finish(vm, &peer_clock).await,
-                None => vmstate::save_cpus(vm, &peer_clock).await,
+        // Once paused, the guest waits on the destination: a network that stalls or a
+        // destination that hangs must not keep it paused for as long as TCP takes to
+        // give up. Past the deadline the migration fails, and the source runs on.
+        let deadline = switchover_deadline(expected);
+        let paused = async {
+            let paused_at = Instant::now();
+            // Without disks nothing touches the guest once its vCPUs stop, so they save their
+            // state as they pause, while this thread reads the dirty log and sends the last
+            // pages. Disks drain first: a request completing then writes guest memory and raises
+            // an interrupt, which the saved state must include.
+            let saving_cpus = if disks {
+                vm.vcpus.pause().await.map_err(local)?;
+                None
+            } else {
+                Some(vmstate::pause_and_save(vm).await.map_err(local)?)
+            };
+            phases.mark("pause");
+            // A paused guest asks for nothing more, so this answer is final: a guest that already
+            // asked to end the VM (its event still on the way to the owner) must not live on in
+            // the destination.
+            if vm.machine.guest_events.ended_by_guest() {
+                return Err(SendError::GuestEnded);
             }
-        };
-        let mut state = cpus
-            .instrument(info_span!("device_state"))
-            .await
-            .map_err(local)?;
-        state.extend(vmstate::save_devices(vm).map_err(local)?);
-        phases.mark("save");
-        let state_bytes: usize = state.iter().map(|s| s.data.len()).sum();
-        link.send(&Message::State(state)).await?;
-        phases.mark("send_state");
-        shared.progress().transferred += state_bytes as u64;
-        info!(
-            pages = stats.pages,
-            state_bytes, "final pages and device state sent"
-        );
-        let answer = link.answer().await?;
-        phases.mark("restored");
-        match answer {
-            Message::Restored => {
-                vm.machine.devices.release_images().map_err(local)?;
-                phases.mark("release");
-                if preempted_us > 0 {
-                    tracing::debug!(preempted_us, "a vCPU had left the guest before the pause");
+            // The downtime is the guest's blackout: on a busy host a vCPU thread can have been
+            // waiting for a core, its guest stopped, for milliseconds before the pause.
+            let left_guest: Vec<Instant> = match vm.vcpus.left_guest() {
+                // A paused guest's downtime is the switchover's.
+                [] => vec![paused_at; vm.vcpus.count()],
+                left => left.iter().map(|&l| l.min(paused_at)).collect(),
+            };
+            let first_left = left_guest.iter().min().copied().unwrap_or(paused_at);
+            let preempted_us = (paused_at - first_left).as_micros() as u64;
+            shared.switchover.store(true, Ordering::Release);
+            shared.emit(Event::new("STOP", None));
+            if disks {
+                // Disk requests complete into guest memory: drain them before the last dirty sync
+                // so that their data and used rings travel with the final pages.
+                on_disks(vm, Devices::quiesce_disks)?;
+                phases.mark("quiesce");
+            }
+            tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
+            let last = tracker.take();
+            phases.mark("sync");
+            sender.stop_pacing();
+            let stats = sender.send(link, &last, shared).await?;
+            sender.mark().await?;
+            phases.mark("pages");
+            let cpus = async {
+                match saving_cpus {
+                    Some(saving) => saving.finish(vm, &peer_clock).await,
+                    None => vmstate::save_cpus(vm, &peer_clock).await,
                 }
-                Ok(Switchover {
-                    left_guest,
-                    peer_clock,
-                    phases,
-                })
+            };
+            let mut state = cpus
+                .instrument(info_span!("device_state"))
+                .await
+                .map_err(local)?;
+            state.extend(vmstate::save_devices(vm).map_err(local)?);
+            phases.mark("save");
+            let state_bytes: usize = state.iter().map(|s| s.data.len()).sum();
+            link.send(&Message::State(state)).await?;
+            phases.mark("send_state");
+            shared.progress().transferred += state_bytes as u64;
+            info!(
+                pages = stats.pages,
+                state_bytes, "final pages and device state sent"
+            );
+            let answer = link.answer().await?;
+            phases.mark("restored");
+            match answer {
+                Message::Restored => {
+                    vm.machine.devices.release_images().map_err(local)?;
+                    phases.mark("release");
+                    if preempted_us > 0 {
+                        tracing::debug!(preempted_us, "a vCPU had left the guest before the pause");
+                    }
+                    Ok(Switchover {
+                        left_guest,
+                        peer_clock,
+                        phases,
+                    })
+                }
+                other => Err(SendError::Protocol(format!(
+                    "{other:?} instead of RESTORED"
+                ))),
             }
-            other => Err(SendError::Protocol(format!(
-                "{other:?} instead of RESTORED"
-            ))),
-        }
+        };
+        tokio::time::timeout(deadline, paused)
+            .await
+            .unwrap_or(Err(SendError::SwitchoverTimeout(deadline)))
     }
     .instrument(switchover)
     .await

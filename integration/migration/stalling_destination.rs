@@ -1,0 +1,100 @@
+//! A destination that takes the guest's last pages and state and then says nothing: the source
+//! gives up at its switchover deadline and runs the guest again, rather than stay paused for as
+//! long as the connection lives.
+
+use std::net::TcpListener;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ferry::migrate::clock::LocalClock;
+use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
+use ferry::migrate::wire::{self, Incoming, Message};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+
+use crate::common::{kvm_available, kvm_lock, Transport};
+use crate::{assert_source_runs, set_multifd, World};
+
+#[test]
+fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Tcp);
+    let source = world.source(2);
+    let mut qmp = source.qmp();
+    // The fake destination takes the pages on one connection.
+    set_multifd(&mut qmp, false);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (state_came, state_at) = mpsc::channel();
+    let fake = std::thread::spawn(move || silent_after_the_state(listener, state_came));
+    qmp.ok(
+        "migrate",
+        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+    );
+    let state_came_at = state_at
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("the source never sent its state\n{}", source.context()));
+    let info = qmp.wait_migration(
+        &["completed", "failed", "canceled"],
+        SWITCHOVER_DEADLINE_MIN * 3,
+    );
+    let waited = state_came_at.elapsed();
+    assert_eq!(info["status"], "failed", "{info}");
+    let reason = info["error-desc"].as_str().unwrap();
+    let deadline = format!("did not end within {} s", SWITCHOVER_DEADLINE_MIN.as_secs());
+    assert!(reason.contains(&deadline), "{reason}");
+    // The state goes out within the deadline's first moments; the failure comes at its end.
+    assert!(
+        waited > SWITCHOVER_DEADLINE_MIN - Duration::from_secs(1),
+        "failed {waited:?} after the state: {reason}"
+    );
+    assert_source_runs(&source);
+    match fake.join().unwrap() {
+        Some(Message::Error(told)) => assert!(told.contains(&deadline), "{told}"),
+        other => panic!("the destination was told {other:?}, not why"),
+    }
+}
+
+/// Plays a destination up to the source's state, which it never answers; returns what the
+/// source said after it, before hanging up.
+fn silent_after_the_state(
+    listener: TcpListener,
+    state_came: mpsc::Sender<Instant>,
+) -> Option<Message> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut header = [0u8; 16];
+        stream.read_exact(&mut header).await.unwrap();
+        assert_eq!(header, wire::header());
+        let clock = LocalClock::start();
+        loop {
+            let answer = match wire::read_incoming(&mut stream).await.unwrap() {
+                Incoming::Pages { data_len, .. } => {
+                    let mut data = vec![0u8; data_len];
+                    stream.read_exact(&mut data).await.unwrap();
+                    None
+                }
+                Incoming::Message(Message::Config(_)) => Some(Message::Accept),
+                Incoming::Message(Message::Sync) => Some(Message::Synced),
+                Incoming::Message(Message::ClockProbe) => Some(Message::Clock(clock.now())),
+                Incoming::Message(Message::Zeros(_) | Message::Round(_)) => None,
+                Incoming::Message(Message::State(_)) => break,
+                Incoming::Message(other) => panic!("{other:?} before the state"),
+            };
+            if let Some(answer) = answer {
+                wire::write_message(&mut stream, &answer).await.unwrap();
+            }
+        }
+        state_came.send(Instant::now()).unwrap();
+        wire::read_message(&mut stream).await.ok()
+    })
+}
