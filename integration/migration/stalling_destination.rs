@@ -1,6 +1,7 @@
-//! A destination that takes the guest's last pages and state and then says nothing: the source
-//! gives up at its switchover deadline and runs the guest again, rather than stay paused for as
-//! long as the connection lives.
+//! Destinations that stop answering without closing the connection: one that takes the guest's
+//! last pages and state and then says nothing, and one frozen in its pre-copy. Either way the
+//! source gives up within a bound and runs the guest on, rather than wait for as long as the
+//! connection lives.
 
 use std::net::TcpListener;
 use std::sync::mpsc;
@@ -8,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use ferry::migrate::clock::LocalClock;
 use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
+use ferry::migrate::transport::TCP_USER_TIMEOUT;
 use ferry::migrate::wire::{self, Incoming, Message};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 
 use crate::common::{kvm_available, kvm_lock, Transport};
-use crate::{assert_source_runs, set_multifd, World};
+use crate::{assert_source_runs, in_round_zero, set_multifd, World};
 
 #[test]
 fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
@@ -56,6 +58,45 @@ fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
         Some(Message::Error(told)) => assert!(told.contains(&deadline), "{told}"),
         other => panic!("the destination was told {other:?}, not why"),
     }
+}
+
+/// A destination stopped (SIGSTOP) in round 0: its kernel holds the connections open and shuts
+/// their windows once its buffers are full. The source's writes then wait, and TCP gives up on
+/// them after [`TCP_USER_TIMEOUT`] (by default it would probe the window for as long as the
+/// peer's kernel answers).
+#[test]
+fn a_frozen_destination_fails_the_migration_within_the_tcp_user_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let mut world = World::new(Transport::Tcp);
+    let source = world.source(2);
+    let mut qmp = source.qmp();
+    // Round 0 then takes seconds: the freeze lands in it.
+    qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 4 << 20})),
+    );
+    let uri = world.uri();
+    let mut destination = world.destination(2, &uri, false);
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    qmp.wait_migration_until("in round 0", Duration::from_secs(30), in_round_zero);
+    destination.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    let info = qmp.wait_migration(&["completed", "failed", "canceled"], TCP_USER_TIMEOUT * 2);
+    let waited = frozen.elapsed();
+    destination.signal(libc::SIGKILL);
+    destination.wait_exit(Duration::from_secs(10));
+    assert_eq!(info["status"], "failed", "{info}");
+    let reason = info["error-desc"].as_str().unwrap_or_default();
+    assert!(reason.contains("timed out"), "{info}");
+    assert!(
+        waited >= TCP_USER_TIMEOUT,
+        "failed {waited:?} after the freeze, before TCP could give up: {info}"
+    );
+    qmp.ok("migrate-set-parameters", Some(json!({"max-bandwidth": 0})));
+    assert_source_runs(&source);
 }
 
 /// Plays a destination up to the source's state, which it never answers; returns what the

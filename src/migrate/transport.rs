@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -122,9 +123,31 @@ pub async fn connect_tcp(peer: SocketAddr) -> io::Result<BoxedStream> {
 }
 
 fn tcp_stream(stream: TcpStream) -> io::Result<BoxedStream> {
-    // Control messages are small and latency-bound (the commit handshake is downtime).
-    stream.set_nodelay(true)?;
+    tune_tcp(&stream)?;
     Ok(Box::new(stream))
+}
+
+/// How long the peer may leave what was sent unacknowledged before the connection fails.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may be silent before TCP asks whether the peer is still there, and
+/// then how often and how many times.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Control messages are small and latency-bound (the commit handshake is downtime), so they go
+/// out at once. A peer that is gone without a word (its host died, the network dropped it) must
+/// not hold a migration up for the many minutes TCP takes by default: the source would stay
+/// `active` with its writes stuck, the destination would wait for a stream that never comes.
+fn tune_tcp(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&keepalive)
 }
 
 /// Lets a whole PAGES frame sit in the socket while the destination still copies the previous
@@ -186,7 +209,7 @@ impl Listener {
         match self {
             Self::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
-                stream.set_nodelay(true)?;
+                tune_tcp(&stream)?;
                 Ok((Box::new(stream), peer.to_string()))
             }
             Self::Unix { listener, path } => {
