@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ferry::migrate::clock::LocalClock;
+use ferry::migrate::link::WRITE_DEADLINE;
 use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
 use ferry::migrate::transport::TCP_USER_TIMEOUT;
 use ferry::migrate::wire::{self, Incoming, Message};
@@ -60,17 +61,27 @@ fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
     }
 }
 
-/// A destination stopped (SIGSTOP) in round 0: its kernel holds the connections open and shuts
-/// their windows once its buffers are full. The source's writes then wait, and TCP gives up on
-/// them after [`TCP_USER_TIMEOUT`] (by default it would probe the window for as long as the
-/// peer's kernel answers).
+/// A destination stopped (SIGSTOP) in round 0 over TCP: its kernel holds the connections open
+/// and shuts their windows once its buffers are full. The source's writes then wait, and TCP
+/// gives up on them after [`TCP_USER_TIMEOUT`] (by default it would probe the window for as long
+/// as the peer's kernel answers).
 #[test]
 fn a_frozen_destination_fails_the_migration_within_the_tcp_user_timeout() {
+    frozen_destination(Transport::Tcp, TCP_USER_TIMEOUT, "timed out");
+}
+
+/// The same over a UNIX socket, where only ferry's own [`WRITE_DEADLINE`] notices.
+#[test]
+fn a_frozen_destination_fails_the_migration_at_the_write_deadline() {
+    frozen_destination(Transport::Unix, WRITE_DEADLINE, "took no data");
+}
+
+fn frozen_destination(transport: Transport, bound: Duration, reason_says: &str) {
     if !kvm_available() {
         return;
     }
     let _lock = kvm_lock();
-    let mut world = World::new(Transport::Tcp);
+    let mut world = World::new(transport);
     let source = world.source(2);
     let mut qmp = source.qmp();
     // Round 0 then takes seconds: the freeze lands in it.
@@ -84,16 +95,16 @@ fn a_frozen_destination_fails_the_migration_within_the_tcp_user_timeout() {
     qmp.wait_migration_until("in round 0", Duration::from_secs(30), in_round_zero);
     destination.signal(libc::SIGSTOP);
     let frozen = Instant::now();
-    let info = qmp.wait_migration(&["completed", "failed", "canceled"], TCP_USER_TIMEOUT * 2);
+    let info = qmp.wait_migration(&["completed", "failed", "canceled"], bound * 2);
     let waited = frozen.elapsed();
     destination.signal(libc::SIGKILL);
     destination.wait_exit(Duration::from_secs(10));
     assert_eq!(info["status"], "failed", "{info}");
     let reason = info["error-desc"].as_str().unwrap_or_default();
-    assert!(reason.contains("timed out"), "{info}");
+    assert!(reason.contains(reason_says), "{info}");
     assert!(
-        waited >= TCP_USER_TIMEOUT,
-        "failed {waited:?} after the freeze, before TCP could give up: {info}"
+        waited >= bound,
+        "failed {waited:?} after the freeze, before its bound of {bound:?}: {info}"
     );
     qmp.ok("migrate-set-parameters", Some(json!({"max-bandwidth": 0})));
     assert_source_runs(&source);

@@ -19,6 +19,11 @@ pub const ANSWER_DEADLINE: Duration = Duration::from_secs(60);
 const NOTICE_DEADLINE: Duration = Duration::from_millis(50);
 /// How long a source whose write failed waits for the destination's reason.
 const REASON_DEADLINE: Duration = Duration::from_secs(1);
+/// How long one frame may take to write. A destination that takes no data for this long (its
+/// process frozen or stuck in the kernel: over a UNIX socket nothing else would notice) is given
+/// up on; a whole 4 MiB frame needs about 3 s on a 10 Mbit/s link. Over TCP, the connection's
+/// own user timeout (shorter) tells first.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What the destination answered, when it is not what the source wanted.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +73,8 @@ impl Link {
     /// Writes bytes that form whole frames.
     pub async fn write_frames(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         self.torn = true;
-        self.stream.write_all(bytes).await?;
+        let stream = &mut self.stream;
+        within_deadline(async { Ok(stream.write_all(bytes).await?) }).await?;
         self.torn = false;
         Ok(())
     }
@@ -95,8 +101,12 @@ impl Link {
             push_page(&mut ranges, host);
         }
         self.torn = true;
-        self.stream.write_all(head).await?;
-        pipe.send(&self.stream, &ranges).await?;
+        let stream = &mut self.stream;
+        within_deadline(async {
+            stream.write_all(head).await?;
+            Ok(pipe.send(stream, &ranges).await?)
+        })
+        .await?;
         self.torn = false;
         Ok(())
     }
@@ -105,16 +115,22 @@ impl Link {
     /// kernel allows, without copying them together first.
     async fn write_frame_vectored(&mut self, parts: &[&[u8]]) -> Result<(), WireError> {
         self.torn = true;
-        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|part| IoSlice::new(part)).collect();
-        let mut pending = &mut slices[..];
-        while !pending.is_empty() {
-            let batch = pending.len().min(MAX_IOVECS);
-            let written = self.stream.write_vectored(&pending[..batch]).await?;
-            if written == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        let stream = &mut self.stream;
+        within_deadline(async {
+            let mut slices: Vec<IoSlice<'_>> =
+                parts.iter().map(|part| IoSlice::new(part)).collect();
+            let mut pending = &mut slices[..];
+            while !pending.is_empty() {
+                let batch = pending.len().min(MAX_IOVECS);
+                let written = stream.write_vectored(&pending[..batch]).await?;
+                if written == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+                }
+                IoSlice::advance_slices(&mut pending, written);
             }
-            IoSlice::advance_slices(&mut pending, written);
-        }
+            Ok(())
+        })
+        .await?;
         self.torn = false;
         Ok(())
     }
@@ -163,4 +179,13 @@ impl Link {
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(NOTICE_DEADLINE, self.stream.shutdown()).await;
     }
+}
+
+/// Runs one frame's write, failing it if it takes longer than [`WRITE_DEADLINE`].
+async fn within_deadline(
+    write: impl std::future::Future<Output = Result<(), WireError>>,
+) -> Result<(), WireError> {
+    tokio::time::timeout(WRITE_DEADLINE, write)
+        .await
+        .unwrap_or(Err(WireError::Stalled(WRITE_DEADLINE)))
 }

@@ -198,6 +198,12 @@ pub enum WireError {
     Malformed(String),
     #[error("the peer closed the connection")]
     Closed,
+    #[error(
+        "the peer took no data for {} s: its process is frozen or overloaded, or the network \
+         stalled",
+        .0.as_secs()
+    )]
+    Stalled(std::time::Duration),
 }
 
 fn malformed(reason: impl Into<String>) -> WireError {
