@@ -47,8 +47,15 @@ fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
     let waited = state_came_at.elapsed();
     assert_eq!(info["status"], "failed", "{info}");
     let reason = info["error-desc"].as_str().unwrap();
-    let deadline = format!("did not end within {} s", SWITCHOVER_DEADLINE_MIN.as_secs());
+    let deadline = format!(
+        "did not end within {:.1} s",
+        SWITCHOVER_DEADLINE_MIN.as_secs_f64()
+    );
     assert!(reason.contains(&deadline), "{reason}");
+    assert!(
+        reason.contains("waiting for the destination to restore the guest"),
+        "{reason}"
+    );
     // The state goes out within the deadline's first moments; the failure comes at its end.
     assert!(
         waited > SWITCHOVER_DEADLINE_MIN - Duration::from_secs(1),
@@ -84,7 +91,9 @@ fn frozen_destination(transport: Transport, bound: Duration, reason_says: &str) 
     let mut world = World::new(transport);
     let source = world.source(2);
     let mut qmp = source.qmp();
-    // Round 0 then takes seconds: the freeze lands in it.
+    // Round 0 then takes seconds: the freeze lands in it, with far more of the 64 MiB left to
+    // send than the connections' kernel buffers hold (about 10 MiB each with Linux's defaults),
+    // so the source is writing, not waiting for an answer, when the destination stops.
     qmp.ok(
         "migrate-set-parameters",
         Some(json!({"max-bandwidth": 4 << 20})),
@@ -106,7 +115,6 @@ fn frozen_destination(transport: Transport, bound: Duration, reason_says: &str) 
         waited >= bound,
         "failed {waited:?} after the freeze, before its bound of {bound:?}: {info}"
     );
-    qmp.ok("migrate-set-parameters", Some(json!({"max-bandwidth": 0})));
     assert_source_runs(&source);
 }
 

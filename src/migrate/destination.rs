@@ -318,11 +318,10 @@ async fn receive_stream(
                 marks += 1;
                 lanes_reached(stream, &mut lanes, marks).await?;
                 let mut phases = Phases::start();
-                // Every page is in, and nothing may land once the guest can run. The restore
-                // writes no guest RAM (KVM writes the guest's clock pages at its next entry),
-                // so the lanes stop while it runs: stopping them first took 50-90 µs of the
-                // downtime here, which a free core now hides (on two cores busy restoring
-                // vCPUs, about 25 µs at the median).
+                // Every lane has passed its last mark, so a well-behaved source has no page in
+                // flight: the lanes can stop while the state is restored, off the downtime's
+                // path. Only RESTORED, which lets the guest run, waits until none can land a
+                // page any more.
                 let stopping = async {
                     if let Some(lanes) = lanes.take() {
                         lanes.stop().await;

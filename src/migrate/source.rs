@@ -65,12 +65,14 @@ enum SendError {
     #[error("{0}")]
     Local(String),
     #[error(
-        "the switchover did not end within {} s of pausing the guest: the destination did not \
-         confirm it restored the last pages and state (is it overloaded, or the network \
-         stalled?). The guest runs on here; migrate again once the destination is reachable",
-        .0.as_secs()
+        "the switchover did not end within {:.1} s of pausing the guest; it was {stuck_in}. The \
+         guest runs on here: check the destination and the network, then migrate again",
+        deadline.as_secs_f64()
     )]
-    SwitchoverTimeout(Duration),
+    SwitchoverTimeout {
+        deadline: Duration,
+        stuck_in: &'static str,
+    },
     #[error(
         "the guest ended the VM (a power-off, a reset or a vCPU that cannot go on) as the \
          switchover began; the VM ends on the source, and the destination does not run it"
@@ -529,23 +531,40 @@ async fn stream_guest(
                     if preempted_us > 0 {
                         tracing::debug!(preempted_us, "a vCPU had left the guest before the pause");
                     }
-                    Ok(Switchover {
-                        left_guest,
-                        peer_clock,
-                        phases,
-                    })
+                    Ok(left_guest)
                 }
                 other => Err(SendError::Protocol(format!(
                     "{other:?} instead of RESTORED"
                 ))),
             }
         };
-        tokio::time::timeout(deadline, paused)
-            .await
-            .unwrap_or(Err(SendError::SwitchoverTimeout(deadline)))
+        match tokio::time::timeout(deadline, paused).await {
+            Ok(left_guest) => Ok(Switchover {
+                left_guest: left_guest?,
+                peer_clock,
+                phases,
+            }),
+            Err(_) => Err(SendError::SwitchoverTimeout {
+                deadline,
+                stuck_in: stuck_in(phases.last()),
+            }),
+        }
     }
     .instrument(switchover)
     .await
+}
+
+/// What a switchover that ran out of time was doing, from the last step it finished.
+fn stuck_in(finished: Option<&str>) -> &'static str {
+    match finished {
+        None | Some("flush" | "unthrottle") => "pausing the vCPUs",
+        Some("pause") => "draining the disks or reading the dirty log",
+        Some("quiesce") => "reading the dirty log",
+        Some("sync") => "sending the last pages",
+        Some("pages") => "saving the vCPUs' state",
+        Some("save") => "sending the state",
+        Some(_) => "waiting for the destination to restore the guest",
+    }
 }
 
 /// How the commit went, once the COMMIT was written.

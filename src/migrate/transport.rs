@@ -123,52 +123,45 @@ pub async fn connect_tcp(peer: SocketAddr) -> io::Result<BoxedStream> {
 }
 
 fn tcp_stream(stream: TcpStream) -> io::Result<BoxedStream> {
-    tune_tcp(&stream)?;
+    tune_tcp(&stream);
     Ok(Box::new(stream))
 }
 
-/// How long the peer may leave what was sent unacknowledged before the connection fails.
+/// How long the peer may leave what was sent unacknowledged, or a silent connection unanswered,
+/// before the connection fails.
 pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection may be silent before TCP asks whether the peer is still there, and
-/// then how often and how many times.
+/// then how often (until [`TCP_USER_TIMEOUT`], which decides when to give up).
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_PROBES: u32 = 3;
 
 /// Control messages are small and latency-bound (the commit handshake is downtime), so they go
 /// out at once. A peer that is gone without a word (its host died, the network dropped it) must
 /// not hold a migration up for the many minutes TCP takes by default: the source would stay
 /// `active` with its writes stuck, the destination would wait for a stream that never comes.
-fn tune_tcp(stream: &TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+/// A connection without these options still migrates: a refusal is logged, not fatal.
+fn tune_tcp(stream: &TcpStream) {
     let socket = socket2::SockRef::from(stream);
-    socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_PROBES);
-    socket.set_tcp_keepalive(&keepalive)
+        .with_interval(KEEPALIVE_INTERVAL);
+    let tuned = stream
+        .set_nodelay(true)
+        .and_then(|()| socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)))
+        .and_then(|()| socket.set_tcp_keepalive(&keepalive));
+    if let Err(error) = tuned {
+        tracing::warn!(%error, "TCP options of a migration connection left as they are");
+    }
 }
 
 /// Lets a whole PAGES frame sit in the socket while the destination still copies the previous
 /// one into guest memory, so that the two sides work at the same time instead of taking turns.
 /// The kernel caps the size (net.core.wmem_max); a smaller buffer only costs speed.
-const SEND_BUFFER_BYTES: libc::c_int = 4 << 20;
+const SEND_BUFFER_BYTES: usize = 4 << 20;
 
-fn deepen_send_buffer(socket: &impl std::os::fd::AsRawFd) {
-    let size = SEND_BUFFER_BYTES;
-    // SAFETY: the option value is a c_int that lives across the call, and its size is passed.
-    let result = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if result != 0 {
-        tracing::debug!(error = %io::Error::last_os_error(), "socket send buffer left as it is");
+fn deepen_send_buffer(socket: &impl std::os::fd::AsFd) {
+    if let Err(error) = socket2::SockRef::from(socket).set_send_buffer_size(SEND_BUFFER_BYTES) {
+        tracing::debug!(%error, "socket send buffer left as it is");
     }
 }
 
@@ -209,7 +202,7 @@ impl Listener {
         match self {
             Self::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
-                tune_tcp(&stream)?;
+                tune_tcp(&stream);
                 Ok((Box::new(stream), peer.to_string()))
             }
             Self::Unix { listener, path } => {
