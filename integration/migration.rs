@@ -390,6 +390,22 @@ fn in_round_zero(info: &Value) -> bool {
     info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20
 }
 
+/// A source migrating to a fresh destination under a 4 MiB/s cap, well into its round 0, which
+/// then takes seconds: where a test steps in mid-stream.
+fn migrating_in_round_zero(world: &mut World) -> (Ferry, Ferry) {
+    let source = world.source(2);
+    let mut qmp = source.qmp();
+    qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 4 << 20})),
+    );
+    let uri = world.uri();
+    let destination = world.destination(2, &uri, false);
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    qmp.wait_migration_until("in round 0", Duration::from_secs(30), in_round_zero);
+    (source, destination)
+}
+
 /// `migrate_cancel` takes effect within a bound at every stage, the source resumes, and a new
 /// migration to a fresh destination then succeeds.
 #[test]
@@ -530,17 +546,8 @@ fn a_cancel_on_the_destination_reaches_the_source() {
     }
     let _lock = kvm_lock();
     let mut world = World::new(Transport::Unix);
-    let source = world.source(2);
+    let (source, mut destination) = migrating_in_round_zero(&mut world);
     let mut qmp = source.qmp();
-    // Round 0 then takes seconds: the cancel lands in it.
-    qmp.ok(
-        "migrate-set-parameters",
-        Some(json!({"max-bandwidth": 4 << 20})),
-    );
-    let uri = world.uri();
-    let mut destination = world.destination(2, &uri, false);
-    qmp.ok("migrate", Some(json!({"uri": uri})));
-    qmp.wait_migration_until("in round 0", Duration::from_secs(30), in_round_zero);
     assert_eq!(destination.qmp().ok("migrate_cancel", None), json!({}));
     let info = qmp.wait_migration(
         &["completed", "failed", "canceled"],

@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::io::AsyncReadExt;
 
 use crate::common::{kvm_available, kvm_lock, Transport};
-use crate::{assert_source_runs, in_round_zero, set_multifd, World};
+use crate::{assert_source_runs, migrating_in_round_zero, set_multifd, World};
 
 #[test]
 fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
@@ -89,19 +89,11 @@ fn frozen_destination(transport: Transport, bound: Duration, reason_says: &str) 
     }
     let _lock = kvm_lock();
     let mut world = World::new(transport);
-    let source = world.source(2);
+    // The freeze lands in round 0 with far more of the 64 MiB left to send than the
+    // connections' kernel buffers hold (about 10 MiB each with Linux's defaults), so the source
+    // is writing, not waiting for an answer, when the destination stops.
+    let (source, mut destination) = migrating_in_round_zero(&mut world);
     let mut qmp = source.qmp();
-    // Round 0 then takes seconds: the freeze lands in it, with far more of the 64 MiB left to
-    // send than the connections' kernel buffers hold (about 10 MiB each with Linux's defaults),
-    // so the source is writing, not waiting for an answer, when the destination stops.
-    qmp.ok(
-        "migrate-set-parameters",
-        Some(json!({"max-bandwidth": 4 << 20})),
-    );
-    let uri = world.uri();
-    let mut destination = world.destination(2, &uri, false);
-    qmp.ok("migrate", Some(json!({"uri": uri})));
-    qmp.wait_migration_until("in round 0", Duration::from_secs(30), in_round_zero);
     destination.signal(libc::SIGSTOP);
     let frozen = Instant::now();
     let info = qmp.wait_migration(&["completed", "failed", "canceled"], bound * 2);
