@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    kvm_available, kvm_lock, migration_uri, scratch, silent_destination, Ferry, Transport,
+    kvm_available, kvm_lock, migration_uri, scratch, silent_destination, wait_switchover, Ferry,
+    Transport,
 };
 use ferry::guest::disk::{
     check_image, last_disk_progress, write_image, DiskLine, DISK_AHEAD_BLOCKS,
@@ -333,11 +334,7 @@ fn cancel_at_the_switchover_keeps_the_disk_working() {
         "migrate",
         Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
     );
-    let deadline = Instant::now() + WAIT;
-    while qmp.status() != "finish-migrate" {
-        assert!(Instant::now() < deadline, "never reached the switchover");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_switchover(&mut qmp, WAIT);
     qmp.ok("migrate_cancel", None);
     let info = qmp.wait_migration(&["canceled", "failed"], Duration::from_secs(10));
     assert_eq!(info["status"], "canceled", "{info}");

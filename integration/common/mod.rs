@@ -4,8 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 pub use ferry::harness::Ferry;
+use ferry::harness::Qmp;
 
 /// The ferry binary cargo built for these tests.
 pub fn ferry_bin() -> &'static str {
@@ -82,8 +84,14 @@ pub fn start(name: &str, args: &[&str], qmp: Option<&Path>) -> Ferry {
 /// A destination that accepts the configuration and then takes every page (answering the
 /// source's SYNCs) but never says RESTORED, so the source stays in its switchover for as long as
 /// the test likes; or, with `read` false, reads no page data at all, so the source blocks in a
-/// socket write (on a page connection, or with `multifd` off on the control one).
-pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
+/// socket write (on a page connection, or with `multifd` off on the control one). The thread
+/// returns the source's last word when it gave up (its ERROR or CANCEL), if it read one.
+pub fn silent_destination(
+    read: bool,
+) -> (
+    u16,
+    std::thread::JoinHandle<Option<ferry::migrate::wire::Message>>,
+) {
     use ferry::migrate::wire::{read_header, read_message, write_message, Message};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -137,9 +145,10 @@ pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
                 while !matches!(read_message(&mut stream).await, Ok(Message::Sync) | Err(_)) {}
                 write_message(&mut stream, &Message::Synced).await.unwrap();
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-                return;
+                return None;
             }
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+            let mut last_word = None;
             while let Ok(Ok(message)) =
                 tokio::time::timeout_at(deadline, read_message(&mut stream)).await
             {
@@ -147,13 +156,27 @@ pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<()>) {
                     Message::Sync => Message::Synced,
                     // The source reads the clock again before its switchover.
                     Message::ClockProbe => Message::Clock(u64::MAX / 2),
+                    Message::Error(_) | Message::Cancel => {
+                        last_word = Some(message);
+                        continue;
+                    }
                     _ => continue,
                 };
                 write_message(&mut stream, &answer).await.unwrap();
             }
-        });
+            last_word
+        })
     });
     (port, thread)
+}
+
+/// Waits until the source has paused its guest for the switchover.
+pub fn wait_switchover(qmp: &mut Qmp, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while qmp.status() != "finish-migrate" {
+        assert!(Instant::now() < deadline, "never reached the switchover");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Whether `program args` runs and succeeds. When it does not: under `CI=true` a panic (CI

@@ -3,20 +3,16 @@
 //! source gives up within a bound and runs the guest on, rather than wait for as long as the
 //! connection lives.
 
-use std::net::TcpListener;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ferry::migrate::clock::LocalClock;
 use ferry::migrate::link::WRITE_DEADLINE;
 use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
 use ferry::migrate::transport::TCP_USER_TIMEOUT;
-use ferry::migrate::wire::{self, Incoming, Message};
+use ferry::migrate::wire::Message;
 use serde_json::json;
-use tokio::io::AsyncReadExt;
 
-use crate::common::{kvm_available, kvm_lock, Transport};
-use crate::{assert_source_runs, migrating_in_round_zero, set_multifd, World};
+use crate::common::{kvm_available, kvm_lock, silent_destination, wait_switchover, Transport};
+use crate::{assert_source_runs, migrating_in_round_zero, World};
 
 #[test]
 fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
@@ -27,24 +23,18 @@ fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
     let mut world = World::new(Transport::Tcp);
     let source = world.source(2);
     let mut qmp = source.qmp();
-    // The fake destination takes the pages on one connection.
-    set_multifd(&mut qmp, false);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (state_came, state_at) = mpsc::channel();
-    let fake = std::thread::spawn(move || silent_after_the_state(listener, state_came));
+    let (port, fake) = silent_destination(true);
     qmp.ok(
         "migrate",
         Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
     );
-    let state_came_at = state_at
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("the source never sent its state\n{}", source.context()));
+    wait_switchover(&mut qmp, Duration::from_secs(60));
+    let paused = Instant::now();
     let info = qmp.wait_migration(
         &["completed", "failed", "canceled"],
         SWITCHOVER_DEADLINE_MIN * 3,
     );
-    let waited = state_came_at.elapsed();
+    let waited = paused.elapsed();
     assert_eq!(info["status"], "failed", "{info}");
     let reason = info["error-desc"].as_str().unwrap();
     let deadline = format!(
@@ -56,10 +46,10 @@ fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
         reason.contains("waiting for the destination to restore the guest"),
         "{reason}"
     );
-    // The state goes out within the deadline's first moments; the failure comes at its end.
+    // The test sees the pause within ms of it; the failure comes at the deadline's end.
     assert!(
         waited > SWITCHOVER_DEADLINE_MIN - Duration::from_secs(1),
-        "failed {waited:?} after the state: {reason}"
+        "failed {waited:?} after the pause: {reason}"
     );
     assert_source_runs(&source);
     match fake.join().unwrap() {
@@ -108,45 +98,4 @@ fn frozen_destination(transport: Transport, bound: Duration, reason_says: &str) 
         "failed {waited:?} after the freeze, before its bound of {bound:?}: {info}"
     );
     assert_source_runs(&source);
-}
-
-/// Plays a destination up to the source's state, which it never answers; returns what the
-/// source said after it, before hanging up.
-fn silent_after_the_state(
-    listener: TcpListener,
-    state_came: mpsc::Sender<Instant>,
-) -> Option<Message> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        listener.set_nonblocking(true).unwrap();
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let mut header = [0u8; 16];
-        stream.read_exact(&mut header).await.unwrap();
-        assert_eq!(header, wire::header());
-        let clock = LocalClock::start();
-        loop {
-            let answer = match wire::read_incoming(&mut stream).await.unwrap() {
-                Incoming::Pages { data_len, .. } => {
-                    let mut data = vec![0u8; data_len];
-                    stream.read_exact(&mut data).await.unwrap();
-                    None
-                }
-                Incoming::Message(Message::Config(_)) => Some(Message::Accept),
-                Incoming::Message(Message::Sync) => Some(Message::Synced),
-                Incoming::Message(Message::ClockProbe) => Some(Message::Clock(clock.now())),
-                Incoming::Message(Message::Zeros(_) | Message::Round(_)) => None,
-                Incoming::Message(Message::State(_)) => break,
-                Incoming::Message(other) => panic!("{other:?} before the state"),
-            };
-            if let Some(answer) = answer {
-                wire::write_message(&mut stream, &answer).await.unwrap();
-            }
-        }
-        state_came.send(Instant::now()).unwrap();
-        wire::read_message(&mut stream).await.ok()
-    })
 }
