@@ -70,7 +70,11 @@ fn a_frozen_destination_fails_the_migration_within_the_tcp_user_timeout() {
 /// The same over a UNIX socket, where only ferry's own [`WRITE_DEADLINE`] notices.
 #[test]
 fn a_frozen_destination_fails_the_migration_at_the_write_deadline() {
-    frozen_destination(Transport::Unix, WRITE_DEADLINE, "took no data");
+    frozen_destination(
+        Transport::Unix,
+        WRITE_DEADLINE,
+        "did not take a whole frame",
+    );
 }
 
 fn frozen_destination(transport: Transport, bound: Duration, reason_says: &str) {

@@ -87,6 +87,11 @@ pub async fn receive(
 /// not read then hears nothing, and decides on its own deadlines.
 const LAST_WORD_DEADLINE: Duration = Duration::from_secs(1);
 
+/// Tells the source how the migration ended, for at most [`LAST_WORD_DEADLINE`].
+async fn last_word(stream: &mut BoxedStream, message: &Message) {
+    let _ = tokio::time::timeout(LAST_WORD_DEADLINE, wire::write_message(stream, message)).await;
+}
+
 /// Cancellable until the source's COMMIT: from then on only the commit's own fate decides
 /// where the guest runs, as on the source. A failure ends the migration here before the
 /// source hears of it, as a completion does.
@@ -124,9 +129,7 @@ async fn accept_and_receive(
             Err(error) => failed(shared, error),
         };
         // Tell the source why, so that its error-desc names the real cause.
-        let notice = Message::Error(reason.clone());
-        let send = wire::write_message(&mut stream, &notice);
-        let _ = tokio::time::timeout(LAST_WORD_DEADLINE, send).await;
+        last_word(&mut stream, &Message::Error(reason.clone())).await;
         Err(reason)
     }
     .instrument(span)
@@ -192,9 +195,7 @@ async fn take_over(
     };
     // The guest is this side's whatever the source hears: one that does not read stays paused,
     // its migration in doubt.
-    let confirmation = Message::Committed(committed);
-    let send = wire::write_message(stream, &confirmation);
-    let _ = tokio::time::timeout(LAST_WORD_DEADLINE, send).await;
+    last_word(stream, &Message::Committed(committed)).await;
     phases.mark("committed");
     let running_us = running_since
         .iter()

@@ -295,8 +295,8 @@ impl DestinationLanes {
         next_failure(&mut self.failures).await
     }
 
-    /// Stops every lane and waits until none can touch guest RAM any more: after the state,
-    /// nothing may land. The lanes are all told first, so that they end together.
+    /// Stops every lane and waits until none can touch guest RAM any more: nothing may land once
+    /// RESTORED lets the guest run. The lanes are all told first, so that they end together.
     pub async fn stop(mut self) {
         let tasks = std::mem::take(&mut self.tasks);
         for task in &tasks {

@@ -19,10 +19,11 @@ pub const ANSWER_DEADLINE: Duration = Duration::from_secs(60);
 const NOTICE_DEADLINE: Duration = Duration::from_millis(50);
 /// How long a source whose write failed waits for the destination's reason.
 const REASON_DEADLINE: Duration = Duration::from_secs(1);
-/// How long one frame may take to write. A destination that takes no data for this long (its
-/// process frozen or stuck in the kernel: over a UNIX socket nothing else would notice) is given
-/// up on; a whole 4 MiB frame needs about 3 s on a 10 Mbit/s link. Over TCP, the connection's
-/// own user timeout (shorter) tells first.
+/// How long one frame may take to write. A destination that does not take a whole frame in this
+/// time (its process frozen or stuck in the kernel: over a UNIX socket nothing else would
+/// notice) is given up on; a 4 MiB frame needs about 3 s on a 10 Mbit/s link, and a link under
+/// 0.6 Mbit/s could not carry one in time. Over TCP, the connection's own user timeout (shorter)
+/// tells of a peer that takes nothing at all first.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What the destination answered, when it is not what the source wanted.

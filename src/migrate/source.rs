@@ -563,7 +563,8 @@ fn stuck_in(finished: Option<&str>) -> &'static str {
         Some("sync") => "sending the last pages",
         Some("pages") => "saving the vCPUs' state",
         Some("save") => "sending the state",
-        Some(_) => "waiting for the destination to restore the guest",
+        Some("send_state") => "waiting for the destination to restore the guest",
+        Some(_) => "releasing the disk images",
     }
 }
 

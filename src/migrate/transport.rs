@@ -105,9 +105,9 @@ pub type BoxedStream = Box<dyn Stream>;
 /// Connects to a destination.
 pub async fn connect(uri: &MigrationUri) -> io::Result<BoxedStream> {
     match uri {
-        MigrationUri::Tcp { host, port } => {
-            tcp_stream(TcpStream::connect((host.as_str(), *port)).await?)
-        }
+        MigrationUri::Tcp { host, port } => Ok(tcp_stream(
+            TcpStream::connect((host.as_str(), *port)).await?,
+        )),
         MigrationUri::Unix(path) => {
             let stream = UnixStream::connect(path).await?;
             deepen_send_buffer(&stream);
@@ -119,12 +119,12 @@ pub async fn connect(uri: &MigrationUri) -> io::Result<BoxedStream> {
 /// Connects to the address a TCP connection already reached: a host name may resolve to
 /// several, and each connect may pick another.
 pub async fn connect_tcp(peer: SocketAddr) -> io::Result<BoxedStream> {
-    tcp_stream(TcpStream::connect(peer).await?)
+    Ok(tcp_stream(TcpStream::connect(peer).await?))
 }
 
-fn tcp_stream(stream: TcpStream) -> io::Result<BoxedStream> {
+fn tcp_stream(stream: TcpStream) -> BoxedStream {
     tune_tcp(&stream);
-    Ok(Box::new(stream))
+    Box::new(stream)
 }
 
 /// How long the peer may leave what was sent unacknowledged, or a silent connection unanswered,
@@ -145,12 +145,17 @@ fn tune_tcp(stream: &TcpStream) {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL);
-    let tuned = stream
-        .set_nodelay(true)
-        .and_then(|()| socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)))
-        .and_then(|()| socket.set_tcp_keepalive(&keepalive));
-    if let Err(error) = tuned {
-        tracing::warn!(%error, "TCP options of a migration connection left as they are");
+    for (option, set) in [
+        ("TCP_NODELAY", stream.set_nodelay(true)),
+        (
+            "TCP_USER_TIMEOUT",
+            socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)),
+        ),
+        ("keepalive", socket.set_tcp_keepalive(&keepalive)),
+    ] {
+        if let Err(error) = set {
+            tracing::warn!(option, %error, "TCP option of a migration connection not set");
+        }
     }
 }
 
@@ -202,8 +207,7 @@ impl Listener {
         match self {
             Self::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
-                tune_tcp(&stream);
-                Ok((Box::new(stream), peer.to_string()))
+                Ok((tcp_stream(stream), peer.to_string()))
             }
             Self::Unix { listener, path } => {
                 let (stream, _) = listener.accept().await?;

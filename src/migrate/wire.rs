@@ -199,8 +199,8 @@ pub enum WireError {
     #[error("the peer closed the connection")]
     Closed,
     #[error(
-        "the peer took no data for {} s: its process is frozen or overloaded, or the network \
-         stalled",
+        "the peer did not take a whole frame within {} s: its process is frozen or overloaded, \
+         or the network stalled",
         .0.as_secs()
     )]
     Stalled(std::time::Duration),
