@@ -3,14 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty::RegionBitmap;
 use super::lanes::{LaneError, SourceLanes};
 use super::link::Link;
 use super::wire::{self, Message, PageEntry, WireError, MAX_PAGES_PER_FRAME, MAX_ZERO_RUNS};
 use super::Shared;
-use crate::machine::memory::{resident_bitmap, GuestMemory, PAGE_SIZE};
+use crate::machine::memory::{ram_slice, resident_bitmap, GuestMemory, PAGE_SIZE};
 
 /// What one call of [`PageSender::send`] did.
 pub struct SendStats {
@@ -207,15 +207,10 @@ impl PageSender {
     /// The host address of the first page `bitmap` covers; all of them must lie in one
     /// mapped region of guest RAM, so the others follow it (looked up once, not per page).
     fn host_base(&self, bitmap: &RegionBitmap) -> Result<usize, PageError> {
-        let slice = self
-            .memory
-            .get_slice(
-                GuestAddress(bitmap.start),
-                (bitmap.pages * PAGE_SIZE) as usize,
-            )
-            .map_err(|e| PageError::Read {
+        let slice =
+            ram_slice(&self.memory, bitmap.start, bitmap.pages).ok_or_else(|| PageError::Read {
                 gpa: bitmap.start,
-                reason: e.to_string(),
+                reason: format!("{} pages from it are not in one RAM region", bitmap.pages),
             })?;
         Ok(slice.ptr_guard().as_ptr() as usize)
     }
