@@ -517,7 +517,7 @@ fn cancel_at_every_stage_then_migrate_again() {
     }
     set_multifd(&mut qmp, true);
 
-    // At the switchover: a destination that takes everything and never says RESTORED.
+    // At the switchover: a destination that takes everything and never says READY.
     let (port, _reader) = silent_destination(true);
     qmp.ok(
         "migrate",

@@ -82,7 +82,7 @@ pub fn start(name: &str, args: &[&str], qmp: Option<&Path>) -> Ferry {
 }
 
 /// A destination that accepts the configuration and then takes every page (answering the
-/// source's SYNCs) but never says RESTORED, so the source stays in its switchover for as long as
+/// source's SYNCs) but never says READY, so the source stays in its switchover for as long as
 /// the test likes; or, with `read` false, reads no page data at all, so the source blocks in a
 /// socket write (on a page connection, or with `multifd` off on the control one). The thread
 /// returns the source's last word when it gave up (its ERROR or CANCEL), if it read one.

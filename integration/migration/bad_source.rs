@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ferry::migrate::lanes::CONNECT_DEADLINE;
 use ferry::migrate::state::VmDescription;
-use ferry::migrate::wire::{self, LaneHello, LaneOffer, Message};
+use ferry::migrate::wire::{self, Commit, LaneHello, LaneOffer, Message};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -231,4 +231,59 @@ async fn fake_source(
     control.write_all(rest).await.unwrap();
     connections.push(control);
     connections
+}
+
+/// A source whose state the destination cannot restore: the destination says READY as soon as
+/// the state is in (it restores while the source commits), then answers the COMMIT with ERROR,
+/// which tells the source to run the guest again, and never runs it itself.
+#[test]
+fn a_destination_that_cannot_restore_the_state_refuses_the_commit() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let dir = scratch();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = real_config(dir.path(), &runtime);
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let qmp = dir.path().join("unrestorable.qmp");
+    let args = ["-m", MEM_MIB, "-incoming", &uri];
+    let mut destination = common::start("unrestorable", &args, Some(&qmp));
+    let address = uri.trim_start_matches("tcp:").to_owned();
+    let answers = runtime.block_on(async {
+        let mut control = tokio::net::TcpStream::connect(&address).await.unwrap();
+        control.write_all(&wire::header()).await.unwrap();
+        let config = Message::Config(config.clone());
+        wire::write_message(&mut control, &config).await.unwrap();
+        let accepted = wire::read_message(&mut control).await.unwrap();
+        // No state for any part of the VM.
+        wire::write_message(&mut control, &Message::State(Vec::new()))
+            .await
+            .unwrap();
+        let ready = wire::read_message(&mut control).await.unwrap();
+        wire::write_message(&mut control, &Message::Commit(Commit { run: true }))
+            .await
+            .unwrap();
+        let answer = wire::read_message(&mut control).await;
+        (accepted, ready, answer)
+    });
+    let status = destination.wait_exit(Duration::from_secs(10));
+    let stderr = destination.stderr();
+    assert_eq!(answers.0, Message::Accept, "{stderr}");
+    assert_eq!(answers.1, Message::Ready, "{stderr}");
+    match &answers.2 {
+        Ok(Message::Error(reason)) => {
+            assert!(reason.contains("the stream has no state for"), "{reason}")
+        }
+        other => panic!("the destination answered the COMMIT with {other:?}: {stderr}"),
+    }
+    assert!(!status.success(), "the destination exited 0: {stderr}");
+    assert_eq!(
+        destination.line_count(),
+        0,
+        "the destination ran the guest: {stderr}"
+    );
 }

@@ -43,7 +43,7 @@ fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
     );
     assert!(reason.contains(&deadline), "{reason}");
     assert!(
-        reason.contains("waiting for the destination to restore the guest"),
+        reason.contains("waiting for the destination to take the last pages and the state"),
         "{reason}"
     );
     // The test sees the pause within ms of it; the failure comes at the deadline's end.

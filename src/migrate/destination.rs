@@ -13,6 +13,7 @@ use super::landing::{write_zero_runs, Landing, LandingError};
 use super::lanes::{DestinationLanes, LaneError};
 use super::phases::Phases;
 use super::progress::MigrationStatus;
+use super::state::Section;
 use super::transport::{BoxedStream, Listener};
 use super::wire::{self, Commit, Committed, Incoming, LaneOffer, Message, WireError};
 use super::{prefault, vmstate, Shared};
@@ -235,7 +236,6 @@ async fn receive_stream(
     shared.set_status(MigrationStatus::Active);
 
     let ram_pages: u64 = vm.machine.layout.iter().map(|r| r.size / PAGE_SIZE).sum();
-    let mut restored = false;
     // Round 0's zero runs, until the SYNC that ends them (before any page data): then the
     // rest of RAM is backed ahead, unless -mem-prealloc backed it all already.
     let mut zero_runs = (!vm.machine.preallocated).then(Vec::new);
@@ -249,17 +249,11 @@ async fn receive_stream(
     let mut marks = 0;
     loop {
         let message = match read_control(stream, &mut lanes).await? {
-            Ok(Incoming::Pages { entries, data_len }) if !restored => {
+            Ok(Incoming::Pages { entries, data_len }) => {
                 drop(listener.take());
                 let bytes = landing.receive(stream, &entries, data_len).await?;
                 shared.progress().count_landed(bytes, &entries);
                 continue;
-            }
-            Ok(Incoming::Pages { entries, .. }) => {
-                return Err(ReceiveError::Protocol(format!(
-                    "unexpected PAGES ({} pages) after the state",
-                    entries.len()
-                )));
             }
             Ok(Incoming::Message(Message::Lanes(offer))) if listener.is_some() => {
                 let listener = listener.take().expect("checked above");
@@ -275,7 +269,7 @@ async fn receive_stream(
             Err(error) => return Err(error.into()),
         };
         match message {
-            Message::Zeros(runs) if !restored => {
+            Message::Zeros(runs) => {
                 let pages = write_zero_runs(&memory, &runs, vm.machine.preallocated)?;
                 if let Some(all) = zero_runs.as_mut() {
                     all.extend_from_slice(&runs);
@@ -284,7 +278,7 @@ async fn receive_stream(
                 progress.transferred += 8 + runs.len() as u64 * 16;
                 progress.duplicate += pages;
             }
-            Message::Sync if !restored => {
+            Message::Sync => {
                 if let Some(runs) = zero_runs.take() {
                     backing = prefault::start(memory.clone(), runs);
                 }
@@ -292,7 +286,7 @@ async fn receive_stream(
                 lanes_reached(stream, &mut lanes, marks).await?;
                 wire::write_message(stream, &Message::Synced).await?;
             }
-            Message::ClockProbe if !restored => {
+            Message::ClockProbe => {
                 wire::write_message(stream, &Message::Clock(clock.now())).await?;
             }
             Message::Round(report) if report.remaining_pages > ram_pages => {
@@ -301,7 +295,7 @@ async fn receive_stream(
                     report.round, report.remaining_pages
                 )));
             }
-            Message::Round(report) if !restored => {
+            Message::Round(report) => {
                 // Round 0 brought every page that holds data; later rounds write pages already
                 // backed, and the thread would only take a core from the receiver and, at the
                 // switchover, from the restore and the guest.
@@ -313,47 +307,73 @@ async fn receive_stream(
                 }
                 shared.emit_pass(u64::from(report.round) + 1);
             }
-            Message::State(sections) if !restored => {
+            Message::State(sections) => {
                 // Stopped at round 0's report already; this covers a stream without one.
                 drop(backing.take());
                 marks += 1;
                 lanes_reached(stream, &mut lanes, marks).await?;
-                let mut phases = Phases::start();
-                // Every lane has passed its last mark, so a well-behaved source has no page in
-                // flight: the lanes can stop while the state is restored, off the downtime's
-                // path. Only RESTORED, which lets the guest run, waits until none can land a
-                // page any more.
-                let stopping = async {
-                    if let Some(lanes) = lanes.take() {
-                        lanes.stop().await;
-                    }
-                };
-                let restoring =
-                    vmstate::restore(vm, sections, clock).instrument(info_span!("device_state"));
-                let (restoring, ()) = tokio::join!(restoring, stopping);
-                restoring.map_err(|e| ReceiveError::Local(e.to_string()))?;
-                phases.mark("restore");
-                wire::write_message(stream, &Message::Restored).await?;
-                phases.mark("restored");
-                tracing::debug!(%phases, "state restored (µs)");
-                restored = true;
+                return restore_until_commit(vm, stream, sections, lanes.take(), clock).await;
             }
-            Message::Commit(commit) if restored => return Ok(commit),
             Message::Error(reason) => return Err(ReceiveError::SourceFailed(reason)),
             Message::Cancel => return Err(ReceiveError::Cancelled),
             other => {
-                let phase = if restored {
-                    "after the state"
-                } else {
-                    "during pre-copy"
-                };
                 return Err(ReceiveError::Protocol(format!(
-                    "unexpected {} {phase}",
+                    "unexpected {} during pre-copy",
                     describe(&other)
                 )));
             }
         }
     }
+}
+
+/// Restores the state while the source hears READY and commits: that round trip, which the
+/// guest would otherwise wait for after the restore, overlaps it. A restore that fails answers
+/// the COMMIT with ERROR, and the source runs the guest again.
+async fn restore_until_commit(
+    vm: &Vm,
+    stream: &mut BoxedStream,
+    sections: Vec<Section>,
+    lanes: Option<DestinationLanes>,
+    clock: &LocalClock,
+) -> Result<Commit, ReceiveError> {
+    let began = Instant::now();
+    // Polled first, so READY is on its way before the restore wakes the vCPU threads.
+    let commit = async {
+        wire::write_message(stream, &Message::Ready).await?;
+        let message = wire::read_message(stream).await?;
+        let committed_us = began.elapsed().as_micros() as u64;
+        match source_gave_up(message) {
+            Ok(gave_up) => Err(gave_up),
+            Err(Message::Commit(commit)) => Ok((commit, committed_us)),
+            Err(other) => Err(ReceiveError::Protocol(format!(
+                "unexpected {} after the state",
+                describe(&other)
+            ))),
+        }
+    };
+    // Every lane has passed its last mark, so a well-behaved source has no page in flight: the
+    // lanes stop while the state is restored. The guest runs only after both, when no lane can
+    // land a page any more.
+    let restore = async {
+        let stopping = async {
+            if let Some(lanes) = lanes {
+                lanes.stop().await;
+            }
+        };
+        let restoring =
+            vmstate::restore(vm, sections, clock).instrument(info_span!("device_state"));
+        let (restored, ()) = tokio::join!(restoring, stopping);
+        (restored, began.elapsed().as_micros() as u64)
+    };
+    let (commit, (restored, restored_us)) = tokio::join!(commit, restore);
+    let (commit, committed_us) = commit?;
+    restored.map_err(|e| ReceiveError::Local(e.to_string()))?;
+    tracing::debug!(
+        restored_us,
+        committed_us,
+        "state restored while the source committed"
+    );
+    Ok(commit)
 }
 
 /// Accepts the page connections the source offered. A source that fails to open them, or is

@@ -296,7 +296,7 @@ impl DestinationLanes {
     }
 
     /// Stops every lane and waits until none can touch guest RAM any more: nothing may land once
-    /// RESTORED lets the guest run. The lanes are all told first, so that they end together.
+    /// the guest runs. The lanes are all told first, so that they end together.
     pub async fn stop(mut self) {
         let tasks = std::mem::take(&mut self.tasks);
         for task in &tasks {

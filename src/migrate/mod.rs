@@ -19,18 +19,19 @@
 //!   | -- ROUND, PAGES (dirty since last sync), SYNC ...-->|  rounds 1..n, guest running
 //!   |    (pause vCPUs: downtime starts)                    |
 //!   | == PAGES (last dirty pages), marks ================>|
-//!   | -- STATE (sections) ------------------------------->|  every lane's mark, then restores
-//!   | <---------------------------------- RESTORED -------|
-//!   |    (completed: the source gives the guest up)        |
-//!   | -- COMMIT {run} ----------------------------------->|  runs the guest
-//!   | <---------- COMMITTED {vcpus_running_at_ns} -------|
-//!   |    (downtime: the longest any vCPU was out of the guest, from when it stopped here to
-//!   |     when it ran again on the destination, mapped onto the source's clock)
+//!   | -- STATE (sections) ------------------------------->|  every lane's mark, then
+//!   | <------------------------------------- READY -------|  restores while the source
+//!   |    (the source gives the guest up)                   |  commits
+//!   | -- COMMIT {run} ----------------------------------->|  restored: runs the guest
+//!   | <---------- COMMITTED {vcpus_running_at_ns} -------|  (or ERROR: the restore failed)
+//!   |    (completed. Downtime: the longest any vCPU was out of the guest, from when it
+//!   |     stopped here to when it ran again on the destination, mapped onto the source's clock)
 //! ```
 //!
-//! Until the source has RESTORED in hand, any failure or `migrate_cancel` resumes the source and
-//! the destination never runs the guest; the destination runs it only on COMMIT, so there are
-//! never two running copies.
+//! Until the source has READY in hand, any failure or `migrate_cancel` resumes the source and
+//! the destination never runs the guest. The destination runs it only on COMMIT, and only once
+//! its restore succeeded; otherwise it answers ERROR and the source runs the guest again, so
+//! there are never two running copies.
 
 pub mod capabilities;
 pub mod clock;

@@ -205,18 +205,18 @@ pub fn decide(
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SwitchoverCost {
     /// Pausing the vCPUs (measured when dirty logging was turned on). The destination's
-    /// restore wakes each vCPU thread the same way, so it counts twice.
+    /// restore wakes each vCPU thread the same way, so it counts for that too.
     pub pause: Duration,
     /// Reading the dirty log, as the last round's read took.
     pub sync: Duration,
-    /// A round trip to the destination (the clock probes' shortest): the state and its answer,
-    /// then the commit, until the destination runs the guest.
+    /// A round trip to the destination (the clock probes' shortest): half of one for the state,
+    /// then READY and the commit, which overlap the destination's restore.
     pub round_trip: Duration,
 }
 
 impl SwitchoverCost {
     pub fn total(&self) -> Duration {
-        self.pause * 2 + self.sync + self.round_trip * 3 / 2
+        self.pause + self.sync + self.round_trip / 2 + self.pause.max(self.round_trip)
     }
 }
 
@@ -233,7 +233,7 @@ pub fn expected_downtime(bytes: u64, bandwidth: f64) -> Duration {
 }
 
 /// The least time the source gives a switchover, from the pause to the destination's word that
-/// it restored the guest, before it fails the migration and runs the guest again.
+/// it has the last pages and the state, before it fails the migration and runs the guest again.
 pub const SWITCHOVER_DEADLINE_MIN: Duration = Duration::from_secs(5);
 
 /// How long a switchover expected to take `expected` may take: ten times that (bandwidth
@@ -322,10 +322,10 @@ mod tests {
             sync: Duration::from_millis(1),
             round_trip: Duration::from_millis(2),
         };
-        assert_eq!(cost.total(), Duration::from_millis(8));
-        // 4 MiB at 1 GiB/s is ~4 ms: with the 8 ms the switchover costs, over 10 ms.
+        assert_eq!(cost.total(), Duration::from_millis(6));
+        // 5 MiB at 1 GiB/s is ~4.9 ms: with the 6 ms the switchover costs, over 10 ms.
         assert_eq!(
-            decide(1, 4 << 20, 4 << 20, GIB, cost.total(), limit),
+            decide(1, 5 << 20, 5 << 20, GIB, cost.total(), limit),
             Decision::AnotherRound
         );
         // 1 MiB (~1 ms) fits beside it, and is negligible whatever the fixed part.

@@ -107,7 +107,7 @@ pub async fn migrate(
     let was_running = vm.vcpus.running();
     let outcome = async {
         let precopy = precopy(vm, &uri, shared, &cancel).await?;
-        // The commit is not cancellable: once RESTORED is in hand, only the commit's own fate
+        // The commit is not cancellable: once READY is in hand, only the commit's own fate
         // decides who runs the guest.
         commit(precopy, was_running, shared).await.map_err(Some)
     }
@@ -189,8 +189,8 @@ fn on_disks(vm: &Vm, work: fn(&Devices) -> Result<(), DiskError>) -> Result<(), 
     tokio::task::block_in_place(|| work(&vm.machine.devices)).map_err(local)
 }
 
-/// A source that has the destination's RESTORED in hand.
-struct Restored {
+/// A source that has the destination's READY in hand.
+struct Ready {
     link: Link,
     switchover: Switchover,
 }
@@ -204,13 +204,13 @@ struct Switchover {
     phases: Phases,
 }
 
-/// Everything up to the destination's RESTORED; `Err(None)` when cancelled.
+/// Everything up to the destination's READY; `Err(None)` when cancelled.
 async fn precopy(
     vm: &mut Vm,
     uri: &MigrationUri,
     shared: &Shared,
     cancel: &CancellationToken,
-) -> Result<Restored, Option<SendError>> {
+) -> Result<Ready, Option<SendError>> {
     let started = Instant::now();
     let stream = tokio::select! {
         stream = connect(uri) => stream.map_err(|source| SendError::Connect {
@@ -227,7 +227,7 @@ async fn precopy(
         () = throttle => unreachable!("the throttle runs until dropped"),
     };
     match streamed {
-        Ok(switchover) => Ok(Restored { link, switchover }),
+        Ok(switchover) => Ok(Ready { link, switchover }),
         Err(None) => {
             tracing::debug!("cancelled; telling the destination");
             // The source need not wait for the notice to be written (a full socket buffer
@@ -523,9 +523,9 @@ async fn stream_guest(
                 state_bytes, "final pages and device state sent"
             );
             let answer = link.answer().await?;
-            phases.mark("restored");
+            phases.mark("ready");
             match answer {
-                Message::Restored => {
+                Message::Ready => {
                     vm.machine.devices.release_images().map_err(local)?;
                     phases.mark("release");
                     if preempted_us > 0 {
@@ -533,9 +533,7 @@ async fn stream_guest(
                     }
                     Ok(left_guest)
                 }
-                other => Err(SendError::Protocol(format!(
-                    "{other:?} instead of RESTORED"
-                ))),
+                other => Err(SendError::Protocol(format!("{other:?} instead of READY"))),
             }
         };
         match tokio::time::timeout(deadline, paused).await {
@@ -563,7 +561,7 @@ fn stuck_in(finished: Option<&str>) -> &'static str {
         Some("sync") => "sending the last pages",
         Some("pages") => "saving the vCPUs' state",
         Some("save") => "sending the state",
-        Some("send_state") => "waiting for the destination to restore the guest",
+        Some("send_state") => "waiting for the destination to take the last pages and the state",
         Some(_) => "releasing the disk images",
     }
 }
@@ -623,11 +621,11 @@ const COMMIT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The point of no return: the destination has everything; tell it to take the guest over.
 async fn commit(
-    restored: Restored,
+    ready: Ready,
     was_running: bool,
     shared: &Shared,
 ) -> Result<CommitOutcome, SendError> {
-    let Restored {
+    let Ready {
         mut link,
         switchover:
             Switchover {
@@ -635,7 +633,7 @@ async fn commit(
                 peer_clock,
                 mut phases,
             },
-    } = restored;
+    } = ready;
     // If the COMMIT cannot be written the destination never got it and will not run the guest,
     // so the source may safely take it back.
     let commit_sent = Instant::now();

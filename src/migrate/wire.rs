@@ -39,7 +39,7 @@ const TAG_ACCEPT: u32 = 2;
 const TAG_PAGES: u32 = 3;
 const TAG_ROUND: u32 = 4;
 const TAG_STATE: u32 = 5;
-const TAG_RESTORED: u32 = 6;
+const TAG_READY: u32 = 6;
 const TAG_COMMIT: u32 = 7;
 const TAG_ERROR: u32 = 8;
 const TAG_CANCEL: u32 = 9;
@@ -162,8 +162,9 @@ pub enum Message {
     Round(RoundReport),
     /// Source → destination: the state of every part, after the last pages.
     State(Vec<Section>),
-    /// Destination → source: everything is restored; waiting for the commit.
-    Restored,
+    /// Destination → source: every page and the state are in; it restores the state while it
+    /// waits for the commit, and answers that with COMMITTED, or ERROR if the restore failed.
+    Ready,
     /// Source → destination: the source gave the guest up; run it.
     Commit(Commit),
     /// Destination → source: the destination took the guest over.
@@ -300,7 +301,7 @@ pub fn encode_message(message: &Message) -> Result<Vec<u8>, WireError> {
             TAG_STATE,
             postcard::to_stdvec(sections).map_err(|e| malformed(format!("state: {e}")))?,
         ),
-        Message::Restored => (TAG_RESTORED, Vec::new()),
+        Message::Ready => (TAG_READY, Vec::new()),
         Message::Commit(commit) => (TAG_COMMIT, json(commit)),
         Message::Committed(committed) => (TAG_COMMITTED, json(committed)),
         Message::ClockProbe => (TAG_CLOCK_PROBE, Vec::new()),
@@ -409,7 +410,7 @@ fn decode(tag: u32, payload: Vec<u8>) -> Result<Message, WireError> {
         TAG_STATE => postcard::from_bytes(&payload)
             .map(Message::State)
             .map_err(|e| malformed(format!("bad device state: {e}"))),
-        TAG_RESTORED => empty(Message::Restored),
+        TAG_READY => empty(Message::Ready),
         TAG_COMMIT => Ok(Message::Commit(from_json("commit", &payload)?)),
         TAG_COMMITTED => Ok(Message::Committed(from_json("committed", &payload)?)),
         TAG_CLOCK_PROBE => empty(Message::ClockProbe),
