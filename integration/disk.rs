@@ -312,7 +312,7 @@ fn assert_disk_runs(vm: &Ferry) {
 }
 
 /// A cancel while the source is in its switchover (disks drained, waiting for a destination
-/// that never restores) gives the disk back to the guest, image lock included.
+/// that never says READY) gives the disk back to the guest, image lock included.
 #[test]
 fn cancel_at_the_switchover_keeps_the_disk_working() {
     if !kvm_available() {

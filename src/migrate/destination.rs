@@ -13,8 +13,9 @@ use super::landing::{write_zero_runs, Landing, LandingError};
 use super::lanes::{DestinationLanes, LaneError};
 use super::phases::Phases;
 use super::progress::MigrationStatus;
-use super::state::Section;
+use super::source::COMMIT_DEADLINE;
 use super::transport::{BoxedStream, Listener};
+use super::vmstate::DecodedState;
 use super::wire::{self, Commit, Committed, Incoming, LaneOffer, Message, WireError};
 use super::{prefault, vmstate, Shared};
 use crate::machine::memory::{GuestMemory, PAGE_SIZE};
@@ -93,8 +94,9 @@ async fn last_word(stream: &mut BoxedStream, message: &Message) {
     let _ = tokio::time::timeout(LAST_WORD_DEADLINE, wire::write_message(stream, message)).await;
 }
 
-/// Cancellable until the source's COMMIT: from then on only the commit's own fate decides
-/// where the guest runs, as on the source. A failure ends the migration here before the
+/// Cancellable until the source's COMMIT is in and the state restored (a cancel before then
+/// answers the COMMIT with ERROR, which the source takes as a refusal): from then on only the
+/// commit's own fate decides where the guest runs, as on the source. A failure ends the migration here before the
 /// source hears of it, as a completion does.
 async fn accept_and_receive(
     vm: &mut Vm,
@@ -312,7 +314,11 @@ async fn receive_stream(
                 drop(backing.take());
                 marks += 1;
                 lanes_reached(stream, &mut lanes, marks).await?;
-                return restore_until_commit(vm, stream, sections, lanes.take(), clock).await;
+                // Checked before READY: a state this VM cannot take fails the migration while
+                // the source still holds its disks.
+                let state = vmstate::decode(vm, sections)
+                    .map_err(|e| ReceiveError::Local(format!("cannot take the state: {e}")))?;
+                return restore_until_commit(vm, stream, state, lanes.take(), clock).await;
             }
             Message::Error(reason) => return Err(ReceiveError::SourceFailed(reason)),
             Message::Cancel => return Err(ReceiveError::Cancelled),
@@ -326,13 +332,18 @@ async fn receive_stream(
     }
 }
 
+/// How long the restore may take. Past the source's wait for the commit's answer the source
+/// stays paused, the commit in doubt; well within it, a restore that ends the migration still
+/// reaches the source as a refusal, and the source runs the guest again.
+const RESTORE_DEADLINE: Duration = Duration::from_secs(COMMIT_DEADLINE.as_secs() / 2);
+
 /// Restores the state while the source hears READY and commits: that round trip, which the
 /// guest would otherwise wait for after the restore, overlaps it. A restore that fails answers
 /// the COMMIT with ERROR, and the source runs the guest again.
 async fn restore_until_commit(
     vm: &Vm,
     stream: &mut BoxedStream,
-    sections: Vec<Section>,
+    state: DecodedState,
     lanes: Option<DestinationLanes>,
     clock: &LocalClock,
 ) -> Result<Commit, ReceiveError> {
@@ -360,14 +371,23 @@ async fn restore_until_commit(
                 lanes.stop().await;
             }
         };
-        let restoring =
-            vmstate::restore(vm, sections, clock).instrument(info_span!("device_state"));
-        let (restored, ()) = tokio::join!(restoring, stopping);
+        let restoring = vmstate::restore(vm, state, clock).instrument(info_span!("device_state"));
+        let restored = match tokio::time::timeout(RESTORE_DEADLINE, async {
+            tokio::join!(restoring, stopping).0
+        })
+        .await
+        {
+            Ok(restored) => restored.map_err(|e| ReceiveError::Local(e.to_string())),
+            Err(_) => Err(ReceiveError::Local(format!(
+                "restoring the state took more than {} s",
+                RESTORE_DEADLINE.as_secs()
+            ))),
+        };
         (restored, began.elapsed().as_micros() as u64)
     };
     let (commit, (restored, restored_us)) = tokio::join!(commit, restore);
     let (commit, committed_us) = commit?;
-    restored.map_err(|e| ReceiveError::Local(e.to_string()))?;
+    restored?;
     tracing::debug!(
         restored_us,
         committed_us,

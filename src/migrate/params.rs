@@ -210,7 +210,8 @@ pub struct SwitchoverCost {
     /// Reading the dirty log, as the last round's read took.
     pub sync: Duration,
     /// A round trip to the destination (the clock probes' shortest): half of one for the state,
-    /// then READY and the commit, which overlap the destination's restore.
+    /// then READY and the commit, which overlap the destination's restore (fully only when
+    /// the two sides do not share the host's cores, as they do on a host with two).
     pub round_trip: Duration,
 }
 

@@ -616,8 +616,8 @@ async fn probe_clock(link: &mut Link, probes: usize) -> Result<PeerClock, SendEr
     Ok(best)
 }
 
-/// How long the source waits for the destination to confirm the commit.
-const COMMIT_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the source waits for the destination to confirm the commit (its restore included).
+pub(crate) const COMMIT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The point of no return: the destination has everything; tell it to take the guest over.
 async fn commit(

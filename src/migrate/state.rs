@@ -93,10 +93,6 @@ impl Section {
             reason: e.to_string(),
         })
     }
-
-    pub fn restore<T: Migratable>(&self, part: &mut T) -> Result<(), StateError> {
-        part.restore_state(self.decode::<T>()?)
-    }
 }
 
 /// The sections of a whole VM, looked up by id; every one must be used exactly once.
@@ -371,18 +367,20 @@ mod tests {
     fn sections_round_trip_and_check_versions() {
         let section = Section::save("c0", &Counter(77)).unwrap();
         let mut restored = Counter(0);
-        section.restore(&mut restored).unwrap();
+        restored
+            .restore_state(section.decode::<Counter>().unwrap())
+            .unwrap();
         assert_eq!(restored.0, 77);
         let mut old = section.clone();
         old.version = 2;
         assert!(matches!(
-            old.restore(&mut restored),
+            old.decode::<Counter>(),
             Err(StateError::Version { .. })
         ));
         let mut garbage = section.clone();
         garbage.data = vec![0xff; 11];
         assert!(matches!(
-            garbage.restore(&mut restored),
+            garbage.decode::<Counter>(),
             Err(StateError::Decode { .. })
         ));
     }

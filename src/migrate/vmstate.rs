@@ -1,6 +1,6 @@
 //! The state of a whole paused VM, part by part, as the sections of a STATE message.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::clock::{LocalClock, PeerClock};
@@ -8,7 +8,7 @@ use super::phases::Phases;
 use super::state::{Migratable, Section, Sections, StateError};
 use super::transit::{self, SavedAt};
 use crate::machine::devices::disk::DiskSection;
-use crate::machine::devices::lock;
+use crate::machine::devices::{lock, PowerButton, Serial, I8042};
 use crate::machine::state::{migratable_msrs, KvmVcpu, KvmVm};
 use crate::runtime::vcpus::Queued;
 use crate::runtime::Vm;
@@ -111,32 +111,79 @@ pub fn save_devices(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
     Ok(sections)
 }
 
-/// Restores every part of the (paused) VM from `sections`, which must hold exactly its parts.
-/// Clocks and timers run on by the time since the source saved them (on `clock`).
-pub async fn restore(
-    vm: &Vm,
-    sections: Vec<Section>,
-    clock: &LocalClock,
-) -> Result<(), VmStateError> {
-    let mut phases = Phases::start();
+/// A whole VM's state, decoded and checked against this VM but not yet applied: whatever can
+/// be wrong with a stream shows here, before the destination tells the source it has the
+/// state.
+pub struct DecodedState {
+    saved_at: SavedAt,
+    chips: <KvmVm<'static> as Migratable>::State,
+    /// Each taken by its vCPU's thread.
+    vcpus: Vec<Mutex<Option<<KvmVcpu<'static> as Migratable>::State>>>,
+    serial: <Serial as Migratable>::State,
+    power_button: <PowerButton as Migratable>::State,
+    disks: Vec<<DiskSection<'static> as Migratable>::State>,
+}
+
+/// Decodes `sections`, which must hold exactly the parts of `vm`.
+pub fn decode(vm: &Vm, sections: Vec<Section>) -> Result<DecodedState, VmStateError> {
     let mut sections = Sections::new(sections)?;
     let saved_at = sections.take(transit::SECTION_ID)?.decode::<SavedAt>()?;
     saved_at.check(vm.machine.vcpu_count)?;
+    let chips = sections.take("kvm")?.decode::<KvmVm>()?;
+    let vcpus = (0..vm.machine.vcpu_count)
+        .map(|i| {
+            Ok(Mutex::new(Some(
+                sections.take(&vcpu_id(i))?.decode::<KvmVcpu>()?,
+            )))
+        })
+        .collect::<Result<_, StateError>>()?;
+    let serial = sections.take("serial0")?.decode::<Serial>()?;
+    // The i8042's state is empty: its section only proves the source has one too.
+    sections.take("i8042")?.decode::<I8042>()?;
+    let power_button = sections.take("acpi-ged")?.decode::<PowerButton>()?;
+    let disks = vm
+        .machine
+        .devices
+        .disks
+        .iter()
+        .map(|disk| sections.take(&disk.section_id())?.decode::<DiskSection>())
+        .collect::<Result<_, _>>()?;
+    sections.finish()?;
+    Ok(DecodedState {
+        saved_at,
+        chips,
+        vcpus,
+        serial,
+        power_button,
+        disks,
+    })
+}
+
+/// Restores every part of the (paused) VM from `state`. Clocks and timers run on by the time
+/// since the source saved them (on `clock`).
+pub async fn restore(vm: &Vm, state: DecodedState, clock: &LocalClock) -> Result<(), VmStateError> {
+    let mut phases = Phases::start();
+    let DecodedState {
+        saved_at,
+        mut chips,
+        vcpus,
+        serial,
+        power_button,
+        disks,
+    } = state;
     // VM-wide chips first: the vCPUs' LAPICs and timers are restored against them.
-    let mut chips = sections.take("kvm")?.decode::<KvmVm>()?;
     chips.age(clock.since(saved_at.chips_ns));
     KvmVm(&vm.machine.vm).restore_state(chips)?;
     phases.mark("kvm");
-    let vcpu_sections: Vec<Section> = (0..vm.machine.vcpu_count)
-        .map(|i| sections.take(&vcpu_id(i)))
-        .collect::<Result<_, _>>()?;
-    let vcpu_sections = Arc::new(vcpu_sections);
+    let vcpus = Arc::new(vcpus);
     let msr_list: Arc<[u32]> = Arc::from([]);
     let clock = *clock;
     let results = vm
         .vcpus
         .on_each(move |index, fd| {
-            let mut state = vcpu_sections[index as usize].decode::<KvmVcpu>()?;
+            let mut state = lock(&vcpus[index as usize])
+                .take()
+                .ok_or_else(|| StateError::Missing(vcpu_id(index)))?;
             // The guest's TSC runs at the rate KVM gives this vCPU; unknown, it is left as saved.
             state.age(saved_at.vcpu_age(index, &clock), fd.get_tsc_khz().ok());
             KvmVcpu {
@@ -149,23 +196,14 @@ pub async fn restore(
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
     phases.mark("vcpus");
     let devices = &vm.machine.devices;
-    sections
-        .take("serial0")?
-        .restore(&mut *lock(&devices.serial))?;
-    sections
-        .take("i8042")?
-        .restore(&mut *lock(&devices.i8042))?;
-    sections
-        .take("acpi-ged")?
-        .restore(&mut *lock(&devices.power_button))?;
-    for disk in &devices.disks {
-        sections
-            .take(&disk.section_id())?
-            .restore(&mut DiskSection(disk))?;
+    lock(&devices.serial).restore_state(serial)?;
+    lock(&devices.i8042).restore_state(())?;
+    lock(&devices.power_button).restore_state(power_button)?;
+    for (disk, state) in devices.disks.iter().zip(disks) {
+        DiskSection(disk).restore_state(state)?;
     }
     // Restored BARs may sit elsewhere than where this side allocated them.
     devices.pci.update_windows();
-    sections.finish()?;
     phases.mark("devices");
     tracing::debug!(%phases, "VM state restored (µs)");
     Ok(())

@@ -303,11 +303,13 @@ where
     }))
 }
 
-/// Waits for every vCPU's answer, each within [`ACK_DEADLINE`].
+/// Waits for every vCPU's answer, all within one [`ACK_DEADLINE`]: the vCPUs work in parallel,
+/// and a deadline per answer would let many slow vCPUs add up past what callers allow.
 async fn collect<T>(answers: Vec<(u32, oneshot::Receiver<T>)>) -> Result<Vec<T>, VcpuError> {
+    let deadline = tokio::time::Instant::now() + ACK_DEADLINE;
     let mut values = Vec::with_capacity(answers.len());
     for (index, answer) in answers {
-        match tokio::time::timeout(ACK_DEADLINE, answer).await {
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(value)) => values.push(value),
             Ok(Err(_)) => return Err(VcpuError::Gone { index }),
             Err(_) => return Err(VcpuError::Timeout { index }),

@@ -131,7 +131,7 @@ impl Devices {
         self.disks.iter().try_for_each(Disk::flush)
     }
 
-    /// Hands the disks' image locks over, once the destination has restored the VM.
+    /// Hands the disks' image locks over, once the destination has every page and the state.
     pub fn release_images(&self) -> Result<(), DiskError> {
         let _transition = lock(&self.disk_transition);
         self.disks.iter().try_for_each(Disk::release_image)
