@@ -85,13 +85,8 @@ pub fn start(name: &str, args: &[&str], qmp: Option<&Path>) -> Ferry {
 /// source's SYNCs) but never says READY, so the source stays in its switchover for as long as
 /// the test likes; or, with `read` false, reads no page data at all, so the source blocks in a
 /// socket write (on a page connection, or with `multifd` off on the control one). The thread
-/// returns the source's last word when it gave up (its ERROR or CANCEL), if it read one.
-pub fn silent_destination(
-    read: bool,
-) -> (
-    u16,
-    std::thread::JoinHandle<Option<ferry::migrate::wire::Message>>,
-) {
+/// returns what it heard.
+pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<Heard>) {
     use ferry::migrate::wire::{read_header, read_message, write_message, Message};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -105,10 +100,11 @@ pub fn silent_destination(
             stream.set_nonblocking(true).unwrap();
             let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
             read_header(&mut stream).await.unwrap();
-            assert!(matches!(
-                read_message(&mut stream).await,
-                Ok(Message::Config(_))
-            ));
+            let mut heard = Heard::default();
+            match read_message(&mut stream).await {
+                Ok(Message::Config(config)) => heard.config = Some(config),
+                other => panic!("the source began with {other:?}, not its configuration"),
+            }
             write_message(&mut stream, &Message::Accept).await.unwrap();
             let mut next = read_message(&mut stream).await;
             // Page connections, if the source opens any, are taken as the control one is.
@@ -145,10 +141,9 @@ pub fn silent_destination(
                 while !matches!(read_message(&mut stream).await, Ok(Message::Sync) | Err(_)) {}
                 write_message(&mut stream, &Message::Synced).await.unwrap();
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-                return None;
+                return heard;
             }
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-            let mut last_word = None;
             while let Ok(Ok(message)) =
                 tokio::time::timeout_at(deadline, read_message(&mut stream)).await
             {
@@ -157,17 +152,30 @@ pub fn silent_destination(
                     // The source reads the clock again before its switchover.
                     Message::ClockProbe => Message::Clock(u64::MAX / 2),
                     Message::Error(_) | Message::Cancel => {
-                        last_word = Some(message);
+                        heard.last_word = Some(message);
+                        continue;
+                    }
+                    Message::State(sections) => {
+                        heard.state = Some(sections);
                         continue;
                     }
                     _ => continue,
                 };
                 write_message(&mut stream, &answer).await.unwrap();
             }
-            last_word
+            heard
         })
     });
     (port, thread)
+}
+
+/// What a [`silent_destination`] heard from the source.
+#[derive(Debug, Default)]
+pub struct Heard {
+    pub config: Option<Box<ferry::migrate::state::VmDescription>>,
+    pub state: Option<Vec<ferry::migrate::state::Section>>,
+    /// Its last word when it gave up (its ERROR or CANCEL), if it said one.
+    pub last_word: Option<ferry::migrate::wire::Message>,
 }
 
 /// Waits until the source has paused its guest for the switchover.

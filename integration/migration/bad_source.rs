@@ -7,13 +7,15 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ferry::machine::state::KvmVcpu;
 use ferry::migrate::lanes::CONNECT_DEADLINE;
+use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
 use ferry::migrate::state::VmDescription;
-use ferry::migrate::wire::{self, LaneHello, LaneOffer, Message};
+use ferry::migrate::wire::{self, Commit, LaneHello, LaneOffer, Message};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::common::{self, free_port, kvm_available, kvm_lock, scratch};
+use crate::common::{self, free_port, kvm_available, kvm_lock, scratch, silent_destination};
 
 /// The guest both the real and the fake sources describe.
 const MEM_MIB: &str = "64";
@@ -287,3 +289,86 @@ fn a_destination_refuses_a_state_it_cannot_take_before_saying_ready() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!stderr.contains("incoming migration completed"), "{stderr}");
 }
+
+/// A state that decodes but that KVM refuses (vCPU 0 with paging on and protection off): the
+/// destination has said READY and begun restoring when it finds out, so it answers the COMMIT
+/// with ERROR, on which a source runs the guest again, and it never runs the half-restored
+/// guest.
+#[test]
+fn a_destination_whose_restore_fails_after_ready_refuses_the_commit() {
+    if !kvm_available() {
+        return;
+    }
+    let _lock = kvm_lock();
+    let dir = scratch();
+    // A real source's configuration and state, as a destination that never says READY hears
+    // them; the source gives up at its switchover deadline and hangs up.
+    let qmp = dir.path().join("state-source.qmp");
+    let source = common::start("state-source", &["-m", MEM_MIB], Some(&qmp));
+    source.wait_ready();
+    let (port, listening) = silent_destination(true);
+    let mut qmp = source.qmp();
+    qmp.ok(
+        "migrate",
+        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+    );
+    let info = qmp.wait_migration(
+        &["completed", "failed", "canceled"],
+        SWITCHOVER_DEADLINE_MIN * 3,
+    );
+    assert_eq!(info["status"], "failed", "{info}");
+    let heard = listening.join().unwrap();
+    let config = heard.config.expect("the source sent no configuration");
+    let mut sections = heard.state.expect("the source sent no state");
+    let vcpu = sections.iter_mut().find(|s| s.id == "vcpu0").unwrap();
+    let mut state = vcpu.decode::<KvmVcpu>().unwrap();
+    state.sregs.cr0 = CR0_PAGING;
+    vcpu.data = postcard::to_stdvec(&state).unwrap();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let qmp = dir.path().join("restore-fails.qmp");
+    let args = ["-m", MEM_MIB, "-incoming", &uri];
+    let mut destination = common::start("restore-fails", &args, Some(&qmp));
+    let address = uri.trim_start_matches("tcp:").to_owned();
+    let within = Duration::from_secs(10);
+    let (ready, answer) = runtime.block_on(async {
+        let mut control = tokio::net::TcpStream::connect(&address).await.unwrap();
+        control.write_all(&wire::header()).await.unwrap();
+        wire::write_message(&mut control, &Message::Config(config))
+            .await
+            .unwrap();
+        let accepted = tokio::time::timeout(within, wire::read_message(&mut control)).await;
+        assert!(matches!(accepted, Ok(Ok(Message::Accept))), "{accepted:?}");
+        wire::write_message(&mut control, &Message::State(sections))
+            .await
+            .unwrap();
+        let ready = tokio::time::timeout(within, wire::read_message(&mut control))
+            .await
+            .expect("no answer to the state");
+        let commit = Message::Commit(Commit { run: true });
+        wire::write_message(&mut control, &commit).await.unwrap();
+        let answer = tokio::time::timeout(within, wire::read_message(&mut control))
+            .await
+            .expect("no answer to the commit");
+        (ready, answer)
+    });
+    let status = destination.wait_exit(within);
+    let stderr = destination.stderr();
+    assert!(matches!(ready, Ok(Message::Ready)), "{ready:?}: {stderr}");
+    match &answer {
+        Ok(Message::Error(reason)) => {
+            assert!(reason.contains("special registers"), "{reason}")
+        }
+        other => panic!("the destination answered the COMMIT with {other:?}: {stderr}"),
+    }
+    assert!(!status.success(), "the destination exited 0: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("incoming migration completed"), "{stderr}");
+}
+
+/// CR0 with paging enabled but protected mode off, which no x86 CPU allows.
+const CR0_PAGING: u64 = 1 << 31;

@@ -52,7 +52,7 @@ fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
         "failed {waited:?} after the pause: {reason}"
     );
     assert_source_runs(&source);
-    match fake.join().unwrap() {
+    match fake.join().unwrap().last_word {
         Some(Message::Error(told)) => assert!(told.contains(&deadline), "{told}"),
         other => panic!("the destination was told {other:?}, not why"),
     }
