@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ferry::machine::state::KvmVcpu;
 use ferry::migrate::lanes::CONNECT_DEADLINE;
 use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
-use ferry::migrate::state::VmDescription;
+use ferry::migrate::state::{Section, VmDescription};
 use ferry::migrate::wire::{self, Commit, LaneHello, LaneOffer, Message};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -250,44 +250,14 @@ fn a_destination_refuses_a_state_it_cannot_take_before_saying_ready() {
         .build()
         .unwrap();
     let config = real_config(dir.path(), &runtime);
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let qmp = dir.path().join("unrestorable.qmp");
-    let args = ["-m", MEM_MIB, "-incoming", &uri];
-    let mut destination = common::start("unrestorable", &args, Some(&qmp));
-    let address = uri.trim_start_matches("tcp:").to_owned();
-    let answers = runtime.block_on(async {
-        let mut control = tokio::net::TcpStream::connect(&address).await.unwrap();
-        control.write_all(&wire::header()).await.unwrap();
-        let config = Message::Config(config.clone());
-        wire::write_message(&mut control, &config).await.unwrap();
-        let within = Duration::from_secs(10);
-        let accepted = tokio::time::timeout(within, wire::read_message(&mut control))
-            .await
-            .expect("no answer to the configuration");
-        wire::write_message(&mut control, &Message::State(Vec::new()))
-            .await
-            .unwrap();
-        let answer = tokio::time::timeout(within, wire::read_message(&mut control))
-            .await
-            .expect("no answer to the state");
-        (accepted, answer)
-    });
-    let status = destination.wait_exit(Duration::from_secs(10));
-    let stderr = destination.stderr();
-    assert!(
-        matches!(answers.0, Ok(Message::Accept)),
-        "{answers:?}: {stderr}"
-    );
-    match &answers.1 {
-        Ok(Message::Error(reason)) => {
+    let answers = play_state(dir.path(), &runtime, config, Vec::new());
+    match &answers[..] {
+        [Message::Error(reason)] => {
             assert!(reason.contains("cannot take the state"), "{reason}");
             assert!(reason.contains("the stream has no state for"), "{reason}");
         }
-        other => panic!("the destination answered the state with {other:?}: {stderr}"),
+        other => panic!("the destination answered the state with {other:?}"),
     }
-    assert!(!status.success(), "the destination exited 0: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(!stderr.contains("incoming migration completed"), "{stderr}");
 }
 
 /// A state that decodes but that KVM refuses (vCPU 0 with paging on and protection off): the
@@ -312,10 +282,8 @@ fn a_destination_whose_restore_fails_after_ready_refuses_the_commit() {
         "migrate",
         Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
     );
-    let info = qmp.wait_migration(
-        &["completed", "failed", "canceled"],
-        SWITCHOVER_DEADLINE_MIN * 3,
-    );
+    let ended = ["completed", "failed", "canceled"];
+    let info = qmp.wait_migration(&ended, SWITCHOVER_DEADLINE_MIN * 3);
     assert_eq!(info["status"], "failed", "{info}");
     let heard = listening.join().unwrap();
     let config = heard.config.expect("the source sent no configuration");
@@ -329,46 +297,56 @@ fn a_destination_whose_restore_fails_after_ready_refuses_the_commit() {
         .enable_all()
         .build()
         .unwrap();
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let qmp = dir.path().join("restore-fails.qmp");
-    let args = ["-m", MEM_MIB, "-incoming", &uri];
-    let mut destination = common::start("restore-fails", &args, Some(&qmp));
-    let address = uri.trim_start_matches("tcp:").to_owned();
-    let within = Duration::from_secs(10);
-    let (ready, answer) = runtime.block_on(async {
-        let mut control = tokio::net::TcpStream::connect(&address).await.unwrap();
-        control.write_all(&wire::header()).await.unwrap();
-        wire::write_message(&mut control, &Message::Config(config))
-            .await
-            .unwrap();
-        let accepted = tokio::time::timeout(within, wire::read_message(&mut control)).await;
-        assert!(matches!(accepted, Ok(Ok(Message::Accept))), "{accepted:?}");
-        wire::write_message(&mut control, &Message::State(sections))
-            .await
-            .unwrap();
-        let ready = tokio::time::timeout(within, wire::read_message(&mut control))
-            .await
-            .expect("no answer to the state");
-        let commit = Message::Commit(Commit { run: true });
-        wire::write_message(&mut control, &commit).await.unwrap();
-        let answer = tokio::time::timeout(within, wire::read_message(&mut control))
-            .await
-            .expect("no answer to the commit");
-        (ready, answer)
-    });
-    let status = destination.wait_exit(within);
-    let stderr = destination.stderr();
-    assert!(matches!(ready, Ok(Message::Ready)), "{ready:?}: {stderr}");
-    match &answer {
-        Ok(Message::Error(reason)) => {
+    let answers = play_state(dir.path(), &runtime, config, sections);
+    match &answers[..] {
+        [Message::Ready, Message::Error(reason)] => {
             assert!(reason.contains("special registers"), "{reason}")
         }
-        other => panic!("the destination answered the COMMIT with {other:?}: {stderr}"),
+        other => panic!("the destination answered the state and the commit with {other:?}"),
     }
-    assert!(!status.success(), "the destination exited 0: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(!stderr.contains("incoming migration completed"), "{stderr}");
 }
 
 /// CR0 with paging enabled but protected mode off, which no x86 CPU allows.
 const CR0_PAGING: u64 = 1 << 31;
+
+/// Plays `config` and then `state` to a new destination, as a source would at its switchover,
+/// and a COMMIT if the destination says READY. Returns the destination's answers to the state
+/// and the commit, once it has exited without running the guest.
+fn play_state(
+    dir: &Path,
+    runtime: &tokio::runtime::Runtime,
+    config: Box<VmDescription>,
+    state: Vec<Section>,
+) -> Vec<Message> {
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let qmp = dir.join("played.qmp");
+    let args = ["-m", MEM_MIB, "-incoming", &uri];
+    let mut destination = common::start("played", &args, Some(&qmp));
+    let address = uri.trim_start_matches("tcp:").to_owned();
+    let answers = runtime.block_on(async {
+        let mut control = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let answer = async |control: &mut tokio::net::TcpStream, message: Message| {
+            wire::write_message(control, &message).await.unwrap();
+            let answer = wire::read_message(control);
+            match tokio::time::timeout(Duration::from_secs(10), answer).await {
+                Ok(Ok(answer)) => answer,
+                other => panic!("no answer to {message:?}: {other:?}"),
+            }
+        };
+        control.write_all(&wire::header()).await.unwrap();
+        let accepted = answer(&mut control, Message::Config(config)).await;
+        assert_eq!(accepted, Message::Accept);
+        let mut answers = vec![answer(&mut control, Message::State(state)).await];
+        if answers[0] == Message::Ready {
+            let commit = Message::Commit(Commit { run: true });
+            answers.push(answer(&mut control, commit).await);
+        }
+        answers
+    });
+    let status = destination.wait_exit(Duration::from_secs(10));
+    let stderr = destination.stderr();
+    assert!(!status.success(), "the destination exited 0: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("incoming migration completed"), "{stderr}");
+    answers
+}
