@@ -91,14 +91,16 @@ pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<Heard>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let thread = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async move {
-            stream.set_nonblocking(true).unwrap();
-            let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let connected = std::time::Duration::from_secs(60);
+            let accepted = tokio::time::timeout(connected, listener.accept()).await;
+            let (mut stream, _) = accepted.expect("the source never connected").unwrap();
             read_header(&mut stream).await.unwrap();
             let mut heard = Heard::default();
             match read_message(&mut stream).await {
@@ -110,10 +112,9 @@ pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<Heard>) {
             // Page connections, if the source opens any, are taken as the control one is.
             let mut lanes = Vec::new();
             if let Ok(Message::Lanes(offer)) = next {
-                listener.set_nonblocking(true).unwrap();
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 for _ in 0..offer.count {
-                    let (mut lane, _) = listener.accept().await.unwrap();
+                    let accepted = tokio::time::timeout(connected, listener.accept()).await;
+                    let (mut lane, _) = accepted.expect("a page connection never came").unwrap();
                     read_header(&mut lane).await.unwrap();
                     let hello = read_message(&mut lane).await;
                     assert!(matches!(hello, Ok(Message::Lane(_))), "{hello:?}");

@@ -19,11 +19,12 @@
 //!   | -- ROUND, PAGES (dirty since last sync), SYNC ...-->|  rounds 1..n, guest running
 //!   |    (pause vCPUs: downtime starts)                    |
 //!   | == PAGES (last dirty pages), marks ================>|
-//!   | -- STATE (sections) ------------------------------->|  every lane's mark, then
-//!   | <------------------------------------- READY -------|  restores while the source
-//!   |    (the source gives the guest up)                   |  commits
+//!   | -- STATE (sections) ------------------------------->|  every lane's mark; decodes the
+//!   | <------------------------------ READY | ERROR -------|  state, then restores it while
+//!   |    (the source gives the guest up)                   |  the source commits
 //!   | -- COMMIT {run} ----------------------------------->|  restored: runs the guest
-//!   | <---------- COMMITTED {vcpus_running_at_ns} -------|  (or ERROR: the restore failed)
+//!   | <---------- COMMITTED {vcpus_running_at_ns} -------|  (or ERROR: the restore failed
+//!   |                                                      |   or took over 3 s)
 //!   |    (completed. Downtime: the longest any vCPU was out of the guest, from when it
 //!   |     stopped here to when it ran again on the destination, mapped onto the source's clock)
 //! ```

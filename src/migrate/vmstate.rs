@@ -111,9 +111,10 @@ pub fn save_devices(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
     Ok(sections)
 }
 
-/// A whole VM's state, decoded and checked against this VM but not yet applied: whatever can
-/// be wrong with a stream shows here, before the destination tells the source it has the
-/// state.
+/// A whole VM's state, decoded but not yet applied: a part missing or left over, or one of a
+/// kind or version this ferry cannot read, shows here, before the destination tells the source
+/// it has the state. What only KVM or a device can judge (a register value, a virtio queue
+/// layout) shows when the state is applied.
 pub struct DecodedState {
     saved_at: SavedAt,
     chips: <KvmVm<'static> as Migratable>::State,

@@ -162,8 +162,9 @@ pub enum Message {
     Round(RoundReport),
     /// Source → destination: the state of every part, after the last pages.
     State(Vec<Section>),
-    /// Destination → source: every page and the state are in; it restores the state while it
-    /// waits for the commit, and answers that with COMMITTED, or ERROR if the restore failed.
+    /// Destination → source: every page and the state are in, and the state decodes; it
+    /// restores the state while it waits for the commit, and answers that with COMMITTED, or
+    /// ERROR if the restore failed or took too long.
     Ready,
     /// Source → destination: the source gave the guest up; run it.
     Commit(Commit),

@@ -24,7 +24,8 @@ use crate::machine::devices::Devices;
 use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::Arc;
 
-/// How long a vCPU may take to acknowledge an event before the owner calls it stuck.
+/// How long the vCPUs sent an event may take to acknowledge it, all of them together, before
+/// the owner calls the first one still silent stuck.
 pub const ACK_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Work run on a vCPU thread while the vCPU is paused (e.g. saving or restoring its state).
