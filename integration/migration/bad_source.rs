@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry::machine::state::KvmVcpu;
+use ferry::machine::state::{KvmVcpu, KvmVm};
 use ferry::migrate::lanes::CONNECT_DEADLINE;
 use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
 use ferry::migrate::state::{Section, VmDescription};
@@ -260,12 +260,13 @@ fn a_destination_refuses_a_state_it_cannot_take_before_saying_ready() {
     }
 }
 
-/// A state that decodes but that KVM refuses (vCPU 0 with paging on and protection off): the
-/// destination has said READY and begun restoring when it finds out, so it answers the COMMIT
-/// with ERROR, on which a source runs the guest again, and it never runs the half-restored
-/// guest.
+/// A real source's state, altered so that it no longer fits: the destination refuses what it can
+/// check before it says READY (interrupt controllers out of place) with ERROR at once, while
+/// the source still holds its disks; what only KVM judges (vCPU 0 with paging on and protection
+/// off) it finds while restoring, after READY, and answers the COMMIT with ERROR, on which a
+/// source runs the guest again. Either way it never runs the guest.
 #[test]
-fn a_destination_whose_restore_fails_after_ready_refuses_the_commit() {
+fn a_destination_refuses_a_real_state_that_does_not_fit() {
     if !kvm_available() {
         return;
     }
@@ -287,17 +288,29 @@ fn a_destination_whose_restore_fails_after_ready_refuses_the_commit() {
     assert_eq!(info["status"], "failed", "{info}");
     let heard = listening.join().unwrap();
     let config = heard.config.expect("the source sent no configuration");
-    let mut sections = heard.state.expect("the source sent no state");
-    let vcpu = sections.iter_mut().find(|s| s.id == "vcpu0").unwrap();
-    let mut state = vcpu.decode::<KvmVcpu>().unwrap();
-    state.sregs.cr0 = CR0_PAGING;
-    vcpu.data = postcard::to_stdvec(&state).unwrap();
-
+    let state = heard.state.expect("the source sent no state");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let answers = play_state(dir.path(), &runtime, config, sections);
+
+    let mut misplaced = state.clone();
+    let chips = misplaced.iter_mut().find(|s| s.id == "kvm").unwrap();
+    let mut chip_state = chips.decode::<KvmVm>().unwrap();
+    std::mem::swap(&mut chip_state.pic_master, &mut chip_state.pic_slave);
+    chips.data = postcard::to_stdvec(&chip_state).unwrap();
+    let answers = play_state(dir.path(), &runtime, config.clone(), misplaced);
+    match &answers[..] {
+        [Message::Error(reason)] => assert!(reason.contains("irqchip"), "{reason}"),
+        other => panic!("the destination answered the state with {other:?}"),
+    }
+
+    let mut unrunnable = state;
+    let vcpu = unrunnable.iter_mut().find(|s| s.id == "vcpu0").unwrap();
+    let mut vcpu_state = vcpu.decode::<KvmVcpu>().unwrap();
+    vcpu_state.sregs.cr0 = CR0_PAGING;
+    vcpu.data = postcard::to_stdvec(&vcpu_state).unwrap();
+    let answers = play_state(dir.path(), &runtime, config, unrunnable);
     match &answers[..] {
         [Message::Ready, Message::Error(reason)] => {
             assert!(reason.contains("special registers"), "{reason}")
@@ -318,8 +331,9 @@ fn play_state(
     config: Box<VmDescription>,
     state: Vec<Section>,
 ) -> Vec<Message> {
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let qmp = dir.join("played.qmp");
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let qmp = dir.join(format!("played-{port}.qmp"));
     let args = ["-m", MEM_MIB, "-incoming", &uri];
     let mut destination = common::start("played", &args, Some(&qmp));
     let address = uri.trim_start_matches("tcp:").to_owned();

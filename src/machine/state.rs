@@ -245,6 +245,29 @@ pub struct VmChipState {
     pub clock: kvm_clock_data,
 }
 
+impl VmChipState {
+    /// Whether each interrupt controller sits where KVM expects it, touching nothing.
+    pub fn check(&self) -> Result<(), StateError> {
+        for (chip, id) in self.irqchips() {
+            if chip.chip_id != id {
+                return Err(StateError::Restore {
+                    what: "irqchip".into(),
+                    reason: format!("chip {} where chip {id} was expected", chip.chip_id),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn irqchips(&self) -> [(&kvm_irqchip, u32); 3] {
+        [
+            (&self.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&self.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&self.ioapic, KVM_IRQCHIP_IOAPIC),
+        ]
+    }
+}
+
 /// The VM's in-kernel chips.
 pub struct KvmVm<'a>(pub &'a VmFd);
 
@@ -277,21 +300,12 @@ impl Migratable for KvmVm<'_> {
     }
 
     fn restore_state(&mut self, state: VmChipState) -> Result<(), StateError> {
+        state.check()?;
         let vm = self.0;
         vm.set_pit2(&state.pit).map_err(restore_error("PIT"))?;
         vm.set_clock(&state.clock)
             .map_err(restore_error("KVM clock"))?;
-        for (chip, id) in [
-            (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
-            (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
-            (&state.ioapic, KVM_IRQCHIP_IOAPIC),
-        ] {
-            if chip.chip_id != id {
-                return Err(StateError::Restore {
-                    what: "irqchip".into(),
-                    reason: format!("chip {} where chip {id} was expected", chip.chip_id),
-                });
-            }
+        for (chip, _) in state.irqchips() {
             vm.set_irqchip(chip).map_err(restore_error("irqchip"))?;
         }
         Ok(())

@@ -315,8 +315,8 @@ async fn receive_stream(
                 drop(backing.take());
                 marks += 1;
                 lanes_reached(stream, &mut lanes, marks).await?;
-                // Decoded before READY: a state that lacks a part of this VM, or that this
-                // ferry cannot read, fails the migration while the source still holds its disks.
+                // Decoded and checked before READY: a state that does not fit this VM fails the
+                // migration while the source still holds its disks.
                 let decoding = Instant::now();
                 let state = vmstate::decode(vm, sections)
                     .map_err(|e| ReceiveError::Local(format!("cannot take the state: {e}")))?;

@@ -19,8 +19,8 @@
 //!   | -- ROUND, PAGES (dirty since last sync), SYNC ...-->|  rounds 1..n, guest running
 //!   |    (pause vCPUs: downtime starts)                    |
 //!   | == PAGES (last dirty pages), marks ================>|
-//!   | -- STATE (sections) ------------------------------->|  every lane's mark; decodes the
-//!   | <------------------------------ READY | ERROR -------|  state, then restores it while
+//!   | -- STATE (sections) ------------------------------->|  every lane's mark; decodes and
+//!   | <------------------------------ READY | ERROR -------|  checks the state, restores it while
 //!   |    (the source gives the guest up)                   |  the source commits
 //!   | -- COMMIT {run} ----------------------------------->|  restored: runs the guest
 //!   | <---------- COMMITTED {vcpus_running_at_ns} -------|  (or ERROR: the restore failed

@@ -111,10 +111,11 @@ pub fn save_devices(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
     Ok(sections)
 }
 
-/// A whole VM's state, decoded but not yet applied: a part missing or left over, or one of a
-/// kind or version this ferry cannot read, shows here, before the destination tells the source
-/// it has the state. What only KVM or a device can judge (a register value, a virtio queue
-/// layout) shows when the state is applied.
+/// A whole VM's state, decoded and checked but not yet applied: a part missing or left over, one
+/// of a kind or version this ferry cannot read, interrupt controllers out of place, or a disk
+/// whose queues or features differ from this one's, shows here, before the destination tells
+/// the source it has the state. What only KVM can judge (a register value), or a virtio queue
+/// only as it is set up, shows when the state is applied.
 pub struct DecodedState {
     saved_at: SavedAt,
     chips: <KvmVm<'static> as Migratable>::State,
@@ -131,6 +132,7 @@ pub fn decode(vm: &Vm, sections: Vec<Section>) -> Result<DecodedState, VmStateEr
     let saved_at = sections.take(transit::SECTION_ID)?.decode::<SavedAt>()?;
     saved_at.check(vm.machine.vcpu_count)?;
     let chips = sections.take("kvm")?.decode::<KvmVm>()?;
+    chips.check()?;
     let vcpus = (0..vm.machine.vcpu_count)
         .map(|i| {
             Ok(Mutex::new(Some(
@@ -147,8 +149,12 @@ pub fn decode(vm: &Vm, sections: Vec<Section>) -> Result<DecodedState, VmStateEr
         .devices
         .disks
         .iter()
-        .map(|disk| sections.take(&disk.section_id())?.decode::<DiskSection>())
-        .collect::<Result<_, _>>()?;
+        .map(|disk| {
+            let state = sections.take(&disk.section_id())?.decode::<DiskSection>()?;
+            DiskSection(disk).check(&state)?;
+            Ok(state)
+        })
+        .collect::<Result<_, StateError>>()?;
     sections.finish()?;
     Ok(DecodedState {
         saved_at,

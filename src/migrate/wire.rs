@@ -162,7 +162,8 @@ pub enum Message {
     Round(RoundReport),
     /// Source → destination: the state of every part, after the last pages.
     State(Vec<Section>),
-    /// Destination → source: every page and the state are in, and the state decodes; it
+    /// Destination → source: every page and the state are in, and the state decodes and fits
+    /// this VM (see `vmstate::decode`); it
     /// restores the state while it waits for the commit, and answers that with COMMITTED, or
     /// ERROR if the restore failed or took too long.
     Ready,

@@ -270,9 +270,22 @@ impl Migratable for DiskSection<'_> {
         let disk = self.0;
         lock(disk.device.transport())
             .restore(state.transport)
-            .map_err(|error| StateError::Restore {
-                what: disk.config.id.clone(),
-                reason: error.to_string(),
-            })
+            .map_err(|error| self.restore_error(error))
+    }
+}
+
+impl DiskSection<'_> {
+    /// Whether `state` fits this disk's transport, touching nothing ([`VirtioPci::check`]).
+    pub fn check(&self, state: &DiskState) -> Result<(), StateError> {
+        lock(self.0.device.transport())
+            .check(&state.transport)
+            .map_err(|error| self.restore_error(error))
+    }
+
+    fn restore_error(&self, error: impl std::fmt::Display) -> StateError {
+        StateError::Restore {
+            what: self.0.config.id.clone(),
+            reason: error.to_string(),
+        }
     }
 }

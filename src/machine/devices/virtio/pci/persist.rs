@@ -120,8 +120,9 @@ impl<B: VirtioBackend> VirtioPci<B> {
         }
     }
 
-    /// Puts a saved transport into this freshly built one (quiesced: the caller lets it run).
-    pub fn restore(&mut self, state: VirtioPciState) -> Result<(), RestoreError> {
+    /// Whether `state` fits this transport as built (its queues, the features it offers),
+    /// touching nothing: a migration checks that before it tells the source it has the state.
+    pub fn check(&self, state: &VirtioPciState) -> Result<(), RestoreError> {
         if state.queues.len() != self.queues.len() {
             return Err(RestoreError::QueueCount {
                 source_queues: state.queues.len(),
@@ -133,6 +134,12 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if unknown != 0 {
             return Err(RestoreError::Features { unknown, offered });
         }
+        Ok(())
+    }
+
+    /// Puts a saved transport into this freshly built one (quiesced: the caller lets it run).
+    pub fn restore(&mut self, state: VirtioPciState) -> Result<(), RestoreError> {
+        self.check(&state)?;
         self.config.restore(&state.config_space)?;
         self.msix.restore(state.msix, &self.config)?;
         self.common = state.common;
