@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    kvm_available, kvm_lock, migration_uri, scratch, silent_destination, wait_switchover, Ferry,
-    Transport,
+    kvm_available, kvm_lock, migrate_to_silent_destination, migration_uri, scratch,
+    wait_switchover, Ferry, Transport,
 };
 use ferry::guest::disk::{
     check_image, last_disk_progress, write_image, DiskLine, DISK_AHEAD_BLOCKS,
@@ -328,12 +328,8 @@ fn cancel_at_the_switchover_keeps_the_disk_working() {
     };
     let source = start_guest("source", &disk, &dir.path().join("src.qmp"));
     wait_progress(&source, 1, 128);
-    let (port, _reader) = silent_destination(true);
     let mut qmp = source.qmp();
-    qmp.ok(
-        "migrate",
-        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
-    );
+    let _reader = migrate_to_silent_destination(&mut qmp, true);
     wait_switchover(&mut qmp, WAIT);
     qmp.ok("migrate_cancel", None);
     let info = qmp.wait_migration(&["canceled", "failed"], Duration::from_secs(10));

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    free_port, kvm_available, kvm_lock, scratch, silent_destination, wait_switchover, Ferry,
-    Transport,
+    free_port, kvm_available, kvm_lock, migrate_to_silent_destination, scratch, wait_switchover,
+    Ferry, Transport,
 };
 use ferry::guest::pattern::check_dump;
 use ferry::guest::{last_sweep, slices_by_cpu, ticks, GuestLine};
@@ -495,11 +495,7 @@ fn cancel_at_every_stage_then_migrate_again() {
     // is then cut short.
     for multifd in [true, false] {
         set_multifd(&mut qmp, multifd);
-        let (port, _reader) = silent_destination(false);
-        qmp.ok(
-            "migrate",
-            Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
-        );
+        let _reader = migrate_to_silent_destination(&mut qmp, false);
         // Blocked: pages have gone out, and then nothing more for a while.
         let last = std::cell::Cell::new((0, Instant::now()));
         cancel_when(&mut qmp, "mid-write", &|info| {
@@ -518,11 +514,7 @@ fn cancel_at_every_stage_then_migrate_again() {
     set_multifd(&mut qmp, true);
 
     // At the switchover: a destination that takes everything and never says READY.
-    let (port, _reader) = silent_destination(true);
-    qmp.ok(
-        "migrate",
-        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
-    );
+    let _reader = migrate_to_silent_destination(&mut qmp, true);
     wait_switchover(&mut qmp, Duration::from_secs(60));
     cancel_when(&mut qmp, "switchover", &|_| true);
     assert_source_runs(&source);

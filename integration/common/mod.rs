@@ -81,12 +81,12 @@ pub fn start(name: &str, args: &[&str], qmp: Option<&Path>) -> Ferry {
     Ferry::start(Path::new(ferry_bin()), name, args, qmp)
 }
 
-/// A destination that accepts the configuration and then takes every page (answering the
-/// source's SYNCs) but never says READY, so the source stays in its switchover for as long as
-/// the test likes; or, with `read` false, reads no page data at all, so the source blocks in a
-/// socket write (on a page connection, or with `multifd` off on the control one). The thread
-/// returns what it heard.
-pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<Heard>) {
+/// Migrates the source behind `qmp` to a destination that accepts the configuration and then
+/// takes every page (answering the source's SYNCs) but never says READY, so the source stays in
+/// its switchover for as long as the test likes; or, with `read` false, reads no page data at
+/// all, so the source blocks in a socket write (on a page connection, or with `multifd` off on
+/// the control one). The destination's thread returns what it heard.
+pub fn migrate_to_silent_destination(qmp: &mut Qmp, read: bool) -> std::thread::JoinHandle<Heard> {
     use ferry::migrate::wire::{read_header, read_message, write_message, Message};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -167,10 +167,14 @@ pub fn silent_destination(read: bool) -> (u16, std::thread::JoinHandle<Heard>) {
             heard
         })
     });
-    (port, thread)
+    qmp.ok(
+        "migrate",
+        Some(serde_json::json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+    );
+    thread
 }
 
-/// What a [`silent_destination`] heard from the source.
+/// What a [`migrate_to_silent_destination`]'s destination heard from the source.
 #[derive(Debug, Default)]
 pub struct Heard {
     pub config: Option<Box<ferry::migrate::state::VmDescription>>,

@@ -15,7 +15,9 @@ use ferry::migrate::wire::{self, Commit, LaneHello, LaneOffer, Message};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::common::{self, free_port, kvm_available, kvm_lock, scratch, silent_destination};
+use crate::common::{
+    self, free_port, kvm_available, kvm_lock, migrate_to_silent_destination, scratch,
+};
 
 /// The guest both the real and the fake sources describe.
 const MEM_MIB: &str = "64";
@@ -277,12 +279,8 @@ fn a_destination_refuses_a_real_state_that_does_not_fit() {
     let qmp = dir.path().join("state-source.qmp");
     let source = common::start("state-source", &["-m", MEM_MIB], Some(&qmp));
     source.wait_ready();
-    let (port, listening) = silent_destination(true);
     let mut qmp = source.qmp();
-    qmp.ok(
-        "migrate",
-        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
-    );
+    let listening = migrate_to_silent_destination(&mut qmp, true);
     let ended = ["completed", "failed", "canceled"];
     let info = qmp.wait_migration(&ended, SWITCHOVER_DEADLINE_MIN * 3);
     assert_eq!(info["status"], "failed", "{info}");

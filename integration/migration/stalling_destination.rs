@@ -9,9 +9,10 @@ use ferry::migrate::link::WRITE_DEADLINE;
 use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
 use ferry::migrate::transport::TCP_USER_TIMEOUT;
 use ferry::migrate::wire::Message;
-use serde_json::json;
 
-use crate::common::{kvm_available, kvm_lock, silent_destination, wait_switchover, Transport};
+use crate::common::{
+    kvm_available, kvm_lock, migrate_to_silent_destination, wait_switchover, Transport,
+};
 use crate::{assert_source_runs, migrating_in_round_zero, World};
 
 #[test]
@@ -23,11 +24,7 @@ fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
     let mut world = World::new(Transport::Tcp);
     let source = world.source(2);
     let mut qmp = source.qmp();
-    let (port, fake) = silent_destination(true);
-    qmp.ok(
-        "migrate",
-        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
-    );
+    let fake = migrate_to_silent_destination(&mut qmp, true);
     wait_switchover(&mut qmp, Duration::from_secs(60));
     let paused = Instant::now();
     let info = qmp.wait_migration(
