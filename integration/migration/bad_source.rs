@@ -360,5 +360,6 @@ fn play_state(
     assert!(!status.success(), "the destination exited 0: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!stderr.contains("incoming migration completed"), "{stderr}");
+    assert_eq!(destination.line_count(), 0, "the destination ran the guest");
     answers
 }

@@ -172,10 +172,15 @@ pub fn set_msrs(
                 written: done,
             }));
         }
-        tracing::info!(
-            "this KVM refuses HWCR.TscFreqSel (it takes it from Linux 6.7 on): written without; a \
-             Linux guest booted here logs a firmware bug about its TSC, which is harmless"
-        );
+        // Once per process: every vCPU, at boot and at each restore, meets the same refusal.
+        static TOLD: std::sync::Once = std::sync::Once::new();
+        TOLD.call_once(|| {
+            tracing::info!(
+                "this KVM refuses HWCR.TscFreqSel (it takes it from Linux 6.7 on): written \
+                 without; a Linux guest booted here logs a firmware bug about its TSC, which is \
+                 harmless"
+            )
+        });
         refused.data &= !HWCR_TSC_FREQ_SEL;
         rest.drain(..written);
     }

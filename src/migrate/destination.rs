@@ -383,24 +383,20 @@ async fn restore_until_commit(
             }
         };
         let restoring = vmstate::restore(vm, state, clock).instrument(info_span!("device_state"));
-        let late = || {
-            ReceiveError::Local(format!(
-                "restoring the state and ending the page connections took more than {} s",
-                RESTORE_DEADLINE.as_secs()
-            ))
-        };
         let restored = tokio::time::timeout(RESTORE_DEADLINE, async {
             tokio::join!(restoring, stopping).0
         })
-        .await
-        .map_err(|_| late())
-        .and_then(|restored| restored.map_err(|e| ReceiveError::Local(e.to_string())));
-        // The timeout fires only where the restore awaits; its synchronous steps may overrun.
+        .await;
         let elapsed = began.elapsed();
-        let restored = restored.and_then(|()| match elapsed > RESTORE_DEADLINE {
-            true => Err(late()),
-            false => Ok(()),
-        });
+        // The timeout fires only where the restore awaits; its synchronous steps may overrun.
+        let restored = match restored {
+            Ok(Err(error)) => Err(ReceiveError::Local(error.to_string())),
+            Ok(Ok(())) if elapsed <= RESTORE_DEADLINE => Ok(()),
+            _ => Err(ReceiveError::Local(format!(
+                "restoring the state and ending the page connections took more than {} s",
+                RESTORE_DEADLINE.as_secs()
+            ))),
+        };
         (restored, elapsed.as_micros() as u64)
     };
     let (commit, (restored, restored_us)) = tokio::join!(commit, restore);

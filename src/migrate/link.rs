@@ -13,7 +13,8 @@ use super::transport::BoxedStream;
 use super::wire::{self, Message, WireError};
 use crate::machine::memory::PAGE_SIZE;
 
-/// How long the source waits for the destination to answer the configuration or to restore.
+/// How long the source waits for any of the destination's answers (to the configuration, a
+/// SYNC, the state).
 pub const ANSWER_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a source that gives up tries to tell the destination before hanging up.
 const NOTICE_DEADLINE: Duration = Duration::from_millis(50);
