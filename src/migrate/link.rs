@@ -74,11 +74,8 @@ impl Link {
 
     /// Writes bytes that form whole frames.
     pub async fn write_frames(&mut self, bytes: &[u8]) -> Result<(), WireError> {
-        self.torn = true;
         let stream = &mut self.stream;
-        within_deadline(async { Ok(stream.write_all(bytes).await?) }).await?;
-        self.torn = false;
-        Ok(())
+        whole_frame(&mut self.torn, async { Ok(stream.write_all(bytes).await?) }).await
     }
 
     /// Writes a frame made of `head` and the guest pages at host addresses `pages`, which must
@@ -102,23 +99,19 @@ impl Link {
         for &host in pages {
             push_page(&mut ranges, host);
         }
-        self.torn = true;
         let stream = &mut self.stream;
-        within_deadline(async {
+        whole_frame(&mut self.torn, async {
             stream.write_all(head).await?;
             Ok(pipe.send(stream, &ranges).await?)
         })
-        .await?;
-        self.torn = false;
-        Ok(())
+        .await
     }
 
     /// Writes a frame given as many buffers (guest pages, say) with as few system calls as the
     /// kernel allows, without copying them together first.
     async fn write_frame_vectored(&mut self, parts: &[&[u8]]) -> Result<(), WireError> {
-        self.torn = true;
         let stream = &mut self.stream;
-        within_deadline(async {
+        whole_frame(&mut self.torn, async {
             let mut slices: Vec<IoSlice<'_>> =
                 parts.iter().map(|part| IoSlice::new(part)).collect();
             let mut pending = &mut slices[..];
@@ -132,9 +125,7 @@ impl Link {
             }
             Ok(())
         })
-        .await?;
-        self.torn = false;
-        Ok(())
+        .await
     }
 
     pub async fn send(&mut self, message: &Message) -> Result<(), WireError> {
@@ -183,11 +174,17 @@ impl Link {
     }
 }
 
-/// Runs one frame's write, failing it if it takes longer than [`WRITE_DEADLINE`].
-async fn within_deadline(
+/// Runs one frame's write, failing it if it takes longer than [`WRITE_DEADLINE`]. `torn` stays
+/// set unless the whole frame went out: after a failed or abandoned write the peer would read
+/// the next frame from the middle of this one.
+async fn whole_frame(
+    torn: &mut bool,
     write: impl std::future::Future<Output = Result<(), WireError>>,
 ) -> Result<(), WireError> {
+    *torn = true;
     tokio::time::timeout(WRITE_DEADLINE, write)
         .await
-        .unwrap_or(Err(WireError::Stalled(WRITE_DEADLINE)))
+        .unwrap_or(Err(WireError::Stalled(WRITE_DEADLINE)))?;
+    *torn = false;
+    Ok(())
 }
