@@ -20,11 +20,6 @@ impl Phases {
         }
     }
 
-    /// The last step ended so far.
-    pub fn last(&self) -> Option<&'static str> {
-        self.steps.last().map(|&(name, _)| name)
-    }
-
     /// Ends the step `name` now.
     pub fn mark(&mut self, name: &'static str) {
         let now = Instant::now();
@@ -68,6 +63,5 @@ mod tests {
         assert!(steps[0].1 >= 2000, "{text}");
         assert_eq!(steps[1].0, "second");
         assert!(steps[1].1 < 2000, "{text}");
-        assert_eq!(phases.last(), Some("second"));
     }
 }

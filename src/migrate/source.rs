@@ -459,8 +459,21 @@ async fn stream_guest(
         // destination that hangs must not keep it paused for as long as TCP takes to
         // give up. Past the deadline the migration fails, and the source runs on.
         let deadline = switchover_deadline(expected);
+        let paused_at = Instant::now();
+        // What the switchover is doing, for the error if it overruns. The timeout fires only at
+        // an await, so the steps that do not await check the clock themselves: otherwise their
+        // overrun would be blamed on the step after them.
+        let mut doing = "pausing the vCPUs";
         let paused = async {
-            let paused_at = Instant::now();
+            let overran = |doing: &'static str| {
+                if paused_at.elapsed() > deadline {
+                    return Err(SendError::SwitchoverTimeout {
+                        deadline,
+                        stuck_in: doing,
+                    });
+                }
+                Ok(())
+            };
             // Without disks nothing touches the guest once its vCPUs stop, so they save their
             // state as they pause, while this thread reads the dirty log and sends the last
             // pages. Disks drain first: a request completing then writes guest memory and raises
@@ -494,14 +507,18 @@ async fn stream_guest(
                 // so that their data and used rings travel with the final pages.
                 on_disks(vm, Devices::quiesce_disks)?;
                 phases.mark("quiesce");
+                overran("draining the disks")?;
             }
             tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
             let last = tracker.take();
             phases.mark("sync");
+            overran("reading the dirty log")?;
             sender.stop_pacing();
+            doing = "sending the last pages";
             let stats = sender.send(link, &last, shared).await?;
             sender.mark().await?;
             phases.mark("pages");
+            doing = "saving the vCPUs' state";
             let cpus = async {
                 match saving_cpus {
                     Some(saving) => saving.finish(vm, &peer_clock).await,
@@ -515,6 +532,7 @@ async fn stream_guest(
             state.extend(vmstate::save_devices(vm).map_err(local)?);
             phases.mark("save");
             let state_bytes: usize = state.iter().map(|s| s.data.len()).sum();
+            doing = "sending the state";
             link.send(&Message::State(state)).await?;
             phases.mark("send_state");
             shared.progress().transferred += state_bytes as u64;
@@ -522,6 +540,7 @@ async fn stream_guest(
                 pages = stats.pages,
                 state_bytes, "final pages and device state sent"
             );
+            doing = "waiting for the destination to take the last pages and the state";
             let answer = link.answer().await?;
             phases.mark("ready");
             match answer {
@@ -544,26 +563,12 @@ async fn stream_guest(
             }),
             Err(_) => Err(SendError::SwitchoverTimeout {
                 deadline,
-                stuck_in: stuck_in(phases.last()),
+                stuck_in: doing,
             }),
         }
     }
     .instrument(switchover)
     .await
-}
-
-/// What a switchover that ran out of time was doing, from the last step it finished.
-fn stuck_in(finished: Option<&str>) -> &'static str {
-    match finished {
-        None | Some("flush" | "unthrottle") => "pausing the vCPUs",
-        Some("pause") => "draining the disks or reading the dirty log",
-        Some("quiesce") => "reading the dirty log",
-        Some("sync") => "sending the last pages",
-        Some("pages") => "saving the vCPUs' state",
-        Some("save") => "sending the state",
-        Some("send_state") => "waiting for the destination to take the last pages and the state",
-        Some(_) => "releasing the disk images",
-    }
 }
 
 /// How the commit went, once the COMMIT was written.
