@@ -91,29 +91,21 @@ pub fn migrate_to_silent_destination(qmp: &mut Qmp, read: bool) -> std::thread::
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let thread = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
+        runtime().block_on(async move {
             listener.set_nonblocking(true).unwrap();
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let connected = std::time::Duration::from_secs(60);
-            let accepted = tokio::time::timeout(connected, listener.accept()).await;
-            let (mut stream, _) = accepted.expect("the source never connected").unwrap();
-            read_header(&mut stream).await.unwrap();
-            let mut heard = Heard::default();
-            match read_message(&mut stream).await {
-                Ok(Message::Config(config)) => heard.config = Some(config),
-                other => panic!("the source began with {other:?}, not its configuration"),
-            }
+            let (mut stream, config) = accept_config(&listener).await;
+            let mut heard = Heard {
+                config: Some(config),
+                ..Heard::default()
+            };
             write_message(&mut stream, &Message::Accept).await.unwrap();
             let mut next = read_message(&mut stream).await;
             // Page connections, if the source opens any, are taken as the control one is.
             let mut lanes = Vec::new();
             if let Ok(Message::Lanes(offer)) = next {
                 for _ in 0..offer.count {
-                    let accepted = tokio::time::timeout(connected, listener.accept()).await;
+                    let accepted = tokio::time::timeout(CONNECTED, listener.accept()).await;
                     let (mut lane, _) = accepted.expect("a page connection never came").unwrap();
                     read_header(&mut lane).await.unwrap();
                     let hello = read_message(&mut lane).await;
@@ -172,6 +164,35 @@ pub fn migrate_to_silent_destination(qmp: &mut Qmp, read: bool) -> std::thread::
         Some(serde_json::json!({"uri": format!("tcp:127.0.0.1:{port}")})),
     );
     thread
+}
+
+/// How long a test's fake destination waits for a source to connect.
+const CONNECTED: Duration = Duration::from_secs(60);
+
+/// Accepts a source's control connection on `listener` and reads its configuration, the
+/// first thing a source sends.
+pub async fn accept_config(
+    listener: &tokio::net::TcpListener,
+) -> (
+    tokio::net::TcpStream,
+    Box<ferry::migrate::state::VmDescription>,
+) {
+    use ferry::migrate::wire::{read_header, read_message, Message};
+    let accepted = tokio::time::timeout(CONNECTED, listener.accept()).await;
+    let (mut stream, _) = accepted.expect("the source never connected").unwrap();
+    read_header(&mut stream).await.unwrap();
+    match read_message(&mut stream).await {
+        Ok(Message::Config(config)) => (stream, config),
+        other => panic!("the source began with {other:?}, not its configuration"),
+    }
+}
+
+/// A runtime for a test's fake peer, on the thread that calls it.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// What a [`migrate_to_silent_destination`]'s destination heard from the source.

@@ -3,7 +3,7 @@
 //! the source's words where it had any, and never runs a guest.
 
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -80,32 +80,15 @@ fn destination_refuses_garbage_and_truncated_streams() {
 /// The configuration a real source with `-m MEM_MIB` sends: one a destination started alike
 /// accepts. It is read off a migration to this test, which then hangs up.
 fn real_config(dir: &Path, runtime: &tokio::runtime::Runtime) -> Box<VmDescription> {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let qmp = dir.join("config-source.qmp");
     let source = common::start("config-source", &["-m", MEM_MIB], Some(&qmp));
     source.wait_ready();
-    let uri = format!("tcp:127.0.0.1:{port}");
-    source.qmp().ok("migrate", Some(json!({ "uri": uri })));
-    listener.set_nonblocking(true).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stream = loop {
-        match listener.accept() {
-            Ok((stream, _)) => break stream,
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(Instant::now() < deadline, "the source never connected");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(error) => panic!("accept: {error}"),
-        }
-    };
     runtime.block_on(async {
-        let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
-        wire::read_header(&mut stream).await.unwrap();
-        match wire::read_message(&mut stream).await {
-            Ok(Message::Config(config)) => config,
-            other => panic!("the source began with {other:?}, not its configuration"),
-        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let uri = format!("tcp:127.0.0.1:{port}");
+        source.qmp().ok("migrate", Some(json!({ "uri": uri })));
+        common::accept_config(&listener).await.1
     })
 }
 
@@ -139,10 +122,7 @@ fn gives_up_while_page_connections_open(saying: Saying) {
     }
     let _lock = kvm_lock();
     let dir = scratch();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = common::runtime();
     let config = real_config(dir.path(), &runtime);
     let cases = [
         (
@@ -247,10 +227,7 @@ fn a_destination_refuses_a_state_it_cannot_take_before_saying_ready() {
     }
     let _lock = kvm_lock();
     let dir = scratch();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = common::runtime();
     let config = real_config(dir.path(), &runtime);
     let answers = play_state(dir.path(), &runtime, config, Vec::new());
     match &answers[..] {
@@ -287,10 +264,7 @@ fn a_destination_refuses_a_real_state_that_does_not_fit() {
     let heard = listening.join().unwrap();
     let config = heard.config.expect("the source sent no configuration");
     let state = heard.state.expect("the source sent no state");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = common::runtime();
 
     let mut misplaced = state.clone();
     let chips = misplaced.iter_mut().find(|s| s.id == "kvm").unwrap();
