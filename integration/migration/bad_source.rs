@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ferry::machine::devices::Serial;
 use ferry::machine::state::{KvmVcpu, KvmVm};
 use ferry::migrate::lanes::CONNECT_DEADLINE;
 use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
@@ -240,10 +241,10 @@ fn a_destination_refuses_a_state_it_cannot_take_before_saying_ready() {
 }
 
 /// A real source's state, altered so that it no longer fits: the destination refuses what it can
-/// check before it says READY (interrupt controllers out of place) with ERROR at once, while
-/// the source still holds its disks; what only KVM judges (vCPU 0 with paging on and protection
-/// off) it finds while restoring, after READY, and answers the COMMIT with ERROR, on which a
-/// source runs the guest again. Either way it never runs the guest.
+/// check before it says READY (interrupt controllers out of place, a UART FIFO overfull) with
+/// ERROR at once, while the source still holds its disks; what only KVM judges (vCPU 0 with
+/// paging on and protection off) it finds while restoring, after READY, and answers the COMMIT
+/// with ERROR, on which a source runs the guest again. Either way it never runs the guest.
 #[test]
 fn a_destination_refuses_a_real_state_that_does_not_fit() {
     if !kvm_available() {
@@ -274,6 +275,17 @@ fn a_destination_refuses_a_real_state_that_does_not_fit() {
     let answers = play_state(dir.path(), &runtime, config.clone(), misplaced);
     match &answers[..] {
         [Message::Error(reason)] => assert!(reason.contains("irqchip"), "{reason}"),
+        other => panic!("the destination answered the state with {other:?}"),
+    }
+
+    let mut overfull = state.clone();
+    let serial = overfull.iter_mut().find(|s| s.id == "serial0").unwrap();
+    let mut uart = serial.decode::<Serial>().unwrap();
+    uart.in_buffer = vec![b'x'; 65];
+    serial.data = postcard::to_stdvec(&uart).unwrap();
+    let answers = play_state(dir.path(), &runtime, config.clone(), overfull);
+    match &answers[..] {
+        [Message::Error(reason)] => assert!(reason.contains("receive FIFO"), "{reason}"),
         other => panic!("the destination answered the state with {other:?}"),
     }
 

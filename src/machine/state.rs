@@ -15,7 +15,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::machine::cpu::{set_msrs, MSR_K7_HWCR};
-use crate::machine::devices::{Serial, SerialState, I8042};
+use crate::machine::devices::{Serial, SerialError, SerialState, I8042};
 use crate::migrate::phases::Phases;
 use crate::migrate::state::{FeatureWord, Migratable, StateError};
 
@@ -322,10 +322,21 @@ impl Migratable for Serial {
     }
 
     fn restore_state(&mut self, state: SerialState) -> Result<(), StateError> {
-        self.restore(&state).map_err(|error| StateError::Restore {
-            what: "serial0".into(),
-            reason: error.to_string(),
-        })
+        self.restore(&state).map_err(serial_error)
+    }
+}
+
+impl Serial {
+    /// Whether `state` fits this UART, touching nothing ([`Serial::check`]).
+    pub fn check_state(&self, state: &SerialState) -> Result<(), StateError> {
+        self.check(state).map_err(serial_error)
+    }
+}
+
+fn serial_error(error: SerialError) -> StateError {
+    StateError::Restore {
+        what: "serial0".into(),
+        reason: error.to_string(),
     }
 }
 

@@ -112,10 +112,10 @@ pub fn save_devices(vm: &Vm) -> Result<Vec<Section>, VmStateError> {
 }
 
 /// A whole VM's state, decoded and checked but not yet applied: a part missing or left over, one
-/// of a kind or version this ferry cannot read, interrupt controllers out of place, or a disk
-/// whose queues or features differ from this one's, shows here, before the destination tells
-/// the source it has the state. What only KVM can judge (a register value), or a virtio queue
-/// only as it is set up, shows when the state is applied.
+/// of a kind or version this ferry cannot read, interrupt controllers out of place, a UART
+/// FIFO overfull, or a disk whose config space, MSI-X table, queues or features do not fit this
+/// one, shows here, before the destination tells the source it has the state. Only what KVM
+/// judges (a register value) shows when the state is applied.
 pub struct DecodedState {
     saved_at: SavedAt,
     chips: <KvmVm<'static> as Migratable>::State,
@@ -141,6 +141,7 @@ pub fn decode(vm: &Vm, sections: Vec<Section>) -> Result<DecodedState, VmStateEr
         })
         .collect::<Result<_, StateError>>()?;
     let serial = sections.take("serial0")?.decode::<Serial>()?;
+    lock(&vm.machine.devices.serial).check_state(&serial)?;
     // The i8042's state is empty: its section only proves the source has one too.
     sections.take("i8042")?.decode::<I8042>()?;
     let power_button = sections.take("acpi-ged")?.decode::<PowerButton>()?;

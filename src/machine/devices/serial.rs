@@ -29,6 +29,11 @@ pub enum SerialError {
     EventFd(#[source] io::Error),
     #[error("invalid serial state: {0}")]
     State(#[source] vm_superio::serial::Error<io::Error>),
+    #[error(
+        "the source's receive FIFO holds {saved} bytes, more than the {size} this UART holds; \
+         the two ends' ferry builds differ"
+    )]
+    FifoOverflow { saved: usize, size: usize },
 }
 
 /// Where the guest's serial output goes.
@@ -133,8 +138,23 @@ impl Serial {
         }
     }
 
+    /// Whether `state` fits this UART, touching nothing: its receive FIFO holds no more bytes
+    /// than this one can.
+    pub fn check(&self, state: &SerialState) -> Result<(), SerialError> {
+        // vm-superio's FIFO size: what this one has free plus what it holds.
+        let size = self.uart.fifo_capacity() + self.uart.state().in_buffer.len();
+        if state.in_buffer.len() > size {
+            return Err(SerialError::FifoOverflow {
+                saved: state.in_buffer.len(),
+                size,
+            });
+        }
+        Ok(())
+    }
+
     /// Rebuilds the UART from migrated state, keeping this side's interrupt line and output.
     pub fn restore(&mut self, state: &SerialState) -> Result<(), SerialError> {
+        self.check(state)?;
         let uart_state = UartState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -164,5 +184,42 @@ impl Serial {
         self.uart = Uart::from_state(&uart_state, interrupt, NoEvents, output)
             .map_err(SerialError::State)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serial_into(file: &File) -> Serial {
+        let output = SerialOutput::File(file.try_clone().unwrap());
+        Serial::new(EventFd::new(0).unwrap(), output)
+    }
+
+    /// A migration checks the UART's state before it tells the source it has it; a refused
+    /// restore leaves this side's UART whole, its output included.
+    #[test]
+    fn an_overfull_fifo_is_refused_before_the_uart_is_rebuilt() {
+        let written = tempfile::tempfile().unwrap();
+        let mut serial = serial_into(&written);
+        let mut state = serial.state();
+        state.in_buffer = vec![b'x'; serial.uart.fifo_capacity()];
+        serial.check(&state).unwrap();
+        state.in_buffer.push(b'y');
+
+        let checked = serial.check(&state).unwrap_err().to_string();
+        assert!(
+            checked.contains("holds 65 bytes, more than the 64"),
+            "{checked}"
+        );
+        let restored = serial.restore(&state).unwrap_err().to_string();
+        assert_eq!(restored, checked);
+
+        serial.write(0, b'!');
+        let mut output = String::new();
+        let mut file = written;
+        io::Seek::rewind(&mut file).unwrap();
+        io::Read::read_to_string(&mut file, &mut output).unwrap();
+        assert_eq!(output, "!", "the refused restore lost the UART's output");
     }
 }

@@ -212,9 +212,9 @@ impl ConfigSpace {
         self.bytes.to_vec()
     }
 
-    /// Puts back a snapshot taken from a function built from the same configuration; the
-    /// read-only parts must match, or the two ends do not have the same device.
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), ConfigSpaceError> {
+    /// Whether a snapshot fits this function: taken from one built from the same
+    /// configuration, its read-only parts match, or the two ends do not have the same device.
+    pub fn check(&self, bytes: &[u8]) -> Result<(), ConfigSpaceError> {
         if bytes.len() != CONFIG_SPACE_SIZE {
             return Err(ConfigSpaceError::Size(bytes.len()));
         }
@@ -224,6 +224,12 @@ impl ConfigSpace {
                 return Err(ConfigSpaceError::ReadOnlyByte { at, saved, mine });
             }
         }
+        Ok(())
+    }
+
+    /// Puts back a snapshot that passes [`ConfigSpace::check`].
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), ConfigSpaceError> {
+        self.check(bytes)?;
         self.bytes.copy_from_slice(bytes);
         Ok(())
     }

@@ -229,14 +229,20 @@ impl Msix {
         }
     }
 
-    /// Puts back a saved table (the config space must be restored first) and routes it.
-    pub fn restore(&mut self, state: MsixState, config: &ConfigSpace) -> Result<(), MsixError> {
+    /// Whether a saved table has as many vectors as this one.
+    pub fn check(&self, state: &MsixState) -> Result<(), MsixError> {
         if state.entries.len() != self.entries.len() || state.pending.len() != self.pending.len() {
             return Err(MsixError::VectorCount {
                 source_vectors: state.entries.len(),
                 here: self.entries.len(),
             });
         }
+        Ok(())
+    }
+
+    /// Puts back a saved table (the config space must be restored first) and routes it.
+    pub fn restore(&mut self, state: MsixState, config: &ConfigSpace) -> Result<(), MsixError> {
+        self.check(&state)?;
         self.entries = state.entries;
         self.pending = state.pending;
         for index in 0..self.entries.len() {

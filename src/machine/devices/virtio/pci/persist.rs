@@ -120,8 +120,9 @@ impl<B: VirtioBackend> VirtioPci<B> {
         }
     }
 
-    /// Whether `state` fits this transport as built (its queues, the features it offers),
-    /// touching nothing: a migration checks that before it tells the source it has the state.
+    /// Whether `state` fits this transport as built (its config space, MSI-X table, queues and
+    /// the features it offers), touching nothing: a migration checks that before it tells the
+    /// source it has the state.
     pub fn check(&self, state: &VirtioPciState) -> Result<(), RestoreError> {
         if state.queues.len() != self.queues.len() {
             return Err(RestoreError::QueueCount {
@@ -134,6 +135,27 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if unknown != 0 {
             return Err(RestoreError::Features { unknown, offered });
         }
+        self.config.check(&state.config_space)?;
+        self.msix.check(&state.msix)?;
+        let vector_count = self.msix.vector_count();
+        for (index, (queue, saved)) in self.queues.iter().zip(&state.queues).enumerate() {
+            if saved.vector != NO_VECTOR && saved.vector >= vector_count {
+                return Err(RestoreError::Queue {
+                    index,
+                    what: "MSI-X vector",
+                    value: saved.vector.into(),
+                });
+            }
+            // The layout as the queue would take it, tried on a fresh one of the same size.
+            let mut fresh = Queue::new(queue.max_size()).map_err(|_| RestoreError::Queue {
+                index,
+                what: "maximum size",
+                value: queue.max_size().into(),
+            })?;
+            saved
+                .apply(&mut fresh)
+                .map_err(|(what, value)| RestoreError::Queue { index, what, value })?;
+        }
         Ok(())
     }
 
@@ -143,7 +165,6 @@ impl<B: VirtioBackend> VirtioPci<B> {
         self.config.restore(&state.config_space)?;
         self.msix.restore(state.msix, &self.config)?;
         self.common = state.common;
-        let vector_count = self.msix.vector_count();
         for (index, ((queue, vector), saved)) in self
             .queues
             .iter_mut()
@@ -151,13 +172,6 @@ impl<B: VirtioBackend> VirtioPci<B> {
             .zip(&state.queues)
             .enumerate()
         {
-            if saved.vector != NO_VECTOR && saved.vector >= vector_count {
-                return Err(RestoreError::Queue {
-                    index,
-                    what: "MSI-X vector",
-                    value: saved.vector.into(),
-                });
-            }
             queue.reset();
             saved
                 .apply(queue)

@@ -263,6 +263,55 @@ fn a_restore_refuses_features_this_side_lacks() {
     assert!(error.to_string().contains("does not offer"), "{error}");
 }
 
+/// A migration checks the transport's state before it tells the source it has it, so every
+/// refusal the restore would make must show in the check already.
+#[test]
+fn the_check_refuses_what_the_restore_would() {
+    let Some(source) = fixture(None, None) else {
+        return;
+    };
+    assert!(negotiate(&source.device, VIRTIO_F_VERSION_1));
+    set_up_queue(&source.device);
+    let state = lock(source.device.transport()).save();
+    let Some(destination) = fixture(None, None) else {
+        return;
+    };
+    destination.device.quiesce();
+    let mut transport = lock(destination.device.transport());
+    let fresh = transport.save();
+    transport.check(&state).unwrap();
+
+    let mut altered: Vec<(&str, VirtioPciState)> = Vec::new();
+    let mut queue = |what, change: fn(&mut QueueState)| {
+        let mut bad = state.clone();
+        change(&mut bad.queues[0]);
+        altered.push((what, bad));
+    };
+    queue("MSI-X vector", |q| q.vector = 7);
+    queue("size", |q| q.size = QUEUE_SIZE - 1);
+    queue("size", |q| q.size = u16::MAX);
+    queue("descriptor table address", |q| q.desc_table = DESC + 1);
+    queue("used ring address", |q| q.used_ring = USED + 1);
+    let mut other_device = state.clone();
+    other_device.config_space[2] ^= 1;
+    altered.push(("read-only config byte 0x2", other_device));
+    let mut more_vectors = state.clone();
+    more_vectors.msix.entries.push(Default::default());
+    altered.push(("MSI-X vectors", more_vectors));
+
+    for (what, bad) in altered {
+        let checked = transport.check(&bad).unwrap_err().to_string();
+        assert!(checked.contains(what), "{what}: {checked}");
+        let restored = transport.restore(bad).unwrap_err().to_string();
+        assert_eq!(restored, checked);
+        assert_eq!(
+            transport.save(),
+            fresh,
+            "a refused {what} changed the device"
+        );
+    }
+}
+
 #[test]
 fn the_pci_cfg_window_reaches_the_common_configuration() {
     let Some(fixture) = fixture(None, None) else {
