@@ -5,13 +5,15 @@
 //! starts at 2.75 GiB when all RAM fits below that, and at 2 GiB otherwise (so large guests keep
 //! a 2 GiB window for 32-bit BARs).
 
-use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
+use super::write_log::WriteLog;
+
 /// Guest memory whose every write made by ferry sets a bit in a per-page bitmap.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemory = vm_memory::GuestMemoryMmap<WriteLog>;
 /// One mapped region of [`GuestMemory`].
-pub type GuestRegion = GuestRegionMmap<AtomicBitmap>;
+pub type GuestRegion = GuestRegionMmap<WriteLog>;
 
 /// The guest page size that dirty tracking and migration work in.
 pub const PAGE_SIZE: u64 = 4096;
@@ -180,11 +182,18 @@ pub unsafe fn populate_write(host: *mut u8, len: usize) -> std::io::Result<()> {
     }
 }
 
-/// Takes and clears the record of ferry's own writes into one region, as one bit per page
-/// (bit `i` of word `i / 64` is the page at `region start + i * PAGE_SIZE`).
+/// Takes and clears the record of ferry's own writes into one region, ORing it into `into`:
+/// one bit per page (bit `i` of word `i / 64` is the page at `region start + i * PAGE_SIZE`).
+pub fn take_vmm_writes(region: &GuestRegion, into: &mut [u64]) {
+    let mapping: &vm_memory::MmapRegion<WriteLog> = region;
+    mapping.bitmap().take_into(into);
+}
+
+/// [`take_vmm_writes`] into a bitmap of its own.
 pub fn take_vmm_dirty_bitmap(region: &GuestRegion) -> Vec<u64> {
-    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
-    mapping.bitmap().get_and_reset()
+    let mut bits = vec![0; (region.len() / PAGE_SIZE).div_ceil(64) as usize];
+    take_vmm_writes(region, &mut bits);
+    bits
 }
 
 /// One bit per page of `len` bytes at `host` (bit `i` of word `i / 64`), set where the host
@@ -221,7 +230,7 @@ fn residency(host: *const u8, len: usize) -> std::io::Result<Vec<u64>> {
 /// guest's first migration pass cheap. On huge pages a touched page backs its whole 2 MiB, and
 /// khugepaged may back zeros too: more pages are read, none is skipped wrongly.
 pub fn resident_bitmap(region: &GuestRegion) -> std::io::Result<Vec<u64>> {
-    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+    let mapping: &vm_memory::MmapRegion<WriteLog> = region;
     residency(mapping.as_ptr(), region.len() as usize)
 }
 
@@ -233,7 +242,7 @@ pub fn resident_pages(memory: &GuestMemory, gpa: u64, pages: u64) -> Option<Vec<
 }
 
 /// Guest RAM with its part of the record of ferry's writes.
-pub type RamSlice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
+pub type RamSlice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, WriteLog>>;
 
 /// `pages` pages of RAM from `gpa`, if they lie in one mapped region of `memory` (which
 /// `get_slice` checks).

@@ -12,6 +12,7 @@ pub mod mptable;
 pub mod pci;
 pub mod prealloc;
 pub mod state;
+pub mod write_log;
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;

@@ -7,7 +7,7 @@
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::machine::memory::{take_vmm_dirty_bitmap, GuestMemory, PAGE_SIZE};
+use crate::machine::memory::{take_vmm_writes, GuestMemory, PAGE_SIZE};
 
 /// Dirty pages of one RAM region: bit `i` of word `i / 64` is the page at `start + i * 4 KiB`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +145,7 @@ impl DirtyTracker {
                 .get_dirty_log(slot, region.len() as usize)
                 .map_err(|source| DirtyLogError { slot, source })?;
             pending.merge(&guest);
-            pending.merge(&take_vmm_dirty_bitmap(region));
+            take_vmm_writes(region, &mut pending.words);
         }
         Ok(self.pending_pages())
     }
