@@ -202,6 +202,9 @@ struct Switchover {
     /// The destination's clock, on which it says when the guest ran again.
     peer_clock: PeerClock,
     phases: Phases,
+    /// What went in the downtime: pages, and device state in bytes.
+    last_pages: u64,
+    state_bytes: usize,
 }
 
 /// Everything up to the destination's READY; `Err(None)` when cancelled.
@@ -536,10 +539,6 @@ async fn stream_guest(
             link.send(&Message::State(state)).await?;
             phases.mark("send_state");
             shared.progress().transferred += state_bytes as u64;
-            info!(
-                pages = stats.pages,
-                state_bytes, "final pages and device state sent"
-            );
             doing = "waiting for the destination to take the last pages and the state";
             let answer = link.answer().await?;
             phases.mark("ready");
@@ -550,17 +549,22 @@ async fn stream_guest(
                     if preempted_us > 0 {
                         tracing::debug!(preempted_us, "a vCPU had left the guest before the pause");
                     }
-                    Ok(left_guest)
+                    Ok((left_guest, stats.pages, state_bytes))
                 }
                 other => Err(SendError::Protocol(format!("{other:?} instead of READY"))),
             }
         };
         match tokio::time::timeout(deadline, paused).await {
-            Ok(left_guest) => Ok(Switchover {
-                left_guest: left_guest?,
-                peer_clock,
-                phases,
-            }),
+            Ok(paused) => {
+                let (left_guest, last_pages, state_bytes) = paused?;
+                Ok(Switchover {
+                    left_guest,
+                    peer_clock,
+                    phases,
+                    last_pages,
+                    state_bytes,
+                })
+            }
             Err(_) => Err(SendError::SwitchoverTimeout {
                 deadline,
                 stuck_in: doing,
@@ -637,6 +641,8 @@ async fn commit(
                 left_guest,
                 peer_clock,
                 mut phases,
+                last_pages,
+                state_bytes,
             },
     } = ready;
     // If the COMMIT cannot be written the destination never got it and will not run the guest,
@@ -697,9 +703,11 @@ async fn commit(
         }
     }
     info_span!("switchover").in_scope(|| {
+        // Logged only now: a line written inside the downtime wakes whatever reads this
+        // process's output, which on a busy host takes a core from the switchover.
         info!(
             downtime_ms = downtime_ms(downtime),
-            "the destination runs the guest"
+            last_pages, state_bytes, "the destination runs the guest"
         )
     });
     shared.finish(MigrationStatus::Completed, None);
