@@ -8,59 +8,20 @@
 //! source sends it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::machine::memory::{populate_write, GuestMemory, PAGE_SIZE, POPULATE_CHUNK};
-use crate::runtime::priority;
 
 /// The prefault thread; dropping it stops it at its next chunk.
 pub struct Prefault {
-    control: Arc<Control>,
-}
-
-/// What the receiver and the prefault thread share.
-struct Control {
-    stop: AtomicBool,
-    /// The thread's id while it runs, 0 before and after. Locked while the thread's priority
-    /// changes, so that the id cannot have passed to another thread by then.
-    running: Mutex<libc::pid_t>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Drop for Prefault {
     fn drop(&mut self) {
-        self.control.stop.store(true, Ordering::Relaxed);
-        // A chunk of cold memory takes milliseconds in the kernel. One still under way at the
-        // switchover held the restore's threads up by as much as a scheduler tick: it
-        // finishes on an idle core only.
-        let running = self.control.running();
-        if *running != 0 {
-            priority::only_when_idle(*running);
-        }
-    }
-}
-
-impl Control {
-    fn running(&self) -> MutexGuard<'_, libc::pid_t> {
-        self.running.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Marks the prefault thread as running for as long as it lives.
-struct Running<'a>(&'a Control);
-
-impl<'a> Running<'a> {
-    fn start(control: &'a Control) -> Self {
-        // SAFETY: gettid has no preconditions.
-        *control.running() = unsafe { libc::gettid() };
-        Self(control)
-    }
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        *self.0.running() = 0;
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -70,19 +31,13 @@ pub fn start(memory: GuestMemory, zero_runs: Vec<(u64, u64)>) -> Option<Prefault
     if ranges.is_empty() {
         return None;
     }
-    let control = Arc::new(Control {
-        stop: AtomicBool::new(false),
-        running: Mutex::new(0),
-    });
-    let thread_control = control.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = stop.clone();
     let spawned = std::thread::Builder::new()
         .name("prefault".into())
-        .spawn(move || {
-            let _running = Running::start(&thread_control);
-            run(&memory, &ranges, &thread_control.stop)
-        });
+        .spawn(move || run(&memory, &ranges, &thread_stop));
     match spawned {
-        Ok(_) => Some(Prefault { control }),
+        Ok(_) => Some(Prefault { stop }),
         Err(error) => {
             tracing::debug!(%error, "no prefault thread");
             None
