@@ -39,18 +39,26 @@ impl WriteLog {
 
     /// ORs the pages written since the last take into `into` (one bit per page, as above) and
     /// clears them here. Words no write reached are not read.
+    ///
+    /// # Panics
+    ///
+    /// If `into` has fewer words than the log: the pages it could not hold would be lost.
     pub fn take_into(&self, into: &mut [u64]) {
+        assert!(
+            into.len() >= self.words.len(),
+            "a bitmap of {} words cannot take a write log of {}",
+            into.len(),
+            self.words.len()
+        );
         for (index, summary) in self.summary.iter().enumerate() {
             // The summary bit is cleared before its words are. A write that lands in between
-            // sets it again after its page bit: if this take misses the page, the next finds it.
+            // finds it clear and sets it again after its page bit (or another write did): if
+            // this take misses the page, the next finds it.
             let mut marked = summary.swap(0, Ordering::SeqCst);
             while marked != 0 {
                 let word = index * 64 + marked.trailing_zeros() as usize;
                 marked &= marked - 1;
-                let bits = self.words[word].swap(0, Ordering::SeqCst);
-                if let Some(slot) = into.get_mut(word) {
-                    *slot |= bits;
-                }
+                into[word] |= self.words[word].swap(0, Ordering::SeqCst);
             }
         }
     }
@@ -62,10 +70,10 @@ impl WriteLog {
     /// summary bit read as set was read before a take cleared it, so that take clears the
     /// page's word after the page's bit was set, and collects it.
     fn mark_pages(&self, first: usize, last: usize) {
-        let last = last.min(self.pages.saturating_sub(1));
-        if first > last {
+        if first >= self.pages {
             return;
         }
+        let last = last.min(self.pages - 1);
         for (word, mask) in bit_masks(first, last) {
             self.words[word].fetch_or(mask, Ordering::SeqCst);
         }
@@ -94,7 +102,9 @@ impl<'a> WithBitmapSlice<'a> for WriteLog {
 impl Bitmap for WriteLog {
     fn mark_dirty(&self, offset: usize, len: usize) {
         if len > 0 {
-            self.mark_pages(offset / PAGE, (offset + len - 1) / PAGE);
+            // vm-memory's slices add offsets with wrapping arithmetic; an overflow here would
+            // only mark pages past the end, which marks nothing.
+            self.mark_pages(offset / PAGE, offset.saturating_add(len - 1) / PAGE);
         }
     }
 
@@ -157,7 +167,13 @@ mod tests {
         log.mark_dirty(2 * PAGE, 10 * PAGE);
         log.mark_dirty(PAGE, 0);
         log.mark_dirty(64 * PAGE, PAGE);
+        log.mark_dirty(usize::MAX - PAGE, 2 * PAGE);
         assert_eq!(taken(&log), vec![2]);
+
+        let empty = WriteLog::default();
+        empty.mark_dirty(0, PAGE);
+        assert!(!empty.dirty_at(0));
+        assert_eq!(taken(&empty), Vec::<usize>::new());
     }
 
     #[test]
@@ -169,18 +185,23 @@ mod tests {
         assert_eq!(words, vec![0b1, 1 << 6]);
     }
 
-    /// A write racing a take is found by this take or the next, never lost.
+    /// A write racing a take is found by this take or the next, never lost, also when another
+    /// writer has set its summary bit already.
     #[test]
     fn writes_during_takes_are_never_lost() {
-        let log = WriteLog::new(64 * 64 * 4 * PAGE);
         let pages = 64 * 64 * 4;
+        let log = WriteLog::new(pages * PAGE);
+        let written = |page: &usize| page % 7 == 0 || page % 7 == 3;
         let mut seen = vec![0u64; pages / 64];
         std::thread::scope(|scope| {
-            scope.spawn(|| {
-                for page in (0..pages).step_by(7) {
-                    log.mark_dirty(page * PAGE, 1);
-                }
-            });
+            for first in [0, 3] {
+                let log = &log;
+                scope.spawn(move || {
+                    for page in (first..pages).step_by(7) {
+                        log.mark_dirty(page * PAGE, 1);
+                    }
+                });
+            }
             for _ in 0..200 {
                 log.take_into(&mut seen);
             }
@@ -189,6 +210,6 @@ mod tests {
         let found: Vec<usize> = (0..pages)
             .filter(|page| seen[page / 64] & (1 << (page % 64)) != 0)
             .collect();
-        assert_eq!(found, (0..pages).step_by(7).collect::<Vec<_>>());
+        assert_eq!(found, (0..pages).filter(written).collect::<Vec<_>>());
     }
 }

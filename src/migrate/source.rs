@@ -468,11 +468,11 @@ async fn stream_guest(
         // overrun would be blamed on the step after them.
         let mut doing = "pausing the vCPUs";
         let paused = async {
-            let overran = |doing: &'static str| {
+            let overran = |step: &'static str| {
                 if paused_at.elapsed() > deadline {
                     return Err(SendError::SwitchoverTimeout {
                         deadline,
-                        stuck_in: doing,
+                        stuck_in: step,
                     });
                 }
                 Ok(())
@@ -534,6 +534,7 @@ async fn stream_guest(
                 .map_err(local)?;
             state.extend(vmstate::save_devices(vm).map_err(local)?);
             phases.mark("save");
+            overran("saving the devices' state")?;
             let state_bytes: usize = state.iter().map(|s| s.data.len()).sum();
             doing = "sending the state";
             link.send(&Message::State(state)).await?;

@@ -212,8 +212,8 @@ impl ConfigSpace {
         self.bytes.to_vec()
     }
 
-    /// Whether a snapshot fits this function: taken from one built from the same
-    /// configuration, its read-only parts match, or the two ends do not have the same device.
+    /// Whether a snapshot fits this function: its read-only parts must match this one's (a
+    /// function built from the same configuration), or the two ends emulate different devices.
     pub fn check(&self, bytes: &[u8]) -> Result<(), ConfigSpaceError> {
         if bytes.len() != CONFIG_SPACE_SIZE {
             return Err(ConfigSpaceError::Size(bytes.len()));

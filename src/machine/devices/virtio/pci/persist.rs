@@ -147,11 +147,8 @@ impl<B: VirtioBackend> VirtioPci<B> {
                 });
             }
             // The layout as the queue would take it, tried on a fresh one of the same size.
-            let mut fresh = Queue::new(queue.max_size()).map_err(|_| RestoreError::Queue {
-                index,
-                what: "maximum size",
-                value: queue.max_size().into(),
-            })?;
+            let mut fresh =
+                Queue::new(queue.max_size()).expect("this side built a queue this size");
             saved
                 .apply(&mut fresh)
                 .map_err(|(what, value)| RestoreError::Queue { index, what, value })?;
