@@ -2,7 +2,6 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -14,21 +13,21 @@ use super::dirty::{DirtyTracker, RegionBitmap};
 use super::lanes::SourceLanes;
 use super::link::{AnswerError, Link};
 use super::pages::{PageError, PageSender, SendStats};
-use super::params::{
-    decide, expected_downtime, next_throttle, switchover_deadline, Decision, SwitchoverCost,
-};
-use super::phases::Phases;
+use super::params::{decide, expected_downtime, next_throttle, Decision, SwitchoverCost};
 use super::progress::{downtime_ms, MigrationStatus};
 use super::transport::connect;
 use super::uri::MigrationUri;
-use super::vmstate;
-use super::wire::{self, Commit, LaneOffer, Message, RoundReport};
+use super::wire::{self, LaneOffer, Message, RoundReport};
 use super::{logging, Shared};
 use crate::machine::devices::{Devices, DiskError};
 use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
 use crate::runtime::control::Event;
-use crate::runtime::throttle::{run_throttle, THROTTLE_PERIOD};
+use crate::runtime::throttle::run_throttle;
 use crate::runtime::Vm;
+
+mod switchover;
+pub(crate) use switchover::COMMIT_DEADLINE;
+use switchover::{commit, CommitOutcome, Switchover};
 
 /// How an outgoing migration ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,18 +192,6 @@ fn on_disks(vm: &Vm, work: fn(&Devices) -> Result<(), DiskError>) -> Result<(), 
 struct Ready {
     link: Link,
     switchover: Switchover,
-}
-
-/// What the commit needs of the switchover to report its downtime.
-struct Switchover {
-    /// When each vCPU left the guest, in vCPU order: where the downtime starts.
-    left_guest: Vec<Instant>,
-    /// The destination's clock, on which it says when the guest ran again.
-    peer_clock: PeerClock,
-    phases: Phases,
-    /// What went in the downtime: pages, and device state in bytes.
-    last_pages: u64,
-    state_bytes: usize,
 }
 
 /// Everything up to the destination's READY; `Err(None)` when cancelled.
@@ -440,148 +427,17 @@ async fn stream_guest(
     // now places the guest's clocks and timers on the destination: measure it again while the
     // guest still runs.
     let peer_clock = probe_clock(link, clock::SWITCHOVER_PROBES).await?;
-    let switchover = info_span!("switchover");
-    async {
-        // What the disks wrote so far goes to stable storage while the guest still runs, so
-        // that the drain's own flush, inside the downtime, has little left to do.
-        let mut phases = Phases::start();
-        let disks = !vm.machine.devices.disks.is_empty();
-        if disks {
-            on_disks(vm, Devices::flush_disks)?;
-        }
-        phases.mark("flush");
-        // A throttled vCPU stalls right before the pause would make the guest's blackout
-        // longer than the downtime: let every vCPU out of its hold-back first.
-        let throttle = vm.vcpus.throttle();
-        if throttle.percent() > 0 {
-            throttle.set(0);
-            tokio::time::sleep(THROTTLE_PERIOD).await;
-        }
-        phases.mark("unthrottle");
-        // Once paused, the guest waits on the destination: a network that stalls or a
-        // destination that hangs must not keep it paused for as long as TCP takes to
-        // give up. Past the deadline the migration fails, and the source runs on.
-        let deadline = switchover_deadline(expected);
-        let paused_at = Instant::now();
-        // What the switchover is doing, for the error if it overruns. The timeout fires only at
-        // an await, so the steps that do not await check the clock themselves: otherwise their
-        // overrun would be blamed on the step after them.
-        let mut doing = "pausing the vCPUs";
-        let paused = async {
-            let overran = |step: &'static str| {
-                if paused_at.elapsed() > deadline {
-                    return Err(SendError::SwitchoverTimeout {
-                        deadline,
-                        stuck_in: step,
-                    });
-                }
-                Ok(())
-            };
-            // Without disks nothing touches the guest once its vCPUs stop, so they save their
-            // state as they pause, while this thread reads the dirty log and sends the last
-            // pages. Disks drain first: a request completing then writes guest memory and raises
-            // an interrupt, which the saved state must include.
-            let saving_cpus = if disks {
-                vm.vcpus.pause().await.map_err(local)?;
-                None
-            } else {
-                Some(vmstate::pause_and_save(vm).await.map_err(local)?)
-            };
-            phases.mark("pause");
-            // A paused guest asks for nothing more, so this answer is final: a guest that already
-            // asked to end the VM (its event still on the way to the owner) must not live on in
-            // the destination.
-            if vm.machine.guest_events.ended_by_guest() {
-                return Err(SendError::GuestEnded);
-            }
-            // The downtime is the guest's blackout: on a busy host a vCPU thread can have been
-            // waiting for a core, its guest stopped, for milliseconds before the pause.
-            let left_guest: Vec<Instant> = match vm.vcpus.left_guest() {
-                // A paused guest's downtime is the switchover's.
-                [] => vec![paused_at; vm.vcpus.count()],
-                left => left.iter().map(|&l| l.min(paused_at)).collect(),
-            };
-            let first_left = left_guest.iter().min().copied().unwrap_or(paused_at);
-            let preempted_us = (paused_at - first_left).as_micros() as u64;
-            shared.switchover.store(true, Ordering::Release);
-            shared.emit(Event::new("STOP", None));
-            if disks {
-                // Disk requests complete into guest memory: drain them before the last dirty sync
-                // so that their data and used rings travel with the final pages.
-                on_disks(vm, Devices::quiesce_disks)?;
-                phases.mark("quiesce");
-                overran("draining the disks")?;
-            }
-            tracker.sync(&vm.machine.vm, &memory).map_err(local)?;
-            let last = tracker.take();
-            phases.mark("sync");
-            overran("reading the dirty log")?;
-            sender.stop_pacing();
-            doing = "sending the last pages";
-            let stats = sender.send(link, &last, shared).await?;
-            sender.mark().await?;
-            phases.mark("pages");
-            doing = "saving the vCPUs' state";
-            let cpus = async {
-                match saving_cpus {
-                    Some(saving) => saving.finish(vm, &peer_clock).await,
-                    None => vmstate::save_cpus(vm, &peer_clock).await,
-                }
-            };
-            let mut state = cpus
-                .instrument(info_span!("device_state"))
-                .await
-                .map_err(local)?;
-            state.extend(vmstate::save_devices(vm).map_err(local)?);
-            phases.mark("save");
-            overran("saving the devices' state")?;
-            let state_bytes: usize = state.iter().map(|s| s.data.len()).sum();
-            doing = "sending the state";
-            link.send(&Message::State(state)).await?;
-            phases.mark("send_state");
-            shared.progress().transferred += state_bytes as u64;
-            doing = "waiting for the destination to take the last pages and the state";
-            let answer = link.answer().await?;
-            phases.mark("ready");
-            match answer {
-                Message::Ready => {
-                    vm.machine.devices.release_images().map_err(local)?;
-                    phases.mark("release");
-                    if preempted_us > 0 {
-                        tracing::debug!(preempted_us, "a vCPU had left the guest before the pause");
-                    }
-                    Ok((left_guest, stats.pages, state_bytes))
-                }
-                other => Err(SendError::Protocol(format!("{other:?} instead of READY"))),
-            }
-        };
-        match tokio::time::timeout(deadline, paused).await {
-            Ok(paused) => {
-                let (left_guest, last_pages, state_bytes) = paused?;
-                Ok(Switchover {
-                    left_guest,
-                    peer_clock,
-                    phases,
-                    last_pages,
-                    state_bytes,
-                })
-            }
-            Err(_) => Err(SendError::SwitchoverTimeout {
-                deadline,
-                stuck_in: doing,
-            }),
-        }
-    }
-    .instrument(switchover)
+    switchover::hand_over(
+        vm,
+        link,
+        &mut sender,
+        &mut tracker,
+        shared,
+        expected,
+        peer_clock,
+    )
+    .instrument(info_span!("switchover"))
     .await
-}
-
-/// How the commit went, once the COMMIT was written.
-enum CommitOutcome {
-    /// The destination said it took the guest over.
-    Confirmed,
-    /// The destination did not confirm: it may or may not run the guest.
-    Unconfirmed(String),
 }
 
 /// Waits until the destination has everything sent so far in guest RAM: a mark on every lane,
@@ -624,102 +480,4 @@ async fn probe_clock(link: &mut Link, probes: usize) -> Result<PeerClock, SendEr
         "destination clock read"
     );
     Ok(best)
-}
-
-/// How long the source waits for the destination to confirm the commit (its restore included).
-pub(crate) const COMMIT_DEADLINE: Duration = Duration::from_secs(10);
-
-/// The point of no return: the destination has everything; tell it to take the guest over.
-async fn commit(
-    ready: Ready,
-    was_running: bool,
-    shared: &Shared,
-) -> Result<CommitOutcome, SendError> {
-    let Ready {
-        mut link,
-        switchover:
-            Switchover {
-                left_guest,
-                peer_clock,
-                mut phases,
-                last_pages,
-                state_bytes,
-            },
-    } = ready;
-    // If the COMMIT cannot be written the destination never got it and will not run the guest,
-    // so the source may safely take it back.
-    let commit_sent = Instant::now();
-    link.send(&Message::Commit(Commit { run: was_running }))
-        .await?;
-    phases.mark("commit");
-    let confirmation = tokio::time::timeout(COMMIT_DEADLINE, link.answer()).await;
-    let answered = Instant::now();
-    phases.mark("committed");
-    link.close().await;
-    // The downtime ends when the guest runs on the destination, which may be well before its
-    // COMMITTED was written, and this side may read that much later still (its thread waiting
-    // for a core): the destination says when on its clock. It cannot have run before COMMIT.
-    let entered: Vec<Instant> = match &confirmation {
-        Ok(Ok(Message::Committed(committed))) => committed
-            .vcpus_running_at_ns
-            .iter()
-            .map(|&at| peer_clock.local(at).clamp(commit_sent, answered))
-            .collect(),
-        _ => Vec::new(),
-    };
-    let blackouts = clock::blackouts(&left_guest, &entered).unwrap_or_default();
-    // A destination that keeps the guest paused (it was paused here) ends it at its answer.
-    let downtime = blackouts.iter().max().copied().unwrap_or_else(|| {
-        let first_left = left_guest.iter().min().copied().unwrap_or(commit_sent);
-        answered.saturating_duration_since(first_left)
-    });
-    let running = entered.iter().max().copied().unwrap_or(answered);
-    // Each vCPU's blackout, for reading beside the guest's own measures of them.
-    let vcpus_us: Vec<u128> = blackouts.iter().map(Duration::as_micros).collect();
-    tracing::debug!(
-        %phases,
-        ?vcpus_us,
-        unread_us = answered.saturating_duration_since(running).as_micros() as u64,
-        clock_uncertainty_us = peer_clock.uncertainty().as_micros() as u64,
-        downtime_us = downtime.as_micros() as u64,
-        "switchover steps (µs)"
-    );
-    shared.progress().downtime = Some(downtime);
-    match confirmation {
-        Ok(Ok(Message::Committed(_))) => {}
-        // The destination refused the guest before running it (it could not take a disk, for
-        // example): the source takes it back.
-        Ok(Err(AnswerError::Refused(reason))) => return Err(SendError::DestinationFailed(reason)),
-        other => {
-            let why = match other {
-                Ok(Ok(message)) => format!("it answered {message:?}"),
-                Ok(Err(error)) => error.to_string(),
-                Err(_) => format!("no answer within {} s", COMMIT_DEADLINE.as_secs()),
-            };
-            return Ok(CommitOutcome::Unconfirmed(format!(
-                "the destination did not confirm that it took the guest over ({why}); it may be \
-                 running it. The source stays paused: check the destination, and resume the \
-                 source with 'cont' only if the destination does not run the guest"
-            )));
-        }
-    }
-    info_span!("switchover").in_scope(|| {
-        // Logged only now: a line written inside the downtime wakes whatever reads this
-        // process's output, which on a busy host takes a core from the switchover.
-        info!(
-            downtime_ms = downtime_ms(downtime),
-            last_pages, state_bytes, "the destination runs the guest"
-        )
-    });
-    shared.finish(MigrationStatus::Completed, None);
-    let progress = shared.progress().clone();
-    info!(
-        downtime_ms = downtime_ms(downtime),
-        downtime_us = downtime.as_micros() as u64,
-        total_ms = progress.total_time.unwrap_or_default().as_millis() as u64,
-        transferred = progress.transferred,
-        rounds = progress.dirty_sync_count,
-        "migration completed"
-    );
-    Ok(CommitOutcome::Confirmed)
 }
