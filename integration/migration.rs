@@ -152,6 +152,41 @@ fn assert_no_tsc_errors(vm: &Ferry) {
     assert!(bad.is_empty(), "{}: {bad:?}", vm.name);
 }
 
+/// After a cancel or failure the source runs on: its guest keeps ticking.
+fn assert_source_runs(source: &Ferry) {
+    let mut qmp = source.qmp();
+    assert_eq!(qmp.status(), "running", "{}", source.context());
+    let seen = source.line_count();
+    source.wait_line_from(
+        seen,
+        "a tick after the migration ended",
+        Duration::from_secs(10),
+        |l| l.starts_with("tick "),
+    );
+}
+
+/// Whether a migration capped at a few MiB/s is well into its round 0: over 1 MiB sent, seconds
+/// of it still to go.
+fn in_round_zero(info: &Value) -> bool {
+    info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20
+}
+
+/// A source migrating to a fresh destination under a 4 MiB/s cap, well into its round 0, which
+/// then takes seconds: where a test steps in mid-stream.
+fn migrating_in_round_zero(world: &mut World) -> (Ferry, Ferry) {
+    let source = world.source(2);
+    let mut qmp = source.qmp();
+    qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 4 << 20})),
+    );
+    let uri = world.uri();
+    let destination = world.destination(2, &uri, false);
+    qmp.ok("migrate", Some(json!({"uri": uri})));
+    qmp.wait_migration_until("in round 0", Duration::from_secs(30), in_round_zero);
+    (source, destination)
+}
+
 /// The source migrates a sweeping two-vCPU guest to a paused destination: both sides' RAM is
 /// byte-identical, the pattern is intact, and the sweeps go on after `cont`. With `channels`,
 /// the pages travel over that many connections of their own (`multifd`); without, `multifd` is

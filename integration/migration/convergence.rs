@@ -5,9 +5,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::cancel::assert_source_runs;
 use crate::common::{kvm_available, kvm_lock, Transport};
-use crate::{assert_pattern, dump, World, MIGRATION_TIMEOUT};
+use crate::{assert_pattern, assert_source_runs, dump, World, MIGRATION_TIMEOUT};
 
 /// A guest that dirties memory faster than the link carries it (a bandwidth cap makes the link
 /// slow) converges only because ferry throttles its vCPUs; the pattern survives, and a

@@ -10,11 +10,10 @@ use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
 use ferry::migrate::transport::TCP_USER_TIMEOUT;
 use ferry::migrate::wire::Message;
 
-use crate::cancel::{assert_source_runs, migrating_in_round_zero};
 use crate::common::{
     kvm_available, kvm_lock, migrate_to_silent_destination, wait_switchover, Transport,
 };
-use crate::World;
+use crate::{assert_source_runs, migrating_in_round_zero, World};
 
 #[test]
 fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {

@@ -212,8 +212,9 @@ impl ConfigSpace {
         self.bytes.to_vec()
     }
 
-    /// Whether a snapshot fits this function: its read-only parts must match this one's (a
-    /// function built from the same configuration), or the two ends emulate different devices.
+    /// Whether a snapshot fits this function: it has the config space's size, and its read-only
+    /// bytes are this function's. A snapshot whose read-only bytes differ comes from another
+    /// device (the two ends were built from different configurations).
     pub fn check(&self, bytes: &[u8]) -> Result<(), ConfigSpaceError> {
         if bytes.len() != CONFIG_SPACE_SIZE {
             return Err(ConfigSpaceError::Size(bytes.len()));
