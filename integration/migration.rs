@@ -175,6 +175,12 @@ fn in_round_zero(info: &Value) -> bool {
 /// then takes seconds: where a test steps in mid-stream.
 fn migrating_in_round_zero(world: &mut World) -> (Ferry, Ferry) {
     let source = world.source(2);
+    let destination = migrate_into_round_zero(world, &source);
+    (source, destination)
+}
+
+/// Migrates `source` as [`migrating_in_round_zero`] does; returns the destination.
+fn migrate_into_round_zero(world: &mut World, source: &Ferry) -> Ferry {
     let mut qmp = source.qmp();
     qmp.ok(
         "migrate-set-parameters",
@@ -184,7 +190,13 @@ fn migrating_in_round_zero(world: &mut World) -> (Ferry, Ferry) {
     let destination = world.destination(2, &uri, false);
     qmp.ok("migrate", Some(json!({"uri": uri})));
     qmp.wait_migration_until("in round 0", Duration::from_secs(30), in_round_zero);
-    (source, destination)
+    destination
+}
+
+/// The destination's RAM holds the pattern the source's guest reported writing.
+fn assert_migrated_memory(world: &mut World, source: &Ferry, destination: &Ferry) {
+    let memory = dump(destination, &world.path("dst.mem"));
+    assert_pattern(&memory, &source.guest_lines());
 }
 
 /// The source migrates a sweeping two-vCPU guest to a paused destination: both sides' RAM is
@@ -406,8 +418,7 @@ fn dirty_rounds_happen_and_converge() {
         info["ram"]["dirty-sync-count"].as_u64().unwrap() >= 4,
         "{info}"
     );
-    let memory = dump(&destination, &world.path("dst.mem"));
-    assert_pattern(&memory, &source.guest_lines());
+    assert_migrated_memory(&mut world, &source, &destination);
 }
 
 /// Twenty hops, each to a fresh destination, the pattern checked at every one.

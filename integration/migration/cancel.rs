@@ -10,8 +10,8 @@ use crate::common::{
     Transport,
 };
 use crate::{
-    assert_pattern, assert_source_runs, dump, in_round_zero, migrate, migrating_in_round_zero,
-    set_multifd, World,
+    assert_migrated_memory, assert_source_runs, in_round_zero, migrate, migrate_into_round_zero,
+    migrating_in_round_zero, set_multifd, World,
 };
 
 /// `migrate_cancel` takes effect within a bound at every stage, the source resumes, and a new
@@ -128,8 +128,7 @@ fn cancel_at_every_stage_then_migrate_again() {
     let uri = world.uri();
     let destination = world.destination(2, &uri, true);
     migrate(&source, &uri);
-    let memory = dump(&destination, &world.path("dst.mem"));
-    assert_pattern(&memory, &source.guest_lines());
+    assert_migrated_memory(&mut world, &source, &destination);
 }
 
 /// A `migrate_cancel` on the destination ends its incoming migration before the commit: the
@@ -231,15 +230,7 @@ fn failures_leave_the_source_running_with_a_reason() {
     }
 
     // The destination dies mid-stream.
-    let uri = world.uri();
-    let mut destination = world.destination(2, &uri, false);
-    qmp.ok(
-        "migrate-set-parameters",
-        Some(json!({"max-bandwidth": 4 << 20})),
-    );
-    qmp.ok("migrate", Some(json!({"uri": uri})));
-    qmp.wait_migration(&["active"], Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(300));
+    let mut destination = migrate_into_round_zero(&mut world, &source);
     destination.signal(libc::SIGKILL);
     destination.wait_exit(Duration::from_secs(5));
     let info = qmp.wait_migration(&["failed"], Duration::from_secs(30));

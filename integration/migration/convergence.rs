@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::common::{kvm_available, kvm_lock, Transport};
-use crate::{assert_pattern, assert_source_runs, dump, World, MIGRATION_TIMEOUT};
+use crate::{assert_migrated_memory, assert_source_runs, World, MIGRATION_TIMEOUT};
 
 /// A guest that dirties memory faster than the link carries it (a bandwidth cap makes the link
 /// slow) converges only because ferry throttles its vCPUs; the pattern survives, and a
@@ -62,8 +62,7 @@ fn fast_dirtying_guest_converges_with_throttling() {
         rounds < 30,
         "reached the round cap instead of converging: {info}"
     );
-    let memory = dump(&destination, &world.path("dst.mem"));
-    assert_pattern(&memory, &source.guest_lines());
+    assert_migrated_memory(&mut world, &source, &destination);
 }
 
 /// A guest that cannot converge (throttling capped at 1 %, a 1 ms downtime limit, a slow link)
