@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::case::{migration_uri, Case, Transport};
 use crate::memory::MemoryProbe;
 use crate::probe::{load_average, CpuProbe};
-use crate::record::Run;
+use crate::record::{Backing, Run};
 use crate::timeline::Timeline;
 use crate::{guest, CPUS, POLL};
 
@@ -293,6 +293,7 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         info["error-desc"].as_str().map(str::to_owned)
     };
     let measured_downtime_us = measured_downtime_us(&pair.vms[0].stderr());
+    let destination_backing = destination_backing(&pair.vms[1].stderr());
     drop(pair);
     Ok(Run {
         run,
@@ -306,6 +307,7 @@ pub(crate) fn migrate_once(binary: &Path, case: &Case, run: usize) -> anyhow::Re
         timeline,
         memory: Some(memory),
         measured_downtime_us,
+        destination_backing,
         blackout_us: blackout,
         destination_gaps,
         source_gaps,
@@ -321,4 +323,21 @@ fn measured_downtime_us(log: &str) -> Option<u64> {
         .find(|l| l.contains("migration completed"))?;
     let value = line.split_once("downtime_us=")?.1;
     value.split_whitespace().next()?.parse().ok()
+}
+
+/// How much of its RAM the destination backed ahead of the pages, and how fast: its log's
+/// `guest RAM backed ahead of the pages` line.
+fn destination_backing(log: &str) -> Option<Backing> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("guest RAM backed ahead of the pages"))?;
+    let field = |name: &str| -> Option<u64> {
+        let value = line.split_once(&format!("{name}="))?.1;
+        value.split_whitespace().next()?.parse().ok()
+    };
+    Some(Backing {
+        backed_mib: field("backed_mib")?,
+        wanted_mib: field("wanted_mib")?,
+        ms: field("ms")?,
+    })
 }

@@ -36,6 +36,9 @@ pub(crate) struct Run {
     /// The downtime as the source measured it, in µs, before `query-migrate` rounds it up to
     /// whole ms (from its log's `migration completed` line).
     pub(crate) measured_downtime_us: Option<u64>,
+    /// What the destination's prefault thread backed of its RAM, and in how long (none with
+    /// `-mem-prealloc`, or with no page to land).
+    pub(crate) destination_backing: Option<Backing>,
     /// The longest blackout a vCPU of the guest measured across the switchover, in µs
     /// (`guest::blackout_us`); `None` if not measured.
     pub(crate) blackout_us: Option<u64>,
@@ -49,8 +52,25 @@ pub(crate) struct Run {
     pub(crate) max_bandwidth: Option<u64>,
 }
 
+/// The destination's guest RAM backed ahead of the pages during round 0. Fresh memory backs at
+/// very different speeds on a host that hands its free memory back to a hypervisor (this one
+/// does, within a second of a free): this tells a run that landed its pages in cold memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backing {
+    pub(crate) backed_mib: u64,
+    /// All the destination would have backed, had round 0 not ended first.
+    pub(crate) wanted_mib: u64,
+    pub(crate) ms: u64,
+}
+
+impl Backing {
+    fn gib_per_s(self) -> Option<f64> {
+        (self.ms > 0).then(|| self.backed_mib as f64 / 1024.0 / (self.ms as f64 / 1000.0))
+    }
+}
+
 /// The figures of a run the tables show, by key.
-pub(crate) const FIGURES: [(&str, &str); 18] = [
+pub(crate) const FIGURES: [(&str, &str); 19] = [
     ("total_ms", "total time (ms)"),
     ("setup_ms", "setup time (ms)"),
     ("downtime_ms", "downtime (ms)"),
@@ -84,6 +104,10 @@ pub(crate) const FIGURES: [(&str, &str); 18] = [
         "destination VMM overhead, peak (MiB)",
     ),
     ("other_cpu_cores", "other processes' CPU (cores)"),
+    (
+        "destination_backing_gib_per_s",
+        "destination backed its RAM ahead at (GiB/s)",
+    ),
 ];
 
 impl Run {
@@ -134,6 +158,7 @@ impl Run {
     pub(crate) fn figure(&self, key: &str, raw: Raw) -> Option<f64> {
         match key {
             "other_cpu_cores" => return self.other_cores,
+            "destination_backing_gib_per_s" => return self.destination_backing?.gib_per_s(),
             "measured_downtime_ms" => return Some(self.measured_downtime_us? as f64 / 1000.0),
             "guest_blackout_ms" => return Some(self.blackout_us? as f64 / 1000.0),
             "downtime_error_ms" => {
@@ -194,6 +219,11 @@ impl Run {
             "duplicate_pages": self.count(&["ram", "duplicate"]),
             "dirty_sync_count": self.count(&["ram", "dirty-sync-count"]),
             "guest_blackout_us": self.blackout_us,
+            "destination_backing": self.destination_backing.map(|b| json!({
+                "backed_mib": b.backed_mib,
+                "wanted_mib": b.wanted_mib,
+                "ms": b.ms,
+            })),
             "destination_gaps": gaps(&self.destination_gaps),
             "source_gaps_during_migration": gaps(&self.source_gaps),
             "query_migrate": self.info,
@@ -221,7 +251,7 @@ impl Run {
              saw {} ms), \
              sent {} MiB ({} GiB/s, {}% of raw, {}% of raw into fresh memory{}), {} rounds{}; \
              VMM overhead {} MiB source, {} \
-             MiB destination; other processes used {} cores",
+             MiB destination; other processes used {} cores{}",
             self.status,
             show("total_ms"),
             show("setup_ms"),
@@ -250,6 +280,16 @@ impl Run {
             show("source_overhead_mib"),
             show("destination_overhead_mib"),
             show("other_cpu_cores"),
+            match self.destination_backing {
+                Some(b) => format!(
+                    "; destination backed {} of {} MiB ahead in {} ms ({} GiB/s)",
+                    b.backed_mib,
+                    b.wanted_mib,
+                    b.ms,
+                    show("destination_backing_gib_per_s")
+                ),
+                None => String::new(),
+            },
         )
     }
 }

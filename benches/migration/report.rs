@@ -280,6 +280,7 @@ pub(crate) fn decimals(key: &str) -> usize {
         | "destination_overhead_mib"
         | "pct_of_max_bandwidth" => 1,
         "ram_gib_per_s" | "transferred_gib_per_s" => 3,
+        "destination_backing_gib_per_s" => 1,
         "measured_downtime_ms" | "other_cpu_cores" => 2,
         _ => 0,
     }
