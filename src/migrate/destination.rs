@@ -125,11 +125,20 @@ async fn accept_and_receive(
             () = cancel.cancelled() => Err(cancelled()),
         };
         let result = match received {
-            Ok(commit) => take_over(vm, &mut stream, commit, &clock, shared).await,
+            Ok((commit, backed)) => take_over(vm, &mut stream, commit, &clock, shared)
+                .await
+                .map(|run| (run, backed)),
             Err(error) => Err(error),
         };
         let reason = match result {
-            Ok(run) => return Ok(run),
+            Ok((run, backed)) => {
+                // Only now: a line written inside the downtime would wake whatever reads this
+                // process's output.
+                if let Some(backed) = backed {
+                    backed.log();
+                }
+                return Ok(run);
+            }
             Err(error) => failed(shared, error),
         };
         // Tell the source why, so that its error-desc names the real cause.
@@ -217,7 +226,7 @@ async fn receive_stream(
     listener: Listener,
     clock: &LocalClock,
     shared: &Arc<Shared>,
-) -> Result<Commit, ReceiveError> {
+) -> Result<(Commit, Option<prefault::Backed>), ReceiveError> {
     // The migration starts when the source connects, not when this side began to wait.
     let started = Instant::now();
     shared.progress().started = Some(started);
@@ -242,7 +251,8 @@ async fn receive_stream(
     // Round 0's zero runs, until the SYNC that ends them (before any page data): then the
     // rest of RAM is backed ahead, unless -mem-prealloc backed it all already.
     let mut zero_runs = (!vm.machine.preallocated).then(Vec::new);
-    let mut backing = None;
+    let mut backing: Option<prefault::Prefault> = None;
+    let mut backed = None;
     let mut landing = Landing::new(memory.clone());
     // Kept until the source says whether it opens page connections of its own (right after
     // ACCEPT), so that no other source can connect meanwhile.
@@ -282,11 +292,20 @@ async fn receive_stream(
                 progress.duplicate += pages;
             }
             Message::Sync => {
+                let ends_zero_runs = zero_runs.is_some();
                 if let Some(runs) = zero_runs.take() {
                     backing = prefault::start(memory.clone(), runs);
                 }
                 marks += 1;
                 lanes_reached(stream, &mut lanes, marks).await?;
+                if !ends_zero_runs {
+                    if let Some(prefault) = backing.take() {
+                        // Round 0 has landed every page that holds data: what the thread would
+                        // still back is never written. It ends before the answer, so that on a
+                        // host slow to back memory it does not hold a core at the switchover.
+                        backed = prefault.finish().await;
+                    }
+                }
                 wire::write_message(stream, &Message::Synced).await?;
             }
             Message::ClockProbe => {
@@ -299,19 +318,14 @@ async fn receive_stream(
                 )));
             }
             Message::Round(report) => {
-                // Round 0 brought every page that holds data; later rounds write pages already
-                // backed, and the thread would only take a core from the receiver and, at the
-                // switchover, from the restore and the guest.
-                drop(backing.take());
-                {
-                    let mut progress = shared.progress();
-                    progress.remaining_pages = report.remaining_pages;
-                    progress.dirty_sync_count = u64::from(report.round) + 2;
-                }
+                let mut progress = shared.progress();
+                progress.remaining_pages = report.remaining_pages;
+                progress.dirty_sync_count = u64::from(report.round) + 2;
+                drop(progress);
                 shared.emit_pass(u64::from(report.round) + 1);
             }
             Message::State(sections) => {
-                // Stopped at round 0's report already; this covers a stream without one.
+                // Stopped at the SYNC that ended round 0 already; this covers a stream without one.
                 drop(backing.take());
                 marks += 1;
                 lanes_reached(stream, &mut lanes, marks).await?;
@@ -322,7 +336,8 @@ async fn receive_stream(
                     .map_err(|e| ReceiveError::Local(format!("cannot take the state: {e}")))?;
                 let decode_us = decoding.elapsed().as_micros() as u64;
                 tracing::debug!(decode_us, "state decoded");
-                return restore_until_commit(vm, stream, state, lanes.take(), clock).await;
+                let commit = restore_until_commit(vm, stream, state, lanes.take(), clock).await?;
+                return Ok((commit, backed));
             }
             Message::Error(reason) => return Err(ReceiveError::SourceFailed(reason)),
             Message::Cancel => return Err(ReceiveError::Cancelled),

@@ -5,10 +5,12 @@
 //!
 //! Round 0 names, before any data, every range the source's guest never touched (its zero
 //! runs); everything else will arrive, so that is what gets backed, in address order, as the
-//! source sends it.
+//! source sends it, until round 0 has landed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -17,11 +19,45 @@ use crate::machine::memory::{populate_write, GuestMemory, PAGE_SIZE, POPULATE_CH
 /// The prefault thread; dropping it stops it at its next chunk.
 pub struct Prefault {
     stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Backed>>,
 }
 
 impl Drop for Prefault {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Prefault {
+    /// Stops the thread at its next chunk and waits for it to end: at most one chunk, a few ms
+    /// where the host backs memory slowly. Returns what it backed.
+    pub async fn finish(mut self) -> Option<Backed> {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take()?;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+/// What a prefault thread backed, and in how long.
+pub struct Backed {
+    bytes: u64,
+    wanted: u64,
+    took: Duration,
+}
+
+impl Backed {
+    /// How fast this host backs fresh memory bounds how fast a migration can land in it, and on
+    /// a host that returns its free memory to a hypervisor that is far below a socket's speed.
+    pub fn log(&self) {
+        tracing::info!(
+            backed_mib = self.bytes >> 20,
+            wanted_mib = self.wanted >> 20,
+            ms = self.took.as_millis() as u64,
+            "guest RAM backed ahead of the pages"
+        );
     }
 }
 
@@ -37,7 +73,10 @@ pub fn start(memory: GuestMemory, zero_runs: Vec<(u64, u64)>) -> Option<Prefault
         .name("prefault".into())
         .spawn(move || run(&memory, &ranges, &thread_stop));
     match spawned {
-        Ok(_) => Some(Prefault { stop }),
+        Ok(thread) => Some(Prefault {
+            stop,
+            thread: Some(thread),
+        }),
         Err(error) => {
             tracing::debug!(%error, "no prefault thread");
             None
@@ -68,18 +107,14 @@ fn wanted_ranges(memory: &GuestMemory, zero_runs: &[(u64, u64)]) -> Vec<(u64, u6
     ranges
 }
 
-fn run(memory: &GuestMemory, ranges: &[(u64, u64)], stop: &AtomicBool) {
-    let started = std::time::Instant::now();
-    let wanted: u64 = ranges.iter().map(|&(_, bytes)| bytes).sum();
-    let backed = back(memory, ranges, stop);
-    // How fast this host backs fresh memory bounds how fast a migration can land in it; on a
-    // host that returns its free memory to a hypervisor, that is far below a socket's speed.
-    tracing::info!(
-        backed_mib = backed >> 20,
-        wanted_mib = wanted >> 20,
-        ms = started.elapsed().as_millis() as u64,
-        "guest RAM backed ahead of the pages"
-    );
+fn run(memory: &GuestMemory, ranges: &[(u64, u64)], stop: &AtomicBool) -> Backed {
+    let started = Instant::now();
+    let bytes = back(memory, ranges, stop);
+    Backed {
+        bytes,
+        wanted: ranges.iter().map(|&(_, bytes)| bytes).sum(),
+        took: started.elapsed(),
+    }
 }
 
 /// Backs `ranges` in order until done or stopped; returns the bytes backed.
@@ -137,5 +172,19 @@ mod tests {
             wanted_ranges(&memory, &[]),
             vec![(0, 16 * PAGE_SIZE), (1 << 32, 4 * PAGE_SIZE)]
         );
+    }
+
+    /// `finish` is what keeps the thread off the cores at the switchover: it must return only
+    /// once the thread has ended, with what it backed.
+    #[tokio::test]
+    async fn finish_waits_for_the_thread_and_reports_what_it_backed() {
+        let size = 4 * POPULATE_CHUNK;
+        let memory = GuestMemory::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let zero_runs = vec![(0, POPULATE_CHUNK as u64 / PAGE_SIZE)];
+        let prefault = start(memory, zero_runs).expect("a thread for three chunks");
+        let backed = prefault.finish().await.expect("the thread's report");
+        assert_eq!(backed.wanted, 3 * POPULATE_CHUNK as u64);
+        assert!(backed.bytes <= backed.wanted);
+        assert_eq!(backed.bytes % POPULATE_CHUNK as u64, 0);
     }
 }
