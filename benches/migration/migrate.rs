@@ -332,8 +332,11 @@ fn destination_backing(log: &str) -> Option<Backing> {
         .lines()
         .find(|l| l.contains("guest RAM backed ahead of the pages"))?;
     let field = |name: &str| -> Option<u64> {
-        let value = line.split_once(&format!("{name}="))?.1;
-        value.split_whitespace().next()?.parse().ok()
+        let key = format!("{name}=");
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(&key))?
+            .parse()
+            .ok()
     };
     Some(Backing {
         backed_mib: field("backed_mib")?,

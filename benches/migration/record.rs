@@ -53,8 +53,9 @@ pub(crate) struct Run {
 }
 
 /// The destination's guest RAM backed ahead of the pages during round 0. Fresh memory backs at
-/// very different speeds on a host that hands its free memory back to a hypervisor (this one
-/// does, within a second of a free): this tells a run that landed its pages in cold memory.
+/// very different speeds on a host that hands its free memory back to a hypervisor (as the host
+/// ferry was written on does, within a second of a free): this tells a run that landed its
+/// pages in cold memory.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Backing {
     pub(crate) backed_mib: u64,
@@ -106,7 +107,7 @@ pub(crate) const FIGURES: [(&str, &str); 19] = [
     ("other_cpu_cores", "other processes' CPU (cores)"),
     (
         "destination_backing_gib_per_s",
-        "destination backed its RAM ahead at (GiB/s)",
+        "destination RAM backed ahead (GiB/s)",
     ),
 ];
 

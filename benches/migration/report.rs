@@ -278,9 +278,9 @@ pub(crate) fn decimals(key: &str) -> usize {
         | "downtime_error_ms"
         | "source_overhead_mib"
         | "destination_overhead_mib"
-        | "pct_of_max_bandwidth" => 1,
+        | "pct_of_max_bandwidth"
+        | "destination_backing_gib_per_s" => 1,
         "ram_gib_per_s" | "transferred_gib_per_s" => 3,
-        "destination_backing_gib_per_s" => 1,
         "measured_downtime_ms" | "other_cpu_cores" => 2,
         _ => 0,
     }
