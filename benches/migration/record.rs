@@ -54,7 +54,7 @@ pub(crate) struct Run {
 
 /// The destination's guest RAM backed ahead of the pages during round 0. Fresh memory backs at
 /// very different speeds on a host that hands its free memory back to a hypervisor (as the host
-/// ferry was written on does, within a second of a free): this tells a run that landed its
+/// ferry was written on does, about a second after a free): this tells a run that landed its
 /// pages in cold memory.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Backing {

@@ -251,7 +251,7 @@ async fn receive_stream(
     // Round 0's zero runs, until the SYNC that ends them (before any page data): then the
     // rest of RAM is backed ahead, unless -mem-prealloc backed it all already.
     let mut zero_runs = (!vm.machine.preallocated).then(Vec::new);
-    let mut backing: Option<prefault::Prefault> = None;
+    let mut backing = None;
     let mut backed = None;
     let mut landing = Landing::new(memory.clone());
     // Kept until the source says whether it opens page connections of its own (right after
@@ -300,9 +300,10 @@ async fn receive_stream(
                 lanes_reached(stream, &mut lanes, marks).await?;
                 if !ends_zero_runs {
                     if let Some(prefault) = backing.take() {
-                        // Round 0 has landed every page that holds data: what the thread would
-                        // still back is never written. It ends before the answer, so that on a
-                        // host slow to back memory it does not hold a core at the switchover.
+                        // Round 0 has landed every page that holds data, backing what the thread
+                        // had not reached; the rest stays zero. It ends before the answer, so
+                        // that on a host slow to back memory it does not hold a core at the
+                        // switchover.
                         backed = prefault.finish().await;
                     }
                 }
@@ -318,10 +319,11 @@ async fn receive_stream(
                 )));
             }
             Message::Round(report) => {
-                let mut progress = shared.progress();
-                progress.remaining_pages = report.remaining_pages;
-                progress.dirty_sync_count = u64::from(report.round) + 2;
-                drop(progress);
+                {
+                    let mut progress = shared.progress();
+                    progress.remaining_pages = report.remaining_pages;
+                    progress.dirty_sync_count = u64::from(report.round) + 2;
+                }
                 shared.emit_pass(u64::from(report.round) + 1);
             }
             Message::State(sections) => {

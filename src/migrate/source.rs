@@ -317,7 +317,9 @@ async fn stream_guest(
                 .send(link, touched.as_deref().unwrap_or(&pending), shared)
                 .await?;
             // Bytes in socket buffers are not at the destination yet: wait until it has them
-            // all, so that bandwidth and the downtime estimate count its side too.
+            // all, so that bandwidth and the downtime estimate count its side too. The
+            // destination takes round 0's second SYNC as the end of its data, and stops backing
+            // RAM ahead there.
             sync(link, &mut sender).await?;
             Ok::<SendStats, SendError>(SendStats {
                 pages: zeros.pages + data.pages,
