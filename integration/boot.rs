@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{kvm_available, kvm_lock, scratch, Ferry};
+use common::{kvm_available, kvm_lock, kvm_turn, scratch, Ferry};
 use ferry::guest::GuestLine;
 
 /// Ticks, sweeps and TSC checks of a guest that ran for a while.
@@ -60,10 +60,9 @@ fn assert_guest_healthy(vm: &Ferry, vcpus: u32) {
 }
 
 fn boots_builtin_guest(vcpus: u32) {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let smp = vcpus.to_string();
     let vm = common::start(
         "guest",
@@ -117,10 +116,9 @@ fn cpu_ticks(pid: i32) -> u64 {
 /// the VM uses a fraction of a core instead of the two a spinning guest takes.
 #[test]
 fn an_idle_guest_that_halts_leaves_the_host_idle() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let append = "ferry.run=tick ferry.tick_ms=100 ferry.idle=hlt";
     let vm = common::start("idle", &["-smp", "2", "-append", append], None);
     for cpu in 0..2 {
@@ -150,10 +148,9 @@ fn an_idle_guest_that_halts_leaves_the_host_idle() {
 
 #[test]
 fn guest_reset_triple_fault_and_power_off_end_the_vm_cleanly() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     for (action, line) in [
         ("reset", "resetting"),
         ("triplefault", "triple-faulting"),
@@ -177,10 +174,9 @@ fn guest_reset_triple_fault_and_power_off_end_the_vm_cleanly() {
 
 #[test]
 fn signals_end_the_vm_with_status_zero() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let mut vm = common::start(
             "signal",
@@ -436,10 +432,9 @@ fn debian_kernel_prints_banner_cmdline_and_e820() {
 fn serial_input_reaches_the_guest() {
     use std::io::{BufRead, BufReader, Write};
     use std::process::Stdio;
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut child = Command::new(common::ferry_bin())
         .args(["-append", "ferry.run=echo"])
         .stdin(Stdio::piped())
@@ -557,10 +552,9 @@ fn debian_kernel_reads_the_acpi_tables() {
 #[test]
 fn legacy_pics_start_masked() {
     use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
     vm.create_irq_chip().unwrap();

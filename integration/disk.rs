@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    kvm_available, kvm_lock, migrate_to_silent_destination, migration_uri, scratch,
-    wait_switchover, Ferry, Transport,
+    kvm_turn, migrate_to_silent_destination, migration_uri, scratch, wait_switchover, Ferry,
+    Transport,
 };
 use ferry::guest::disk::{
     check_image, last_disk_progress, write_image, DiskLine, DISK_AHEAD_BLOCKS,
@@ -146,10 +146,9 @@ fn found_line(vm: &Ferry) -> DiskLine {
 /// holds what the guest says it wrote.
 #[test]
 fn io_is_verified_buffered_and_direct() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     for direct in ["off", "on"] {
         let path = image(dir.path(), &format!("direct-{direct}.img"));
@@ -191,10 +190,9 @@ fn io_is_verified_buffered_and_direct() {
 /// the image is unchanged.
 #[test]
 fn readonly_disk_reads_and_refuses_writes() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     let path = image(dir.path(), "ro.img");
     write_image(&path, BLOCKS, 1).unwrap();
@@ -229,10 +227,9 @@ fn migrate(source: &Ferry, uri: &str) -> Value {
 /// from where it was, its verification never fails, and the image holds every write it saw
 /// completed.
 fn migrate_during_io(transport: Transport) {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     let path = image(dir.path(), "shared.img");
     let device = format!(",serial={SERIAL}");
@@ -315,10 +312,9 @@ fn assert_disk_runs(vm: &Ferry) {
 /// that never says READY) gives the disk back to the guest, image lock included.
 #[test]
 fn cancel_at_the_switchover_keeps_the_disk_working() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     let path = image(dir.path(), "cancel.img");
     let disk = Disk {
@@ -352,10 +348,9 @@ fn cancel_at_the_switchover_keeps_the_disk_working() {
 /// the image) refuses the guest; the source takes it back and its disk goes on.
 #[test]
 fn a_destination_that_cannot_take_the_disk_leaves_the_source_running() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     let path = image(dir.path(), "src.img");
     let copy = image(dir.path(), "copy.img");
@@ -397,10 +392,9 @@ fn a_destination_that_cannot_take_the_disk_leaves_the_source_running() {
 /// image's size) is compared before any RAM moves, and both sides name the difference.
 #[test]
 fn disk_attribute_mismatches_are_refused_naming_them() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     let path = image(dir.path(), "src.img");
     let source_disk = Disk {
@@ -477,10 +471,9 @@ fn disk_attribute_mismatches_are_refused_naming_them() {
 /// device at the host bridge's address (exit 2, a command-line error).
 #[test]
 fn bad_drives_are_refused_at_start() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     let missing = dir.path().join("missing.img");
     let cases = [

@@ -14,9 +14,10 @@ mod convergence;
 mod stalling_destination;
 
 use std::path::{Path, PathBuf};
+use std::sync::MutexGuard;
 use std::time::Duration;
 
-use common::{kvm_available, kvm_lock, scratch, Ferry, Transport};
+use common::{kvm_turn, scratch, Ferry, Transport};
 use ferry::guest::pattern::check_dump;
 use ferry::guest::{last_sweep, slices_by_cpu, ticks, GuestLine};
 use serde_json::{json, Value};
@@ -24,6 +25,11 @@ use serde_json::{json, Value};
 const MEM_MIB: u64 = 64;
 const GUEST_APPEND: &str = "ferry.tick_ms=50";
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How a migration test starts: its turn on KVM and its world, or `None` where it is skipped.
+fn kvm_world(transport: Transport) -> Option<(MutexGuard<'static, ()>, World)> {
+    Some((kvm_turn()?, World::new(transport)))
+}
 
 /// One test's world: a scratch directory, and fresh URIs and socket paths in it.
 struct World {
@@ -205,10 +211,9 @@ fn assert_migrated_memory(world: &mut World, source: &Ferry, destination: &Ferry
 /// off and everything goes over the one connection. `destination_options` go to the
 /// destination's command line.
 fn memory_identity(transport: Transport, channels: Option<u64>, destination_options: &[&str]) {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new(transport);
     let source = world.source(2);
     source.wait_line("sweeps on cpu 1", Duration::from_secs(30), |l| {
@@ -266,11 +271,9 @@ fn memory_identity(transport: Transport, channels: Option<u64>, destination_opti
 /// guest powers off on the destination once it runs there, not on the source.
 #[test]
 fn a_pending_power_button_press_migrates_with_the_guest() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Unix) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Unix);
+    };
     let source = world.source(2);
     let mut qmp = source.qmp();
     qmp.ok("stop", None);
@@ -325,11 +328,9 @@ fn memory_is_identical_after_migration_to_a_preallocated_destination() {
 /// and the TSC never goes backwards.
 #[test]
 fn ticks_continue_across_the_migration() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Tcp) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Tcp);
+    };
     let source = world.source(2);
     source.wait_line("tick 5", Duration::from_secs(30), |l| l == "tick 5 cpu=1");
     let uri = world.uri();
@@ -368,11 +369,9 @@ fn ticks_continue_across_the_migration() {
 /// A tiny downtime limit keeps the guest in pre-copy; raising it lets the migration converge.
 #[test]
 fn dirty_rounds_happen_and_converge() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Unix) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Unix);
+    };
     let source = world.source(2);
     let uri = world.uri();
     let destination = world.destination(2, &uri, true);
@@ -424,11 +423,9 @@ fn dirty_rounds_happen_and_converge() {
 /// Twenty hops, each to a fresh destination, the pattern checked at every one.
 #[test]
 fn twenty_migrations_back_and_forth() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Unix) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Unix);
+    };
     let first = world.source(2);
     let mut current = first;
     let mut all_lines: Vec<GuestLine> = current.guest_lines();

@@ -3,7 +3,7 @@
 //! that die mid-request; QEMU's Python library; and `ncat -U` replaying StratoVirt's migration
 //! guide between two ferry processes.
 //!
-//! Every test takes `common::kvm_lock()` (one VM at a time on two cores) and bounds every wait.
+//! Every test takes `common::kvm_turn()` (one VM at a time on two cores) and bounds every wait.
 //! `qmp_protocol.rs` tests the same server against a fake VM owner; these tests check that the
 //! real owner behaves the way that fake one does, and the way QEMU does.
 

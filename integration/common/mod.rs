@@ -27,6 +27,12 @@ pub fn kvm_available() -> bool {
     false
 }
 
+/// How a KVM test starts: its turn on KVM ([`kvm_lock`]), or `None` where it is skipped
+/// ([`kvm_available`]).
+pub fn kvm_turn() -> Option<MutexGuard<'static, ()>> {
+    kvm_available().then(kvm_lock)
+}
+
 /// Serialises the KVM tests of one test binary: each VM keeps a core busy, and two cores run
 /// everything, so tests that overlapped would measure each other.
 pub fn kvm_lock() -> MutexGuard<'static, ()> {

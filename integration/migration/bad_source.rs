@@ -16,9 +16,7 @@ use ferry::migrate::wire::{self, Commit, LaneHello, LaneOffer, Message};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::common::{
-    self, free_port, kvm_available, kvm_lock, migrate_to_silent_destination, scratch,
-};
+use crate::common::{self, free_port, kvm_turn, migrate_to_silent_destination, scratch};
 
 /// The guest both the real and the fake sources describe.
 const MEM_MIB: &str = "64";
@@ -27,10 +25,9 @@ const MEM_MIB: &str = "64";
 /// runs the guest.
 #[test]
 fn destination_refuses_garbage_and_truncated_streams() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     let header = wire::header().to_vec();
     let mut huge_frame = header.clone();
@@ -118,10 +115,9 @@ fn a_destination_hears_a_last_word_split_around_the_page_connections() {
 }
 
 fn gives_up_while_page_connections_open(saying: Saying) {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     let runtime = common::runtime();
     let config = real_config(dir.path(), &runtime);
@@ -223,10 +219,9 @@ async fn fake_source(
 /// holds its disks, and it never runs the guest.
 #[test]
 fn a_destination_refuses_a_state_it_cannot_take_before_saying_ready() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     let runtime = common::runtime();
     let config = real_config(dir.path(), &runtime);
@@ -247,10 +242,9 @@ fn a_destination_refuses_a_state_it_cannot_take_before_saying_ready() {
 /// with ERROR, on which a source runs the guest again. Either way it never runs the guest.
 #[test]
 fn a_destination_refuses_a_real_state_that_does_not_fit() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let dir = scratch();
     // A real source's configuration and state, as a destination that never says READY hears
     // them; the source gives up at its switchover deadline and hangs up.

@@ -5,24 +5,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{
-    self, free_port, kvm_available, kvm_lock, migrate_to_silent_destination, wait_switchover,
-    Transport,
-};
+use crate::common::{self, free_port, migrate_to_silent_destination, wait_switchover, Transport};
 use crate::{
-    assert_migrated_memory, assert_source_runs, in_round_zero, migrate, migrate_into_round_zero,
-    migrating_in_round_zero, set_multifd, World,
+    assert_migrated_memory, assert_source_runs, in_round_zero, kvm_world, migrate,
+    migrate_into_round_zero, migrating_in_round_zero, set_multifd,
 };
 
 /// `migrate_cancel` takes effect within a bound at every stage, the source resumes, and a new
 /// migration to a fresh destination then succeeds.
 #[test]
 fn cancel_at_every_stage_then_migrate_again() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Tcp) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Tcp);
+    };
     let source = world.source(2);
     let mut qmp = source.qmp();
     assert_eq!(
@@ -136,11 +131,9 @@ fn cancel_at_every_stage_then_migrate_again() {
 /// guest.
 #[test]
 fn a_cancel_on_the_destination_reaches_the_source() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Unix) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Unix);
+    };
     let (source, mut destination) = migrating_in_round_zero(&mut world);
     let mut qmp = source.qmp();
     assert_eq!(destination.qmp().ok("migrate_cancel", None), json!({}));
@@ -166,11 +159,9 @@ fn a_cancel_on_the_destination_reaches_the_source() {
 /// Failures leave the source running with a reason, and no destination runs a partial guest.
 #[test]
 fn failures_leave_the_source_running_with_a_reason() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Unix) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Unix);
+    };
     let source = world.source(2);
     let mut qmp = source.qmp();
 

@@ -5,19 +5,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{kvm_available, kvm_lock, Transport};
-use crate::{assert_migrated_memory, assert_source_runs, World, MIGRATION_TIMEOUT};
+use crate::common::Transport;
+use crate::{assert_migrated_memory, assert_source_runs, kvm_world, MIGRATION_TIMEOUT};
 
 /// A guest that dirties memory faster than the link carries it (a bandwidth cap makes the link
 /// slow) converges only because ferry throttles its vCPUs; the pattern survives, and a
 /// cancelled migration leaves the source unthrottled.
 #[test]
 fn fast_dirtying_guest_converges_with_throttling() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Unix) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Unix);
+    };
     let source = world.fast_dirtying_source();
     let mut qmp = source.qmp();
     let slow = json!({"downtime-limit": 20, "max-bandwidth": 50_000_000});
@@ -69,11 +67,9 @@ fn fast_dirtying_guest_converges_with_throttling() {
 /// ends in `failed` once `convergence-timeout` has passed, with the reason, and runs on.
 #[test]
 fn a_guest_that_cannot_converge_fails_at_the_convergence_timeout() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Tcp) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Tcp);
+    };
     let source = world.fast_dirtying_source();
     let mut qmp = source.qmp();
     let hopeless = json!({
@@ -105,11 +101,9 @@ fn a_guest_that_cannot_converge_fails_at_the_convergence_timeout() {
 /// (and fails at its convergence timeout); capabilities cannot change during a migration.
 #[test]
 fn without_auto_converge_the_guest_is_never_throttled() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Unix) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Unix);
+    };
     let source = world.fast_dirtying_source();
     let mut qmp = source.qmp();
     let auto_converge =

@@ -10,18 +10,14 @@ use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
 use ferry::migrate::transport::TCP_USER_TIMEOUT;
 use ferry::migrate::wire::Message;
 
-use crate::common::{
-    kvm_available, kvm_lock, migrate_to_silent_destination, wait_switchover, Transport,
-};
-use crate::{assert_source_runs, migrating_in_round_zero, World};
+use crate::common::{kvm_turn, migrate_to_silent_destination, wait_switchover, Transport};
+use crate::{assert_source_runs, kvm_world, migrating_in_round_zero, World};
 
 #[test]
 fn a_destination_silent_after_the_state_fails_the_migration_at_the_deadline() {
-    if !kvm_available() {
+    let Some((_lock, mut world)) = kvm_world(Transport::Tcp) else {
         return;
-    }
-    let _lock = kvm_lock();
-    let mut world = World::new(Transport::Tcp);
+    };
     let source = world.source(2);
     let mut qmp = source.qmp();
     let fake = migrate_to_silent_destination(&mut qmp, true);
@@ -75,10 +71,9 @@ fn a_frozen_destination_fails_the_migration_at_the_write_deadline() {
 }
 
 fn frozen_destination(transport: Transport, bound: Duration, reason_says: &str) {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new(transport);
     // The freeze lands in round 0 with far more of the 64 MiB left to send than the
     // connections' kernel buffers hold (about 10 MiB each with Linux's defaults), so the source

@@ -8,7 +8,7 @@ use ferry::guest::{slices_by_cpu, GuestLine};
 use serde_json::{json, Value};
 
 use crate::client::names;
-use crate::common::{kvm_available, kvm_lock};
+use crate::common::kvm_turn;
 use crate::support::{
     assert_absent, assert_no_panic, assert_quiet, assert_runs, connect, last_sweep, settle, World,
     MEM_MIB,
@@ -40,10 +40,9 @@ const SUPPORTED: [&str; 20] = [
 
 #[test]
 fn greeting_version_name_and_the_command_list() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let vm = world.running("named", &["-name", "vm-under-test"]);
     let mut qmp = connect(&vm, "qmp");
@@ -118,10 +117,9 @@ fn greeting_version_name_and_the_command_list() {
 
 #[test]
 fn stop_pauses_the_guest_and_cont_resumes_it() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let vm = world.running("stopcont", &[]);
     let mut qmp = connect(&vm, "qmp");
@@ -174,10 +172,9 @@ fn stop_pauses_the_guest_and_cont_resumes_it() {
 /// the event already.
 #[test]
 fn stop_and_cont_events_precede_their_replies_as_in_qemu() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let vm = world.running("order", &[]);
     let mut qmp = connect(&vm, "qmp");
@@ -212,10 +209,9 @@ fn stop_and_cont_events_precede_their_replies_as_in_qemu() {
 
 #[test]
 fn query_cpus_fast_names_the_vcpu_threads() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let vm = world.running("cpus", &[]);
     let mut qmp = connect(&vm, "qmp");
@@ -260,10 +256,9 @@ fn query_cpus_fast_names_the_vcpu_threads() {
 
 #[test]
 fn pmemsave_writes_exactly_the_guest_memory_asked_for() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let vm = world.running("pmemsave", &[]);
     let mut qmp = connect(&vm, "qmp");
@@ -418,10 +413,9 @@ fn pmemsave_writes_exactly_the_guest_memory_asked_for() {
 
 #[test]
 fn migration_queries_parameters_and_refusals() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let vm = world.running("params", &[]);
     let mut qmp = connect(&vm, "qmp");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::client::{names, Client};
-use crate::common::{kvm_available, kvm_lock, Ferry};
+use crate::common::{kvm_turn, Ferry};
 use crate::support::{
     assert_clean_exit, assert_no_panic, assert_quiet, assert_runs, connect, World, BOOT, QUIET,
 };
@@ -22,10 +22,9 @@ fn position(client: &Client, name: &str) -> usize {
 
 #[test]
 fn prelaunch_runs_nothing_until_cont() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let vm = world.start("prelaunch", &["-S"]);
     let mut qmp = connect(&vm, "qmp");
@@ -71,10 +70,9 @@ fn prelaunch_runs_nothing_until_cont() {
 
 #[test]
 fn quit_reaches_two_clients_and_ferry_exits_cleanly() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let mut vm = world.running("quit", &[]);
     let mut quitter = connect(&vm, "quitter");
@@ -99,10 +97,9 @@ fn quit_reaches_two_clients_and_ferry_exits_cleanly() {
 
 #[test]
 fn system_reset_announces_reset_and_shutdown_then_ferry_exits() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let mut vm = world.running("reset", &[]);
     let mut qmp = connect(&vm, "qmp");
@@ -130,10 +127,9 @@ fn system_reset_announces_reset_and_shutdown_then_ferry_exits() {
 /// (ACPI's sleep control register, as Linux writes it) ends it with reason `guest-shutdown`.
 #[test]
 fn a_guest_reset_or_power_off_is_announced_as_a_guest_shutdown() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     for (action, said, reason) in [
         ("reset", "resetting", "guest-reset"),
@@ -185,10 +181,9 @@ fn a_guest_reset_or_power_off_is_announced_as_a_guest_shutdown() {
 /// ends the VM with SHUTDOWN `guest-shutdown`. A paused guest sees the press when it runs.
 #[test]
 fn system_powerdown_presses_the_power_button() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let mut vm = world.running("powerdown", &[]);
     let mut qmp = connect(&vm, "qmp");
@@ -235,10 +230,9 @@ fn assert_powered_off_by_the_button(qmp: &mut Client, vm: &mut Ferry, what: &str
 /// interrupt as it boots, takes the press and powers off.
 #[test]
 fn a_power_button_press_before_the_guest_starts_waits_for_it() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let mut vm = world.start("early-press", &["-S"]);
     let mut qmp = connect(&vm, "qmp");
@@ -253,10 +247,9 @@ fn a_power_button_press_before_the_guest_starts_waits_for_it() {
 /// SIGTERM and SIGINT end the VM like `quit`, announced with QEMU's reason `host-signal`.
 #[test]
 fn a_signal_is_announced_as_a_host_shutdown() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let mut vm = world.running("signal", &[]);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::client::{names, Client};
-use crate::common::{kvm_available, kvm_lock, Ferry};
+use crate::common::{kvm_turn, Ferry};
 use crate::support::{assert_no_panic, assert_quiet, assert_runs, connect, World};
 
 /// How long the twenty clients keep at it.
@@ -43,10 +43,9 @@ fn assert_consistent(vm: &Ferry, qmp: &mut Client, when: &str) -> String {
 
 #[test]
 fn events_reach_two_clients_at_once() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let vm = world.running("events", &[]);
     let mut a = connect(&vm, "a");
@@ -92,10 +91,9 @@ fn events_reach_two_clients_at_once() {
 
 #[test]
 fn twenty_clients_stop_and_cont_at_once_and_the_vm_stays_consistent() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let mut vm = world.running("storm", &[]);
     let path = vm.qmp_path.clone().unwrap();
@@ -207,10 +205,9 @@ fn twenty_clients_stop_and_cont_at_once_and_the_vm_stays_consistent() {
 
 #[test]
 fn a_client_killed_mid_request_harms_nothing() {
-    if !kvm_available() {
+    let Some(_lock) = kvm_turn() else {
         return;
-    }
-    let _lock = kvm_lock();
+    };
     let mut world = World::new();
     let mut vm = world.running("killed", &[]);
     let mut steady = connect(&vm, "steady");
