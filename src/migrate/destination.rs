@@ -292,20 +292,19 @@ async fn receive_stream(
                 progress.duplicate += pages;
             }
             Message::Sync => {
-                let ends_zero_runs = zero_runs.is_some();
+                // The first SYNC ends round 0's zero runs and starts the prefault; the second
+                // ends round 0's data and with it the prefault's work.
+                let finishing = backing.take();
                 if let Some(runs) = zero_runs.take() {
                     backing = prefault::start(memory.clone(), runs);
                 }
                 marks += 1;
                 lanes_reached(stream, &mut lanes, marks).await?;
-                if !ends_zero_runs {
-                    if let Some(prefault) = backing.take() {
-                        // Round 0 has landed every page that holds data, backing what the thread
-                        // had not reached; the rest stays zero. It ends before the answer, so
-                        // that on a host slow to back memory it does not hold a core at the
-                        // switchover.
-                        backed = prefault.finish().await;
-                    }
+                if let Some(prefault) = finishing {
+                    // Round 0 has landed every page that holds data, backing what the thread
+                    // had not reached; the rest stays zero. It ends before the answer, so that
+                    // on a host slow to back memory it does not hold a core at the switchover.
+                    backed = prefault.finish().await;
                 }
                 wire::write_message(stream, &Message::Synced).await?;
             }
