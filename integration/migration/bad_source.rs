@@ -297,6 +297,34 @@ fn a_destination_refuses_a_real_state_that_does_not_fit() {
     }
 }
 
+/// Zero runs are only valid before round 0's first SYNC: after it pages may have landed, and on
+/// preallocated RAM a zero run would not clear them. A destination refuses later ones.
+#[test]
+fn a_destination_refuses_zero_runs_once_pages_may_have_landed() {
+    let Some(_lock) = kvm_turn() else {
+        return;
+    };
+    let dir = scratch();
+    let runtime = common::runtime();
+    let config = real_config(dir.path(), &runtime);
+    let late_zeros = Message::Zeros(vec![(0x10_0000, 1)]);
+    let answers = play(
+        dir.path(),
+        &runtime,
+        config,
+        vec![Message::Sync, late_zeros],
+    );
+    match &answers[..] {
+        [Message::Synced, Message::Error(reason)] => {
+            assert!(
+                reason.contains("zero runs after round 0's first SYNC"),
+                "{reason}"
+            );
+        }
+        other => panic!("the destination answered late zero runs with {other:?}"),
+    }
+}
+
 /// CR0 with paging enabled but protected mode off, which no x86 CPU allows.
 const CR0_PAGING: u64 = 1 << 31;
 
@@ -308,6 +336,18 @@ fn play_state(
     runtime: &tokio::runtime::Runtime,
     config: Box<VmDescription>,
     state: Vec<Section>,
+) -> Vec<Message> {
+    play(dir, runtime, config, vec![Message::State(state)])
+}
+
+/// Plays `config` and then each of `script` to a new destination, reading an answer to each
+/// until one is ERROR, and a COMMIT if the destination says READY last. Returns those answers,
+/// once the destination has exited without running the guest.
+fn play(
+    dir: &Path,
+    runtime: &tokio::runtime::Runtime,
+    config: Box<VmDescription>,
+    script: Vec<Message>,
 ) -> Vec<Message> {
     let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
@@ -328,8 +368,16 @@ fn play_state(
         control.write_all(&wire::header()).await.unwrap();
         let accepted = answer(&mut control, Message::Config(config)).await;
         assert_eq!(accepted, Message::Accept);
-        let mut answers = vec![answer(&mut control, Message::State(state)).await];
-        if answers[0] == Message::Ready {
+        let mut answers = Vec::new();
+        for message in script {
+            let answered = answer(&mut control, message).await;
+            let refused = matches!(answered, Message::Error(_));
+            answers.push(answered);
+            if refused {
+                return answers;
+            }
+        }
+        if answers.last() == Some(&Message::Ready) {
             let commit = Message::Commit(Commit { run: true });
             answers.push(answer(&mut control, commit).await);
         }

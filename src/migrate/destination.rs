@@ -282,6 +282,13 @@ async fn receive_stream(
             Err(error) => return Err(error.into()),
         };
         match message {
+            // Landed pages are not recorded anywhere a zero run could consult: on preallocated
+            // RAM, a zero run after them would leave their data in place.
+            Message::Zeros(_) if marks > 0 => {
+                return Err(ReceiveError::Protocol(
+                    "zero runs after round 0's first SYNC, when pages may have landed".into(),
+                ));
+            }
             Message::Zeros(runs) => {
                 let pages = write_zero_runs(&memory, &runs, vm.machine.preallocated)?;
                 if let Some(all) = zero_runs.as_mut() {
