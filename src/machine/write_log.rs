@@ -15,6 +15,22 @@ use super::memory::PAGE_SIZE;
 
 const PAGE: usize = PAGE_SIZE as usize;
 
+/// Iterates the set bits of a word, lowest first.
+pub(crate) struct BitIter(pub(crate) u64);
+
+impl Iterator for BitIter {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        if self.0 == 0 {
+            return None;
+        }
+        let bit = self.0.trailing_zeros();
+        self.0 &= self.0 - 1;
+        Some(bit)
+    }
+}
+
 /// Pages written, one bit each (bit `i` of word `i / 64` is the page at offset `i * 4 KiB`),
 /// and which words may hold set bits (bit `j` of summary word `j / 64` covers words
 /// `64 j .. 64 j + 64`).
@@ -54,10 +70,8 @@ impl WriteLog {
             // The summary bit is cleared before its words are. A write that lands in between
             // finds it clear and sets it again after its page bit (or another write did): if
             // this take misses the page, the next finds it.
-            let mut marked = summary.swap(0, Ordering::SeqCst);
-            while marked != 0 {
-                let word = index * 64 + marked.trailing_zeros() as usize;
-                marked &= marked - 1;
+            for bit in BitIter(summary.swap(0, Ordering::SeqCst)) {
+                let word = index * 64 + bit as usize;
                 into[word] |= self.words[word].swap(0, Ordering::SeqCst);
             }
         }

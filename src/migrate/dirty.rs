@@ -8,6 +8,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::machine::memory::{take_vmm_writes, GuestMemory, PAGE_SIZE};
+use crate::machine::write_log::BitIter;
 
 /// Dirty pages of one RAM region: bit `i` of word `i / 64` is the page at `start + i * 4 KiB`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,22 +90,6 @@ impl RegionBitmap {
     pub fn set(&mut self, gpa: u64) {
         let page = (gpa - self.start) / PAGE_SIZE;
         self.words[(page / 64) as usize] |= 1 << (page % 64);
-    }
-}
-
-/// Iterates the set bits of a word, lowest first.
-struct BitIter(u64);
-
-impl Iterator for BitIter {
-    type Item = u32;
-
-    fn next(&mut self) -> Option<u32> {
-        if self.0 == 0 {
-            return None;
-        }
-        let bit = self.0.trailing_zeros();
-        self.0 &= self.0 - 1;
-        Some(bit)
     }
 }
 
