@@ -190,6 +190,7 @@ pub fn take_vmm_writes(region: &GuestRegion, into: &mut [u64]) {
 }
 
 /// [`take_vmm_writes`] into a bitmap of its own.
+#[cfg(test)]
 pub fn take_vmm_dirty_bitmap(region: &GuestRegion) -> Vec<u64> {
     let mut bits = vec![0; (region.len() / PAGE_SIZE).div_ceil(64) as usize];
     take_vmm_writes(region, &mut bits);

@@ -107,11 +107,17 @@ pub struct DirtyTracker {
 }
 
 impl DirtyTracker {
-    /// A tracker whose pending set is all of RAM: the first pass sends everything.
+    /// A tracker whose pending set is all of RAM: the first pass sends everything, so ferry's
+    /// record of its own writes until now is taken into it, and so cleared.
     pub fn all_pending(memory: &GuestMemory) -> Self {
         let pending = memory
             .iter()
-            .map(|r| RegionBitmap::full(r.start_addr().0, r.len() / PAGE_SIZE))
+            .map(|region| {
+                let pages = region.len() / PAGE_SIZE;
+                let mut bitmap = RegionBitmap::full(region.start_addr().0, pages);
+                take_vmm_writes(region, &mut bitmap.words);
+                bitmap
+            })
             .collect();
         Self { pending }
     }
@@ -121,7 +127,7 @@ impl DirtyTracker {
         self.pending.iter().map(RegionBitmap::count).sum()
     }
 
-    /// Adds the pages the guest (KVM's log) and ferry (vm-memory's bitmap) wrote since the last
+    /// Adds the pages the guest (KVM's log) and ferry (its write log) wrote since the last
     /// sync; returns the pages now pending.
     pub fn sync(&mut self, vm: &VmFd, memory: &GuestMemory) -> Result<u64, DirtyLogError> {
         for (slot, (region, pending)) in memory.iter().zip(&mut self.pending).enumerate() {
@@ -153,7 +159,23 @@ impl DirtyTracker {
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
     use super::*;
+    use crate::machine::memory::take_vmm_dirty_bitmap;
+
+    /// Round 0 sends all of RAM, so what ferry wrote before it must not come back as dirty at
+    /// the first sync.
+    #[test]
+    fn a_tracker_of_all_ram_clears_ferrys_earlier_writes() {
+        let memory =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE as usize)]).unwrap();
+        memory.write_obj(1u8, GuestAddress(5 * PAGE_SIZE)).unwrap();
+        let tracker = DirtyTracker::all_pending(&memory);
+        assert_eq!(tracker.pending_pages(), 16);
+        let region = memory.iter().next().unwrap();
+        assert!(take_vmm_dirty_bitmap(region).iter().all(|w| *w == 0));
+    }
 
     #[test]
     fn full_bitmap_covers_exactly_the_region() {

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
-use vm_memory::GuestMemoryBackend;
 
 use super::clock::{self, PeerClock};
 use super::dirty::{DirtyTracker, RegionBitmap};
@@ -20,7 +19,7 @@ use super::uri::MigrationUri;
 use super::wire::{self, LaneOffer, Message, RoundReport};
 use super::{logging, Shared};
 use crate::machine::devices::{Devices, DiskError};
-use crate::machine::memory::{take_vmm_dirty_bitmap, PAGE_SIZE};
+use crate::machine::memory::PAGE_SIZE;
 use crate::runtime::control::Event;
 use crate::runtime::throttle::run_throttle;
 use crate::runtime::Vm;
@@ -282,10 +281,6 @@ async fn stream_guest(
         sync: Duration::ZERO,
         round_trip: peer_clock.round_trip(),
     };
-    // Round 0 sends everything, so what ferry wrote before now needs no record.
-    for region in memory.iter() {
-        take_vmm_dirty_bitmap(region);
-    }
     let mut tracker = DirtyTracker::all_pending(&memory);
     {
         let mut progress = shared.progress();
