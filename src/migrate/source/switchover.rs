@@ -65,20 +65,13 @@ pub(super) async fn hand_over(
     // that hangs must not keep it paused for as long as TCP takes to give up.
     let deadline = switchover_deadline(expected);
     let paused_at = Instant::now();
-    // What the switchover is doing, for the error if it overruns. The timeout fires only at
-    // an await, so the steps that do not await check the clock themselves: otherwise their
-    // overrun would be blamed on the step after them.
-    let mut doing = "pausing the vCPUs";
+    let mut steps = Steps {
+        phases: &mut phases,
+        doing: "pausing the vCPUs",
+        paused_at,
+        deadline,
+    };
     let paused = async {
-        let overran = |step: &'static str| {
-            if paused_at.elapsed() > deadline {
-                return Err(SendError::SwitchoverTimeout {
-                    deadline,
-                    stuck_in: step,
-                });
-            }
-            Ok(())
-        };
         // Without disks nothing touches the guest once its vCPUs stop, so they save their
         // state as they pause, while this thread reads the dirty log and sends the last
         // pages. Disks drain first: a request completing then writes guest memory and raises
@@ -89,7 +82,12 @@ pub(super) async fn hand_over(
         } else {
             Some(vmstate::pause_and_save(vm).await.map_err(local)?)
         };
-        phases.mark("pause");
+        let after_pause = if disks {
+            "draining the disks"
+        } else {
+            "reading the dirty log"
+        };
+        steps.next("pause", after_pause)?;
         // A paused guest asks for nothing more, so this answer is final: a guest that already
         // asked to end the VM (its event still on the way to the owner) must not live on in
         // the destination.
@@ -111,21 +109,17 @@ pub(super) async fn hand_over(
             // Disk requests complete into guest memory: drain them before the last dirty sync
             // so that their data and used rings travel with the final pages.
             on_disks(vm, Devices::quiesce_disks)?;
-            phases.mark("quiesce");
-            overran("draining the disks")?;
+            steps.next("quiesce", "reading the dirty log")?;
         }
         tracker
             .sync(&vm.machine.vm, &vm.machine.memory)
             .map_err(local)?;
         let last = tracker.take();
-        phases.mark("sync");
-        overran("reading the dirty log")?;
+        steps.next("sync", "sending the last pages")?;
         sender.stop_pacing();
-        doing = "sending the last pages";
         let stats = sender.send(link, &last, shared).await?;
         sender.mark().await?;
-        phases.mark("pages");
-        doing = "saving the vCPUs' state";
+        steps.next("pages", "saving the vCPUs' and devices' state")?;
         let cpus = async {
             match saving_cpus {
                 Some(saving) => saving.finish(vm, &peer_clock).await,
@@ -137,20 +131,20 @@ pub(super) async fn hand_over(
             .await
             .map_err(local)?;
         state.extend(vmstate::save_devices(vm).map_err(local)?);
-        phases.mark("save");
-        overran("saving the devices' state")?;
+        steps.next("save", "sending the state")?;
         let state_bytes: usize = state.iter().map(|s| s.data.len()).sum();
-        doing = "sending the state";
         link.send(&Message::State(state)).await?;
-        phases.mark("send_state");
+        steps.next(
+            "send_state",
+            "waiting for the destination to take the last pages and the state",
+        )?;
         shared.progress().transferred += state_bytes as u64;
-        doing = "waiting for the destination to take the last pages and the state";
         let answer = link.answer().await?;
-        phases.mark("ready");
+        steps.phases.mark("ready");
         match answer {
             Message::Ready => {
                 vm.machine.devices.release_images().map_err(local)?;
-                phases.mark("release");
+                steps.phases.mark("release");
                 if preempted_us > 0 {
                     tracing::debug!(preempted_us, "a vCPU had left the guest before the pause");
                 }
@@ -172,8 +166,34 @@ pub(super) async fn hand_over(
         }
         Err(_) => Err(SendError::SwitchoverTimeout {
             deadline,
-            stuck_in: doing,
+            stuck_in: steps.doing,
         }),
+    }
+}
+
+/// The switchover's steps from the pause on: how long each took, and what it is doing now,
+/// for the error if it overruns its deadline.
+struct Steps<'a> {
+    phases: &'a mut Phases,
+    doing: &'static str,
+    paused_at: Instant,
+    deadline: Duration,
+}
+
+impl Steps<'_> {
+    /// Ends the step `phase` and starts the one `next` describes. The deadline's timeout fires
+    /// only at an await, so a step that does not await would have its overrun blamed on the
+    /// step after it: each step's end checks the clock itself.
+    fn next(&mut self, phase: &'static str, next: &'static str) -> Result<(), SendError> {
+        self.phases.mark(phase);
+        if self.paused_at.elapsed() > self.deadline {
+            return Err(SendError::SwitchoverTimeout {
+                deadline: self.deadline,
+                stuck_in: self.doing,
+            });
+        }
+        self.doing = next;
+        Ok(())
     }
 }
 
@@ -281,4 +301,32 @@ pub(super) async fn commit(
         "migration completed"
     );
     Ok(CommitOutcome::Confirmed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An overrun is blamed on the step that ran past the deadline, not on the one after it.
+    #[test]
+    fn an_overrun_names_the_step_that_overran() {
+        let mut phases = Phases::start();
+        let mut steps = Steps {
+            phases: &mut phases,
+            doing: "reading the dirty log",
+            paused_at: Instant::now(),
+            deadline: Duration::from_secs(3600),
+        };
+        steps.next("sync", "sending the last pages").unwrap();
+        assert_eq!(steps.doing, "sending the last pages");
+        steps.deadline = Duration::ZERO;
+        std::thread::sleep(Duration::from_millis(1));
+        match steps.next("pages", "saving the state") {
+            Err(SendError::SwitchoverTimeout { stuck_in, .. }) => {
+                assert_eq!(stuck_in, "sending the last pages")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(phases.to_string().split(' ').count(), 2, "{phases}");
+    }
 }
