@@ -169,11 +169,16 @@ impl VcpuHandle {
     /// Sends an event and kicks the thread out of `KVM_RUN` so that it sees it.
     pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
         self.queue(event)?;
+        self.kick();
+        Ok(())
+    }
+
+    /// Kicks the thread out of `KVM_RUN`, to look at the events queued so far.
+    pub fn kick(&self) {
         if let Some(thread) = &self.thread {
             // A failed kick means the thread is exiting; the channel then reports it.
             let _ = thread.kill(kick_signal());
         }
-        Ok(())
     }
 
     /// Sends an event without a kick: the thread sees it after those already sent.

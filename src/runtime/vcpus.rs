@@ -125,10 +125,17 @@ impl Vcpus {
                 .as_ref()
                 .filter(|_| sent.were_running)
                 .and_then(RunDelay::read_if_runnable);
-            handle.send(VcpuEvent::Pause {
+            handle.queue(VcpuEvent::Pause {
                 ack,
                 measure: before.is_some(),
             })?;
+            // Queued before the kick, so that the vCPU finds its work in the same wake-up as
+            // the pause. The kick can hand it this thread's core at once (after a busy transfer
+            // the kernel was seen to place a woken vCPU there while the other core idled): this
+            // thread then goes on only once the vCPU sleeps again, and work queued after the
+            // kick cost each vCPU a second wake-up and its thread's wait for the core.
+            after(handle)?;
+            handle.kick();
             // The kernel adds a wait to the delay when the wait ends: a thread still waiting at
             // the kick has its whole wait counted against `before`. But if this thread waited
             // for a core between the read and the kick, the vCPU may have got its core and run
@@ -140,7 +147,6 @@ impl Vcpus {
                 }
                 before => before,
             };
-            after(handle)?;
             sent.acks.push((handle.index, acked));
             sent.baselines.push(baseline);
         }
