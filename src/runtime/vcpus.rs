@@ -133,9 +133,11 @@ impl Vcpus {
             // the pause. The kick can hand it this thread's core at once (after a busy transfer
             // the kernel was seen to place a woken vCPU there while the other core idled): this
             // thread then goes on only once the vCPU sleeps again, and work queued after the
-            // kick cost each vCPU a second wake-up and its thread's wait for the core.
-            after(handle)?;
+            // kick cost each vCPU a second wake-up and its thread's wait for the core. The
+            // pause is kicked even if the work could not be queued: it is sent either way.
+            let queued = after(handle);
             handle.kick();
+            queued?;
             // The kernel adds a wait to the delay when the wait ends: a thread still waiting at
             // the kick has its whole wait counted against `before`. But if this thread waited
             // for a core between the read and the kick, the vCPU may have got its core and run
