@@ -321,8 +321,7 @@ fn measured_downtime_us(log: &str) -> Option<u64> {
         .lines()
         .rev()
         .find(|l| l.contains("migration completed"))?;
-    let value = line.split_once("downtime_us=")?.1;
-    value.split_whitespace().next()?.parse().ok()
+    log_field(line, "downtime_us")
 }
 
 /// How much of its RAM the destination backed ahead of the pages, and how fast: its log's
@@ -331,16 +330,18 @@ fn destination_backing(log: &str) -> Option<Backing> {
     let line = log
         .lines()
         .find(|l| l.contains("guest RAM backed ahead of the pages"))?;
-    let field = |name: &str| -> Option<u64> {
-        let key = format!("{name}=");
-        line.split_whitespace()
-            .find_map(|word| word.strip_prefix(&key))?
-            .parse()
-            .ok()
-    };
     Some(Backing {
-        backed_mib: field("backed_mib")?,
-        wanted_mib: field("wanted_mib")?,
-        ms: field("ms")?,
+        backed_mib: log_field(line, "backed_mib")?,
+        wanted_mib: log_field(line, "wanted_mib")?,
+        ms: log_field(line, "ms")?,
     })
+}
+
+/// The number a log line gives as `name=N` (the whole key: `ms` does not match `downtime_ms`).
+fn log_field(line: &str, name: &str) -> Option<u64> {
+    let key = format!("{name}=");
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(&key))?
+        .parse()
+        .ok()
 }
