@@ -136,8 +136,9 @@ pub struct Machine {
     pub vcpu_count: u32,
     pub machine_type: MachineType,
     pub quirks: HostQuirks,
-    /// The CPUID the guest sees on vCPU 0, for the migration configuration check.
-    pub cpuid: CpuId,
+    /// The CPUID each vCPU was configured with: what a migration sends and compares, without
+    /// asking KVM inside the downtime (KVM keeps a vCPU's CPUID fixed once it has run).
+    pub cpuids: Arc<[CpuId]>,
     /// What the devices tell the owner; a switchover asks it whether the guest ended the VM.
     pub guest_events: GuestEvents,
 }
@@ -195,6 +196,7 @@ impl Machine {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_error("read CPUID"))?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        let mut cpuids = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let vcpu = vm
                 .create_vcpu(u64::from(index))
@@ -202,8 +204,8 @@ impl Machine {
             let cpuid = cpu::vcpu_cpuid(&supported, index, config.vcpus, quirks);
             cpu::configure_vcpu(&vcpu, index, &cpuid)?;
             vcpus.push(vcpu);
+            cpuids.push(cpuid);
         }
-        let cpuid = cpu::vcpu_cpuid(&supported, 0, config.vcpus, quirks);
         let machine = Self {
             kvm,
             vm,
@@ -216,7 +218,7 @@ impl Machine {
             vcpu_count: config.vcpus,
             machine_type: config.machine,
             quirks,
-            cpuid,
+            cpuids: cpuids.into(),
             guest_events,
         };
         if boot {
@@ -291,7 +293,7 @@ impl Machine {
             mem_bytes: self.layout.iter().map(|r| r.size).sum(),
             ram: self.layout.clone(),
             vcpus: self.vcpu_count,
-            cpu_features: state::feature_words(self.cpuid.as_slice()),
+            cpu_features: state::feature_words(self.cpuids[0].as_slice()),
             devices: [
                 DeviceDescription {
                     kind: "serial-8250".into(),

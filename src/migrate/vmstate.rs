@@ -3,6 +3,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kvm_bindings::CpuId;
+
 use super::clock::{LocalClock, PeerClock};
 use super::phases::Phases;
 use super::state::{Migratable, Section, Sections, StateError};
@@ -30,7 +32,10 @@ fn vcpu_id(index: u32) -> String {
 /// Saves the vCPUs of a paused VM (each on its own thread, in parallel) and then the
 /// in-kernel chips, with when each was saved on the destination's clock (`peer`).
 pub async fn save_cpus(vm: &Vm, peer: &PeerClock) -> Result<Vec<Section>, VmStateError> {
-    let vcpus = vm.vcpus.on_each(save_vcpu(msr_list(vm)?)).await?;
+    let vcpus = vm
+        .vcpus
+        .on_each(save_vcpu(msr_list(vm)?, vm.machine.cpuids.clone()))
+        .await?;
     with_chips(vm, vcpus, peer)
 }
 
@@ -38,7 +43,10 @@ pub async fn save_cpus(vm: &Vm, peer: &PeerClock) -> Result<Vec<Section>, VmStat
 /// is out of the guest, their saves still under way. [`PausedSave::finish`] collects them.
 pub async fn pause_and_save(vm: &mut Vm) -> Result<PausedSave, VmStateError> {
     let msr_list = msr_list(vm)?;
-    Ok(PausedSave(vm.vcpus.pause_then(save_vcpu(msr_list)).await?))
+    let cpuids = vm.machine.cpuids.clone();
+    Ok(PausedSave(
+        vm.vcpus.pause_then(save_vcpu(msr_list, cpuids)).await?,
+    ))
 }
 
 /// A vCPU's section and when it was saved.
@@ -84,6 +92,7 @@ fn msr_list(vm: &Vm) -> Result<Arc<Vec<u32>>, VmStateError> {
 
 fn save_vcpu(
     msr_list: Arc<Vec<u32>>,
+    cpuids: Arc<[CpuId]>,
 ) -> impl Fn(u32, &mut kvm_ioctls::VcpuFd) -> SavedVcpu + Send + Sync + 'static {
     move |index, fd| {
         let section = Section::save(
@@ -91,6 +100,7 @@ fn save_vcpu(
             &KvmVcpu {
                 fd,
                 msr_list: &msr_list,
+                cpuid: &cpuids[index as usize],
             },
         )?;
         Ok((section, Instant::now()))
@@ -185,6 +195,7 @@ pub async fn restore(vm: &Vm, state: DecodedState, clock: &LocalClock) -> Result
     phases.mark("kvm");
     let vcpus = Arc::new(vcpus);
     let msr_list: Arc<[u32]> = Arc::from([]);
+    let cpuids = vm.machine.cpuids.clone();
     let clock = *clock;
     let results = vm
         .vcpus
@@ -197,6 +208,7 @@ pub async fn restore(vm: &Vm, state: DecodedState, clock: &LocalClock) -> Result
             KvmVcpu {
                 fd,
                 msr_list: &msr_list,
+                cpuid: &cpuids[index as usize],
             }
             .restore_state(state)
         })
