@@ -14,6 +14,7 @@ use super::lanes::{DestinationLanes, LaneError};
 use super::phases::Phases;
 use super::progress::MigrationStatus;
 use super::source::COMMIT_DEADLINE;
+use super::sprint::Sprint;
 use super::transport::{BoxedStream, Listener};
 use super::vmstate::DecodedState;
 use super::wire::{self, Commit, Committed, Incoming, LaneOffer, Message, WireError};
@@ -120,8 +121,11 @@ async fn accept_and_receive(
     let span = info_span!("migration", direction = "incoming", peer = %peer);
     async {
         let clock = LocalClock::start();
+        // Taken when the source starts its switchover, held until the guest runs here or the
+        // migration failed.
+        let mut sprint = None;
         let received = tokio::select! {
-            received = receive_stream(vm, &mut stream, listener, &clock, shared) => received,
+            received = receive_stream(vm, &mut stream, listener, &clock, shared, &mut sprint) => received,
             () = cancel.cancelled() => Err(cancelled()),
         };
         let result = match received {
@@ -226,6 +230,7 @@ async fn receive_stream(
     listener: Listener,
     clock: &LocalClock,
     shared: &Arc<Shared>,
+    sprint: &mut Option<Sprint>,
 ) -> Result<(Commit, Option<prefault::Backed>), ReceiveError> {
     // The migration starts when the source connects, not when this side began to wait.
     let started = Instant::now();
@@ -316,6 +321,11 @@ async fn receive_stream(
                 wire::write_message(stream, &Message::Synced).await?;
             }
             Message::ClockProbe => {
+                // Past round 0's first SYNC, the source probes the clock only right before it
+                // pauses the guest.
+                if marks > 0 && sprint.is_none() {
+                    *sprint = Some(Sprint::start(&vm.vcpus));
+                }
                 wire::write_message(stream, &Message::Clock(clock.now())).await?;
             }
             Message::Round(report) if report.remaining_pages > ram_pages => {

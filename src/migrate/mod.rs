@@ -50,6 +50,7 @@ pub mod progress;
 pub mod ranges;
 pub mod source;
 pub mod splice;
+pub mod sprint;
 pub mod state;
 pub mod transit;
 pub mod transport;

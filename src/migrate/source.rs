@@ -420,21 +420,9 @@ async fn stream_guest(
         }
     }
 
-    // Two hosts' clocks drift apart over a long migration, and the offset measured at setup
-    // now places the guest's clocks and timers on the destination: measure it again while the
-    // guest still runs.
-    let peer_clock = probe_clock(link, clock::SWITCHOVER_PROBES).await?;
-    switchover::hand_over(
-        vm,
-        link,
-        &mut sender,
-        &mut tracker,
-        shared,
-        expected,
-        peer_clock,
-    )
-    .instrument(info_span!("switchover"))
-    .await
+    switchover::hand_over(vm, link, &mut sender, &mut tracker, shared, expected)
+        .instrument(info_span!("switchover"))
+        .await
 }
 
 /// Waits until the destination has everything sent so far in guest RAM: a mark on every lane,

@@ -4,6 +4,7 @@
 //! vCPU threads report guest events through an unbounded channel, and a
 //! `CancellationToken` ends everything at shutdown.
 
+pub mod affinity;
 pub mod console;
 pub mod control;
 pub mod launch;
@@ -13,6 +14,7 @@ pub mod throttle;
 pub mod vcpu;
 pub mod vcpus;
 pub mod vmm;
+pub mod wake_latency;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, info_span, Instrument};
 
-use super::{local, on_disks, Ready, SendError};
+use super::{local, on_disks, probe_clock, Ready, SendError};
 use crate::machine::devices::Devices;
 use crate::migrate::clock::{self, PeerClock};
 use crate::migrate::dirty::DirtyTracker;
@@ -15,6 +15,7 @@ use crate::migrate::pages::PageSender;
 use crate::migrate::params::switchover_deadline;
 use crate::migrate::phases::Phases;
 use crate::migrate::progress::{downtime_ms, MigrationStatus};
+use crate::migrate::sprint::Sprint;
 use crate::migrate::vmstate;
 use crate::migrate::wire::{Commit, Message};
 use crate::migrate::Shared;
@@ -32,10 +33,14 @@ pub(super) struct Switchover {
     /// What went in the downtime: pages, and device state in bytes.
     last_pages: u64,
     state_bytes: usize,
+    /// Until the commit ends: the destination's answer wakes a thread here, and the
+    /// source's vCPUs may have to run the guest again.
+    sprint: Sprint,
 }
 
-/// Pauses the guest and sends what it dirtied last and its state, until the destination says
-/// READY; past the switchover deadline the migration fails, and the source runs on.
+/// Measures the destination's clock again, pauses the guest and sends what it dirtied last and
+/// its state, until the destination says READY; past the switchover deadline the migration
+/// fails, and the source runs on.
 pub(super) async fn hand_over(
     vm: &mut Vm,
     link: &mut Link,
@@ -43,8 +48,14 @@ pub(super) async fn hand_over(
     tracker: &mut DirtyTracker,
     shared: &Shared,
     expected: Duration,
-    peer_clock: PeerClock,
 ) -> Result<Switchover, SendError> {
+    // Held until the commit has ended, or the switchover failed; taken ahead of the clock
+    // probes, which give it time to take effect.
+    let sprint = Sprint::start(&vm.vcpus);
+    // Two hosts' clocks drift apart over a long migration, and the offset measured at setup
+    // now places the guest's clocks and timers on the destination: measure it again while the
+    // guest still runs.
+    let peer_clock = probe_clock(link, clock::SWITCHOVER_PROBES).await?;
     // What the disks wrote so far goes to stable storage while the guest still runs, so
     // that the drain's own flush, inside the downtime, has little left to do.
     let mut phases = Phases::start();
@@ -162,6 +173,7 @@ pub(super) async fn hand_over(
                 phases,
                 last_pages,
                 state_bytes,
+                sprint,
             })
         }
         Err(_) => Err(SendError::SwitchoverTimeout {
@@ -223,6 +235,7 @@ pub(super) async fn commit(
                 mut phases,
                 last_pages,
                 state_bytes,
+                sprint,
             },
     } = ready;
     // If the COMMIT cannot be written the destination never got it and will not run the guest,
@@ -234,6 +247,7 @@ pub(super) async fn commit(
     let confirmation = tokio::time::timeout(COMMIT_DEADLINE, link.answer()).await;
     let answered = Instant::now();
     phases.mark("committed");
+    drop(sprint);
     link.close().await;
     // The downtime ends when the guest runs on the destination, which may be well before its
     // COMMITTED was written, and this side may read that much later still (its thread waiting
