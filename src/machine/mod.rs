@@ -136,9 +136,10 @@ pub struct Machine {
     pub vcpu_count: u32,
     pub machine_type: MachineType,
     pub quirks: HostQuirks,
-    /// The CPUID each vCPU was configured with: what a migration sends and compares, without
-    /// asking KVM inside the downtime (KVM keeps a vCPU's CPUID fixed once it has run).
-    pub cpuids: Arc<[CpuId]>,
+    /// The CPUID each vCPU runs with: what a migration sends and compares, without asking KVM
+    /// inside the downtime (KVM keeps a vCPU's CPUID fixed once it has run). An incoming
+    /// migration that set the source's CPUID replaces it, so a later migration sends that one.
+    cpuids: Mutex<Arc<[CpuId]>>,
     /// What the devices tell the owner; a switchover asks it whether the guest ended the VM.
     pub guest_events: GuestEvents,
 }
@@ -218,13 +219,23 @@ impl Machine {
             vcpu_count: config.vcpus,
             machine_type: config.machine,
             quirks,
-            cpuids: cpuids.into(),
+            cpuids: Mutex::new(cpuids.into()),
             guest_events,
         };
         if boot {
             machine.load_kernel(config)?;
         }
         Ok(machine)
+    }
+
+    /// The CPUID each vCPU runs with, one per vCPU.
+    pub fn cpuids(&self) -> Arc<[CpuId]> {
+        devices::lock(&self.cpuids).clone()
+    }
+
+    /// Records the CPUIDs an incoming migration set on the vCPUs.
+    pub fn adopt_cpuids(&self, cpuids: Arc<[CpuId]>) {
+        *devices::lock(&self.cpuids) = cpuids;
     }
 
     fn load_kernel(&self, config: &Config) -> Result<(), MachineError> {
@@ -293,7 +304,7 @@ impl Machine {
             mem_bytes: self.layout.iter().map(|r| r.size).sum(),
             ram: self.layout.clone(),
             vcpus: self.vcpu_count,
-            cpu_features: state::feature_words(self.cpuids[0].as_slice()),
+            cpu_features: state::feature_words(self.cpuids()[0].as_slice()),
             devices: [
                 DeviceDescription {
                     kind: "serial-8250".into(),

@@ -177,9 +177,9 @@ impl Migratable for KvmVcpu<'_> {
     fn restore_state(&mut self, state: VcpuState) -> Result<(), StateError> {
         let fd = self.fd;
         let mut phases = Phases::start();
-        // This side built its vCPUs from the same configuration, so their CPUID is usually the
-        // source's already (the configuration check compared it); setting it again costs about
-        // 65 µs per vCPU here, inside the downtime.
+        // This side built its vCPUs from the same configuration on a host the configuration
+        // check found to offer the source's CPU features, so their CPUID is usually the source's
+        // already; setting it again costs about 65 µs per vCPU here, inside the downtime.
         if self.cpuid.as_slice() != state.cpuid.as_slice() {
             let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| StateError::Restore {
                 what: "vCPU CPUID".into(),

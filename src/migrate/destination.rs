@@ -121,8 +121,8 @@ async fn accept_and_receive(
     let span = info_span!("migration", direction = "incoming", peer = %peer);
     async {
         let clock = LocalClock::start();
-        // Taken when the source starts its switchover, held until the guest runs here or the
-        // migration failed.
+        // Taken when the source starts its switchover, held until the migration has ended:
+        // after the guest runs here and COMMITTED is sent, or after a failure.
         let mut sprint = None;
         let received = tokio::select! {
             received = receive_stream(vm, &mut stream, listener, &clock, shared, &mut sprint) => received,

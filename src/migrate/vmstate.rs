@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 use super::clock::{LocalClock, PeerClock};
 use super::phases::Phases;
@@ -34,7 +34,7 @@ fn vcpu_id(index: u32) -> String {
 pub async fn save_cpus(vm: &Vm, peer: &PeerClock) -> Result<Vec<Section>, VmStateError> {
     let vcpus = vm
         .vcpus
-        .on_each(save_vcpu(msr_list(vm)?, vm.machine.cpuids.clone()))
+        .on_each(save_vcpu(msr_list(vm)?, vm.machine.cpuids()))
         .await?;
     with_chips(vm, vcpus, peer)
 }
@@ -43,7 +43,7 @@ pub async fn save_cpus(vm: &Vm, peer: &PeerClock) -> Result<Vec<Section>, VmStat
 /// is out of the guest, their saves still under way. [`PausedSave::finish`] collects them.
 pub async fn pause_and_save(vm: &mut Vm) -> Result<PausedSave, VmStateError> {
     let msr_list = msr_list(vm)?;
-    let cpuids = vm.machine.cpuids.clone();
+    let cpuids = vm.machine.cpuids();
     Ok(PausedSave(
         vm.vcpus.pause_then(save_vcpu(msr_list, cpuids)).await?,
     ))
@@ -131,6 +131,9 @@ pub struct DecodedState {
     chips: <KvmVm<'static> as Migratable>::State,
     /// Each taken by its vCPU's thread.
     vcpus: Vec<Mutex<Option<<KvmVcpu<'static> as Migratable>::State>>>,
+    /// The source's CPUIDs, where they differ from this side's: the vCPUs run with them once
+    /// restored.
+    adopted_cpuids: Option<Arc<[CpuId]>>,
     serial: <Serial as Migratable>::State,
     power_button: <PowerButton as Migratable>::State,
     disks: Vec<<DiskSection<'static> as Migratable>::State>,
@@ -144,12 +147,16 @@ pub fn decode(vm: &Vm, sections: Vec<Section>) -> Result<DecodedState, VmStateEr
     let chips = sections.take("kvm")?.decode::<KvmVm>()?;
     chips.check()?;
     let vcpus = (0..vm.machine.vcpu_count)
-        .map(|i| {
-            Ok(Mutex::new(Some(
-                sections.take(&vcpu_id(i))?.decode::<KvmVcpu>()?,
-            )))
-        })
-        .collect::<Result<_, StateError>>()?;
+        .map(|i| sections.take(&vcpu_id(i))?.decode::<KvmVcpu>())
+        .collect::<Result<Vec<_>, StateError>>()?;
+    let adopted_cpuids = adopted_cpuids(
+        &vm.machine.cpuids(),
+        vcpus.iter().map(|state| state.cpuid.as_slice()),
+    )?;
+    let vcpus = vcpus
+        .into_iter()
+        .map(|state| Mutex::new(Some(state)))
+        .collect();
     let serial = sections.take("serial0")?.decode::<Serial>()?;
     lock(&vm.machine.devices.serial).check_state(&serial)?;
     // The i8042's state is empty: its section only proves the source has one too.
@@ -171,10 +178,35 @@ pub fn decode(vm: &Vm, sections: Vec<Section>) -> Result<DecodedState, VmStateEr
         saved_at,
         chips,
         vcpus,
+        adopted_cpuids,
         serial,
         power_button,
         disks,
     })
+}
+
+/// The CPUIDs the vCPUs run with once `received` is restored, if any of them differs from the
+/// `local` one it was configured with; `None` when all match.
+fn adopted_cpuids<'a>(
+    local: &[CpuId],
+    received: impl Iterator<Item = &'a [kvm_cpuid_entry2]>,
+) -> Result<Option<Arc<[CpuId]>>, StateError> {
+    let mut differs = false;
+    let cpuids = local
+        .iter()
+        .zip(received)
+        .map(|(local, received)| {
+            if local.as_slice() == received {
+                return Ok(local.clone());
+            }
+            differs = true;
+            CpuId::from_entries(received).map_err(|e| StateError::Restore {
+                what: "vCPU CPUID".into(),
+                reason: format!("{e:?}"),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(differs.then(|| cpuids.into()))
 }
 
 /// Restores every part of the (paused) VM from `state`. Clocks and timers run on by the time
@@ -185,6 +217,7 @@ pub async fn restore(vm: &Vm, state: DecodedState, clock: &LocalClock) -> Result
         saved_at,
         mut chips,
         vcpus,
+        adopted_cpuids,
         serial,
         power_button,
         disks,
@@ -195,7 +228,7 @@ pub async fn restore(vm: &Vm, state: DecodedState, clock: &LocalClock) -> Result
     phases.mark("kvm");
     let vcpus = Arc::new(vcpus);
     let msr_list: Arc<[u32]> = Arc::from([]);
-    let cpuids = vm.machine.cpuids.clone();
+    let cpuids = vm.machine.cpuids();
     let clock = *clock;
     let results = vm
         .vcpus
@@ -214,6 +247,9 @@ pub async fn restore(vm: &Vm, state: DecodedState, clock: &LocalClock) -> Result
         })
         .await?;
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    if let Some(adopted) = adopted_cpuids {
+        vm.machine.adopt_cpuids(adopted);
+    }
     phases.mark("vcpus");
     let devices = &vm.machine.devices;
     lock(&devices.serial).restore_state(serial)?;
@@ -227,4 +263,38 @@ pub async fn restore(vm: &Vm, state: DecodedState, clock: &LocalClock) -> Result
     phases.mark("devices");
     tracing::debug!(%phases, "VM state restored (µs)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpuid(eax_of_leaf_0: u32) -> CpuId {
+        CpuId::from_entries(&[kvm_cpuid_entry2 {
+            function: 0,
+            eax: eax_of_leaf_0,
+            ..Default::default()
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn matching_cpuids_are_not_adopted() {
+        let local = [cpuid(0xd), cpuid(0xd)];
+        let received = [cpuid(0xd), cpuid(0xd)];
+        let adopted = adopted_cpuids(&local, received.iter().map(CpuId::as_slice)).unwrap();
+        assert!(adopted.is_none());
+    }
+
+    #[test]
+    fn a_differing_cpuid_is_adopted_for_the_vcpu_it_came_with() {
+        let local = [cpuid(0xd), cpuid(0xd)];
+        let received = [cpuid(0xd), cpuid(0x16)];
+        let adopted = adopted_cpuids(&local, received.iter().map(CpuId::as_slice))
+            .unwrap()
+            .expect("vCPU 1's CPUID differs");
+        assert_eq!(adopted.len(), 2);
+        assert_eq!(adopted[0].as_slice(), local[0].as_slice());
+        assert_eq!(adopted[1].as_slice(), received[1].as_slice());
+    }
 }

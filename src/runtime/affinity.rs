@@ -4,9 +4,9 @@
 //! and resumes them the same way: they overlap only on different CPUs. Schedulers do not always
 //! spread them. On the PVM host this was measured on, the two vCPU threads the owner woke for
 //! the pause ran one after the other on one CPU (134 µs, then 100 µs) while the other CPU idled,
-//! and the downtime was their sum. So for the switchover's few milliseconds each vCPU thread
-//! is held to one CPU, a different one for each as far as the CPUs it may use allow, and then
-//! given back every CPU it had.
+//! and the downtime was their sum. So while the switchover runs (usually a few milliseconds,
+//! at most the commit's deadline) each vCPU thread is held to one CPU, a different one for
+//! each as far as the CPUs it may use allow, and then given back every CPU it had.
 
 use std::mem::MaybeUninit;
 
@@ -110,7 +110,8 @@ fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
     // SAFETY: an all-zero cpu_set_t is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &cpu in cpus {
-        // SAFETY: CPU_SET ignores an index beyond the set.
+        // SAFETY: CPU_SET writes one bit of the set. Every CPU given here is one the kernel
+        // reported (below CPU_SETSIZE); a larger index would make it panic, not write elsewhere.
         unsafe { libc::CPU_SET(cpu, &mut set) };
     }
     set

@@ -6,8 +6,8 @@
 //! deep C-state on bare metal, or, when the host is itself a VM, a halted vCPU that its
 //! hypervisor must schedule again (up to 240 µs on the PVM host this was measured on, against a
 //! whole switchover of under 1 ms). A PM QoS CPU latency request of 0 µs keeps idle CPUs
-//! polling instead, for as long as it is held: a few milliseconds of a core's power for each
-//! migration, and only there.
+//! polling instead, for as long as it is held: while the switchover runs (usually a few
+//! milliseconds, at most the commit's deadline), and only then.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -59,12 +59,13 @@ mod tests {
 
     #[test]
     fn a_held_request_holds_the_host_to_polling() {
-        let Some(held) = QuickWake::request() else {
-            // SAFETY: geteuid has no preconditions.
-            let root = unsafe { libc::geteuid() } == 0;
-            assert!(!root, "root could not request a CPU latency of 0");
+        // Some sandboxes have no such device or keep it from root; only a host that lets this
+        // process open it can show the request working.
+        if let Err(error) = OpenOptions::new().write(true).open(CPU_LATENCY_QOS) {
+            eprintln!("skipped: cannot open {CPU_LATENCY_QOS}: {error}");
             return;
-        };
+        }
+        let held = QuickWake::request().expect("the interface opened, so the request is allowed");
         assert_eq!(host_latency_limit(), 0);
         drop(held);
     }

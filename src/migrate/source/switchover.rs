@@ -33,8 +33,8 @@ pub(super) struct Switchover {
     /// What went in the downtime: pages, and device state in bytes.
     last_pages: u64,
     state_bytes: usize,
-    /// Until the commit ends: the destination's answer wakes a thread here, and the
-    /// source's vCPUs may have to run the guest again.
+    /// Until the commit has its answer, whose arrival wakes a thread here; dropped before the
+    /// vCPUs run again, here or not at all.
     sprint: Sprint,
 }
 
