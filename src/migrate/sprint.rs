@@ -2,8 +2,7 @@
 //! vCPU thread, so that the hand-offs between threads and the vCPUs' own saves and restores
 //! take no longer than their work.
 
-use crate::runtime::affinity::Spread;
-use crate::runtime::vcpus::Vcpus;
+use crate::runtime::vcpus::{SpreadVcpus, Vcpus};
 use crate::runtime::wake_latency::QuickWake;
 
 /// Held from just before the switchover until it has ended, one way or the other; dropping it
@@ -11,7 +10,7 @@ use crate::runtime::wake_latency::QuickWake;
 #[derive(Debug)]
 pub struct Sprint {
     _awake: Option<QuickWake>,
-    _spread: Spread,
+    _spread: SpreadVcpus,
 }
 
 impl Sprint {
@@ -20,7 +19,7 @@ impl Sprint {
     pub fn start(vcpus: &Vcpus) -> Self {
         Self {
             _awake: QuickWake::request(),
-            _spread: Spread::threads(&vcpus.thread_ids()),
+            _spread: vcpus.spread(),
         }
     }
 }
