@@ -2,7 +2,8 @@
 //! vCPU thread, so that the hand-offs between threads and the vCPUs' own saves and restores
 //! take no longer than their work.
 
-use crate::runtime::vcpus::{SpreadVcpus, Vcpus};
+use crate::runtime::affinity::Spread;
+use crate::runtime::vcpus::Vcpus;
 use crate::runtime::wake_latency::QuickWake;
 
 /// Held from just before the switchover until it has ended, one way or the other; dropping it
@@ -10,7 +11,7 @@ use crate::runtime::wake_latency::QuickWake;
 #[derive(Debug)]
 pub struct Sprint {
     _awake: Option<QuickWake>,
-    _spread: SpreadVcpus,
+    _spread: Spread,
 }
 
 impl Sprint {
@@ -19,7 +20,7 @@ impl Sprint {
     pub fn start(vcpus: &Vcpus) -> Self {
         Self {
             _awake: QuickWake::request(),
-            _spread: vcpus.spread(),
+            _spread: Spread::threads(&vcpus.thread_ids()),
         }
     }
 }

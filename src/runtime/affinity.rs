@@ -13,14 +13,7 @@ use std::mem::MaybeUninit;
 /// Threads held each to one CPU; dropping it gives each back the CPUs it was allowed before.
 #[derive(Debug)]
 pub struct Spread {
-    held: Vec<Held>,
-}
-
-#[derive(Debug)]
-struct Held {
-    tid: libc::pid_t,
-    cpu: usize,
-    allowed: libc::cpu_set_t,
+    held: Vec<(libc::pid_t, libc::cpu_set_t)>,
 }
 
 impl Spread {
@@ -46,7 +39,7 @@ impl Spread {
             match set_affinity(tid, &cpu_set(&[cpu])) {
                 Ok(()) => {
                     taken.push(cpu);
-                    held.push(Held { tid, cpu, allowed });
+                    held.push((tid, allowed));
                 }
                 Err(error) => {
                     tracing::debug!(tid, cpu, %error, "cannot hold a vCPU thread to a CPU")
@@ -56,24 +49,19 @@ impl Spread {
         Self { held }
     }
 
-    /// The CPU thread `tid` is held to, if it is.
-    pub fn cpu_of(&self, tid: libc::pid_t) -> Option<usize> {
-        self.held.iter().find(|h| h.tid == tid).map(|h| h.cpu)
-    }
-
-    /// The CPUs each held thread may use now, in the order given.
+    /// The CPU each held thread is held to, in the order given.
     #[cfg(test)]
     fn held_to(&self) -> Vec<Vec<usize>> {
         self.held
             .iter()
-            .filter_map(|h| affinity(h.tid).map(|set| cpus_in(&set)))
+            .filter_map(|&(tid, _)| affinity(tid).map(|set| cpus_in(&set)))
             .collect()
     }
 }
 
 impl Drop for Spread {
     fn drop(&mut self) {
-        for Held { tid, allowed, .. } in &self.held {
+        for (tid, allowed) in &self.held {
             if let Err(error) = set_affinity(*tid, allowed) {
                 // A thread that ended has no affinity left to give back.
                 tracing::debug!(tid, %error, "cannot give a vCPU thread its CPUs back");
@@ -191,11 +179,6 @@ mod tests {
                         h[0]
                     })
                     .collect();
-                let reported: Vec<_> = tids.iter().filter_map(|&t| spread.cpu_of(t)).collect();
-                assert_eq!(
-                    reported, each,
-                    "cpu_of names the CPU each thread is held to"
-                );
                 each.sort_unstable();
                 assert_eq!(each, cpus);
             }

@@ -1,14 +1,12 @@
 //! The set of vCPU threads as the VM owner drives it: pause, resume, run work on every vCPU,
 //! each acknowledged within a deadline.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
 use tokio::sync::oneshot;
 
-use super::affinity::Spread;
 use super::run_delay::RunDelay;
 use super::throttle::Throttle;
 use super::vcpu::{Kicker, PauseAck, VcpuError, VcpuEvent, VcpuHandle, ACK_DEADLINE};
@@ -25,27 +23,6 @@ pub struct Vcpus {
     /// stopped running vCPUs.
     left_guest: Vec<Instant>,
     throttle: Throttle,
-    /// The CPU each vCPU thread is held to while a [`SpreadVcpus`] lives, in `handles` order.
-    homes: Arc<[AtomicUsize]>,
-}
-
-/// A `homes` entry for a thread held to no CPU.
-const NO_HOME: usize = usize::MAX;
-
-/// Each vCPU thread held to a CPU of its own ([`Spread`]); dropping it lets them run anywhere
-/// again.
-#[derive(Debug)]
-pub struct SpreadVcpus {
-    homes: Arc<[AtomicUsize]>,
-    _spread: Spread,
-}
-
-impl Drop for SpreadVcpus {
-    fn drop(&mut self) {
-        for home in self.homes.iter() {
-            home.store(NO_HOME, Ordering::Relaxed);
-        }
-    }
 }
 
 impl Vcpus {
@@ -74,14 +51,12 @@ impl Vcpus {
             .iter()
             .map(|handle| RunDelay::of_thread(handle.thread_id))
             .collect();
-        let homes = handles.iter().map(|_| AtomicUsize::new(NO_HOME)).collect();
         Ok(Self {
             handles,
             run_delays,
             running: false,
             left_guest: Vec::new(),
             throttle,
-            homes,
         })
     }
 
@@ -113,39 +88,6 @@ impl Vcpus {
         self.handles.iter().map(|h| h.thread_id).collect()
     }
 
-    /// Holds each vCPU thread to a CPU of its own, as far as their allowed CPUs let it, until
-    /// the guard is dropped.
-    pub fn spread(&self) -> SpreadVcpus {
-        let spread = Spread::threads(&self.thread_ids());
-        for (handle, home) in self.handles.iter().zip(self.homes.iter()) {
-            let cpu = spread.cpu_of(handle.thread_id).unwrap_or(NO_HOME);
-            home.store(cpu, Ordering::Relaxed);
-        }
-        SpreadVcpus {
-            homes: self.homes.clone(),
-            _spread: spread,
-        }
-    }
-
-    /// The order to wake the vCPU threads in (indices into `handles`): a thread held to the
-    /// waker's own CPU last. The kernel lets a woken thread preempt its waker on the waker's
-    /// CPU, so woken first it would take this thread's CPU at once, and the others would hear
-    /// of their work only once it slept again: their saves or restores ran one after the other
-    /// instead of side by side (about 120 µs each on the host this was measured on).
-    fn wake_order(&self) -> Vec<usize> {
-        let homes: Vec<usize> = self
-            .homes
-            .iter()
-            .map(|h| h.load(Ordering::Relaxed))
-            .collect();
-        let here = homes
-            .iter()
-            .any(|&h| h != NO_HOME)
-            .then(current_cpu)
-            .flatten();
-        wake_order(&homes, here)
-    }
-
     /// When each vCPU left the guest at the last pause, in vCPU order, if that pause stopped
     /// running vCPUs: as it heard the pause, or before that if it was already out (serving an
     /// exit, or its thread waiting for a core on a busy host). The caller bounds them by when
@@ -175,8 +117,7 @@ impl Vcpus {
         };
         self.running = false;
         self.left_guest.clear();
-        for index in self.wake_order() {
-            let (handle, run_delay) = (&self.handles[index], &self.run_delays[index]);
+        for (handle, run_delay) in self.handles.iter().zip(&self.run_delays) {
             let (ack, acked) = oneshot::channel();
             let read_at = Instant::now();
             // Paused vCPUs left the guest long ago: no /proc read for them.
@@ -209,7 +150,7 @@ impl Vcpus {
                 before => before,
             };
             sent.acks.push((handle.index, acked));
-            sent.baselines.push((handle.index, baseline));
+            sent.baselines.push(baseline);
         }
         Ok(sent)
     }
@@ -219,8 +160,6 @@ impl Vcpus {
     /// guest).
     async fn note_left_guest(&mut self, sent: SentPauses) -> Result<(), VcpuError> {
         let acks = collect(sent.acks).await?;
-        let mut baselines = sent.baselines;
-        baselines.sort_by_key(|&(index, _)| index);
         if !sent.read_again.is_empty() {
             // Logged here, not between the kicks, which it would hold up.
             tracing::debug!(vcpus = ?sent.read_again, "run-queue delay read again after the kick");
@@ -228,8 +167,9 @@ impl Vcpus {
         if sent.were_running {
             self.left_guest = acks
                 .iter()
-                .zip(baselines)
-                .map(|(ack, (index, baseline))| {
+                .zip(sent.baselines)
+                .enumerate()
+                .map(|(index, (ack, baseline))| {
                     let waited = run_queue_wait(ack, baseline);
                     if ack.out_since.is_none() && !waited.is_zero() {
                         tracing::debug!(
@@ -283,8 +223,7 @@ impl Vcpus {
         event: fn(oneshot::Sender<Instant>) -> VcpuEvent,
     ) -> Result<Vec<Instant>, VcpuError> {
         let mut acks = Vec::with_capacity(self.handles.len());
-        for index in self.wake_order() {
-            let handle = &self.handles[index];
+        for handle in &self.handles {
             let (ack, acked) = oneshot::channel();
             handle.send(event(ack))?;
             acks.push((handle.index, acked));
@@ -300,8 +239,7 @@ impl Vcpus {
     {
         let work = Arc::new(work);
         let mut answers = Vec::with_capacity(self.handles.len());
-        for index in self.wake_order() {
-            let handle = &self.handles[index];
+        for handle in &self.handles {
             handle.send(task(handle.index, work.clone(), &mut answers))?;
         }
         collect(answers).await
@@ -331,8 +269,8 @@ impl<T> Queued<T> {
 /// Pauses sent, awaiting their acknowledgements.
 struct SentPauses {
     acks: Vec<(u32, oneshot::Receiver<PauseAck>)>,
-    /// Each vCPU's run-queue delay its wait is counted from.
-    baselines: Vec<(u32, Option<Duration>)>,
+    /// Each vCPU's run-queue delay its wait is counted from, in the same order.
+    baselines: Vec<Option<Duration>>,
     were_running: bool,
     /// The vCPUs whose delay was read again after the kick.
     read_again: Vec<u32>,
@@ -360,24 +298,6 @@ fn run_queue_wait(ack: &PauseAck, baseline: Option<Duration>) -> Duration {
     }
 }
 
-/// [`Vcpus::wake_order`] for threads held to `homes` ([`NO_HOME`] for none), woken from CPU
-/// `here`: those held elsewhere or nowhere first, in vCPU order, then those held here.
-fn wake_order(homes: &[usize], here: Option<usize>) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..homes.len()).collect();
-    if let Some(here) = here {
-        // Stable: vCPU order within each part.
-        order.sort_by_key(|&index| homes[index] == here);
-    }
-    order
-}
-
-/// The CPU this thread runs on now, if the kernel says.
-fn current_cpu() -> Option<usize> {
-    // SAFETY: sched_getcpu has no preconditions.
-    let cpu = unsafe { libc::sched_getcpu() };
-    usize::try_from(cpu).ok()
-}
-
 /// `work` for vCPU `index` as an event; its result goes to the channel added to `answers`.
 fn task<T, F>(index: u32, work: Arc<F>, answers: &mut Vec<(u32, oneshot::Receiver<T>)>) -> VcpuEvent
 where
@@ -393,9 +313,7 @@ where
 
 /// Waits for every vCPU's answer, all within one [`ACK_DEADLINE`]: the vCPUs work in parallel,
 /// and a deadline per answer would let many slow vCPUs add up past what callers allow.
-async fn collect<T>(mut answers: Vec<(u32, oneshot::Receiver<T>)>) -> Result<Vec<T>, VcpuError> {
-    // Sent in wake order; answered in vCPU order.
-    answers.sort_by_key(|&(index, _)| index);
+async fn collect<T>(answers: Vec<(u32, oneshot::Receiver<T>)>) -> Result<Vec<T>, VcpuError> {
     let deadline = tokio::time::Instant::now() + ACK_DEADLINE;
     let mut values = Vec::with_capacity(answers.len());
     for (index, answer) in answers {
@@ -453,22 +371,5 @@ mod tests {
         // Whatever it waited for since, serving the exit, the guest stopped at the exit.
         assert_eq!(left_guest(&paused, Some(us(4_500))), exited);
         assert_eq!(left_guest(&paused, None), exited);
-    }
-
-    #[test]
-    fn the_thread_held_to_the_wakers_cpu_is_woken_last() {
-        assert_eq!(wake_order(&[0, 1], Some(0)), vec![1, 0]);
-        assert_eq!(wake_order(&[0, 1], Some(1)), vec![0, 1]);
-        assert_eq!(
-            wake_order(&[2, NO_HOME, 0, 1], Some(2)),
-            vec![1, 2, 3, 0],
-            "the others keep vCPU order"
-        );
-    }
-
-    #[test]
-    fn threads_held_nowhere_or_a_waker_on_no_known_cpu_keep_vcpu_order() {
-        assert_eq!(wake_order(&[NO_HOME; 3], Some(0)), vec![0, 1, 2]);
-        assert_eq!(wake_order(&[0, 1], None), vec![0, 1]);
     }
 }
