@@ -78,6 +78,14 @@ pub struct KvmVcpu<'a> {
     pub cpuid: &'a CpuId,
 }
 
+/// A CPUID received in a vCPU's state, as KVM takes it.
+pub fn received_cpuid(entries: &[kvm_cpuid_entry2]) -> Result<CpuId, StateError> {
+    CpuId::from_entries(entries).map_err(|e| StateError::Restore {
+        what: "vCPU CPUID".into(),
+        reason: format!("{e:?}"),
+    })
+}
+
 fn save_error(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> StateError {
     move |e| StateError::Save {
         what: what.into(),
@@ -181,10 +189,7 @@ impl Migratable for KvmVcpu<'_> {
         // check found to offer the source's CPU features, so their CPUID is usually the source's
         // already; setting it again costs about 65 µs per vCPU here, inside the downtime.
         if self.cpuid.as_slice() != state.cpuid.as_slice() {
-            let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| StateError::Restore {
-                what: "vCPU CPUID".into(),
-                reason: format!("{e:?}"),
-            })?;
+            let cpuid = received_cpuid(&state.cpuid)?;
             fd.set_cpuid2(&cpuid).map_err(restore_error("vCPU CPUID"))?;
         }
         phases.mark("cpuid");

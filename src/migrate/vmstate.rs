@@ -11,7 +11,7 @@ use super::state::{Migratable, Section, Sections, StateError};
 use super::transit::{self, SavedAt};
 use crate::machine::devices::disk::DiskSection;
 use crate::machine::devices::{lock, PowerButton, Serial, I8042};
-use crate::machine::state::{migratable_msrs, KvmVcpu, KvmVm};
+use crate::machine::state::{migratable_msrs, received_cpuid, KvmVcpu, KvmVm};
 use crate::runtime::vcpus::Queued;
 use crate::runtime::Vm;
 
@@ -200,10 +200,7 @@ fn adopted_cpuids<'a>(
                 return Ok(local.clone());
             }
             differs = true;
-            CpuId::from_entries(received).map_err(|e| StateError::Restore {
-                what: "vCPU CPUID".into(),
-                reason: format!("{e:?}"),
-            })
+            received_cpuid(received)
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(differs.then(|| cpuids.into()))
