@@ -16,11 +16,12 @@ use super::progress::MigrationStatus;
 use super::source::COMMIT_DEADLINE;
 use super::sprint::Sprint;
 use super::transport::{BoxedStream, Listener};
-use super::vmstate::DecodedState;
+use super::vmstate::{DecodedState, RestoringCpus};
 use super::wire::{self, Commit, Committed, Incoming, LaneOffer, Message, WireError};
 use super::{prefault, vmstate, Shared};
 use crate::machine::memory::{GuestMemory, PAGE_SIZE};
 use crate::runtime::priority;
+use crate::runtime::start_gate::{OwnerPlace, StartGate};
 use crate::runtime::vcpu::ACK_DEADLINE;
 use crate::runtime::Vm;
 
@@ -129,9 +130,11 @@ async fn accept_and_receive(
             () = cancel.cancelled() => Err(cancelled()),
         };
         let result = match received {
-            Ok((commit, backed)) => take_over(vm, &mut stream, commit, &clock, shared)
-                .await
-                .map(|run| (run, backed)),
+            Ok((commit, restoring, backed)) => {
+                take_over(vm, &mut stream, commit, restoring, &clock, shared)
+                    .await
+                    .map(|run| (run, backed))
+            }
             Err(error) => Err(error),
         };
         let reason = match result {
@@ -177,34 +180,41 @@ async fn take_over(
     vm: &mut Vm,
     stream: &mut BoxedStream,
     commit: Commit,
+    restoring: Restoring,
     clock: &LocalClock,
     shared: &Shared,
 ) -> Result<bool, ReceiveError> {
     let mut phases = Phases::start();
+    let Restoring { cpus, place } = restoring;
     // The source has let go of the images; without them the guest must not run here (the
-    // error goes back to the source, which then runs it again).
+    // error goes back to the source, which then runs it again). Dropped, the place shuts the
+    // gate, and the vCPUs stay paused.
     vm.machine
         .devices
         .activate_disks()
         .map_err(|e| ReceiveError::Local(format!("cannot take over the disks: {e}")))?;
     phases.mark("disks");
-    // The guest is ours now whether or not the source hears this. It runs before the source is
-    // told, and the source learns since when: on a busy host this side may hear its vCPUs'
+    // The guest is ours now whether or not the source hears this. Its vCPUs go in as soon as
+    // the last of them is restored and this side arrives at their gate, before the source is
+    // told; the source learns since when: on a busy host this side may hear the vCPUs'
     // acknowledgements well after they run the guest, and that is not downtime.
-    let mut running_since = Vec::new();
-    if commit.run && shared.autostart() {
-        match vm.vcpus.resume_at().await {
-            Ok(entered) => running_since = entered,
-            Err(error) => {
-                // Whatever ran stops again, and the source gets its disks back.
-                let _ = vm.vcpus.pause().await;
-                vm.machine.devices.deactivate_disks();
-                return Err(ReceiveError::Local(format!(
-                    "cannot start the vCPUs: {error}"
-                )));
-            }
+    let run = commit.run && shared.autostart();
+    place.arrive(run);
+    phases.mark("arrive");
+    let running_since = match cpus.finish(vm).await {
+        Ok(Some(entered)) => entered,
+        Ok(None) if !run => Vec::new(),
+        started => {
+            let why = match started {
+                Err(error) => format!("cannot take the state: {error}"),
+                _ => "cannot start the vCPUs: they gave up waiting to be let in".into(),
+            };
+            // Whatever ran stops again, and the source gets its disks back.
+            let _ = vm.vcpus.pause().await;
+            vm.machine.devices.deactivate_disks();
+            return Err(ReceiveError::Local(why));
         }
-    }
+    };
     phases.mark("resume");
     shared.finish(MigrationStatus::Completed, None);
     let committed = Committed {
@@ -231,7 +241,7 @@ async fn receive_stream(
     clock: &LocalClock,
     shared: &Arc<Shared>,
     sprint: &mut Option<Sprint>,
-) -> Result<(Commit, Option<prefault::Backed>), ReceiveError> {
+) -> Result<(Commit, Restoring, Option<prefault::Backed>), ReceiveError> {
     // The migration starts when the source connects, not when this side began to wait.
     let started = Instant::now();
     shared.progress().started = Some(started);
@@ -354,8 +364,9 @@ async fn receive_stream(
                     .map_err(|e| ReceiveError::Local(format!("cannot take the state: {e}")))?;
                 let decode_us = decoding.elapsed().as_micros() as u64;
                 tracing::debug!(decode_us, "state decoded");
-                let commit = restore_until_commit(vm, stream, state, lanes.take(), clock).await?;
-                return Ok((commit, backed));
+                let (commit, restoring) =
+                    restore_until_commit(vm, stream, state, lanes.take(), clock).await?;
+                return Ok((commit, restoring, backed));
             }
             Message::Error(reason) => return Err(ReceiveError::SourceFailed(reason)),
             Message::Cancel => return Err(ReceiveError::Cancelled),
@@ -374,12 +385,19 @@ async fn receive_stream(
 /// ends the migration reaches the source as a refusal, and the source runs the guest again.
 const RESTORE_DEADLINE: Duration = Duration::from_secs(3);
 
-// What may follow the restore before the answer goes out: starting the vCPUs, stopping them
-// again if that fails, and the answer itself.
+// What may follow the restore before the answer goes out: collecting the vCPUs' restores and
+// starts, stopping them again if that fails, and the answer itself.
 const _: () = assert!(
     RESTORE_DEADLINE.as_millis() + 2 * ACK_DEADLINE.as_millis() + LAST_WORD_DEADLINE.as_millis()
         < COMMIT_DEADLINE.as_millis()
 );
+
+/// The state being restored: the vCPUs restore themselves and then wait at a gate, which this
+/// side's owner must arrive at (or shut, by dropping its place).
+struct Restoring {
+    cpus: RestoringCpus,
+    place: OwnerPlace,
+}
 
 /// Restores the state while the source hears READY and commits: that round trip, which the
 /// guest would otherwise wait for after the restore, overlaps it. A restore that fails answers
@@ -390,7 +408,7 @@ async fn restore_until_commit(
     state: DecodedState,
     lanes: Option<DestinationLanes>,
     clock: &LocalClock,
-) -> Result<Commit, ReceiveError> {
+) -> Result<(Commit, Restoring), ReceiveError> {
     let began = Instant::now();
     // Polled first, so READY is on its way before the restore wakes the vCPU threads.
     let commit = async {
@@ -407,40 +425,41 @@ async fn restore_until_commit(
         }
     };
     // Every lane has passed its last mark, so a well-behaved source has no page in flight: the
-    // lanes stop while the state is restored. The guest runs only after both, when no lane can
-    // land a page any more.
+    // lanes stop while the state is restored. The guest runs only after both (the owner
+    // arrives at the vCPUs' gate only then), when no lane can land a page any more.
     let restore = async {
+        // The owner and every vCPU.
+        let gate = Arc::new(StartGate::new(vm.vcpus.count() + 1));
+        let place = OwnerPlace::new(gate.clone());
+        let restoring = info_span!("device_state")
+            .in_scope(|| vmstate::restore(vm, state, clock, &gate))
+            .map_err(|error| ReceiveError::Local(error.to_string()));
         let stopping = async {
             if let Some(lanes) = lanes {
                 lanes.stop().await;
             }
         };
-        let restoring = vmstate::restore(vm, state, clock).instrument(info_span!("device_state"));
-        let restored = tokio::time::timeout(RESTORE_DEADLINE, async {
-            tokio::join!(restoring, stopping).0
-        })
-        .await;
+        let stopped = tokio::time::timeout(RESTORE_DEADLINE, stopping).await;
         let elapsed = began.elapsed();
-        // The timeout fires only where the restore awaits; its synchronous steps may overrun.
-        let restored = match restored {
-            Ok(Err(error)) => Err(ReceiveError::Local(error.to_string())),
-            Ok(Ok(())) if elapsed <= RESTORE_DEADLINE => Ok(()),
+        let restoring = match (restoring, stopped) {
+            (Err(error), _) => Err(error),
+            (Ok(cpus), Ok(())) if elapsed <= RESTORE_DEADLINE => Ok(Restoring { cpus, place }),
             _ => Err(ReceiveError::Local(format!(
                 "restoring the state and ending the page connections took more than {} s",
                 RESTORE_DEADLINE.as_secs()
             ))),
         };
-        (restored, elapsed.as_micros() as u64)
+        (restoring, elapsed.as_micros() as u64)
     };
-    let (commit, (restored, restored_us)) = tokio::join!(commit, restore);
+    let (commit, (restoring, queued_us)) = tokio::join!(commit, restore);
     let (commit, committed_us) = commit?;
-    restored?;
+    let restoring = restoring?;
     tracing::debug!(
-        restored_us,
+        queued_us,
         committed_us,
-        "state restored while the source committed"
+        "vCPU restores queued while the source committed"
     );
-    Ok(commit)
+    Ok((commit, restoring))
 }
 
 /// Accepts the page connections the source offered. A source that fails to open them, or is

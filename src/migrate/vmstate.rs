@@ -12,7 +12,8 @@ use super::transit::{self, SavedAt};
 use crate::machine::devices::disk::DiskSection;
 use crate::machine::devices::{lock, PowerButton, Serial, I8042};
 use crate::machine::state::{migratable_msrs, received_cpuid, KvmVcpu, KvmVm};
-use crate::runtime::vcpus::Queued;
+use crate::runtime::start_gate::StartGate;
+use crate::runtime::vcpus::{Queued, Starting};
 use crate::runtime::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -206,9 +207,17 @@ fn adopted_cpuids<'a>(
     Ok(differs.then(|| cpuids.into()))
 }
 
-/// Restores every part of the (paused) VM from `state`. Clocks and timers run on by the time
-/// since the source saved them (on `clock`).
-pub async fn restore(vm: &Vm, state: DecodedState, clock: &LocalClock) -> Result<(), VmStateError> {
+/// Restores the (paused) VM from `state` and starts its vCPUs behind `gate`: the in-kernel
+/// chips and the devices here and now, each vCPU on its own thread, which goes into the guest
+/// as soon as the gate opens. Returns once the vCPUs' restores are queued; [`RestoringCpus`]
+/// collects them. Clocks and timers run on by the time since the source saved them (on
+/// `clock`).
+pub fn restore(
+    vm: &Vm,
+    state: DecodedState,
+    clock: &LocalClock,
+    gate: &Arc<StartGate>,
+) -> Result<RestoringCpus, VmStateError> {
     let mut phases = Phases::start();
     let DecodedState {
         saved_at,
@@ -223,13 +232,27 @@ pub async fn restore(vm: &Vm, state: DecodedState, clock: &LocalClock) -> Result
     chips.age(clock.since(saved_at.chips_ns));
     KvmVm(&vm.machine.vm).restore_state(chips)?;
     phases.mark("kvm");
+    // The devices before the vCPUs, which may run the guest as soon as they are restored. The
+    // power button raises its line again, which the IOAPIC would deliver (to a LAPIC whose
+    // restore comes after) only if the saved state held the line raised, unmasked, neither
+    // delivered nor awaiting an EOI: a combination KVM never leaves, as it delivers such a line
+    // at once.
+    let devices = &vm.machine.devices;
+    lock(&devices.serial).restore_state(serial)?;
+    lock(&devices.i8042).restore_state(())?;
+    lock(&devices.power_button).restore_state(power_button)?;
+    for (disk, state) in devices.disks.iter().zip(disks) {
+        DiskSection(disk).restore_state(state)?;
+    }
+    // Restored BARs may sit elsewhere than where this side allocated them.
+    devices.pci.update_windows();
+    phases.mark("devices");
     let vcpus = Arc::new(vcpus);
     let msr_list: Arc<[u32]> = Arc::from([]);
     let cpuids = vm.machine.cpuids();
     let clock = *clock;
-    let results = vm
-        .vcpus
-        .on_each(move |index, fd| {
+    let starting = vm.vcpus.start_after(
+        move |index, fd| {
             let mut state = lock(&vcpus[index as usize])
                 .take()
                 .ok_or_else(|| StateError::Missing(vcpu_id(index)))?;
@@ -241,25 +264,42 @@ pub async fn restore(vm: &Vm, state: DecodedState, clock: &LocalClock) -> Result
                 cpuid: &cpuids[index as usize],
             }
             .restore_state(state)
-        })
-        .await?;
-    results.into_iter().collect::<Result<Vec<()>, _>>()?;
-    if let Some(adopted) = adopted_cpuids {
-        vm.machine.adopt_cpuids(adopted);
+        },
+        gate,
+    )?;
+    phases.mark("queue");
+    Ok(RestoringCpus {
+        starting,
+        adopted_cpuids,
+        phases,
+    })
+}
+
+/// The vCPUs' restores, under way on their threads, each vCPU then waiting at the gate.
+pub struct RestoringCpus {
+    starting: Starting<Result<(), StateError>>,
+    adopted_cpuids: Option<Arc<[CpuId]>>,
+    phases: Phases,
+}
+
+impl RestoringCpus {
+    /// Waits for every vCPU's restore and for the vCPUs at the gate (the owner has arrived at it
+    /// or shut it). Returns when each vCPU went into the guest, if the gate opened.
+    pub async fn finish(self, vm: &mut Vm) -> Result<Option<Vec<Instant>>, VmStateError> {
+        let Self {
+            starting,
+            adopted_cpuids,
+            mut phases,
+        } = self;
+        let (restored, entered) = vm.vcpus.finish_start(starting).await?;
+        restored.into_iter().collect::<Result<Vec<()>, _>>()?;
+        if let Some(adopted) = adopted_cpuids {
+            vm.machine.adopt_cpuids(adopted);
+        }
+        phases.mark("vcpus");
+        tracing::debug!(%phases, "VM state restored (µs)");
+        Ok(entered)
     }
-    phases.mark("vcpus");
-    let devices = &vm.machine.devices;
-    lock(&devices.serial).restore_state(serial)?;
-    lock(&devices.i8042).restore_state(())?;
-    lock(&devices.power_button).restore_state(power_button)?;
-    for (disk, state) in devices.disks.iter().zip(disks) {
-        DiskSection(disk).restore_state(state)?;
-    }
-    // Restored BARs may sit elsewhere than where this side allocated them.
-    devices.pci.update_windows();
-    phases.mark("devices");
-    tracing::debug!(%phases, "VM state restored (µs)");
-    Ok(())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod control;
 pub mod launch;
 pub mod priority;
 pub mod run_delay;
+pub mod start_gate;
 pub mod throttle;
 pub mod vcpu;
 pub mod vcpus;

@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::run_delay::RunDelay;
+use super::start_gate::{StartGate, START_GATE_TIMEOUT};
 use super::throttle::Throttle;
 use super::{GuestEvent, GuestEvents};
 use crate::machine::devices::Devices;
@@ -42,6 +43,13 @@ pub enum VcpuEvent {
         measure: bool,
     },
     Resume(oneshot::Sender<Instant>),
+    /// Goes into the guest once `gate` opens, or stays paused if it shuts; acknowledged with
+    /// when the vCPU went in, if it did. The thread waits at the gate, so the owner must open
+    /// or shut it before it asks anything else of the vCPU.
+    StartAt {
+        gate: Arc<StartGate>,
+        ack: oneshot::Sender<Option<Instant>>,
+    },
     /// Runs the task on the paused vCPU; refused (dropped) while the vCPU runs.
     Run(VcpuTask),
     Finish,
@@ -332,19 +340,19 @@ impl VcpuThread {
                 RunState::Paused
             }
             VcpuEvent::Resume(ack) => {
-                let now = if matches!(state, RunState::Paused) {
-                    self.tell_guest_it_was_stopped();
-                    // What the last exit said is of the previous run: a pause handled before
-                    // the next `KVM_RUN` must not date the guest's stop from it.
-                    self.out_since = None;
-                    let now = Instant::now();
-                    self.resumed_at = Some(now);
-                    now
-                } else {
-                    Instant::now()
-                };
-                let _ = ack.send(now);
+                let _ = ack.send(self.enter(matches!(state, RunState::Paused)));
                 RunState::Running
+            }
+            VcpuEvent::StartAt { gate, ack } => {
+                let open = matches!(state, RunState::Running)
+                    || gate.wait(Instant::now() + START_GATE_TIMEOUT);
+                if open {
+                    let _ = ack.send(Some(self.enter(matches!(state, RunState::Paused))));
+                    RunState::Running
+                } else {
+                    let _ = ack.send(None);
+                    state
+                }
             }
             VcpuEvent::Run(task) => {
                 if matches!(state, RunState::Paused) {
@@ -355,6 +363,21 @@ impl VcpuThread {
                 state
             }
             VcpuEvent::Finish => RunState::Finished,
+        }
+    }
+
+    /// Readies a paused vCPU to go back into the guest; returns when it goes.
+    fn enter(&mut self, paused: bool) -> Instant {
+        if paused {
+            self.tell_guest_it_was_stopped();
+            // What the last exit said is of the previous run: a pause handled before the next
+            // `KVM_RUN` must not date the guest's stop from it.
+            self.out_since = None;
+            let now = Instant::now();
+            self.resumed_at = Some(now);
+            now
+        } else {
+            Instant::now()
         }
     }
 

@@ -8,6 +8,7 @@ use kvm_ioctls::VcpuFd;
 use tokio::sync::oneshot;
 
 use super::run_delay::RunDelay;
+use super::start_gate::StartGate;
 use super::throttle::Throttle;
 use super::vcpu::{Kicker, PauseAck, VcpuError, VcpuEvent, VcpuHandle, ACK_DEADLINE};
 use super::GuestEvents;
@@ -245,6 +246,59 @@ impl Vcpus {
         collect(answers).await
     }
 
+    /// Runs `work` on every paused vCPU's thread, after which each vCPU goes into the guest on
+    /// its own as soon as `gate` opens, without waiting for the owner. Each arrives at the gate
+    /// as its work ends, ready if the work succeeded: the gate opens only once every vCPU's
+    /// work succeeded and the owner arrived too. Returns at once; the owner must arrive at the
+    /// gate or shut it, and then hand the result to [`Vcpus::finish_start`].
+    pub fn start_after<T, E, F>(
+        &self,
+        work: F,
+        gate: &Arc<StartGate>,
+    ) -> Result<Starting<Result<T, E>>, VcpuError>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+        F: Fn(u32, &mut VcpuFd) -> Result<T, E> + Send + Sync + 'static,
+    {
+        let arriving = gate.clone();
+        let work = Arc::new(move |index: u32, vcpu: &mut VcpuFd| {
+            let result = work(index, vcpu);
+            arriving.arrive(result.is_ok());
+            result
+        });
+        let mut answers = Vec::with_capacity(self.handles.len());
+        let mut entries = Vec::with_capacity(self.handles.len());
+        for handle in &self.handles {
+            let (ack, entered) = oneshot::channel();
+            handle.queue(task(handle.index, work.clone(), &mut answers))?;
+            handle.send(VcpuEvent::StartAt {
+                gate: gate.clone(),
+                ack,
+            })?;
+            entries.push((handle.index, entered));
+        }
+        Ok(Starting { answers, entries })
+    }
+
+    /// Waits for the work [`Vcpus::start_after`] queued and for the vCPUs at the gate, all
+    /// within one [`ACK_DEADLINE`]. Returns the work's results and, if the gate opened, when
+    /// each vCPU went into the guest, in vCPU order.
+    pub async fn finish_start<T>(
+        &mut self,
+        starting: Starting<T>,
+    ) -> Result<(Vec<T>, Option<Vec<Instant>>), VcpuError> {
+        let deadline = tokio::time::Instant::now() + ACK_DEADLINE;
+        let results = collect_by(starting.answers, deadline).await?;
+        let entries = collect_by(starting.entries, deadline).await?;
+        // The gate lets every vCPU in or none.
+        let entered: Option<Vec<Instant>> = entries.into_iter().collect();
+        if entered.is_some() {
+            self.running = true;
+        }
+        Ok((results, entered))
+    }
+
     /// Ends every vCPU thread and waits for each (bounded).
     pub fn finish(&mut self) {
         for handle in &mut self.handles {
@@ -264,6 +318,12 @@ impl<T> Queued<T> {
     pub async fn collect(self) -> Result<Vec<T>, VcpuError> {
         collect(self.answers).await
     }
+}
+
+/// Work queued on the vCPU threads ahead of their start at a gate.
+pub struct Starting<T> {
+    answers: Vec<(u32, oneshot::Receiver<T>)>,
+    entries: Vec<(u32, oneshot::Receiver<Option<Instant>>)>,
 }
 
 /// Pauses sent, awaiting their acknowledgements.
@@ -314,7 +374,13 @@ where
 /// Waits for every vCPU's answer, all within one [`ACK_DEADLINE`]: the vCPUs work in parallel,
 /// and a deadline per answer would let many slow vCPUs add up past what callers allow.
 async fn collect<T>(answers: Vec<(u32, oneshot::Receiver<T>)>) -> Result<Vec<T>, VcpuError> {
-    let deadline = tokio::time::Instant::now() + ACK_DEADLINE;
+    collect_by(answers, tokio::time::Instant::now() + ACK_DEADLINE).await
+}
+
+async fn collect_by<T>(
+    answers: Vec<(u32, oneshot::Receiver<T>)>,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<T>, VcpuError> {
     let mut values = Vec::with_capacity(answers.len());
     for (index, answer) in answers {
         match tokio::time::timeout_at(deadline, answer).await {
