@@ -16,12 +16,12 @@ use super::progress::MigrationStatus;
 use super::source::COMMIT_DEADLINE;
 use super::sprint::Sprint;
 use super::transport::{BoxedStream, Listener};
-use super::vmstate::{DecodedState, RestoringCpus};
+use super::vmstate::{DecodedState, RestoringCpus, VmStateError};
 use super::wire::{self, Commit, Committed, Incoming, LaneOffer, Message, WireError};
 use super::{prefault, vmstate, Shared};
 use crate::machine::memory::{GuestMemory, PAGE_SIZE};
 use crate::runtime::priority;
-use crate::runtime::start_gate::{OwnerPlace, StartGate};
+use crate::runtime::start_gate::{OwnerPlace, StartGate, START_GATE_TIMEOUT};
 use crate::runtime::vcpu::ACK_DEADLINE;
 use crate::runtime::Vm;
 
@@ -97,10 +97,10 @@ async fn last_word(stream: &mut BoxedStream, message: &Message) {
     let _ = tokio::time::timeout(LAST_WORD_DEADLINE, wire::write_message(stream, message)).await;
 }
 
-/// Cancellable until the source's COMMIT is in and the state restored (a cancel after READY
-/// answers the COMMIT with ERROR, which the source takes as a refusal): from then on only
-/// the commit's own fate decides where the guest runs, as on the source. A failure ends the migration here before the
-/// source hears of it, as a completion does.
+/// Cancellable until the source's COMMIT is in and the vCPUs' restores are queued (a cancel
+/// after READY answers the COMMIT with ERROR, which the source takes as a refusal): from then on
+/// only the commit's own fate decides where the guest runs, as on the source. A failure ends the
+/// migration here before the source hears of it, as a completion does.
 async fn accept_and_receive(
     vm: &mut Vm,
     listener: Listener,
@@ -186,36 +186,25 @@ async fn take_over(
 ) -> Result<bool, ReceiveError> {
     let mut phases = Phases::start();
     let Restoring { cpus, place } = restoring;
-    // The source has let go of the images; without them the guest must not run here (the
-    // error goes back to the source, which then runs it again). Dropped, the place shuts the
-    // gate, and the vCPUs stay paused.
-    vm.machine
-        .devices
-        .activate_disks()
-        .map_err(|e| ReceiveError::Local(format!("cannot take over the disks: {e}")))?;
-    phases.mark("disks");
-    // The guest is ours now whether or not the source hears this. Its vCPUs go in as soon as
-    // the last of them is restored and this side arrives at their gate, before the source is
-    // told; the source learns since when: on a busy host this side may hear the vCPUs'
-    // acknowledgements well after they run the guest, and that is not downtime.
+    let gate = place.gate();
     let run = commit.run && shared.autostart();
-    place.arrive(run);
-    phases.mark("arrive");
-    let running_since = match cpus.finish(vm).await {
-        Ok(Some(entered)) => entered,
-        Ok(None) if !run => Vec::new(),
-        started => {
-            let why = match started {
-                Err(error) => format!("cannot take the state: {error}"),
-                _ => "cannot start the vCPUs: they gave up waiting to be let in".into(),
-            };
-            // Whatever ran stops again, and the source gets its disks back.
+    let mut disks_taken = false;
+    let running_since = match start(vm, cpus, place, run, &mut disks_taken, &mut phases).await {
+        Ok(since) => since,
+        Err(why) => {
+            // No vCPU is left waiting out its time at the gate; any that went in stops again,
+            // and the source gets its disks back.
+            if gate.shut() {
+                tracing::error!("the guest ran here before its start failed; pausing it");
+            }
             let _ = vm.vcpus.pause().await;
-            vm.machine.devices.deactivate_disks();
+            if disks_taken {
+                vm.machine.devices.deactivate_disks();
+            }
             return Err(ReceiveError::Local(why));
         }
     };
-    phases.mark("resume");
+    phases.mark("start");
     shared.finish(MigrationStatus::Completed, None);
     let committed = Committed {
         vcpus_running_at_ns: running_since.iter().map(|&t| clock.at(t)).collect(),
@@ -230,6 +219,49 @@ async fn take_over(
         .map(|t| t.elapsed().as_micros() as u64);
     tracing::debug!(%phases, running_us, "commit steps (µs)");
     Ok(commit.run)
+}
+
+/// Takes the disks and lets the restored vCPUs in (if `run`); returns when each went into the
+/// guest (none if not `run`), or why the guest cannot run here.
+async fn start(
+    vm: &mut Vm,
+    cpus: RestoringCpus,
+    place: OwnerPlace,
+    run: bool,
+    disks_taken: &mut bool,
+    phases: &mut Phases,
+) -> Result<Vec<Instant>, String> {
+    // A vCPU whose restore failed has shut the gate already: the disks stay with the source,
+    // and the failure is collected below.
+    if place.gate().is_shut() {
+        drop(place);
+    } else {
+        // The source has let go of the images; without them the guest must not run here.
+        // Dropped on this error, the place shuts the gate.
+        vm.machine
+            .devices
+            .activate_disks()
+            .map_err(|e| format!("cannot take over the disks: {e}"))?;
+        *disks_taken = true;
+        phases.mark("disks");
+        // The guest is ours now whether or not the source hears this. Its vCPUs go in as soon
+        // as the last of them is restored and this side arrives at their gate, before the
+        // source is told; the source learns since when: on a busy host this side may hear the
+        // vCPUs' acknowledgements well after they run the guest, and that is not downtime.
+        place.arrive(run);
+        phases.mark("arrive");
+    }
+    match cpus.finish(vm).await {
+        Ok(Some(entered)) => Ok(entered),
+        Ok(None) if !run => Ok(Vec::new()),
+        Ok(None) => Err(format!(
+            "cannot start the vCPUs: one of them gave up waiting to be let into the guest \
+             (after {} s)",
+            START_GATE_TIMEOUT.as_secs()
+        )),
+        Err(VmStateError::Vcpu(error)) => Err(format!("cannot start the vCPUs: {error}")),
+        Err(error) => Err(format!("cannot take the state: {error}")),
+    }
 }
 
 /// Reads and answers on the one unsplit `stream`: the two never overlap, and page data is read
@@ -392,6 +424,12 @@ const _: () = assert!(
         < COMMIT_DEADLINE.as_millis()
 );
 
+// A vCPU waits at the gate from its restore on; the owner, if it ever arrives, does so once the
+// source's COMMIT is in, and the source waits no longer than its deadline for the answer.
+const _: () = assert!(
+    START_GATE_TIMEOUT.as_millis() > RESTORE_DEADLINE.as_millis() + COMMIT_DEADLINE.as_millis()
+);
+
 /// The state being restored: the vCPUs restore themselves and then wait at a gate, which this
 /// side's owner must arrive at (or shut, by dropping its place).
 struct Restoring {
@@ -400,8 +438,8 @@ struct Restoring {
 }
 
 /// Restores the state while the source hears READY and commits: that round trip, which the
-/// guest would otherwise wait for after the restore, overlaps it. A restore that fails answers
-/// the COMMIT with ERROR, and the source runs the guest again.
+/// guest would otherwise wait for after the restore, overlaps it. A restore that fails, here or
+/// later on a vCPU's thread, answers the COMMIT with ERROR, and the source runs the guest again.
 async fn restore_until_commit(
     vm: &Vm,
     stream: &mut BoxedStream,

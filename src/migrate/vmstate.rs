@@ -232,8 +232,8 @@ pub fn restore(
     chips.age(clock.since(saved_at.chips_ns));
     KvmVm(&vm.machine.vm).restore_state(chips)?;
     phases.mark("kvm");
-    // The devices before the vCPUs, which may run the guest as soon as they are restored. The
-    // power button raises its line again, which the IOAPIC would deliver (to a LAPIC whose
+    // The devices before the vCPUs' restores are queued: their threads' KVM calls then never
+    // overlap this side's device restores, which need no vCPU. The power button raises its line again, which the IOAPIC would deliver (to a LAPIC whose
     // restore comes after) only if the saved state held the line raised, unmasked, neither
     // delivered nor awaiting an EOI: a combination KVM never leaves, as it delivers such a line
     // at once.
@@ -293,6 +293,8 @@ impl RestoringCpus {
         } = self;
         let (restored, entered) = vm.vcpus.finish_start(starting).await?;
         restored.into_iter().collect::<Result<Vec<()>, _>>()?;
+        // Recorded only now, the guest perhaps running already: nothing reads the record until
+        // the VM migrates again, and a failed restore leaves this side's own.
         if let Some(adopted) = adopted_cpuids {
             vm.machine.adopt_cpuids(adopted);
         }

@@ -42,7 +42,7 @@ pub enum VcpuEvent {
         /// before the pause, and its run-queue delay tells how long before.
         measure: bool,
     },
-    Resume(oneshot::Sender<Instant>),
+    Resume(oneshot::Sender<()>),
     /// Goes into the guest once `gate` opens, or stays paused if it shuts; acknowledged with
     /// when the vCPU went in, if it did. The thread waits at the gate, so the owner must open
     /// or shut it before it asks anything else of the vCPU.
@@ -340,13 +340,19 @@ impl VcpuThread {
                 RunState::Paused
             }
             VcpuEvent::Resume(ack) => {
-                let _ = ack.send(self.enter(matches!(state, RunState::Paused)));
+                self.enter(matches!(state, RunState::Paused));
+                let _ = ack.send(());
                 RunState::Running
             }
             VcpuEvent::StartAt { gate, ack } => {
-                let open = matches!(state, RunState::Running)
-                    || gate.wait(Instant::now() + START_GATE_TIMEOUT);
-                if open {
+                if matches!(state, RunState::Running) {
+                    // It refused the work queued before this, so it runs a state that is not
+                    // the one the gate stands for: nobody goes in.
+                    gate.shut();
+                    let _ = ack.send(None);
+                    return state;
+                }
+                if gate.wait(Instant::now() + START_GATE_TIMEOUT) {
                     let _ = ack.send(Some(self.enter(matches!(state, RunState::Paused))));
                     RunState::Running
                 } else {

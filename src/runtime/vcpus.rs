@@ -80,7 +80,8 @@ impl Vcpus {
         self.handles.len()
     }
 
-    /// Whether the vCPUs run guest code (the last pause or resume that succeeded).
+    /// Whether the vCPUs run guest code (as the last pause, resume or start at a gate that
+    /// succeeded left them).
     pub fn running(&self) -> bool {
         self.running
     }
@@ -188,15 +189,15 @@ impl Vcpus {
 
     /// Lets every vCPU run the guest again.
     pub async fn resume(&mut self) -> Result<(), VcpuError> {
-        self.resume_at().await.map(|_| ())
-    }
-
-    /// Like [`Vcpus::resume`], and says when each vCPU went back into the guest, in vCPU
-    /// order: the owner may hear the acknowledgements much later on a busy host.
-    pub async fn resume_at(&mut self) -> Result<Vec<Instant>, VcpuError> {
-        let entered = self.broadcast(VcpuEvent::Resume).await?;
+        let mut acks = Vec::with_capacity(self.handles.len());
+        for handle in &self.handles {
+            let (ack, acked) = oneshot::channel();
+            handle.send(VcpuEvent::Resume(ack))?;
+            acks.push((handle.index, acked));
+        }
+        collect(acks).await?;
         self.running = true;
-        Ok(entered)
+        Ok(())
     }
 
     /// Pauses every vCPU and runs `work` on each right after, in the same wake-up of its
@@ -216,20 +217,6 @@ impl Vcpus {
             .send_pauses(|handle| handle.queue(task(handle.index, work.clone(), &mut answers)))?;
         self.note_left_guest(pauses).await?;
         Ok(Queued { answers })
-    }
-
-    /// Sends `event` to every vCPU; the acknowledgements' instants, in vCPU order.
-    async fn broadcast(
-        &self,
-        event: fn(oneshot::Sender<Instant>) -> VcpuEvent,
-    ) -> Result<Vec<Instant>, VcpuError> {
-        let mut acks = Vec::with_capacity(self.handles.len());
-        for handle in &self.handles {
-            let (ack, acked) = oneshot::channel();
-            handle.send(event(ack))?;
-            acks.push((handle.index, acked));
-        }
-        collect(acks).await
     }
 
     /// Runs `work` on every (paused) vCPU's thread and collects the results in vCPU order.
