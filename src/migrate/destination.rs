@@ -191,12 +191,17 @@ async fn take_over(
     let mut disks_taken = false;
     let running_since = match start(vm, cpus, place, run, &mut disks_taken, &mut phases).await {
         Ok(since) => since,
+        // The gate opened, so every vCPU was restored and goes in as its thread gets a core,
+        // whatever its late or missing answer says: the guest is this side's. Handed back, an
+        // older copy of it would run on the source after this one had run (and written to
+        // its disks). When the vCPUs went in is unknown; now is an upper bound.
+        Err(why) if gate.shut() => {
+            tracing::error!(reason = %why, "the guest runs here, though its start went wrong");
+            vec![Instant::now(); vm.vcpus.count()]
+        }
         Err(why) => {
-            // No vCPU is left waiting out its time at the gate; any that went in stops again,
-            // and the source gets its disks back.
-            if gate.shut() {
-                tracing::error!("the guest ran here before its start failed; pausing it");
-            }
+            // No vCPU went in, and none is left waiting out its time at the gate; the source
+            // gets its disks back.
             let _ = vm.vcpus.pause().await;
             if disks_taken {
                 vm.machine.devices.deactivate_disks();

@@ -87,6 +87,11 @@ impl StartGate {
         }
     }
 
+    /// Whether the gate opened: every party arrived ready, and each vCPU goes in.
+    pub fn is_open(&self) -> bool {
+        *self.lock() == State::Open
+    }
+
     /// Whether a party shut the gate: nobody goes in any more.
     pub fn is_shut(&self) -> bool {
         *self.lock() == State::Shut

@@ -80,8 +80,8 @@ impl Vcpus {
         self.handles.len()
     }
 
-    /// Whether the vCPUs run guest code (as the last pause, resume or start at a gate that
-    /// succeeded left them).
+    /// Whether the vCPUs run guest code (as the last pause or resume that succeeded, or start
+    /// gate that opened, left them).
     pub fn running(&self) -> bool {
         self.running
     }
@@ -265,25 +265,29 @@ impl Vcpus {
             })?;
             entries.push((handle.index, entered));
         }
-        Ok(Starting { answers, entries })
+        Ok(Starting {
+            answers,
+            entries,
+            gate: gate.clone(),
+        })
     }
 
     /// Waits for the work [`Vcpus::start_after`] queued and for the vCPUs at the gate, all
     /// within one [`ACK_DEADLINE`]. Returns the work's results and, if the gate opened, when
-    /// each vCPU went into the guest, in vCPU order.
+    /// each vCPU went into the guest, in vCPU order. Once the gate has opened the vCPUs count as
+    /// running even if some did not answer in time: each goes in as its thread gets a core.
     pub async fn finish_start<T>(
         &mut self,
         starting: Starting<T>,
     ) -> Result<(Vec<T>, Option<Vec<Instant>>), VcpuError> {
         let deadline = tokio::time::Instant::now() + ACK_DEADLINE;
-        let results = collect_by(starting.answers, deadline).await?;
-        let entries = collect_by(starting.entries, deadline).await?;
-        // The gate lets every vCPU in or none.
-        let entered: Option<Vec<Instant>> = entries.into_iter().collect();
-        if entered.is_some() {
+        let results = collect_by(starting.answers, deadline).await;
+        let entries = collect_by(starting.entries, deadline).await;
+        if starting.gate.is_open() {
             self.running = true;
         }
-        Ok((results, entered))
+        // The gate lets every vCPU in or none.
+        Ok((results?, entries?.into_iter().collect()))
     }
 
     /// Ends every vCPU thread and waits for each (bounded).
@@ -311,6 +315,7 @@ impl<T> Queued<T> {
 pub struct Starting<T> {
     answers: Vec<(u32, oneshot::Receiver<T>)>,
     entries: Vec<(u32, oneshot::Receiver<Option<Instant>>)>,
+    gate: Arc<StartGate>,
 }
 
 /// Pauses sent, awaiting their acknowledgements.
