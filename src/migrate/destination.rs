@@ -186,28 +186,40 @@ async fn take_over(
 ) -> Result<bool, ReceiveError> {
     let mut phases = Phases::start();
     let Restoring { cpus, place } = restoring;
-    let gate = place.gate();
+    // The source has let go of the images; without them the guest must not run here (the
+    // error goes back to the source, which then runs it again). Dropped, the place shuts the
+    // gate, and the vCPUs stay paused.
+    vm.machine
+        .devices
+        .activate_disks()
+        .map_err(|e| ReceiveError::Local(format!("cannot take over the disks: {e}")))?;
+    phases.mark("disks");
+    // The guest is ours now whether or not the source hears this. Its vCPUs go in as soon as
+    // the last of them is restored and this side arrives at their gate, before the source is
+    // told; the source learns since when: on a busy host this side may hear the vCPUs'
+    // acknowledgements well after they run the guest, and that is not downtime.
     let run = commit.run && shared.autostart();
-    let mut disks_taken = false;
-    let running_since = match start(vm, cpus, place, run, &mut disks_taken, &mut phases).await {
-        Ok(since) => since,
-        // The gate opened, so every vCPU was restored and goes in as its thread gets a core,
-        // whatever its late or missing answer says: the guest is this side's. Handed back, an
-        // older copy of it would run on the source after this one had run (and written to
-        // its disks). When the vCPUs went in is unknown; now is an upper bound.
-        Err(why) if gate.shut() => {
-            tracing::error!(reason = %why, "the guest runs here, though its start went wrong");
-            vec![Instant::now(); vm.vcpus.count()]
+    place.arrive(run);
+    phases.mark("arrive");
+    let (restored, started) = cpus.finish(vm).await;
+    let running_since = if started.opened {
+        // Every vCPU was restored and goes in, whatever a late answer says: the guest is this
+        // side's. Handed back, an older copy of it would run on the source after this one had
+        // run (and written to its disks).
+        if let Err(error) = &restored {
+            tracing::error!(%error, "the guest runs here, though not every vCPU answered in time");
         }
-        Err(why) => {
-            // No vCPU went in, and none is left waiting out its time at the gate; the source
-            // gets its disks back.
-            let _ = vm.vcpus.pause().await;
-            if disks_taken {
-                vm.machine.devices.deactivate_disks();
-            }
-            return Err(ReceiveError::Local(why));
-        }
+        // Approximate for a vCPU that did not answer; the source bounds it by its own clock.
+        started
+            .entered
+            .unwrap_or_else(|| vec![Instant::now(); vm.vcpus.count()])
+    } else if let Some(why) = start_failure(restored, run) {
+        // No vCPU went in, nor will: the gate is shut. The source gets its disks back.
+        let _ = vm.vcpus.pause().await;
+        vm.machine.devices.deactivate_disks();
+        return Err(ReceiveError::Local(why));
+    } else {
+        Vec::new()
     };
     phases.mark("start");
     shared.finish(MigrationStatus::Completed, None);
@@ -226,46 +238,21 @@ async fn take_over(
     Ok(commit.run)
 }
 
-/// Takes the disks and lets the restored vCPUs in (if `run`); returns when each went into the
-/// guest (none if not `run`), or why the guest cannot run here.
-async fn start(
-    vm: &mut Vm,
-    cpus: RestoringCpus,
-    place: OwnerPlace,
-    run: bool,
-    disks_taken: &mut bool,
-    phases: &mut Phases,
-) -> Result<Vec<Instant>, String> {
-    // A vCPU whose restore failed has shut the gate already: the disks stay with the source,
-    // and the failure is collected below.
-    if place.gate().is_shut() {
-        drop(place);
-    } else {
-        // The source has let go of the images; without them the guest must not run here.
-        // Dropped on this error, the place shuts the gate.
-        vm.machine
-            .devices
-            .activate_disks()
-            .map_err(|e| format!("cannot take over the disks: {e}"))?;
-        *disks_taken = true;
-        phases.mark("disks");
-        // The guest is ours now whether or not the source hears this. Its vCPUs go in as soon
-        // as the last of them is restored and this side arrives at their gate, before the
-        // source is told; the source learns since when: on a busy host this side may hear the
-        // vCPUs' acknowledgements well after they run the guest, and that is not downtime.
-        place.arrive(run);
-        phases.mark("arrive");
-    }
-    match cpus.finish(vm).await {
-        Ok(Some(entered)) => Ok(entered),
-        Ok(None) if !run => Ok(Vec::new()),
-        Ok(None) => Err(format!(
+/// Why a guest whose vCPUs' gate did not open cannot stay here, if it cannot: the restores
+/// failed, or the guest was to run and a vCPU gave up waiting to be let in. A guest not to be
+/// run stays, paused, once every vCPU is restored.
+fn start_failure(restored: Result<(), VmStateError>, run: bool) -> Option<String> {
+    match restored {
+        Err(VmStateError::Vcpu(error)) => {
+            Some(format!("cannot restore and start the vCPUs: {error}"))
+        }
+        Err(error) => Some(format!("cannot take the state: {error}")),
+        Ok(()) if run => Some(format!(
             "cannot start the vCPUs: one of them gave up waiting to be let into the guest \
              (after {} s)",
             START_GATE_TIMEOUT.as_secs()
         )),
-        Err(VmStateError::Vcpu(error)) => Err(format!("cannot start the vCPUs: {error}")),
-        Err(error) => Err(format!("cannot take the state: {error}")),
+        Ok(()) => None,
     }
 }
 
@@ -429,8 +416,10 @@ const _: () = assert!(
         < COMMIT_DEADLINE.as_millis()
 );
 
-// A vCPU waits at the gate from its restore on; the owner, if it ever arrives, does so once the
-// source's COMMIT is in, and the source waits no longer than its deadline for the answer.
+// A vCPU waits at the gate from its restore on, which this side queues as it sends READY; a
+// source commits as soon as it reads READY, and waits for the answer no longer than its
+// deadline. A vCPU gives up only well past that, so only a source stalled for longer (and
+// then answered with ERROR) meets a gate shut by a vCPU.
 const _: () = assert!(
     START_GATE_TIMEOUT.as_millis() > RESTORE_DEADLINE.as_millis() + COMMIT_DEADLINE.as_millis()
 );
@@ -629,5 +618,39 @@ fn describe(message: &Message) -> String {
         Message::Zeros(runs) => format!("ZEROS ({} runs)", runs.len()),
         Message::State(sections) => format!("STATE ({} sections)", sections.len()),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::state::StateError;
+    use crate::runtime::vcpu::VcpuError;
+
+    #[test]
+    fn a_guest_not_to_run_stays_paused_once_every_vcpu_is_restored() {
+        assert_eq!(start_failure(Ok(()), false), None);
+    }
+
+    #[test]
+    fn a_guest_to_run_that_was_not_let_in_does_not_stay() {
+        let why = start_failure(Ok(()), true).expect("a guest to run must have run");
+        assert!(why.contains("gave up waiting"), "{why}");
+    }
+
+    #[test]
+    fn a_failed_or_silent_restore_never_stays_run_or_not() {
+        for run in [false, true] {
+            let failed = StateError::Restore {
+                what: "vcpu1".into(),
+                reason: "bad sregs".into(),
+            };
+            let why =
+                start_failure(Err(failed.into()), run).expect("a failed restore must not stay");
+            assert!(why.starts_with("cannot take the state"), "{why}");
+            let silent = VcpuError::Timeout { index: 1 };
+            let why = start_failure(Err(silent.into()), run).expect("a silent vCPU must not stay");
+            assert!(why.contains("vCPU 1 did not answer"), "{why}");
+        }
     }
 }

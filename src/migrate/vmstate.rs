@@ -13,7 +13,7 @@ use crate::machine::devices::disk::DiskSection;
 use crate::machine::devices::{lock, PowerButton, Serial, I8042};
 use crate::machine::state::{migratable_msrs, received_cpuid, KvmVcpu, KvmVm};
 use crate::runtime::start_gate::StartGate;
-use crate::runtime::vcpus::{Queued, Starting};
+use crate::runtime::vcpus::{GateOutcome, Queued, Starting};
 use crate::runtime::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -232,11 +232,11 @@ pub fn restore(
     chips.age(clock.since(saved_at.chips_ns));
     KvmVm(&vm.machine.vm).restore_state(chips)?;
     phases.mark("kvm");
-    // The devices before the vCPUs' restores are queued: their threads' KVM calls then never
-    // overlap this side's device restores, which need no vCPU. The power button raises its line again, which the IOAPIC would deliver (to a LAPIC whose
-    // restore comes after) only if the saved state held the line raised, unmasked, neither
-    // delivered nor awaiting an EOI: a combination KVM never leaves, as it delivers such a line
-    // at once.
+    // The devices before the vCPUs' restores are queued, which their threads' KVM calls then
+    // never overlap. The power button raises its line again, which the IOAPIC would deliver
+    // (to a LAPIC whose restore comes after) only if the saved state held the line raised,
+    // unmasked, neither delivered nor awaiting an EOI: a combination KVM never leaves, as it
+    // delivers such a line at once.
     let devices = &vm.machine.devices;
     lock(&devices.serial).restore_state(serial)?;
     lock(&devices.i8042).restore_state(())?;
@@ -284,23 +284,29 @@ pub struct RestoringCpus {
 
 impl RestoringCpus {
     /// Waits for every vCPU's restore and for the vCPUs at the gate (the owner has arrived at it
-    /// or shut it). Returns when each vCPU went into the guest, if the gate opened.
-    pub async fn finish(self, vm: &mut Vm) -> Result<Option<Vec<Instant>>, VmStateError> {
+    /// or shut it). Returns whether every restore succeeded and answered in time, and how the
+    /// start went.
+    pub async fn finish(self, vm: &mut Vm) -> (Result<(), VmStateError>, GateOutcome) {
         let Self {
             starting,
             adopted_cpuids,
             mut phases,
         } = self;
-        let (restored, entered) = vm.vcpus.finish_start(starting).await?;
-        restored.into_iter().collect::<Result<Vec<()>, _>>()?;
-        // Recorded only now, the guest perhaps running already: nothing reads the record until
-        // the VM migrates again, and a failed restore leaves this side's own.
-        if let Some(adopted) = adopted_cpuids {
-            vm.machine.adopt_cpuids(adopted);
+        let (answers, outcome) = vm.vcpus.finish_start(starting).await;
+        let restored = answers
+            .map_err(VmStateError::from)
+            .and_then(|answers| Ok(answers.into_iter().collect::<Result<(), _>>()?));
+        // The gate opens only once every restore succeeded, answered in time or not. Recorded
+        // only now, the guest perhaps running already: nothing reads the record until the VM
+        // migrates again, and a guest that does not stay here leaves this side's own.
+        if restored.is_ok() || outcome.opened {
+            if let Some(adopted) = adopted_cpuids {
+                vm.machine.adopt_cpuids(adopted);
+            }
         }
         phases.mark("vcpus");
         tracing::debug!(%phases, "VM state restored (µs)");
-        Ok(entered)
+        (restored, outcome)
     }
 }
 

@@ -33,8 +33,9 @@ pub const ACK_DEADLINE: Duration = Duration::from_secs(2);
 pub type VcpuTask = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 /// What the owner asks of a vCPU thread. Each carries the channel its acknowledgement goes on;
-/// a pause is acknowledged with what tells when the vCPU left the guest, a resume with when it
-/// goes back in (the edges of the guest's blackout, for the downtime a migration reports).
+/// a pause is acknowledged with what tells when the vCPU left the guest, a start at a gate with
+/// when it went back in (the edges of the guest's blackout, for the downtime a migration
+/// reports).
 pub enum VcpuEvent {
     Pause {
         ack: oneshot::Sender<PauseAck>,

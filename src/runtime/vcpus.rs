@@ -273,21 +273,27 @@ impl Vcpus {
     }
 
     /// Waits for the work [`Vcpus::start_after`] queued and for the vCPUs at the gate, all
-    /// within one [`ACK_DEADLINE`]. Returns the work's results and, if the gate opened, when
-    /// each vCPU went into the guest, in vCPU order. Once the gate has opened the vCPUs count as
-    /// running even if some did not answer in time: each goes in as its thread gets a core.
+    /// within one [`ACK_DEADLINE`], then settles the gate: the owner has arrived or left by
+    /// now, and a vCPU whose work ends later stays out. Returns the work's results (in vCPU
+    /// order, unless a vCPU did not answer in time) and how the start went.
     pub async fn finish_start<T>(
         &mut self,
         starting: Starting<T>,
-    ) -> Result<(Vec<T>, Option<Vec<Instant>>), VcpuError> {
+    ) -> (Result<Vec<T>, VcpuError>, GateOutcome) {
         let deadline = tokio::time::Instant::now() + ACK_DEADLINE;
         let results = collect_by(starting.answers, deadline).await;
         let entries = collect_by(starting.entries, deadline).await;
-        if starting.gate.is_open() {
+        let opened = starting.gate.shut();
+        if opened {
+            // Every vCPU goes in as its thread gets a core, whether or not it answered.
             self.running = true;
         }
-        // The gate lets every vCPU in or none.
-        Ok((results?, entries?.into_iter().collect()))
+        let entered = match entries {
+            // The gate lets every vCPU in or none.
+            Ok(entries) if opened => entries.into_iter().collect(),
+            _ => None,
+        };
+        (results, GateOutcome { opened, entered })
     }
 
     /// Ends every vCPU thread and waits for each (bounded).
@@ -316,6 +322,15 @@ pub struct Starting<T> {
     answers: Vec<(u32, oneshot::Receiver<T>)>,
     entries: Vec<(u32, oneshot::Receiver<Option<Instant>>)>,
     gate: Arc<StartGate>,
+}
+
+/// How the vCPUs' start at a gate ended.
+#[derive(Debug)]
+pub struct GateOutcome {
+    /// Every vCPU and the owner arrived ready: the guest runs.
+    pub opened: bool,
+    /// When each vCPU went into the guest, in vCPU order, if every one said so in time.
+    pub entered: Option<Vec<Instant>>,
 }
 
 /// Pauses sent, awaiting their acknowledgements.
