@@ -21,7 +21,7 @@ use super::wire::{self, Commit, Committed, Incoming, LaneOffer, Message, WireErr
 use super::{prefault, vmstate, Shared};
 use crate::machine::memory::{GuestMemory, PAGE_SIZE};
 use crate::runtime::priority;
-use crate::runtime::start_gate::{OwnerPlace, StartGate, START_GATE_TIMEOUT};
+use crate::runtime::start_gate::{Place, StartGate, START_GATE_TIMEOUT};
 use crate::runtime::vcpu::ACK_DEADLINE;
 use crate::runtime::Vm;
 
@@ -428,7 +428,7 @@ const _: () = assert!(
 /// side's owner must arrive at (or shut, by dropping its place).
 struct Restoring {
     cpus: RestoringCpus,
-    place: OwnerPlace,
+    place: Place,
 }
 
 /// Restores the state while the source hears READY and commits: that round trip, which the
@@ -462,7 +462,7 @@ async fn restore_until_commit(
     let restore = async {
         // The owner and every vCPU.
         let gate = Arc::new(StartGate::new(vm.vcpus.count() + 1));
-        let place = OwnerPlace::new(gate.clone());
+        let place = Place::new(gate.clone());
         let restoring = info_span!("device_state")
             .in_scope(|| vmstate::restore(vm, state, clock, &gate))
             .map_err(|error| ReceiveError::Local(error.to_string()));

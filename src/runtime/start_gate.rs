@@ -97,15 +97,16 @@ impl StartGate {
     }
 }
 
-/// The owner's place at a gate. Dropped before it arrives (an error, a cancelled task), it
-/// shuts the gate: no way out of a switchover leaves vCPUs waiting at it.
+/// A party's place at a gate. Dropped before it arrives (an error, a cancelled task, work a
+/// vCPU thread refused or never ran), it shuts the gate: no way out of a switchover leaves
+/// vCPUs waiting at it.
 #[derive(Debug)]
-pub struct OwnerPlace {
+pub struct Place {
     gate: Arc<StartGate>,
     arrived: bool,
 }
 
-impl OwnerPlace {
+impl Place {
     pub fn new(gate: Arc<StartGate>) -> Self {
         Self {
             gate,
@@ -120,7 +121,7 @@ impl OwnerPlace {
     }
 }
 
-impl Drop for OwnerPlace {
+impl Drop for Place {
     fn drop(&mut self) {
         if !self.arrived {
             self.gate.shut();
@@ -189,14 +190,14 @@ mod tests {
     }
 
     #[test]
-    fn an_owner_gone_before_arriving_shuts_the_gate() {
+    fn a_party_gone_before_arriving_shuts_the_gate() {
         let gate = Arc::new(StartGate::new(2));
         gate.arrive(true);
-        drop(OwnerPlace::new(gate.clone()));
+        drop(Place::new(gate.clone()));
         assert!(!gate.wait(Instant::now() + Duration::from_secs(1)));
         let opened = Arc::new(StartGate::new(2));
         opened.arrive(true);
-        assert!(OwnerPlace::new(opened.clone()).arrive(true));
+        assert!(Place::new(opened.clone()).arrive(true));
         assert!(opened.is_open());
     }
 

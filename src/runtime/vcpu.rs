@@ -346,13 +346,6 @@ impl VcpuThread {
                 RunState::Running
             }
             VcpuEvent::StartAt { gate, ack } => {
-                if matches!(state, RunState::Running) {
-                    // It refused the work queued before this, so it runs a state that is not
-                    // the one the gate stands for: nobody goes in.
-                    gate.shut();
-                    let _ = ack.send(None);
-                    return state;
-                }
                 if gate.wait(Instant::now() + START_GATE_TIMEOUT) {
                     let _ = ack.send(Some(self.enter(matches!(state, RunState::Paused))));
                     RunState::Running

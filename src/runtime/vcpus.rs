@@ -8,7 +8,7 @@ use kvm_ioctls::VcpuFd;
 use tokio::sync::oneshot;
 
 use super::run_delay::RunDelay;
-use super::start_gate::StartGate;
+use super::start_gate::{Place, StartGate};
 use super::throttle::Throttle;
 use super::vcpu::{Kicker, PauseAck, VcpuError, VcpuEvent, VcpuHandle, ACK_DEADLINE};
 use super::GuestEvents;
@@ -248,17 +248,21 @@ impl Vcpus {
         E: Send + 'static,
         F: Fn(u32, &mut VcpuFd) -> Result<T, E> + Send + Sync + 'static,
     {
-        let arriving = gate.clone();
-        let work = Arc::new(move |index: u32, vcpu: &mut VcpuFd| {
-            let result = work(index, vcpu);
-            arriving.arrive(result.is_ok());
-            result
-        });
+        let work = Arc::new(work);
         let mut answers = Vec::with_capacity(self.handles.len());
         let mut entries = Vec::with_capacity(self.handles.len());
         for handle in &self.handles {
+            let (index, work) = (handle.index, work.clone());
+            // Work the thread refuses (its vCPU runs) or never runs is dropped, its place with
+            // it, which shuts the gate.
+            let place = Place::new(gate.clone());
+            let restore = move |vcpu: &mut VcpuFd| {
+                let result = work(index, vcpu);
+                place.arrive(result.is_ok());
+                result
+            };
             let (ack, entered) = oneshot::channel();
-            handle.queue(task(handle.index, work.clone(), &mut answers))?;
+            handle.queue(task_once(index, restore, &mut answers))?;
             handle.send(VcpuEvent::StartAt {
                 gate: gate.clone(),
                 ack,
@@ -371,10 +375,20 @@ where
     T: Send + 'static,
     F: Fn(u32, &mut VcpuFd) -> T + Send + Sync + 'static,
 {
+    task_once(index, move |vcpu| work(index, vcpu), answers)
+}
+
+/// `work` for vCPU `index` alone as an event; its result goes to the channel added to
+/// `answers`.
+fn task_once<T, F>(index: u32, work: F, answers: &mut Vec<(u32, oneshot::Receiver<T>)>) -> VcpuEvent
+where
+    T: Send + 'static,
+    F: FnOnce(&mut VcpuFd) -> T + Send + 'static,
+{
     let (reply, answer) = oneshot::channel();
     answers.push((index, answer));
     VcpuEvent::Run(Box::new(move |vcpu| {
-        let _ = reply.send(work(index, vcpu));
+        let _ = reply.send(work(vcpu));
     }))
 }
 
