@@ -42,6 +42,7 @@ pub mod landing;
 pub mod lanes;
 pub mod link;
 pub mod logging;
+pub mod pacing;
 pub mod pages;
 pub mod params;
 pub mod phases;

@@ -8,6 +8,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use super::dirty::RegionBitmap;
 use super::lanes::{LaneError, SourceLanes};
 use super::link::Link;
+use super::pacing::Pacer;
 use super::wire::{self, Message, PageEntry, WireError, MAX_PAGES_PER_FRAME, MAX_ZERO_RUNS};
 use super::Shared;
 use crate::machine::memory::{ram_slice, resident_bitmap, GuestMemory, PAGE_SIZE};
@@ -35,6 +36,7 @@ pub struct PageSender {
     /// Whether `max-bandwidth` applies: not once the guest is paused, when every millisecond
     /// is downtime (QEMU lifts its limit for the completion too).
     paced: bool,
+    pacer: Pacer,
     entries: Vec<PageEntry>,
     /// Host addresses of the frame's non-zero pages, in guest memory itself: they go to the
     /// socket from there, by reference where the host allows (see `splice`).
@@ -50,6 +52,7 @@ impl PageSender {
         Self {
             memory,
             paced: true,
+            pacer: Pacer::default(),
             entries: Vec::with_capacity(capacity()),
             pages: Vec::with_capacity(capacity()),
             head: frame_head(),
@@ -161,11 +164,11 @@ impl PageSender {
         let data_len = self.pages.len() * PAGE_SIZE as usize;
         wire::encode_pages_head(&mut self.head, &self.entries, data_len);
         let frame_len = (self.head.len() + data_len) as u64;
-        let max_bandwidth = shared.params().max_bandwidth;
-        if self.paced && max_bandwidth > 0 {
-            // Pace the round so that it never runs ahead of the allowed rate.
-            let due = (stats.bytes + frame_len) as f64 / max_bandwidth as f64;
-            tokio::time::sleep_until((started + Duration::from_secs_f64(due)).into()).await;
+        if self.paced {
+            let max_bandwidth = shared.params().max_bandwidth;
+            if let Some(due) = self.pacer.due(Instant::now(), max_bandwidth, frame_len) {
+                tokio::time::sleep_until(due.into()).await;
+            }
         }
         match self.lanes.as_mut() {
             Some(lanes) => {

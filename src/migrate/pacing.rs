@@ -1,0 +1,125 @@
+//! `max-bandwidth`: when the next frame may go. An operator changes the cap during a migration
+//! (libvirt's `migrate-setspeed` does), so the schedule starts over at every change: paced from
+//! the round's start, lowering a cap after gigabytes went unpaced would hold every frame back
+//! until the average came down to it, for minutes, and raising it after a slow stretch would let
+//! everything owed since go at once, far above either cap.
+
+use std::time::{Duration, Instant};
+
+/// How far behind its schedule sending may fall and then catch up at full speed: a link slower
+/// than the cap for a while must not earn a burst above it (QEMU's window is as long).
+pub const CATCH_UP: Duration = Duration::from_millis(100);
+
+/// A schedule of bytes at a rate, from when that rate was set.
+#[derive(Debug, Default)]
+pub struct Pacer {
+    /// Bytes per second; 0 is no cap.
+    rate: u64,
+    since: Option<Instant>,
+    bytes: u64,
+}
+
+impl Pacer {
+    /// When `frame` more bytes may start, at `rate` bytes per second (0: no cap); `None` means
+    /// at once. The frame counts as sent from then on.
+    pub fn due(&mut self, now: Instant, rate: u64, frame: u64) -> Option<Instant> {
+        if rate == 0 {
+            *self = Self::default();
+            return None;
+        }
+        let since = match self.since {
+            Some(since) if self.rate == rate => since,
+            _ => {
+                *self = Self {
+                    rate,
+                    since: Some(now),
+                    bytes: 0,
+                };
+                now
+            }
+        };
+        let on_schedule = since + self.time_for(self.bytes);
+        if on_schedule + CATCH_UP < now {
+            self.since = Some(now - CATCH_UP);
+            self.bytes = 0;
+        }
+        self.bytes += frame;
+        let due = self.since.expect("set above") + self.time_for(self.bytes);
+        (due > now).then_some(due)
+    }
+
+    fn time_for(&self, bytes: u64) -> Duration {
+        Duration::from_secs_f64(bytes as f64 / self.rate as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn frames_go_at_the_capped_rate() {
+        let mut pacer = Pacer::default();
+        let start = Instant::now();
+        assert_eq!(
+            pacer.due(start, 100 * MIB, 4 * MIB),
+            Some(start + Duration::from_millis(40))
+        );
+        let later = start + Duration::from_millis(40);
+        assert_eq!(
+            pacer.due(later, 100 * MIB, 4 * MIB),
+            Some(start + Duration::from_millis(80))
+        );
+    }
+
+    #[test]
+    fn no_cap_never_waits() {
+        let mut pacer = Pacer::default();
+        let now = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(pacer.due(now, 0, 4 * MIB), None);
+        }
+    }
+
+    #[test]
+    fn a_lower_cap_applies_from_when_it_is_set_not_from_the_start() {
+        let mut pacer = Pacer::default();
+        let start = Instant::now();
+        // A second at 1 GiB/s, unpaced; then the cap comes down to 10 MiB/s.
+        assert_eq!(pacer.due(start, 0, 1024 * MIB), None);
+        let capped = start + Duration::from_secs(1);
+        assert_eq!(
+            pacer.due(capped, 10 * MIB, MIB),
+            Some(capped + Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn a_changed_cap_starts_a_new_schedule() {
+        let mut pacer = Pacer::default();
+        let start = Instant::now();
+        pacer.due(start, 10 * MIB, 10 * MIB);
+        let raised = start + Duration::from_millis(500);
+        assert_eq!(
+            pacer.due(raised, 100 * MIB, 10 * MIB),
+            Some(raised + Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn a_slow_stretch_earns_no_more_than_the_catch_up_window() {
+        let mut pacer = Pacer::default();
+        let start = Instant::now();
+        pacer.due(start, 100 * MIB, MIB);
+        // The link took a whole second for that MiB: at 100 MiB/s, 99 MiB were owed.
+        let late = start + Duration::from_secs(1);
+        let mut sent_at_once = 0;
+        while pacer.due(late, 100 * MIB, MIB).is_none() {
+            sent_at_once += 1;
+        }
+        // 100 ms at 100 MiB/s, and not one frame more.
+        assert_eq!(sent_at_once, 10);
+    }
+}
