@@ -9,7 +9,7 @@ use tracing::{info, info_span, Instrument};
 use super::{local, on_disks, probe_clock, Ready, SendError};
 use crate::machine::devices::Devices;
 use crate::migrate::clock::{self, PeerClock};
-use crate::migrate::dirty::DirtyTracker;
+use crate::migrate::dirty::{DirtyTracker, RegionBitmap};
 use crate::migrate::link::{AnswerError, Link};
 use crate::migrate::pages::PageSender;
 use crate::migrate::params::switchover_deadline;
@@ -126,6 +126,13 @@ pub(super) async fn hand_over(
             .sync(&vm.machine.vm, &vm.machine.memory)
             .map_err(local)?;
         let last = tracker.take();
+        {
+            // As QEMU counts it: the switchover's read of the dirty log is a sync too, and
+            // `remaining` counts down what it found.
+            let mut progress = shared.progress();
+            progress.dirty_sync_count += 1;
+            progress.remaining_pages = last.iter().map(RegionBitmap::count).sum();
+        }
         steps.next("sync", "sending the last pages")?;
         sender.stop_pacing();
         let stats = sender.send(link, &last, shared).await?;
@@ -277,9 +284,10 @@ pub(super) async fn commit(
         downtime_us = downtime.as_micros() as u64,
         "switchover steps (µs)"
     );
-    shared.progress().downtime = Some(downtime);
     match confirmation {
-        Ok(Ok(Message::Committed(_))) => {}
+        // Only a guest that runs on reports a downtime, as in QEMU: a refused or unconfirmed
+        // commit ends `failed`, and its pause is the error's business.
+        Ok(Ok(Message::Committed(_))) => shared.progress().downtime = Some(downtime),
         // The destination refused the guest before running it (it could not take a disk, for
         // example): the source takes it back.
         Ok(Err(AnswerError::Refused(reason))) => return Err(SendError::DestinationFailed(reason)),
