@@ -170,8 +170,12 @@ impl Vmm {
                 None
             }
             MigrationResult::Outgoing(_) => {
+                // A guest that ran before may have failed to resume: say it is paused, so
+                // that `cont` retries rather than `query-status` claiming it runs.
                 if running {
                     self.status = RunStatus::Running;
+                } else if self.status == RunStatus::Running {
+                    self.status = RunStatus::Paused;
                 }
                 None
             }
