@@ -1,6 +1,7 @@
-//! A destination facing a source that is not a well-behaved ferry: bytes that are no migration
-//! stream, and a source that gives up part way. Either way the destination fails at once, with
-//! the source's words where it had any, and never runs a guest.
+//! A destination facing a source that is not a well-behaved ferry: connections that are no
+//! migration stream, which it drops while it waits on; a stream it cannot read, and a source
+//! that gives up part way, which fail it at once, with the source's words where it had any. It
+//! never runs a guest it did not receive whole.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -12,39 +13,63 @@ use ferry::machine::state::{KvmVcpu, KvmVm};
 use ferry::migrate::lanes::CONNECT_DEADLINE;
 use ferry::migrate::params::SWITCHOVER_DEADLINE_MIN;
 use ferry::migrate::state::{Section, VmDescription};
-use ferry::migrate::wire::{self, Commit, LaneHello, LaneOffer, Message};
+use ferry::migrate::wire::{self, Commit, LaneHello, LaneOffer, Message, PageEntry};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::common::{self, free_port, kvm_turn, migrate_to_silent_destination, scratch};
+use crate::common::{self, free_port, kvm_turn, migrate_to_silent_destination, scratch, Transport};
 
 /// The guest both the real and the fake sources describe.
 const MEM_MIB: &str = "64";
 
-/// Garbage and truncated streams sent to a destination: it fails with a clear message and never
-/// runs the guest.
+/// Strangers at the `-incoming` port (a port scan, an HTTP health check, a stream cut short
+/// before its header, a connection that says nothing) are dropped, and the source that comes
+/// after them migrates.
 #[test]
-fn destination_refuses_garbage_and_truncated_streams() {
+fn strangers_at_the_incoming_port_do_not_stop_the_migration() {
+    let Some((_lock, mut world)) = super::kvm_world(Transport::Tcp) else {
+        return;
+    };
+    let source = world.source(1);
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let destination = world.destination(1, &uri, false);
+    let connect = || TcpStream::connect(("127.0.0.1", port)).unwrap();
+    drop(connect());
+    connect()
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    connect().write_all(&wire::header()[..10]).unwrap();
+    let _silent = connect();
+    super::migrate(&source, &uri);
+    assert_eq!(destination.qmp().status(), "running");
+    let stderr = destination.stderr();
+    assert!(
+        stderr
+            .matches("dropped a connection that is not a ferry source")
+            .count()
+            >= 3,
+        "{stderr}"
+    );
+}
+
+/// Streams a destination cannot take (another version's, a frame over the limit): it fails
+/// with a clear message and never runs the guest.
+#[test]
+fn destination_refuses_streams_it_cannot_read() {
     let Some(_lock) = kvm_turn() else {
         return;
     };
     let dir = scratch();
-    let header = wire::header().to_vec();
-    let mut huge_frame = header.clone();
+    let mut huge_frame = wire::header().to_vec();
     huge_frame.extend_from_slice(&3u32.to_le_bytes());
     huge_frame.extend_from_slice(&u32::MAX.to_le_bytes());
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "http",
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            "not a ferry migration stream",
-        ),
         (
             "version",
             [&b"FERRYMIG"[..], &[9, 0, 0, 0, 0, 0, 0, 0]].concat(),
             "version 9",
         ),
-        ("truncated", header[..10].to_vec(), "closed the connection"),
         ("oversized frame", huge_frame, "over the"),
     ];
     for (name, bytes, expected) in cases {
@@ -322,6 +347,32 @@ fn a_destination_refuses_zero_runs_once_pages_may_have_landed() {
             );
         }
         other => panic!("the destination answered late zero runs with {other:?}"),
+    }
+}
+
+/// Page data comes only after round 0's zero runs end (its first SYNC): a zero run after the
+/// data could not clear it on preallocated RAM. A destination refuses data before that.
+#[test]
+fn a_destination_refuses_page_data_before_the_first_sync() {
+    let Some(_lock) = kvm_turn() else {
+        return;
+    };
+    let dir = scratch();
+    let runtime = common::runtime();
+    let config = real_config(dir.path(), &runtime);
+    let early_page = Message::Pages {
+        entries: vec![PageEntry {
+            gpa: 0x10_0000,
+            zero: false,
+        }],
+        data: vec![0xa5; 4096].into(),
+    };
+    let answers = play(dir.path(), &runtime, config, vec![early_page]);
+    match &answers[..] {
+        [Message::Error(reason)] => {
+            assert!(reason.contains("before round 0's first SYNC"), "{reason}");
+        }
+        other => panic!("the destination answered early page data with {other:?}"),
     }
 }
 

@@ -8,6 +8,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
+use super::arrival::{self, Arrived};
 use super::clock::LocalClock;
 use super::landing::{write_zero_runs, Landing, LandingError};
 use super::lanes::{DestinationLanes, LaneError};
@@ -72,7 +73,7 @@ impl From<LandingError> for ReceiveError {
     }
 }
 
-/// Receives the VM from the first source that connects to `listener`.
+/// Receives the VM from the first source that connects to `listener` (strangers aside).
 pub async fn receive(
     vm: &mut Vm,
     listener: Listener,
@@ -109,11 +110,15 @@ async fn accept_and_receive(
 ) -> Result<bool, String> {
     let cancelled = || ReceiveError::Local("the incoming migration was cancelled".into());
     let accepted = tokio::select! {
-        accepted = listener.accept() => accepted,
+        accepted = arrival::first_source(&listener) => accepted,
         () = cancel.cancelled() => return Err(failed(shared, cancelled())),
     };
-    let (mut stream, peer) = match accepted {
-        Ok(accepted) => accepted,
+    let Arrived {
+        mut stream,
+        peer,
+        header,
+    } = match accepted {
+        Ok(arrived) => arrived,
         Err(e) => {
             let error = ReceiveError::Local(format!("accept failed: {e}"));
             return Err(failed(shared, error));
@@ -125,9 +130,12 @@ async fn accept_and_receive(
         // Taken when the source starts its switchover, held until the migration has ended:
         // after the guest runs here and COMMITTED is sent, or after a failure.
         let mut sprint = None;
-        let received = tokio::select! {
-            received = receive_stream(vm, &mut stream, listener, &clock, shared, &mut sprint) => received,
-            () = cancel.cancelled() => Err(cancelled()),
+        let received = match header {
+            Ok(()) => tokio::select! {
+                received = receive_stream(vm, &mut stream, listener, &clock, shared, &mut sprint) => received,
+                () = cancel.cancelled() => Err(cancelled()),
+            },
+            Err(error) => Err(error.into()),
         };
         let result = match received {
             Ok((commit, restoring, backed)) => {
@@ -270,7 +278,6 @@ async fn receive_stream(
     let started = Instant::now();
     shared.progress().started = Some(started);
     let memory = vm.machine.memory.clone();
-    wire::read_header(stream).await?;
     let source = match wire::read_message(stream).await? {
         Message::Config(source) => source,
         other => {
@@ -290,6 +297,9 @@ async fn receive_stream(
     // Round 0's zero runs, until the SYNC that ends them (before any page data): then the
     // rest of RAM is backed ahead, unless -mem-prealloc backed it all already.
     let mut zero_runs = (!vm.machine.preallocated).then(Vec::new);
+    // Where the last zero run ended: runs ascend without overlapping, so they are at most
+    // one per page of RAM, however many frames a source sends.
+    let mut zeros_end = 0;
     let mut backing = None;
     let mut backed = None;
     let mut landing = Landing::new(memory.clone());
@@ -301,6 +311,14 @@ async fn receive_stream(
     let mut marks = 0;
     loop {
         let message = match read_control(stream, &mut lanes).await? {
+            // Round 0's zero runs come first and clear whatever they cover, which on
+            // preallocated RAM includes only pages ferry wrote: data landed before them could
+            // be left under a run.
+            Ok(Incoming::Pages { .. }) if marks == 0 => {
+                return Err(ReceiveError::Protocol(
+                    "page data before round 0's first SYNC".into(),
+                ));
+            }
             Ok(Incoming::Pages { entries, data_len }) => {
                 drop(listener.take());
                 let bytes = landing.receive(stream, &entries, data_len).await?;
@@ -329,6 +347,7 @@ async fn receive_stream(
                 ));
             }
             Message::Zeros(runs) => {
+                zeros_end = ascending_end(zeros_end, &runs)?;
                 let pages = write_zero_runs(&memory, &runs, vm.machine.preallocated)?;
                 if let Some(all) = zero_runs.as_mut() {
                     all.extend_from_slice(&runs);
@@ -404,6 +423,21 @@ async fn receive_stream(
     }
 }
 
+/// The end of the last of `runs`, which must start at or after `after` and each after the one
+/// before it.
+fn ascending_end(after: u64, runs: &[(u64, u64)]) -> Result<u64, ReceiveError> {
+    runs.iter().try_fold(after, |end, &(gpa, pages)| {
+        if gpa < end {
+            return Err(ReceiveError::Protocol(format!(
+                "zero run at {gpa:#x} overlaps or precedes the one before it, which ended at \
+                 {end:#x}"
+            )));
+        }
+        // The wire's decoding checked that the run's end fits in 64 bits.
+        Ok(gpa + pages * PAGE_SIZE)
+    })
+}
+
 /// How long the restore (and the page connections' end) may take. Past the source's wait for
 /// the commit's answer the source stays paused, the commit in doubt; within it, a restore that
 /// ends the migration reaches the source as a refusal, and the source runs the guest again.
@@ -423,6 +457,11 @@ const _: () = assert!(
 const _: () = assert!(
     START_GATE_TIMEOUT.as_millis() > RESTORE_DEADLINE.as_millis() + COMMIT_DEADLINE.as_millis()
 );
+
+/// How long this side waits for the source's COMMIT after READY: as long as the restored vCPUs
+/// wait at their gate, after which a COMMIT could only be refused. A source that is alive but
+/// stalled must not keep this side `active` until someone cancels it.
+const COMMIT_WAIT: Duration = START_GATE_TIMEOUT;
 
 /// The state being restored: the vCPUs restore themselves and then wait at a gate, which this
 /// side's owner must arrive at (or shut, by dropping its place).
@@ -444,8 +483,18 @@ async fn restore_until_commit(
     let began = Instant::now();
     // Polled first, so READY is on its way before the restore wakes the vCPU threads.
     let commit = async {
-        wire::write_message(stream, &Message::Ready).await?;
-        let message = wire::read_message(stream).await?;
+        let exchange = async {
+            wire::write_message(stream, &Message::Ready).await?;
+            wire::read_message(stream).await
+        };
+        let message = tokio::time::timeout(COMMIT_WAIT, exchange)
+            .await
+            .map_err(|_| {
+                ReceiveError::Local(format!(
+                    "the source did not commit within {} s of READY",
+                    COMMIT_WAIT.as_secs()
+                ))
+            })??;
         let committed_us = began.elapsed().as_micros() as u64;
         match source_gave_up(message) {
             Ok(gave_up) => Err(gave_up),
@@ -626,6 +675,19 @@ mod tests {
     use super::*;
     use crate::migrate::state::StateError;
     use crate::runtime::vcpu::VcpuError;
+
+    #[test]
+    fn zero_runs_must_ascend_without_overlapping() {
+        let page = PAGE_SIZE;
+        assert_eq!(
+            ascending_end(0, &[(0, 2), (2 * page, 1)]).unwrap(),
+            3 * page
+        );
+        assert_eq!(ascending_end(3 * page, &[(5 * page, 1)]).unwrap(), 6 * page);
+        // The same page again, in the same frame or a later one.
+        assert!(ascending_end(0, &[(0, 2), (page, 1)]).is_err());
+        assert!(ascending_end(3 * page, &[(0, 1)]).is_err());
+    }
 
     #[test]
     fn a_guest_not_to_run_stays_paused_once_every_vcpu_is_restored() {

@@ -357,6 +357,12 @@ impl Lane {
     async fn land(&mut self, mut stream: BoxedStream) -> Result<Infallible, LandingError> {
         loop {
             match wire::read_incoming(&mut stream).await? {
+                // Pages follow round 0's zero runs, which end with the first mark.
+                Incoming::Pages { .. } if *self.reached.borrow() == 0 => {
+                    return Err(LandingError::Protocol(
+                        "page data before round 0's first mark".into(),
+                    ))
+                }
                 Incoming::Pages { entries, data_len } => {
                     let bytes = self.landing.receive(&stream, &entries, data_len).await?;
                     self.shared.progress().count_landed(bytes, &entries);
@@ -451,6 +457,9 @@ mod tests {
     async fn every_lane_has_landed_its_pages_once_the_mark_is_reached() {
         let (destination, source, source_memory, destination_memory, _dir) = lanes(3, 7, 0).await;
         let (mut destination, mut source) = (destination.unwrap(), source.unwrap());
+        // Round 0's zero runs end with a mark before any page.
+        source.mark().await.unwrap();
+        destination.reached(1).await.unwrap();
         for round in 0..2u64 {
             // Frames go to the lanes in turn, so each lane gets some of every round's pages.
             for first in (0..6).map(|f| (round * 24 + f * 4) * PAGE_SIZE) {
@@ -460,7 +469,7 @@ mod tests {
                 unsafe { source.send_frame(head, pages) }.await.unwrap();
             }
             source.mark().await.unwrap();
-            destination.reached(round + 1).await.unwrap();
+            destination.reached(round + 2).await.unwrap();
             for page in 0..(round + 1) * 24 {
                 let gpa = page * PAGE_SIZE;
                 assert_eq!(
@@ -516,6 +525,8 @@ mod tests {
     async fn a_lane_that_fails_says_why_at_the_next_mark() {
         let (destination, source, ..) = lanes(2, 7, 0).await;
         let (mut destination, mut source) = (destination.unwrap(), source.unwrap());
+        source.mark().await.unwrap();
+        destination.reached(1).await.unwrap();
         // A frame naming a page outside RAM: the destination's lane must stop on it.
         let outside = PAGES * PAGE_SIZE;
         let entries = [PageEntry {
@@ -529,7 +540,19 @@ mod tests {
             .await
             .unwrap();
         source.mark().await.unwrap();
-        let error = destination.reached(1).await.unwrap_err().to_string();
+        let error = destination.reached(2).await.unwrap_err().to_string();
         assert!(error.contains("outside this VM's RAM"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn pages_before_the_first_mark_are_refused() {
+        let (destination, source, source_memory, ..) = lanes(1, 7, 0).await;
+        let (mut destination, mut source) = (destination.unwrap(), source.unwrap());
+        let (head, pages) = frame(&source_memory, &[0]);
+        // SAFETY: `frame` takes the page's address from the lanes' guest RAM.
+        unsafe { source.send_frame(head, pages) }.await.unwrap();
+        source.mark().await.unwrap();
+        let error = destination.reached(1).await.unwrap_err().to_string();
+        assert!(error.contains("before round 0's first mark"), "{error}");
     }
 }

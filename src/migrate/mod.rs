@@ -34,6 +34,7 @@
 //! its restore succeeded; otherwise it answers ERROR and the source runs the guest again, so
 //! there are never two running copies.
 
+pub mod arrival;
 pub mod capabilities;
 pub mod clock;
 pub mod destination;
