@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::landing::{Landing, LandingError};
@@ -53,8 +53,9 @@ pub enum LaneError {
 enum Work {
     /// A PAGES frame: its head, then the guest pages at these host addresses.
     Frame { head: Vec<u8>, pages: Vec<usize> },
-    /// Everything handed over before this is on its way: a SYNC on this lane.
-    Mark,
+    /// Everything handed over before this is on its way: a SYNC on this lane, and word back
+    /// once it is written.
+    Mark(oneshot::Sender<()>),
 }
 
 struct SourceLane {
@@ -66,6 +67,8 @@ struct SourceLane {
 pub struct SourceLanes {
     lanes: Vec<SourceLane>,
     next: usize,
+    /// Marks handed over whose lanes have not yet said they wrote them.
+    unwritten: Vec<(usize, oneshot::Receiver<()>)>,
 }
 
 impl SourceLanes {
@@ -103,7 +106,11 @@ impl SourceLanes {
                 task: Some(task),
             });
         }
-        Ok(Self { lanes, next: 0 })
+        Ok(Self {
+            lanes,
+            next: 0,
+            unwritten: Vec::new(),
+        })
     }
 
     /// Hands a PAGES frame to the next lane in turn; waits while that lane is still busy.
@@ -125,25 +132,42 @@ impl SourceLanes {
     /// Puts a mark behind everything handed to every lane so far.
     pub async fn mark(&mut self) -> Result<(), LaneError> {
         for index in 0..self.lanes.len() {
-            self.hand(index, Work::Mark).await?;
+            let (written, heard) = oneshot::channel();
+            self.hand(index, Work::Mark(written)).await?;
+            self.unwritten.push((index, heard));
+        }
+        Ok(())
+    }
+
+    /// Waits until every lane has written the marks handed to it. Each frame's write has its
+    /// own deadline, so this ends; a wait for the destination's answer that starts only then
+    /// is not eaten up by the megabytes a slow link still had queued.
+    pub async fn marks_written(&mut self) -> Result<(), LaneError> {
+        for (index, heard) in std::mem::take(&mut self.unwritten) {
+            if heard.await.is_err() {
+                return Err(self.failure(index).await);
+            }
         }
         Ok(())
     }
 
     async fn hand(&mut self, index: usize, work: Work) -> Result<(), LaneError> {
-        let lane = &mut self.lanes[index];
-        if lane.work.send(work).await.is_ok() {
+        if self.lanes[index].work.send(work).await.is_ok() {
             return Ok(());
         }
-        // The task stopped taking work: it failed, and says why.
-        let source = match lane.task.take() {
+        Err(self.failure(index).await)
+    }
+
+    /// Why the lane `index`, which stopped taking work, failed.
+    async fn failure(&mut self, index: usize) -> LaneError {
+        let source = match self.lanes[index].task.take() {
             Some(task) => match task.await {
                 Ok(Err(error)) => error,
                 Ok(Ok(())) | Err(_) => WireError::Closed,
             },
             None => WireError::Closed,
         };
-        Err(LaneError::Wire { index, source })
+        LaneError::Wire { index, source }
     }
 }
 
@@ -165,7 +189,11 @@ async fn write_lane(
         match work {
             // `send_frame`'s contract: whole pages of guest RAM, which `_memory` keeps mapped.
             Work::Frame { head, pages } => link.write_pages_frame(&head, &pages).await?,
-            Work::Mark => link.send(&Message::Sync).await?,
+            Work::Mark(written) => {
+                link.send(&Message::Sync).await?;
+                // Nobody listening means the migration stopped waiting; not this lane's error.
+                let _ = written.send(());
+            }
         }
         // A socket with room takes a frame without an await in between, and a copy of 4 MiB
         // holds a worker thread for a millisecond or two: two lanes would keep both of the
@@ -469,6 +497,7 @@ mod tests {
                 unsafe { source.send_frame(head, pages) }.await.unwrap();
             }
             source.mark().await.unwrap();
+            source.marks_written().await.unwrap();
             destination.reached(round + 2).await.unwrap();
             for page in 0..(round + 1) * 24 {
                 let gpa = page * PAGE_SIZE;

@@ -75,6 +75,15 @@ impl PageSender {
         Ok(())
     }
 
+    /// Waits until the lanes have written every mark handed to them (see
+    /// [`SourceLanes::marks_written`]); nothing to wait for without lanes.
+    pub async fn marks_written(&mut self) -> Result<(), PageError> {
+        if let Some(lanes) = self.lanes.as_mut() {
+            lanes.marks_written().await?;
+        }
+        Ok(())
+    }
+
     /// Sends at full speed from now on, whatever `max-bandwidth` says.
     pub fn stop_pacing(&mut self) {
         self.paced = false;

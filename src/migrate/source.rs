@@ -429,6 +429,8 @@ async fn stream_guest(
 /// then SYNC, which the destination answers once every lane has passed its mark.
 async fn sync(link: &mut Link, sender: &mut PageSender) -> Result<(), SendError> {
     sender.mark().await?;
+    // The answer's deadline is for the destination's landing, not for a slow link's queue.
+    sender.marks_written().await?;
     link.send(&Message::Sync).await?;
     match link.answer().await? {
         Message::Synced => Ok(()),
