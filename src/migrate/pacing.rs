@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 /// than the cap for a while must not earn a burst above it (QEMU's window is as long).
 pub const CATCH_UP: Duration = Duration::from_millis(100);
 
+/// How often a frame held back reads the cap again: a new cap applies to it too.
+pub const RECHECK: Duration = Duration::from_millis(100);
+
 /// A schedule of bytes at a rate, from when that rate was set.
 #[derive(Debug, Default)]
 pub struct Pacer {
@@ -46,6 +49,25 @@ impl Pacer {
         self.bytes += frame;
         let due = self.since.expect("set above") + self.time_for(self.bytes);
         (due > now).then_some(due)
+    }
+
+    /// Waits until `frame` more bytes may start under the cap `cap` reads (bytes per second,
+    /// 0: none), which an operator may change meanwhile.
+    pub async fn wait(&mut self, frame: u64, cap: impl Fn() -> u64) {
+        let mut rate = cap();
+        let mut due = self.due(Instant::now(), rate, frame);
+        while let Some(at) = due {
+            let wake = at.min(Instant::now() + RECHECK);
+            tokio::time::sleep_until(wake.into()).await;
+            if wake == at {
+                return;
+            }
+            let current = cap();
+            if current != rate {
+                rate = current;
+                due = self.due(Instant::now(), rate, frame);
+            }
+        }
     }
 
     fn time_for(&self, bytes: u64) -> Duration {
@@ -106,6 +128,25 @@ mod tests {
             pacer.due(raised, 100 * MIB, 10 * MIB),
             Some(raised + Duration::from_millis(100))
         );
+    }
+
+    #[tokio::test]
+    async fn a_frame_held_back_goes_once_the_cap_is_lifted() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let cap = std::sync::Arc::new(AtomicU64::new(1));
+        let lift = {
+            let cap = cap.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                cap.store(0, Ordering::Relaxed);
+            }
+        };
+        let mut pacer = Pacer::default();
+        // At 1 byte/s the frame would be due in 48 days.
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(pacer.wait(4 * MIB, || cap.load(Ordering::Relaxed)), lift)
+        });
+        waited.await.expect("the lifted cap let the frame go");
     }
 
     #[test]

@@ -174,10 +174,8 @@ impl PageSender {
         wire::encode_pages_head(&mut self.head, &self.entries, data_len);
         let frame_len = (self.head.len() + data_len) as u64;
         if self.paced {
-            let max_bandwidth = shared.params().max_bandwidth;
-            if let Some(due) = self.pacer.due(Instant::now(), max_bandwidth, frame_len) {
-                tokio::time::sleep_until(due.into()).await;
-            }
+            let cap = || shared.params().max_bandwidth;
+            self.pacer.wait(frame_len, cap).await;
         }
         match self.lanes.as_mut() {
             Some(lanes) => {
