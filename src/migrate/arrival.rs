@@ -13,7 +13,8 @@ use super::wire::{self, WireError};
 /// How long a connection has to send its first bytes before it is taken for a stranger. Side
 /// by side, so that one that says nothing holds up no other.
 pub const INTRODUCE_DEADLINE: Duration = Duration::from_secs(10);
-/// How many connections may be introducing themselves at once; more are dropped at once.
+/// How many connections may be introducing themselves at once; more wait in the listen
+/// backlog until one of those is settled.
 const MAX_INTRODUCING: usize = 32;
 
 /// A ferry source that connected.
@@ -30,12 +31,15 @@ pub async fn first_source(listener: &Listener) -> std::io::Result<Arrived> {
     let mut introducing = FuturesUnordered::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (mut stream, peer) = accepted?;
-                if introducing.len() >= MAX_INTRODUCING {
-                    tracing::warn!(%peer, "dropped a connection: too many say nothing");
-                    continue;
-                }
+            accepted = listener.accept(), if introducing.len() < MAX_INTRODUCING => {
+                let (mut stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) if gone_before_accepted(&error) => {
+                        tracing::warn!(%error, "a connection failed before it was accepted");
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                };
                 introducing.push(async move {
                     let header =
                         tokio::time::timeout(INTRODUCE_DEADLINE, wire::read_header(&mut stream))
@@ -59,6 +63,25 @@ pub async fn first_source(listener: &Listener) -> std::io::Result<Arrived> {
             },
         }
     }
+}
+
+/// Errors of accept(2) that belong to the connection being accepted, not to the listener:
+/// Linux passes on the new connection's pending network error, and accept(2) says to retry.
+fn gone_before_accepted(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
 }
 
 #[cfg(test)]

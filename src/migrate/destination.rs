@@ -459,8 +459,9 @@ const _: () = assert!(
 );
 
 /// How long this side waits for the source's COMMIT after READY: as long as the restored vCPUs
-/// wait at their gate, after which a COMMIT could only be refused. A source that is alive but
-/// stalled must not keep this side `active` until someone cancels it.
+/// wait at their gate, after which a COMMIT to run the guest could only be refused. A source
+/// sends it as soon as it reads READY; one that is alive but stalled this long must not keep
+/// this side `active` until someone cancels it.
 const COMMIT_WAIT: Duration = START_GATE_TIMEOUT;
 
 /// The state being restored: the vCPUs restore themselves and then wait at a gate, which this

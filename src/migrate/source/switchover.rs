@@ -319,7 +319,7 @@ pub(super) async fn commit(
         downtime_us = downtime.as_micros() as u64,
         total_ms = progress.total_time.unwrap_or_default().as_millis() as u64,
         transferred = progress.transferred,
-        rounds = progress.dirty_sync_count,
+        dirty_syncs = progress.dirty_sync_count,
         "migration completed"
     );
     Ok(CommitOutcome::Confirmed)
