@@ -9,7 +9,7 @@ use tracing::{info, info_span, Instrument};
 use super::{local, on_disks, probe_clock, Ready, SendError};
 use crate::machine::devices::Devices;
 use crate::migrate::clock::{self, PeerClock};
-use crate::migrate::dirty::{DirtyTracker, RegionBitmap};
+use crate::migrate::dirty::DirtyTracker;
 use crate::migrate::link::{AnswerError, Link};
 use crate::migrate::pages::PageSender;
 use crate::migrate::params::switchover_deadline;
@@ -122,7 +122,7 @@ pub(super) async fn hand_over(
             on_disks(vm, Devices::quiesce_disks)?;
             steps.next("quiesce", "reading the dirty log")?;
         }
-        tracker
+        let dirty = tracker
             .sync(&vm.machine.vm, &vm.machine.memory)
             .map_err(local)?;
         let last = tracker.take();
@@ -131,7 +131,7 @@ pub(super) async fn hand_over(
             // `remaining` counts down what it found.
             let mut progress = shared.progress();
             progress.dirty_sync_count += 1;
-            progress.remaining_pages = last.iter().map(RegionBitmap::count).sum();
+            progress.remaining_pages = dirty;
         }
         steps.next("sync", "sending the last pages")?;
         sender.stop_pacing();
