@@ -8,18 +8,31 @@ use std::time::{Duration, Instant};
 
 /// How far behind its schedule sending may fall and then catch up at full speed: a link slower
 /// than the cap for a while must not earn a burst above it (QEMU's window is as long).
-pub const CATCH_UP: Duration = Duration::from_millis(100);
+const CATCH_UP: Duration = Duration::from_millis(100);
 
 /// How often a frame held back reads the cap again: a new cap applies to it too.
-pub const RECHECK: Duration = Duration::from_millis(100);
+const RECHECK: Duration = Duration::from_millis(100);
 
-/// A schedule of bytes at a rate, from when that rate was set.
+/// When frames may go under `max-bandwidth`; no schedule while there is no cap.
 #[derive(Debug, Default)]
 pub struct Pacer {
-    /// Bytes per second; 0 is no cap.
+    schedule: Option<Schedule>,
+}
+
+/// Bytes at a rate, counted from when that rate was set (or from a catch-up).
+#[derive(Debug)]
+struct Schedule {
+    /// Bytes per second, never 0.
     rate: u64,
-    since: Option<Instant>,
+    since: Instant,
     bytes: u64,
+}
+
+impl Schedule {
+    /// When `bytes` from `since` are due at the rate.
+    fn at(&self, bytes: u64) -> Instant {
+        self.since + Duration::from_secs_f64(bytes as f64 / self.rate as f64)
+    }
 }
 
 impl Pacer {
@@ -27,27 +40,23 @@ impl Pacer {
     /// at once. The frame counts as sent from then on.
     pub fn due(&mut self, now: Instant, rate: u64, frame: u64) -> Option<Instant> {
         if rate == 0 {
-            *self = Self::default();
+            self.schedule = None;
             return None;
         }
-        let since = match self.since {
-            Some(since) if self.rate == rate => since,
-            _ => {
-                *self = Self {
-                    rate,
-                    since: Some(now),
-                    bytes: 0,
-                };
-                now
-            }
+        let schedule = match &mut self.schedule {
+            Some(schedule) if schedule.rate == rate => schedule,
+            unset_or_changed => unset_or_changed.insert(Schedule {
+                rate,
+                since: now,
+                bytes: 0,
+            }),
         };
-        let on_schedule = since + self.time_for(self.bytes);
-        if on_schedule + CATCH_UP < now {
-            self.since = Some(now - CATCH_UP);
-            self.bytes = 0;
+        if schedule.at(schedule.bytes) + CATCH_UP < now {
+            schedule.since = now - CATCH_UP;
+            schedule.bytes = 0;
         }
-        self.bytes += frame;
-        let due = self.since.expect("set above") + self.time_for(self.bytes);
+        schedule.bytes += frame;
+        let due = schedule.at(schedule.bytes);
         (due > now).then_some(due)
     }
 
@@ -68,10 +77,6 @@ impl Pacer {
                 due = self.due(Instant::now(), rate, frame);
             }
         }
-    }
-
-    fn time_for(&self, bytes: u64) -> Duration {
-        Duration::from_secs_f64(bytes as f64 / self.rate as f64)
     }
 }
 
