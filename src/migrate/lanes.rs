@@ -14,10 +14,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::arrival::{Introduced, Introductions};
 use super::landing::{Landing, LandingError};
 use super::link::Link;
 use super::transport::{connect, connect_tcp, BoxedStream, Listener};
@@ -28,8 +29,6 @@ use crate::machine::memory::GuestMemory;
 
 /// How long a destination waits for the lanes a source offered to connect.
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
-/// How many connections may be introducing themselves at once; more are dropped at once.
-const MAX_INTRODUCING: usize = 32;
 /// How long a connection gets to say it is one of them.
 const INTRODUCE_DEADLINE: Duration = Duration::from_secs(1);
 /// Frames queued per lane: one being written, one ready behind it.
@@ -228,43 +227,27 @@ impl DestinationLanes {
             )));
         }
         let mut streams: Vec<Option<BoxedStream>> = (0..offer.count).map(|_| None).collect();
-        // Connections introduce themselves side by side: one that says nothing holds up no
-        // other for its INTRODUCE_DEADLINE.
-        let mut introducing = FuturesUnordered::new();
+        let mut introductions = Introductions::new(listener, introduce, INTRODUCE_DEADLINE);
         let accepting = async {
             while streams.iter().any(Option::is_none) {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let (mut stream, peer) = accepted
-                            .map_err(|e| LaneError::Handshake(format!("accept failed: {e}")))?;
-                        if introducing.len() >= MAX_INTRODUCING {
-                            tracing::warn!(%peer, "dropped a connection: too many say nothing");
-                            continue;
-                        }
-                        introducing.push(async move {
-                            let hello =
-                                tokio::time::timeout(INTRODUCE_DEADLINE, introduce(&mut stream))
-                                    .await;
-                            (stream, peer, hello)
-                        });
-                    }
-                    Some((stream, peer, hello)) = introducing.next() => {
-                        let slot = match &hello {
-                            Ok(Ok(hello)) if hello.session == offer.session => streams
-                                .get_mut(hello.index as usize)
-                                .filter(|slot| slot.is_none()),
-                            _ => None,
-                        };
-                        match slot {
-                            Some(slot) => *slot = Some(stream),
-                            None => tracing::warn!(
-                                %peer,
-                                ?hello,
-                                "dropped a connection that is not one of this migration's page \
-                                 connections, or repeats one"
-                            ),
-                        }
-                    }
+                let Introduced { stream, peer, said } = introductions
+                    .next()
+                    .await
+                    .map_err(|e| LaneError::Handshake(format!("accept failed: {e}")))?;
+                let slot = match &said {
+                    Some(Ok(hello)) if hello.session == offer.session => streams
+                        .get_mut(hello.index as usize)
+                        .filter(|slot| slot.is_none()),
+                    _ => None,
+                };
+                match slot {
+                    Some(slot) => *slot = Some(stream),
+                    None => tracing::warn!(
+                        %peer,
+                        ?said,
+                        "dropped a connection that is not one of this migration's page \
+                         connections, or repeats one"
+                    ),
                 }
             }
             Ok::<(), LaneError>(())
@@ -354,12 +337,14 @@ async fn next_failure(failures: &mut mpsc::UnboundedReceiver<LaneError>) -> Lane
 }
 
 /// Reads a lane's header and LANE.
-async fn introduce(stream: &mut BoxedStream) -> Result<LaneHello, WireError> {
-    wire::read_header(stream).await?;
-    match wire::read_message(stream).await? {
-        Message::Lane(hello) => Ok(hello),
-        other => Err(WireError::Malformed(format!("{other:?} instead of LANE"))),
-    }
+fn introduce(stream: &mut BoxedStream) -> BoxFuture<'_, Result<LaneHello, WireError>> {
+    Box::pin(async move {
+        wire::read_header(stream).await?;
+        match wire::read_message(stream).await? {
+            Message::Lane(hello) => Ok(hello),
+            other => Err(WireError::Malformed(format!("{other:?} instead of LANE"))),
+        }
+    })
 }
 
 /// One destination lane.
