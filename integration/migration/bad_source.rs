@@ -244,13 +244,9 @@ async fn fake_source(
 /// holds its disks, and it never runs the guest.
 #[test]
 fn a_destination_refuses_a_state_it_cannot_take_before_saying_ready() {
-    let Some(_lock) = kvm_turn() else {
+    let Some(answers) = answers_to(vec![Message::State(Vec::new())]) else {
         return;
     };
-    let dir = scratch();
-    let runtime = common::runtime();
-    let config = real_config(dir.path(), &runtime);
-    let answers = play_state(dir.path(), &runtime, config, Vec::new());
     match &answers[..] {
         [Message::Error(reason)] => {
             assert!(reason.contains("cannot take the state"), "{reason}");
@@ -326,19 +322,10 @@ fn a_destination_refuses_a_real_state_that_does_not_fit() {
 /// preallocated RAM a zero run would not clear them. A destination refuses later ones.
 #[test]
 fn a_destination_refuses_zero_runs_once_pages_may_have_landed() {
-    let Some(_lock) = kvm_turn() else {
+    let late_zeros = Message::Zeros(vec![(0x10_0000, 1)]);
+    let Some(answers) = answers_to(vec![Message::Sync, late_zeros]) else {
         return;
     };
-    let dir = scratch();
-    let runtime = common::runtime();
-    let config = real_config(dir.path(), &runtime);
-    let late_zeros = Message::Zeros(vec![(0x10_0000, 1)]);
-    let answers = play(
-        dir.path(),
-        &runtime,
-        config,
-        vec![Message::Sync, late_zeros],
-    );
     match &answers[..] {
         [Message::Synced, Message::Error(reason)] => {
             assert!(
@@ -354,12 +341,6 @@ fn a_destination_refuses_zero_runs_once_pages_may_have_landed() {
 /// data could not clear it on preallocated RAM. A destination refuses data before that.
 #[test]
 fn a_destination_refuses_page_data_before_the_first_sync() {
-    let Some(_lock) = kvm_turn() else {
-        return;
-    };
-    let dir = scratch();
-    let runtime = common::runtime();
-    let config = real_config(dir.path(), &runtime);
     let early_page = Message::Pages {
         entries: vec![PageEntry {
             gpa: 0x10_0000,
@@ -367,7 +348,9 @@ fn a_destination_refuses_page_data_before_the_first_sync() {
         }],
         data: vec![0xa5; 4096].into(),
     };
-    let answers = play(dir.path(), &runtime, config, vec![early_page]);
+    let Some(answers) = answers_to(vec![early_page]) else {
+        return;
+    };
     match &answers[..] {
         [Message::Error(reason)] => {
             assert!(reason.contains("before round 0's first SYNC"), "{reason}");
@@ -378,6 +361,16 @@ fn a_destination_refuses_page_data_before_the_first_sync() {
 
 /// CR0 with paging enabled but protected mode off, which no x86 CPU allows.
 const CR0_PAGING: u64 = 1 << 31;
+
+/// What a new destination answers `script`, played after a real source's configuration;
+/// `None` where the tests on KVM are skipped.
+fn answers_to(script: Vec<Message>) -> Option<Vec<Message>> {
+    let _lock = kvm_turn()?;
+    let dir = scratch();
+    let runtime = common::runtime();
+    let config = real_config(dir.path(), &runtime);
+    Some(play(dir.path(), &runtime, config, script))
+}
 
 /// Plays `config` and then `state` to a new destination, as a source would at its switchover,
 /// and a COMMIT if the destination says READY. Returns the destination's answers to the state
